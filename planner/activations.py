@@ -1,0 +1,241 @@
+"""What autograd keeps for backward, per decoder layer, per family.
+
+Each function lists the tensors a transformers 5.x decoder layer saves in its forward (read off
+the modeling files and confirmed op by op with `memplan trace`, docs/activations.md), in bytes
+for `tokens = micro_batch x seq_len`. Whether a tensor is saved depends on who needs it:
+a linear saves its input only when its weight trains; LoRA saves its own cast of the input;
+a norm saves its fp32 input only when gradients flow through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .architecture import ModelArch
+from .dtypes import float_bytes
+from .job import Job
+
+Saved = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Everything the per-layer formulas need, resolved once from the job."""
+
+    tokens: int
+    seq: int
+    act_bytes: int  # dtype of the residual stream and of matmul outputs
+    base_trains: bool  # full fine-tuning: every base weight requires grad
+    targets: frozenset[str]  # LoRA-targeted linear names
+    adapter_bytes: int
+    rank: int
+    lora_dropout: float
+    grad_in: bool  # gradients flow into the layer's input (not so for layer 0 of frozen-embedding LoRA)
+    attention: str  # "flash" (O(s) state), "math" (materialised scores, CUDA dtype) or "math_fp32" (CPU upcast)
+    stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
+
+
+def _lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved) -> None:
+    """peft LoraLayer.forward: x.to(adapter dtype) -> dropout -> lora_A -> lora_B."""
+    if name not in ctx.targets:
+        return
+    t = ctx.tokens
+    if ctx.lora_dropout > 0:
+        saved[f"{name}.lora_dropout_out"] = t * d_in * ctx.adapter_bytes
+        saved[f"{name}.lora_dropout_mask"] = t * d_in
+    elif ctx.adapter_bytes == ctx.act_bytes:
+        saved[shared_input] = t * d_in * ctx.act_bytes  # the cast is a no-op: lora_A saves the shared input
+    else:
+        saved[f"{name}.lora_input_cast"] = t * d_in * ctx.adapter_bytes
+    saved[f"{name}.lora_A_out"] = t * ctx.rank * ctx.adapter_bytes
+
+
+def _linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved: Saved) -> None:
+    """A tensor consumed by `names` is kept if any base linear trains or LoRA keeps it."""
+    if ctx.base_trains:
+        saved[tensor] = ctx.tokens * d_in * ctx.act_bytes
+    for n in names:
+        _lora_inputs(ctx, n, d_in, tensor, saved)
+
+
+def _rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
+    t, h = ctx.tokens, arch.hidden
+    if ctx.grad_in:
+        saved[f"{prefix}.fp32_input"] = 4 * t * h  # LlamaRMSNorm: x.to(float32), saved by pow and mul
+        saved[f"{prefix}.rsqrt"] = 4 * t
+        if ctx.base_trains:
+            # weight * x_normed: Llama saves the cast-back copy, Gemma the fp32 product before (1 + w)
+            saved[f"{prefix}.normed"] = t * h * (4 if arch.norm == "rms_gemma" else ctx.act_bytes)
+    _linear_input(ctx, consumers, h, f"{prefix}.out", saved)
+
+
+def _layer_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
+    """aten native_layer_norm saves input, mean and rstd (fp32 on CUDA)."""
+    t, h = ctx.tokens, arch.hidden
+    if ctx.grad_in:
+        saved[f"{prefix}.input"] = t * h * ctx.act_bytes
+        saved[f"{prefix}.mean_rstd"] = 2 * t * ctx.stats_bytes
+    _linear_input(ctx, consumers, h, f"{prefix}.out", saved)
+
+
+def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -> str:
+    """Scaled dot-product attention for one layer: what it saves, and the name of the tensor the
+    output projection consumes (saved only if that projection trains or LoRA keeps it)."""
+    t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
+    q, kv = arch.q_width, arch.kv_width
+    if ctx.attention == "flash":
+        # q and k are new tensors after RoPE; v is the projection output itself.
+        saved["attn.q"] = t * q * ab
+        saved["attn.k"] = t * kv * ab
+        saved["attn.v"] = t * kv * ab
+        saved["attn.out"] = t * q * ab
+        saved["attn.logsumexp"] = 4 * t * a
+        return "attn.out_contiguous" if rope_copies else "attn.out"
+    if ctx.attention == "eager":
+        # LlamaAttention eager: repeat_kv copies, fp32 softmax and its cast back
+        saved["attn.softmax_fp32"] = 4 * t * a * s
+        saved["attn.probs"] = ab * t * a * s
+        md = ab
+    else:
+        # the math kernel (and Falcon's eager path): scores and probabilities in one tensor
+        md = 4 if ctx.attention == "math_fp32" else ab
+        saved["attn.probs"] = md * t * a * s
+    # scaled q, and k and v broadcast to every head, made contiguous for the batched matmuls
+    saved["attn.q_scaled"] = t * q * md
+    saved["attn.k_expanded"] = t * q * md
+    saved["attn.v_expanded"] = t * q * md
+    return "attn.out_contiguous"
+
+
+def _o_proj(ctx: Ctx, arch: ModelArch, name: str, consumed: str, saved: Saved) -> None:
+    _linear_input(ctx, (name,), arch.q_width, consumed, saved)
+
+
+def _gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
+    saved["mlp.gate_out"] = t * i * ab  # saved by the activation function
+    saved["mlp.act_out"] = t * i * ab  # saved by act * up
+    saved["mlp.up_out"] = t * i * ab
+    _linear_input(ctx, ("down_proj",), i, "mlp.product", saved)
+
+
+def _moe_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """MixtralSparseMoeBlock (fused experts, grouped_mm): router state plus k routed copies per token."""
+    t, h, i, ab = ctx.tokens, arch.hidden, arch.intermediate, ctx.act_bytes
+    k, e = arch.experts_per_token, arch.experts
+    saved["moe.router"] = t * (4 * e + 4 + k * (8 + 4 + 8 + 8 + 4 + 8))
+    saved["moe.routed_inputs"] = t * k * h * ab
+    saved["moe.gate_up_out"] = t * k * 2 * i * ab
+    saved["moe.act_out"] = t * k * i * ab
+    saved["moe.product"] = t * k * i * ab
+    saved["moe.expert_out"] = t * k * h * ab
+
+
+def _plain_mlp(ctx: Ctx, arch: ModelArch, fc1: str, fc2: str, gelu_new: bool, saved: Saved) -> None:
+    t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
+    saved["mlp.fc1_out"] = t * i * ab
+    if gelu_new:
+        # NewGELUActivation in Python: 0.5*x, tanh(...), 1+tanh and the product are kept
+        saved["mlp.gelu_parts"] = 3 * t * i * ab
+    _linear_input(ctx, (fc2,), i, "mlp.act_out", saved)
+
+
+def _dropout_masks(ctx: Ctx, arch: ModelArch, p: float, sites: int, saved: Saved) -> None:
+    if p > 0:
+        saved["dropout_masks"] = sites * ctx.tokens * arch.hidden
+
+
+def layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
+    """Bytes each saved tensor of one decoder layer takes, by name."""
+    saved: Saved = {}
+    fam = arch.family
+    if fam in ("llama", "mistral", "mixtral", "gemma"):
+        _rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
+        _o_proj(ctx, arch, "o_proj", _attention_core(ctx, arch, False, saved), saved)
+        mlp_in = ("gate_proj", "up_proj") if fam != "mixtral" else ()
+        _rms_norm(ctx, arch, "post_attn_norm", mlp_in, saved)
+        if fam == "mixtral":
+            _moe_mlp(ctx, arch, saved)
+        else:
+            _gated_mlp(ctx, arch, saved)
+    elif fam == "falcon":
+        _layer_norm(ctx, arch, "input_norm", ("query_key_value", "dense_h_to_4h"), saved)
+        _o_proj(ctx, arch, "dense", _attention_core(ctx, arch, False, saved), saved)
+        _plain_mlp(ctx, arch, "dense_h_to_4h", "dense_4h_to_h", False, saved)
+        _dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
+    elif fam == "phi":
+        _layer_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj", "fc1"), saved)
+        # partial rotary: q and k are rebuilt by torch.cat, so the sdpa output is not in (b, s, h, d)
+        # layout on the CPU and dense consumes a contiguous copy
+        _o_proj(ctx, arch, "dense", _attention_core(ctx, arch, True, saved), saved)
+        _plain_mlp(ctx, arch, "fc1", "fc2", True, saved)
+        _dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
+    else:  # gpt_bigcode
+        _layer_norm(ctx, arch, "ln_1", ("c_attn",), saved)
+        _o_proj(ctx, arch, "attn.c_proj", _attention_core(ctx, arch, False, saved), saved)
+        t, h = ctx.tokens, arch.hidden
+        if ctx.grad_in:
+            saved["ln_2.input"] = t * h * ctx.act_bytes
+            saved["ln_2.mean_rstd"] = 2 * t * ctx.stats_bytes
+        _linear_input(ctx, ("c_fc",), h, "ln_2.out", saved)
+        _plain_mlp(ctx, arch, "c_fc", "mlp.c_proj", False, saved)
+        _dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
+    return saved
+
+
+def layer_backward_transient(arch: ModelArch, ctx: Ctx) -> int:
+    """Gradient buffers alive at once inside one layer's backward (beyond its saved tensors):
+    the incoming and outgoing residual-stream gradients and the MLP's intermediate gradients."""
+    t, ab = ctx.tokens, ctx.act_bytes
+    width = arch.intermediate * (arch.experts_per_token or 1)
+    mlp = (3 if arch.gated_mlp else 2) * t * width * ab
+    return 2 * t * arch.hidden * ab + mlp
+
+
+def checkpoint_saved(arch: ModelArch, ctx: Ctx) -> int:
+    """Non-reentrant checkpointing keeps each layer's input hidden states."""
+    return ctx.tokens * arch.hidden * ctx.act_bytes
+
+
+def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
+    """cos and sin for the positions of one sequence, shared by all layers (batch dimension 1)."""
+    if arch.learned_positions:
+        return 0
+    return 2 * ctx.seq * arch.rotary_dim * ctx.act_bytes
+
+
+def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
+    saved: Saved = {}
+    if arch.norm == "layer":
+        _layer_norm(ctx, arch, "final_norm", (), saved)
+    else:
+        _rms_norm(ctx, arch, "final_norm", (), saved)
+    if ctx.base_trains:  # lm_head weight trains: it keeps the normed hidden states
+        saved["final_norm.out"] = ctx.tokens * arch.hidden * ctx.act_bytes
+    return saved
+
+
+def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str, grad_in: bool) -> Ctx:
+    act_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype)
+    broadcast_kv = arch.family in ("falcon", "gpt_bigcode") and arch.kv_heads != arch.heads
+    if job.attention == "eager":
+        attention = "math" if arch.family in ("falcon", "gpt_bigcode") else "eager"
+    elif broadcast_kv:
+        # multi-query keys broadcast over heads: SDPA cannot use flash/efficient kernels and falls
+        # back to the math kernel, which materialises the scores (upcast to fp32 on the CPU).
+        attention = "math_fp32" if platform == "cpu" else "math"
+    else:
+        attention = "flash"
+    return Ctx(
+        tokens=job.micro_batch * job.seq_len,
+        seq=job.seq_len,
+        act_bytes=act_bytes,
+        base_trains=job.task == "train" and job.method == "full",
+        targets=frozenset(targets) if job.uses_lora else frozenset(),
+        adapter_bytes=float_bytes(job.adapter_dtype),
+        rank=job.lora_rank,
+        lora_dropout=job.lora_dropout,
+        grad_in=grad_in,
+        attention=attention,
+        stats_bytes=act_bytes if platform == "cpu" else 4,
+    )

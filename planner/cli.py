@@ -1,0 +1,182 @@
+"""`memplan` command line: a thin typer layer over the analytic core.
+
+Every user error becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from .errors import MemplanInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPU memory planner for LLM training and inference.")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"memplan: error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def validation_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    field = ".".join(str(p) for p in err.get("loc", ()))
+    if err.get("type") == "value_error" or not field:
+        return msg
+    return f"invalid {field.replace('_', '-')} {err.get('input')!r}: {msg}"
+
+
+def _job(**fields):
+    from .job import Job
+
+    return Job(**{k: v for k, v in fields.items() if v is not None})
+
+
+@app.command()
+def estimate(
+    model: str = typer.Option(..., "--model", "-m", help="shipped model, alias (falcon-7b) or path to a config.json"),
+    method: str = typer.Option("full", help="full | lora | qlora"),
+    task: str = typer.Option("train", help="train | infer"),
+    weight_dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 | int8 | nf4 | fp4 (default: nf4 for qlora, else compute dtype)"),
+    compute_dtype: str = typer.Option("bf16", help="fp32 | fp16 | bf16"),
+    double_quant: bool = typer.Option(True, help="bitsandbytes double quantization of 4-bit absmax"),
+    optimizer: str = typer.Option("adamw", help="adamw | adamw_8bit | paged_adamw | paged_adamw_8bit | sgd | sgd_momentum"),
+    micro_batch: int = typer.Option(1, "--micro-batch", "-b", help="sequences per GPU per step"),
+    seq_len: int = typer.Option(512, "--seq-len", "-s", help="tokens per sequence (prompt length for inference)"),
+    new_tokens: int = typer.Option(0, help="inference: tokens generated after the prompt"),
+    lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
+    lora_alpha: int = typer.Option(32),
+    lora_dropout: float = typer.Option(0.0),
+    lora_targets: str = typer.Option("default", help="default | all-linear | comma-separated module names"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, help="default: on for qlora, off otherwise"),
+    attention: str = typer.Option("sdpa", help="sdpa | eager"),
+    kbit_prepare: bool = typer.Option(True, help="peft prepare_model_for_kbit_training (fp32 upcast) for k-bit bases"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="GPU profile to check the fit against"),
+    as_json: bool = typer.Option(False, "--json", help="print the Estimate as JSON"),
+) -> None:
+    """How much memory one GPU needs for a job, component by component, and its peak."""
+    from .estimate import estimate_memory
+    from memplan.profiles import load_gpu, load_model
+
+    job = _job(
+        model=model, method=method, task=task, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
+        double_quant=double_quant, optimizer=optimizer, micro_batch=micro_batch, seq_len=seq_len,
+        new_tokens=new_tokens, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, attention=attention,
+        kbit_prepare=kbit_prepare, gpu=gpu,
+    )
+    arch = load_model(job.model)
+    est = estimate_memory(job, arch, load_gpu(gpu) if gpu else None)
+    if as_json:
+        typer.echo(est.model_dump_json(indent=2))
+        return
+    from .report import console, render
+
+    render(est, console())
+
+
+@app.command()
+def models() -> None:
+    """Shipped model profiles and their aliases."""
+    from memplan.profiles import ALIASES, load_model
+    from .params import count_params
+
+    for alias, hub_id in ALIASES.items():
+        arch = load_model(hub_id)
+        typer.echo(f"{alias:14s} {hub_id:34s} {arch.family:12s} {count_params(arch).total:>16,} params")
+
+
+@app.command()
+def gpus() -> None:
+    """Shipped GPU profiles."""
+    from memplan.profiles import _gpu_table
+    from .units import gib
+
+    for g in _gpu_table().values():
+        typer.echo(f"{g.name:10s} {gib(g.memory_bytes):>12s}  {g.datasheet}")
+
+
+@app.command()
+def trace(
+    model: str = typer.Option(..., "--model", "-m"),
+    method: str = typer.Option("full"),
+    weight_dtype: Optional[str] = typer.Option(None),
+    compute_dtype: str = typer.Option("bf16"),
+    optimizer: str = typer.Option("adamw"),
+    micro_batch: int = typer.Option(1, "--micro-batch", "-b"),
+    seq_len: int = typer.Option(512, "--seq-len", "-s"),
+    lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
+    lora_dropout: float = typer.Option(0.0),
+    lora_targets: str = typer.Option("default"),
+    gradient_checkpointing: bool = typer.Option(False),
+    attention: str = typer.Option("sdpa"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run the real transformers training step under fake tensors on the CPU and compare with the estimate."""
+    job = _job(
+        model=model, method=method, weight_dtype=weight_dtype, compute_dtype=compute_dtype, optimizer=optimizer,
+        micro_batch=micro_batch, seq_len=seq_len, lora_rank=lora_rank, lora_dropout=lora_dropout,
+        lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, attention=attention,
+    )
+    from .estimate import estimate_memory
+    from memplan.profiles import load_model
+
+    arch = load_model(job.model)
+    est = estimate_memory(job, arch, platform="cpu")
+    try:
+        from memplan.validate.trace import trace_training
+    except ImportError as exc:
+        fail(f"trace needs the trace extra ({exc.name} is missing): pip install 'memplan[trace]'")
+    try:
+        result = trace_training(job)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+        return
+    from .units import gib
+
+    est_phase = {p.name: p.allocated_bytes for p in est.phases}
+    est_by_trace_phase = {
+        "forward": est_phase["forward"],
+        "backward": max(est_phase["loss backward"], est_phase["backward"]),
+        "optimizer step": est_phase["optimizer step"],
+    }
+    typer.echo(f"trace of {arch.name} ({result.seconds:.1f} s, CPU, fake tensors); second iteration:")
+    typer.echo(f"{'phase':16s}{'traced peak':>14s}{'estimate':>14s}{'error':>9s}")
+    for snap in result.timeline:
+        if snap.iteration != 1:
+            continue
+        e = est_by_trace_phase[snap.phase]
+        typer.echo(f"{snap.phase:16s}{gib(snap.peak_bytes):>14s}{gib(e):>14s}{100 * (e - snap.peak_bytes) / snap.peak_bytes:>+8.2f}%")
+    err = 100 * (est.peak_allocated_bytes - result.peak_allocated_bytes) / result.peak_allocated_bytes
+    typer.echo(f"{'peak':16s}{gib(result.peak_allocated_bytes):>14s}{gib(est.peak_allocated_bytes):>14s}{err:>+8.2f}%")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except MemplanInputError as exc:
+        fail_now(str(exc))
+    except ValidationError as exc:
+        fail_now(validation_message(exc))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors (bad option, missing value)
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+def fail_now(message: str) -> None:
+    print(f"memplan: error: {message}", file=sys.stderr)
+    sys.exit(2)

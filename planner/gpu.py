@@ -1,0 +1,23 @@
+"""GPU profile: capacity and the per-GPU overheads torch cannot see."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class GpuProfile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    # Total device memory as the driver reports it (nvidia-smi memory.total, MiB -> bytes).
+    memory_bytes: int
+    memory_source: str
+    datasheet: str
+    # Memory the CUDA context (driver, kernels loaded lazily, cuBLAS handles) takes before any
+    # tensor: seen by pynvml, invisible to torch.cuda.memory_allocated.
+    cuda_context_bytes: int
+    cuda_context_source: str
+    # cuBLAS / cuBLASLt workspaces that torch allocates through its caching allocator on the
+    # first matmul (counted in reserved memory, not in allocated).
+    workspace_bytes: int

@@ -1,0 +1,120 @@
+"""The job description: one pydantic model shared by the estimator, the CPU trace and the GPU harness,
+so that a prediction and its measurement always describe the same run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .dtypes import DType
+from .errors import MemplanInputError
+
+Method = Literal["full", "lora", "qlora"]
+Task = Literal["train", "infer"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd", "sgd_momentum"]
+Attention = Literal["sdpa", "eager"]
+
+OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
+
+
+class Job(BaseModel):
+    """One training or inference job on one GPU (or one data-parallel rank)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    task: Task = "train"
+    method: Method = "full"
+    # Storage dtype of the base weights. Default: nf4 for qlora, the compute dtype otherwise.
+    # fp32 weights with a 16-bit compute dtype mean mixed precision (autocast, fp32 master).
+    weight_dtype: DType | None = None
+    compute_dtype: DType = DType.bf16
+    double_quant: bool = True
+    optimizer: Optimizer = "adamw"
+    # torch.optim's default on CUDA: one fused multi-tensor update, which allocates a
+    # temporary as large as the trainable parameters (optim/adamw.py `_multi_tensor_adamw`).
+    foreach: bool = True
+    micro_batch: int = 1
+    seq_len: int = 512
+    new_tokens: int = 0
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # "default" = peft's per-family default, "all-linear" = every linear in the blocks, or names.
+    lora_targets: str | tuple[str, ...] = "default"
+    # peft keeps adapters in fp32 over 16-bit bases (autocast_adapter_dtype=True).
+    adapter_dtype: DType = DType.fp32
+    # peft.prepare_model_for_kbit_training: casts every non-4/8-bit parameter to fp32 and turns
+    # gradient checkpointing on. Applies to quantized bases only.
+    kbit_prepare: bool = True
+    # None: on for qlora (prepare_model_for_kbit_training enables it), off otherwise.
+    gradient_checkpointing: bool | None = None
+    attention: Attention = "sdpa"
+    gpu: str | None = None
+
+    @field_validator("micro_batch", "seq_len", "lora_rank", "lora_alpha")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v <= 0:
+            raise MemplanInputError(f"{info.field_name.replace('_', '-')} must be a positive integer, got {v}")
+        return v
+
+    @field_validator("new_tokens")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise MemplanInputError(f"new-tokens must be zero or a positive integer, got {v}")
+        return v
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _float_compute(cls, v: DType) -> DType:
+        if not v.is_float:
+            raise MemplanInputError(f"compute dtype {v.value!r} is not allowed: use fp32, fp16 or bf16")
+        return v
+
+    @model_validator(mode="after")
+    def _method_fits_dtype(self) -> "Job":
+        w = self.base_weight_dtype
+        if self.task == "train":
+            if self.method == "qlora" and not w.is_4bit:
+                raise MemplanInputError(f"qlora needs a 4-bit weight dtype (nf4 or fp4), got {w.value}")
+            if self.method == "full" and not w.is_float:
+                raise MemplanInputError(
+                    f"full fine-tuning cannot train {w.value} weights: use fp32, fp16 or bf16, or --method lora/qlora"
+                )
+            if self.method == "lora" and w.is_4bit:
+                raise MemplanInputError(f"lora over {w.value} weights is qlora: use --method qlora")
+        if not self.adapter_dtype.is_float:
+            raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
+        return self
+
+    @property
+    def base_weight_dtype(self) -> DType:
+        if self.weight_dtype is not None:
+            return self.weight_dtype
+        return DType.nf4 if self.method == "qlora" else self.compute_dtype
+
+    @property
+    def quantized(self) -> bool:
+        return not self.base_weight_dtype.is_float
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.task == "train" and self.method in ("lora", "qlora")
+
+    @property
+    def mixed_precision(self) -> bool:
+        """fp32 weights updated by an optimizer while compute runs in 16-bit (autocast)."""
+        return self.base_weight_dtype is DType.fp32 and self.compute_dtype is not DType.fp32
+
+    @property
+    def checkpointing(self) -> bool:
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return self.quantized and self.kbit_prepare and self.uses_lora
+
+    @property
+    def kbit_upcast(self) -> bool:
+        return self.uses_lora and self.quantized and self.kbit_prepare

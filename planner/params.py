@@ -1,0 +1,56 @@
+"""Parameter counts from the architecture alone.
+
+They must equal `sum(p.numel() for p in model.parameters())` of the transformers model built
+on the meta device (tests/test_params.py checks every shipped profile).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .architecture import ModelArch
+
+
+class ParamCounts(BaseModel):
+    embedding: int
+    per_layer: int
+    layers: int
+    final_norm: int
+    lm_head: int
+    # Weights of the linear layers transformers' bnb integration replaces (exact nn.Linear in blocks).
+    quantizable_linear: int
+    # Largest single block, for FSDP units and checkpointed recomputation.
+    total: int
+
+    @property
+    def blocks(self) -> int:
+        return self.per_layer * self.layers
+
+    @property
+    def unquantized(self) -> int:
+        return self.total - self.quantizable_linear
+
+
+def count_params(arch: ModelArch) -> ParamCounts:
+    linear_params = sum(lin.params for lin in arch.linears)
+    router = arch.experts * arch.hidden
+    per_layer = linear_params + arch.norms_per_layer * arch.norm_params + router
+    embedding = arch.vocab * arch.hidden + (arch.max_positions * arch.hidden if arch.learned_positions else 0)
+    lm_head = 0 if arch.tied_embeddings else arch.vocab * arch.hidden + (arch.vocab if arch.lm_head_bias else 0)
+    quantizable = arch.layers * sum(lin.d_in * lin.d_out * lin.copies for lin in arch.linears if lin.quantizable)
+    total = embedding + per_layer * arch.layers + arch.norm_params + lm_head
+    return ParamCounts(
+        embedding=embedding,
+        per_layer=per_layer,
+        layers=arch.layers,
+        final_norm=arch.norm_params,
+        lm_head=lm_head,
+        quantizable_linear=quantizable,
+        total=total,
+    )
+
+
+def lora_params(arch: ModelArch, targets: tuple[str, ...], rank: int) -> int:
+    """Trainable LoRA parameters: r x (d_in + d_out) per targeted linear per layer (peft LoraLayer)."""
+    per_layer = sum(rank * (lin.d_in + lin.d_out) for lin in arch.linears if lin.name in targets)
+    return per_layer * arch.layers

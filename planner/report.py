@@ -1,0 +1,77 @@
+"""Rich rendering of an Estimate (the CLI's default output)."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .results import Estimate
+from .units import gib, human
+
+BAR_WIDTH = 24
+POOL_LABEL = {"torch": "", "unified": " (unified)", "reserved": " (reserved)", "driver": " (driver)"}
+
+
+def _bar(n: int, largest: int) -> Text:
+    filled = round(BAR_WIDTH * n / largest) if largest else 0
+    return Text("█" * filled + "·" * (BAR_WIDTH - filled), style="cyan")
+
+
+def _title(est: Estimate) -> str:
+    job = est.job
+    if job.task == "infer":
+        what = f"inference, batch {job.micro_batch}, {job.seq_len} prompt + {job.new_tokens} new tokens"
+    else:
+        ck = ", gradient checkpointing" if job.checkpointing else ""
+        what = f"{job.method} training, micro-batch {job.micro_batch}, seq {job.seq_len}, {job.optimizer}{ck}"
+    return f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {job.compute_dtype.value} compute, {job.attention}"
+
+
+def breakdown_table(est: Estimate) -> Table:
+    table = Table(title=_title(est), title_justify="left", show_lines=False)
+    table.add_column("component")
+    table.add_column("per GPU", justify="right")
+    table.add_column("", no_wrap=True)
+    table.add_column("how", overflow="fold")
+    largest = max(c.bytes for c in est.components)
+    for c in est.components:
+        table.add_row(c.name + POOL_LABEL[c.pool], human(c.bytes), _bar(c.bytes, largest), c.formula)
+    return table
+
+
+def phase_table(est: Estimate) -> Table:
+    table = Table(title="torch-allocated bytes by phase", title_justify="left")
+    table.add_column("phase")
+    table.add_column("allocated", justify="right")
+    table.add_column("what is live", overflow="fold")
+    for p in est.phases:
+        style = "bold" if p.name == est.peak_phase else ""
+        table.add_row(p.name + (" (peak)" if p.name == est.peak_phase else ""), gib(p.allocated_bytes), p.detail, style=style)
+    return table
+
+
+def summary(est: Estimate) -> Text:
+    t = Text()
+    t.append(f"Peak torch allocated  {gib(est.peak_allocated_bytes)}  ({est.peak_phase})\n", style="bold")
+    t.append(f"Peak torch reserved   {gib(est.peak_reserved_bytes)}\n")
+    t.append(f"Device used (pynvml)  {gib(est.device_used_bytes)}\n", style="bold")
+    if est.gpu:
+        head = est.gpu_memory_bytes - est.device_used_bytes
+        verdict = ("fits", "green") if est.fits else ("does not fit", "red")
+        t.append(f"{est.gpu} ({gib(est.gpu_memory_bytes)}): ")
+        t.append(verdict[0], style=f"bold {verdict[1]}")
+        t.append(f", headroom {gib(head)}\n" if est.fits else f", short by {gib(-head)}\n")
+    for note in est.notes:
+        t.append(f"note: {note}\n", style="yellow")
+    return t
+
+
+def console() -> Console:
+    """Wide enough for the formulas when output is piped (rich falls back to 80 columns)."""
+    c = Console()
+    return c if c.is_terminal else Console(width=130)
+
+
+def render(est: Estimate, console: Console) -> None:
+    console.print(Group(breakdown_table(est), phase_table(est), summary(est)))

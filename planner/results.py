@@ -1,0 +1,52 @@
+"""What the estimator returns."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .job import Job
+from .params import ParamCounts
+
+
+class Component(BaseModel):
+    """One line of the breakdown: bytes per GPU, how they were computed, when they are live."""
+
+    name: str
+    bytes: int
+    formula: str
+    phases: list[str]
+    # Where the bytes sit: "torch" (caching allocator), "unified" (paged, cudaMallocManaged),
+    # "driver" (outside torch: CUDA context) or "reserved" (allocator slack).
+    pool: str = "torch"
+
+
+class Phase(BaseModel):
+    """torch-allocated bytes at the high point of one phase of the step."""
+
+    name: str
+    allocated_bytes: int
+    detail: str
+
+
+class Estimate(BaseModel):
+    job: Job
+    model_name: str
+    params: ParamCounts
+    trainable_params: int
+    components: list[Component]
+    phases: list[Phase]
+    peak_phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_used_bytes: int
+    gpu: str | None = None
+    gpu_memory_bytes: int | None = None
+    fits: bool | None = None
+    host_bytes: int = 0
+    notes: list[str] = []
+
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)

@@ -1,0 +1,131 @@
+"""Weights, adapters, gradients and optimizer states: the bytes that live across the whole step.
+
+Sources: bitsandbytes functional.py (4-bit and int8 storage), peft `prepare_model_for_kbit_training`
+(utils/other.py: every fp16/bf16 parameter that is not Params4bit becomes fp32), torch
+optim/adamw.py (states `zeros_like(param)`, i.e. in the parameter dtype; `_multi_tensor_adamw`
+allocates `_foreach_sqrt(exp_avg_sqs)`), bitsandbytes optim/optimizer.py (`Optimizer2State`:
+32-bit states are fp32; 8-bit states are uint8 plus one fp32 absmax per 256 values).
+"""
+
+from __future__ import annotations
+
+from .architecture import ModelArch
+from .dtypes import DType, bytes_per_param_formula, float_bytes, linear_weight_bytes
+from .job import Job
+from .params import ParamCounts, lora_params
+from .units import count
+
+BNB_OPTIM_BLOCK = 256
+
+
+def resolve_targets(job: Job, arch: ModelArch) -> tuple[str, ...]:
+    from .errors import MemplanInputError
+
+    if job.lora_targets == "default":
+        return arch.default_lora_targets
+    names = tuple(lin.name for lin in arch.linears if lin.copies == 1)
+    if job.lora_targets == "all-linear":
+        return names
+    wanted = (job.lora_targets,) if isinstance(job.lora_targets, str) else tuple(job.lora_targets)
+    wanted = tuple(w for part in wanted for w in part.split(",") if w)
+    bad = [w for w in wanted if w not in names]
+    if bad:
+        raise MemplanInputError(
+            f"LoRA target {bad[0]!r} is not a linear layer of {arch.name}; allowed: default, all-linear, {', '.join(names)}"
+        )
+    return wanted
+
+
+def weight_bytes(job: Job, arch: ModelArch, params: ParamCounts) -> tuple[int, str]:
+    """Base-model weights as loaded (and, for k-bit training, after peft's fp32 upcast)."""
+    w = job.base_weight_dtype
+    if w.is_float:
+        return params.total * float_bytes(w), f"{count(params.total)} params x {float_bytes(w)} B ({w.value})"
+    quant = sum(
+        linear_weight_bytes(lin.d_out, lin.d_in, w, job.double_quant)
+        for lin in arch.linears
+        if lin.quantizable
+        for _ in range(lin.copies)
+    ) * arch.layers
+    rest_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype)
+    rest = params.unquantized * rest_bytes
+    why = "fp32, kbit upcast" if job.kbit_upcast else job.compute_dtype.value
+    formula = (
+        f"{count(params.quantizable_linear)} {w.value} params x {bytes_per_param_formula(w, job.double_quant)}"
+        f" + {count(params.unquantized)} others x {rest_bytes} B ({why})"
+    )
+    return quant + rest, formula
+
+
+def trainable_params(job: Job, arch: ModelArch, params: ParamCounts, targets: tuple[str, ...]) -> int:
+    if job.task != "train":
+        return 0
+    if job.method == "full":
+        return params.total
+    return lora_params(arch, targets, job.lora_rank)
+
+
+def trainable_bytes_per_param(job: Job) -> int:
+    """dtype of the trainable parameters, hence of their gradients and torch optimizer states."""
+    if job.method == "full":
+        return float_bytes(job.base_weight_dtype)
+    return float_bytes(job.adapter_dtype)
+
+
+def optimizer_state_bytes(job: Job, n: int) -> tuple[int, str]:
+    pb = trainable_bytes_per_param(job)
+    opt = job.optimizer
+    if opt == "adamw":
+        return 2 * n * pb, f"2 states x {count(n)} x {pb} B (param dtype)"
+    if opt == "paged_adamw":
+        return 2 * n * 4, f"2 fp32 states x {count(n)} x 4 B (paged)"
+    if opt in ("adamw_8bit", "paged_adamw_8bit"):
+        blocks = -(-n // BNB_OPTIM_BLOCK)
+        return 2 * (n + 4 * blocks), f"2 states x {count(n)} x (1 + 4/{BNB_OPTIM_BLOCK}) B"
+    if opt == "sgd_momentum":
+        return n * pb, f"1 momentum buffer x {count(n)} x {pb} B"
+    return 0, "plain SGD keeps no state"
+
+
+def optimizer_step_temporary(job: Job, n: int) -> tuple[int, str]:
+    if job.optimizer == "adamw" and job.foreach:
+        pb = trainable_bytes_per_param(job)
+        return n * pb, f"foreach sqrt(exp_avg_sq): {count(n)} x {pb} B"
+    return 0, "no step-wide temporary"
+
+
+def is_paged(job: Job) -> bool:
+    return job.optimizer.startswith("paged")
+
+
+def autocast_weight_copies(job: Job, arch: ModelArch, params: ParamCounts) -> int:
+    """Under autocast, fp32 weights are cast to the compute dtype once per step and kept for backward."""
+    if not (job.task == "train" and job.mixed_precision):
+        return 0
+    matmul_params = sum(lin.d_in * lin.d_out * lin.copies for lin in arch.linears) * arch.layers
+    matmul_params += arch.vocab * arch.hidden
+    return matmul_params * float_bytes(job.compute_dtype)
+
+
+def unquantized_note(job: Job, arch: ModelArch) -> str | None:
+    if not job.quantized:
+        return None
+    skipped = sorted({lin.name for lin in arch.linears if not lin.quantizable})
+    if not skipped:
+        return None
+    return (
+        f"{arch.name}: {', '.join(skipped)} are not plain nn.Linear, so transformers' bitsandbytes loading "
+        f"leaves them unquantized (integrations/bitsandbytes.py); they are counted in "
+        f"{'fp32 (kbit upcast)' if job.kbit_upcast else job.compute_dtype.value}"
+    )
+
+
+__all__ = [
+    "DType",
+    "autocast_weight_copies",
+    "optimizer_state_bytes",
+    "optimizer_step_temporary",
+    "resolve_targets",
+    "trainable_params",
+    "weight_bytes",
+]

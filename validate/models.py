@@ -1,0 +1,50 @@
+"""Build transformers models from shipped configs with no weights downloaded: meta device first,
+then storage on the target device (fake CPU tensors for the trace, real GPU tensors for the harness)."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def hf_config(model: str, attention: str):
+    from transformers import AutoConfig
+
+    from memplan.profiles import load_hf_config
+
+    _, raw = load_hf_config(model)
+    raw = dict(raw)
+    model_type = raw.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **raw)
+    cfg._attn_implementation = attention
+    cfg.use_cache = False
+    return cfg
+
+
+def meta_model(cfg, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+def lora_targets(job, arch) -> list[str]:
+    from memplan.training import resolve_targets
+
+    return list(resolve_targets(job, arch))
+
+
+def apply_lora(model, job, arch):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=job.lora_rank,
+        lora_alpha=job.lora_alpha,
+        lora_dropout=job.lora_dropout,
+        target_modules=lora_targets(job, arch),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)

@@ -1,0 +1,142 @@
+"""CPU trace: the real transformers training step under FakeTensorMode, every live storage counted.
+
+No memory is allocated (fake tensors carry shapes only), so a 7B model traces in seconds. The step
+is the HF Trainer's: forward with labels, loss kept, outputs dropped, backward, optimizer step,
+zero_grad(set_to_none=True); two iterations so optimizer state exists in the second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from pydantic import BaseModel
+
+from memplan.job import Job
+
+PHASES = ("forward", "backward", "optimizer step")
+
+
+class PhaseSnapshot(BaseModel):
+    iteration: int
+    phase: str
+    peak_bytes: int
+    end_bytes: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+
+
+class TraceResult(BaseModel):
+    job: Job
+    peak_allocated_bytes: int
+    peak_phase: str
+    timeline: list[PhaseSnapshot]
+    seconds: float
+
+
+@contextlib.contextmanager
+def _unmaterialised_causal_mask():
+    """Under fake tensors transformers treats every tensor as traced and builds an explicit 4D mask
+    (masking_utils: is_tracing -> no `is_causal` skip). A real unpadded batch gets no mask and SDPA
+    runs with is_causal=True, so the trace reproduces that."""
+    from transformers import masking_utils as mu
+
+    saved = mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices
+
+    def ignore(padding_mask, *args, **kwargs):
+        return saved[0](None, *args, **kwargs)
+
+    mu._ignore_causal_mask_sdpa = ignore
+    mu.find_packed_sequence_indices = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices = saved
+
+
+def _optimizer(job: Job, params):
+    import torch
+
+    if job.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5, foreach=job.foreach)
+    if job.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=job.foreach)
+    if job.optimizer == "sgd_momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=job.foreach)
+    raise ValueError(f"optimizer {job.optimizer!r} cannot be traced on the CPU (bitsandbytes); use the GPU harness")
+
+
+def trace_training(job: Job, iterations: int = 2) -> TraceResult:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.profiles import load_model
+
+    from .models import DTYPES, apply_lora, hf_config, meta_model
+    from .tracker import LiveBytes
+
+    if job.quantized:
+        raise ValueError("4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors")
+    started = time.perf_counter()
+    arch = load_model(job.model)
+    cfg = hf_config(job.model, job.attention)
+    model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
+    if job.checkpointing:
+        model.gradient_checkpointing_enable()
+    if job.uses_lora:
+        model = apply_lora(model, job, arch)
+    autocast = (
+        torch.autocast("cpu", dtype=DTYPES[job.compute_dtype.value]) if job.mixed_precision else contextlib.nullcontext()
+    )
+    tracker = LiveBytes()
+    timeline: list[PhaseSnapshot] = []
+    with FakeTensorMode(allow_non_fake_inputs=True), _unmaterialised_causal_mask():
+        model = model.to_empty(device="cpu")
+        model.tie_weights()
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in model.parameters():
+            tracker.track(p)
+        for b in model.buffers():
+            tracker.track(b)
+        opt = _optimizer(job, params)
+        ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len))
+        with tracker:
+            for it in range(iterations):
+                for phase in PHASES:
+                    tracker.start_phase(phase)
+                    if phase == "forward":
+                        with autocast:
+                            loss = model(input_ids=ids, labels=ids).loss
+                    elif phase == "backward":
+                        loss.backward()
+                        del loss
+                    else:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    timeline.append(_snapshot(tracker, it, phase, tracker.phase_peak, model, opt))
+    steady = [s for s in timeline if s.iteration == iterations - 1]
+    top = max(steady, key=lambda s: s.peak_bytes)
+    return TraceResult(
+        job=job,
+        peak_allocated_bytes=top.peak_bytes,
+        peak_phase=top.phase,
+        timeline=timeline,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _snapshot(tracker, iteration, phase, phase_peak, model, opt) -> PhaseSnapshot:
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    states = [v for st in opt.state.values() for v in st.values() if hasattr(v, "untyped_storage") and v.dim() > 0]
+    return PhaseSnapshot(
+        iteration=iteration,
+        phase=phase,
+        peak_bytes=phase_peak,
+        end_bytes=tracker.current,
+        params_bytes=tracker.bytes_of(params),
+        grads_bytes=tracker.bytes_of(grads),
+        optimizer_bytes=tracker.bytes_of(states),
+    )
