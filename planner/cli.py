@@ -180,3 +180,7 @@ def main() -> None:
 def fail_now(message: str) -> None:
     print(f"memplan: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

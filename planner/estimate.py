@@ -91,7 +91,9 @@ def _training(job: Job, arch: ModelArch, platform: str):
         g_layer = params.per_layer * pb
         g_head = (params.lm_head or params.embedding) * pb + params.final_norm * pb
         g_embed_late = params.embedding * pb if params.lm_head else 0
-        g_tied_accum = params.embedding * pb if not params.lm_head else 0
+        # tied embeddings: the embedding's gradient arrives while lm_head's is held, and
+        # AccumulateGrad adds them out of place (seen in the trace): two extra vocab x hidden buffers
+        g_tied_accum = 2 * params.embedding * pb if not params.lm_head else 0
     else:
         g_layer = n_train // arch.layers * pb
         g_head = g_embed_late = g_tied_accum = 0

@@ -1,0 +1,75 @@
+"""The command line: output, --json, one-line errors with exit code 2, and a light import path."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+MEMPLAN = [sys.executable, "-m", "memplan.cli"]
+
+
+def run(*args):
+    return subprocess.run([*MEMPLAN, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_estimate_table_says_gib_and_fit():
+    out = run("estimate", "--model", "llama-2-7b", "--method", "qlora", "--gpu", "T4")
+    assert out.returncode == 0, out.stderr
+    assert "GiB" in out.stdout and " GB" not in out.stdout
+    assert "fits" in out.stdout
+    assert "Peak torch allocated" in out.stdout
+
+
+def test_estimate_json_is_the_estimate_model():
+    from memplan import Estimate
+
+    out = run("estimate", "-m", "falcon-7b", "--method", "qlora", "--json")
+    est = Estimate.model_validate(json.loads(out.stdout))
+    assert est.peak_allocated_bytes > 0 and est.peak_phase
+
+
+def test_local_config_path(tmp_path):
+    from memplan.profiles import MODELS_DIR
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text((MODELS_DIR / "microsoft--phi-2.json").read_text())
+    out = run("estimate", "-m", str(cfg), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["params"]["total"] == 2_779_683_840
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["-m", "llama-7b"], "llama-2-7b"),
+        (["-m", "llama-2-7b", "--gpu", "H10"], "H100-80GB"),
+        (["-m", "llama-2-7b", "-b", "0"], "micro-batch"),
+        (["-m", "llama-2-7b", "-s", "-1"], "seq-len"),
+        (["-m", "llama-2-7b", "-s", "9000"], "4096"),
+        (["-m", "llama-2-7b", "--method", "qlora", "--weight-dtype", "bf16"], "4-bit"),
+        (["-m", "llama-2-7b", "--method", "sideways"], "'full', 'lora' or 'qlora'"),
+        (["-m", "llama-2-7b", "--weight-dtype", "fp8"], "fp8"),
+        (["-m", "/nonexistent/config.json"], "does not exist"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, words):
+    out = run("estimate", *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert words in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_estimate_does_not_import_heavy_packages():
+    code = (
+        "import sys; from memplan.cli import app; from typer.testing import CliRunner;"
+        "r = CliRunner().invoke(app, ['estimate', '-m', 'llama-2-7b', '--method', 'qlora']);"
+        "assert r.exit_code == 0, r.output;"
+        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'peft', 'bitsandbytes', 'pynvml') if m in sys.modules];"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

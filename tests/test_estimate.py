@@ -1,0 +1,129 @@
+"""Behaviour of the estimate: components by method and dtype, phases, fit."""
+
+import pytest
+
+from memplan import Job, estimate
+from memplan.errors import MemplanInputError
+from pydantic import ValidationError
+
+
+def test_json_fields_and_peak_is_max_phase():
+    est = estimate("llama-2-7b", method="lora", micro_batch=2, seq_len=1024, gpu="A100-80GB")
+    data = est.model_dump()
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "peak_phase", "components"):
+        assert key in data
+    assert est.peak_allocated_bytes == max(p.allocated_bytes for p in est.phases)
+    assert est.peak_reserved_bytes > est.peak_allocated_bytes
+    assert est.device_used_bytes > est.peak_reserved_bytes
+    assert all(isinstance(c.bytes, int) and c.formula for c in est.components)
+    assert est.fits is True
+
+
+def test_torch_adamw_states_follow_parameter_dtype():
+    bf16 = estimate("llama-2-7b", method="full")
+    fp32 = estimate("llama-2-7b", method="full", weight_dtype="fp32")
+    assert bf16.component("optimizer states").bytes == 2 * 2 * bf16.params.total
+    assert fp32.component("optimizer states").bytes == 2 * 4 * fp32.params.total
+
+
+@pytest.mark.parametrize(
+    "opt, per_param",
+    [("sgd", 0), ("sgd_momentum", 4), ("paged_adamw", 8)],
+)
+def test_optimizer_state_sizes(opt, per_param):
+    est = estimate("llama-2-7b", method="lora", optimizer=opt)
+    assert est.component("optimizer states").bytes == per_param * est.trainable_params
+
+
+def test_8bit_adam_is_two_bytes_plus_block_absmax():
+    est = estimate("llama-2-7b", method="lora", optimizer="adamw_8bit")
+    n = est.trainable_params
+    assert est.component("optimizer states").bytes == 2 * (n + 4 * -(-n // 256))
+
+
+def test_paged_states_are_outside_torch_allocated_but_on_the_device():
+    plain = estimate("llama-2-7b", method="qlora", optimizer="adamw")
+    paged = estimate("llama-2-7b", method="qlora", optimizer="paged_adamw")
+    states = paged.component("optimizer states")
+    assert states.pool == "unified"
+    assert paged.peak_allocated_bytes < plain.peak_allocated_bytes
+    assert paged.device_used_bytes > paged.peak_reserved_bytes + states.bytes - 1
+
+
+def test_lora_trainable_params_by_hand():
+    est = estimate("llama-2-7b", method="lora", lora_rank=8)
+    assert est.trainable_params == 32 * 8 * ((4096 + 4096) * 2)  # q_proj and v_proj
+    all_lin = estimate("llama-2-7b", method="lora", lora_rank=8, lora_targets="all-linear")
+    per_layer = 8 * (4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
+    assert all_lin.trainable_params == 32 * per_layer
+
+
+def test_kbit_prepare_upcasts_unquantized_params_to_fp32():
+    on = estimate("llama-3-8b", method="qlora")
+    off = estimate("llama-3-8b", method="qlora", kbit_prepare=False)
+    unquantized = on.params.unquantized  # 128k-vocab embeddings and lm_head dominate
+    assert on.component("weights").bytes - off.component("weights").bytes == unquantized * 2
+    assert unquantized * 2 > 2 * 10**9  # "moves gigabytes": 2.1 GB for Llama 3 8B
+
+
+def test_checkpointing_cuts_activations():
+    off = estimate("llama-2-7b", method="lora", micro_batch=4, seq_len=2048, gradient_checkpointing=False)
+    on = estimate("llama-2-7b", method="lora", micro_batch=4, seq_len=2048, gradient_checkpointing=True)
+    assert on.component("activations").bytes * 10 < off.component("activations").bytes
+    assert on.peak_allocated_bytes < off.peak_allocated_bytes
+
+
+def test_eager_attention_is_quadratic_sdpa_linear():
+    def act(attn, s):
+        return estimate("llama-2-7b", method="lora", seq_len=s, attention=attn).component("activations").bytes
+
+    assert act("sdpa", 4096) / act("sdpa", 2048) == pytest.approx(2, rel=0.01)
+    assert act("eager", 4096) / act("eager", 2048) > 3
+
+
+def test_qlora_counts_dequantized_weight_and_4bit_storage():
+    est = estimate("llama-2-7b", method="qlora")
+    assert est.component("weights").bytes < 0.7 * 6.74e9
+
+
+def test_falcon_quantization_note():
+    est = estimate("falcon-7b", method="qlora")
+    assert any("FalconLinear" in n or "not plain nn.Linear" in n for n in est.notes)
+
+
+def test_inference_kv_cache_by_hand():
+    est = estimate("llama-3-8b", task="infer", seq_len=1000, new_tokens=24, micro_batch=3)
+    # 2 x 32 layers x 8 kv heads x 128 head dim x 1024 positions x batch 3 x 2 bytes
+    assert est.component("KV cache").bytes == 2 * 32 * 8 * 128 * 1024 * 3 * 2
+
+
+def test_mistral_sliding_window_caps_kv_cache():
+    est = estimate("mistral-7b", task="infer", seq_len=8000, new_tokens=100)
+    assert est.component("KV cache").bytes == 2 * 32 * 8 * 128 * 4096 * 2
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (dict(micro_batch=0), "micro-batch"),
+        (dict(seq_len=-5), "seq-len"),
+        (dict(method="qlora", weight_dtype="bf16"), "4-bit"),
+        (dict(method="full", weight_dtype="nf4"), "full fine-tuning"),
+        (dict(method="lora", weight_dtype="nf4"), "qlora"),
+        (dict(lora_targets="nonexistent"), "nonexistent"),
+    ],
+)
+def test_bad_input_names_the_value(fields, words):
+    with pytest.raises((MemplanInputError, ValidationError)) as err:
+        estimate("llama-2-7b", **{"method": "lora", **fields})
+    assert words in str(err.value)
+
+
+def test_sequence_longer_than_model_allows():
+    with pytest.raises(MemplanInputError, match="4096"):
+        estimate("llama-2-7b", seq_len=4097)
+
+
+def test_job_is_shared_model():
+    job = Job(model="phi-2", method="lora")
+    assert estimate(job=job).job == job

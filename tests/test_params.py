@@ -1,0 +1,50 @@
+"""Parameter counts from the config alone equal the real transformers model on the meta device."""
+
+import pytest
+
+from memplan import count_params
+from memplan.profiles import ALIASES, load_model, shipped_models
+
+from .conftest import DATA
+
+
+def test_every_alias_points_at_a_shipped_profile():
+    assert set(ALIASES.values()) == set(shipped_models())
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # published counts, independent of transformers
+        ("falcon-7b", 6_921_720_704),
+        ("llama-2-7b", 6_738_415_616),
+    ],
+)
+def test_golden_counts(name, expected):
+    assert count_params(load_model(name)).total == expected
+
+
+def test_llama_2_7b_by_hand():
+    # embed 32000*4096, 32 x (4 x 4096^2 attention + 3 x 4096*11008 MLP + 2 norms), final norm, lm_head
+    h, i, v, layers = 4096, 11008, 32000, 32
+    by_hand = v * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h + v * h
+    assert count_params(load_model("llama-2-7b")).total == by_hand
+
+
+@pytest.mark.parametrize("model", shipped_models() + [str(p) for p in sorted(DATA.glob("tiny-*.json"))])
+def test_count_equals_meta_model(model):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from memplan.validate.models import hf_config, meta_model
+
+    real = meta_model(hf_config(model, "sdpa"), torch.bfloat16)
+    assert count_params(load_model(model)).total == sum(p.numel() for p in real.parameters())
+
+
+def test_quantizable_linears_follow_transformers_bnb_rule():
+    # Falcon's projections are FalconLinear, a subclass that transformers' bnb loading skips
+    assert count_params(load_model("falcon-7b")).quantizable_linear == 0
+    # Mixtral's experts are fused 3D parameters: only attention is quantized
+    arch = load_model("mixtral-8x7b")
+    attn = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2)
+    assert count_params(arch).quantizable_linear == attn
