@@ -155,11 +155,20 @@ def trace(
         typer.echo(f"{snap.phase:16s}{gib(snap.peak_bytes):>14s}{gib(e):>14s}{100 * (e - snap.peak_bytes) / snap.peak_bytes:>+8.2f}%")
     err = 100 * (est.peak_allocated_bytes - result.peak_allocated_bytes) / result.peak_allocated_bytes
     typer.echo(f"{'peak':16s}{gib(result.peak_allocated_bytes):>14s}{gib(est.peak_allocated_bytes):>14s}{err:>+8.2f}%")
+    typer.echo("\nlive at the end of each phase (activations and temporaries = the rest):")
+    typer.echo(f"{'iter':>4s} {'phase':16s}{'parameters':>12s}{'gradients':>12s}{'optimizer':>12s}{'the rest':>12s}")
+    for snap in result.timeline:
+        rest = snap.end_bytes - snap.params_bytes - snap.grads_bytes - snap.optimizer_bytes
+        cells = (snap.params_bytes, snap.grads_bytes, snap.optimizer_bytes, rest)
+        typer.echo(f"{snap.iteration:>4d} {snap.phase:16s}" + "".join(f"{gib(c):>12s}" for c in cells))
 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # with standalone_mode=False click returns a command's typer.Exit code instead of exiting
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MemplanInputError as exc:
         fail_now(str(exc))
     except ValidationError as exc:

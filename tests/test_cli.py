@@ -73,3 +73,21 @@ def test_estimate_does_not_import_heavy_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_trace_command_compares_and_shows_categories():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from .conftest import DATA
+
+    out = run("trace", "-m", str(DATA / "tiny-llama.json"), "-b", "2", "-s", "64")
+    assert out.returncode == 0, out.stderr
+    assert "peak" in out.stdout and "optimizer step" in out.stdout
+    assert "parameters" in out.stdout and "gradients" in out.stdout
+
+
+def test_trace_refuses_qlora_in_one_line():
+    pytest.importorskip("torch")
+    out = run("trace", "-m", "llama-2-7b", "--method", "qlora")
+    assert out.returncode == 2
+    assert "Params4bit" in out.stderr.strip().splitlines()[-1]
