@@ -23,6 +23,7 @@ class Ctx:
     """Everything the per-layer formulas need, resolved once from the job."""
 
     tokens: int
+    batch: int
     seq: int
     act_bytes: int  # dtype of the residual stream and of matmul outputs
     base_trains: bool  # full fine-tuning: every base weight requires grad
@@ -33,6 +34,11 @@ class Ctx:
     grad_in: bool  # gradients flow into the layer's input (not so for layer 0 of frozen-embedding LoRA)
     attention: str  # "flash" (O(s) state), "math" (materialised scores, CUDA dtype) or "math_fp32" (CPU upcast)
     stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
+    cpu: bool  # follow the CPU kernels the trace runs instead of CUDA's
+
+    def dropout_mask(self, elem_bytes: int) -> int:
+        """CUDA's fused native_dropout keeps a bool mask; the CPU keeps the scaled noise tensor."""
+        return elem_bytes if self.cpu else 1
 
 
 def _lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved) -> None:
@@ -42,7 +48,7 @@ def _lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved
     t = ctx.tokens
     if ctx.lora_dropout > 0:
         saved[f"{name}.lora_dropout_out"] = t * d_in * ctx.adapter_bytes
-        saved[f"{name}.lora_dropout_mask"] = t * d_in
+        saved[f"{name}.lora_dropout_mask"] = t * d_in * ctx.dropout_mask(ctx.adapter_bytes)
     elif ctx.adapter_bytes == ctx.act_bytes:
         saved[shared_input] = t * d_in * ctx.act_bytes  # the cast is a no-op: lora_A saves the shared input
     else:
@@ -100,10 +106,12 @@ def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) 
         # the math kernel (and Falcon's eager path): scores and probabilities in one tensor
         md = 4 if ctx.attention == "math_fp32" else ab
         saved["attn.probs"] = md * t * a * s
-    # scaled q, and k and v broadcast to every head, made contiguous for the batched matmuls
+    # scaled q, and k and v broadcast to every head for the batched matmuls: folding (batch, heads)
+    # into one dimension copies the broadcast keys unless the batch is 1 (then it stays a view)
+    expanded = q if ctx.batch > 1 or ctx.attention == "eager" else kv
     saved["attn.q_scaled"] = t * q * md
-    saved["attn.k_expanded"] = t * q * md
-    saved["attn.v_expanded"] = t * q * md
+    saved["attn.k_expanded"] = t * expanded * md
+    saved["attn.v_expanded"] = t * expanded * md
     return "attn.out_contiguous"
 
 
@@ -133,6 +141,11 @@ def _moe_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
 
 def _plain_mlp(ctx: Ctx, arch: ModelArch, fc1: str, fc2: str, gelu_new: bool, saved: Saved) -> None:
     t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
+    # In a parallel block the MLP reads the layer input directly: where no gradient flows into it
+    # (layer 0 of frozen-embedding LoRA) and fc1 is frozen, the activation has nothing to save.
+    if not (ctx.grad_in or ctx.base_trains or fc1 in ctx.targets or not arch.parallel_attn):
+        _lora_inputs(ctx, fc2, i, "mlp.act_out", saved)
+        return
     saved["mlp.fc1_out"] = t * i * ab
     if gelu_new:
         # NewGELUActivation in Python: 0.5*x, tanh(...), 1+tanh and the product are kept
@@ -142,7 +155,7 @@ def _plain_mlp(ctx: Ctx, arch: ModelArch, fc1: str, fc2: str, gelu_new: bool, sa
 
 def _dropout_masks(ctx: Ctx, arch: ModelArch, p: float, sites: int, saved: Saved) -> None:
     if p > 0:
-        saved["dropout_masks"] = sites * ctx.tokens * arch.hidden
+        saved["dropout_masks"] = sites * ctx.tokens * arch.hidden * ctx.dropout_mask(ctx.act_bytes)
 
 
 def layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
@@ -183,13 +196,31 @@ def layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     return saved
 
 
-def layer_backward_transient(arch: ModelArch, ctx: Ctx) -> int:
-    """Gradient buffers alive at once inside one layer's backward (beyond its saved tensors):
-    the incoming and outgoing residual-stream gradients and the MLP's intermediate gradients."""
+def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
+    """Bytes above the layer's saved tensors at the high point of its backward.
+
+    Always: the incoming and outgoing residual-stream gradients. Then the larger of the MLP's
+    intermediate gradients (3 or 2 x s x i, while everything is still saved) and, for materialised
+    attention, the two score-sized gradients of the softmax backward, which run after the MLP's
+    backward has already freed the MLP's saved tensors."""
     t, ab = ctx.tokens, ctx.act_bytes
     width = arch.intermediate * (arch.experts_per_token or 1)
     mlp = (3 if arch.gated_mlp else 2) * t * width * ab
-    return 2 * t * arch.hidden * ab + mlp
+    attn = 0
+    if ctx.attention != "flash":
+        # eager softmax runs in fp32; the math kernel in its own dtype (fp32 on the CPU)
+        score = 4 if ctx.attention in ("eager", "math_fp32") else ab
+        done = ("mlp.", "moe.", "post_attn_norm.", "attn.out_contiguous", "attn.v_expanded", "attn.probs" if ctx.attention == "eager" else "-")
+        freed = sum(v for k, v in saved.items() if k.startswith(done))
+        attn = 2 * t * arch.heads * ctx.seq * score - freed
+    return 2 * t * arch.hidden * ab + max(mlp, attn)
+
+
+def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
+    """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward."""
+    if ctx.attention == "eager":
+        return batch * ctx.seq * ctx.seq * ctx.act_bytes
+    return 0
 
 
 def checkpoint_saved(arch: ModelArch, ctx: Ctx) -> int:
@@ -228,6 +259,7 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str,
         attention = "flash"
     return Ctx(
         tokens=job.micro_batch * job.seq_len,
+        batch=job.micro_batch,
         seq=job.seq_len,
         act_bytes=act_bytes,
         base_trains=job.task == "train" and job.method == "full",
@@ -238,4 +270,5 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str,
         grad_in=grad_in,
         attention=attention,
         stats_bytes=act_bytes if platform == "cpu" else 4,
+        cpu=platform == "cpu",
     )

@@ -104,12 +104,14 @@ def _training(job: Job, arch: ModelArch, platform: str):
     grad_in_first = job.method == "full" or job.checkpointing
     ctx = act.make_ctx(job, arch, targets, platform, grad_in=True)
     ctx0 = act.make_ctx(job, arch, targets, platform, grad_in=grad_in_first)
-    layer = _sum(act.layer_saved(arch, ctx))
+    layer_tensors = act.layer_saved(arch, ctx)
+    layer = _sum(layer_tensors)
     layer0 = _sum(act.layer_saved(arch, ctx0))
     shared = act.rotary_tables(arch, ctx) + _sum(act.final_norm_saved(arch, ctx))
     if arch.embd_dropout > 0:
-        shared += t * arch.hidden
-    trans = act.layer_backward_transient(arch, ctx)
+        shared += t * arch.hidden * ctx.dropout_mask(ctx.act_bytes)
+    shared += act.attention_mask_bytes(arch, ctx, job.micro_batch)
+    trans = act.layer_backward_transient(arch, ctx, layer_tensors)
     if job.quantized:
         trans += max((lin.d_in * lin.d_out for lin in arch.linears if lin.quantizable), default=0) * ctx.act_bytes
     if job.checkpointing:
