@@ -35,6 +35,10 @@ FLOAT_BYTES = {DType.fp32: 4, DType.fp16: 2, DType.bf16: 2}
 
 BNB_4BIT_BLOCK = 64
 BNB_NESTED_BLOCK = 256
+# Each quantized weight carries its own lookup tables: the 16 fp32 NF4/FP4 values, and with
+# double quantization the 256-entry fp32 dynamic map of the 8-bit absmax (QuantState.code).
+CODE_4BIT = 16 * 4
+CODE_NESTED = 256 * 4
 
 
 def float_bytes(dtype: DType) -> int:
@@ -53,9 +57,9 @@ def linear_weight_bytes(rows: int, cols: int, dtype: DType, double_quant: bool) 
     blocks = -(-n // BNB_4BIT_BLOCK)
     packed = -(-n // 2)
     if not double_quant:
-        return packed + 4 * blocks
+        return packed + 4 * blocks + CODE_4BIT
     nested_blocks = -(-blocks // BNB_NESTED_BLOCK)
-    return packed + blocks + 4 * nested_blocks + 4
+    return packed + blocks + 4 * nested_blocks + 4 + CODE_4BIT + CODE_NESTED
 
 
 def bytes_per_param_formula(dtype: DType, double_quant: bool) -> str:

@@ -14,7 +14,6 @@ from pydantic import BaseModel
 
 from memplan.job import Job
 
-PHASES = ("forward", "backward", "optimizer step")
 
 
 class PhaseSnapshot(BaseModel):
@@ -55,18 +54,6 @@ def _unmaterialised_causal_mask():
         mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices = saved
 
 
-def _optimizer(job: Job, params):
-    import torch
-
-    if job.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=1e-5, foreach=job.foreach)
-    if job.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, foreach=job.foreach)
-    if job.optimizer == "sgd_momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=job.foreach)
-    raise ValueError(f"optimizer {job.optimizer!r} cannot be traced on the CPU (bitsandbytes); use the GPU harness")
-
-
 def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -74,10 +61,13 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     from memplan.profiles import load_model
 
     from .models import DTYPES, apply_lora, hf_config, meta_model
+    from .step import PHASES, make_optimizer, run_phase
     from .tracker import LiveBytes
 
     if job.quantized:
         raise ValueError("4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors")
+    if job.optimizer not in ("adamw", "sgd", "sgd_momentum"):
+        raise ValueError(f"optimizer {job.optimizer!r} cannot be traced: bitsandbytes optimizers need real tensors")
     started = time.perf_counter()
     arch = load_model(job.model)
     cfg = hf_config(job.model, job.attention)
@@ -100,21 +90,15 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
             tracker.track(p)
         for b in model.buffers():
             tracker.track(b)
-        opt = _optimizer(job, params)
+        opt = make_optimizer(job, params)
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len))
         with tracker:
+            state: dict = {}
             for it in range(iterations):
                 for phase in PHASES:
                     tracker.start_phase(phase)
-                    if phase == "forward":
-                        with autocast:
-                            loss = model(input_ids=ids, labels=ids).loss
-                    elif phase == "backward":
-                        loss.backward()
-                        del loss
-                    else:
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
+                    with autocast if phase == "forward" else contextlib.nullcontext():
+                        run_phase(phase, model, opt, ids, state)
                     timeline.append(_snapshot(tracker, it, phase, tracker.phase_peak, model, opt))
     steady = [s for s in timeline if s.iteration == iterations - 1]
     top = max(steady, key=lambda s: s.peak_bytes)

@@ -1,0 +1,171 @@
+"""One job, measured, in its own process: `python -m memplan.validate.worker --job '<Job JSON>'`.
+
+Prints one JSON line (a Measurement) as its last line of stdout. Out-of-memory is a result
+(status "oom"), not a crash. On "cuda": torch.cuda peak allocated and reserved after a warm-up
+step (reset_peak_memory_stats), and the pynvml peak sampled during the measured steps. On "cpu"
+(no GPU: tests and dry runs) the peak allocated figure comes from the live-storage tracker on real
+tensors, and `--capacity-bytes` makes allocations beyond it fail the way a full GPU does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Literal
+
+from pydantic import BaseModel
+
+from memplan.job import Job
+
+
+class Measurement(BaseModel):
+    status: Literal["ok", "oom", "error"]
+    device: str
+    steps: int
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    device_used_bytes: int | None = None  # pynvml peak minus what was in use before this process
+    cuda_context_bytes: int | None = None
+    model_bytes: int | None = None  # allocated right after the model is built
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class _CpuMeter:
+    """Real-tensor accounting on the CPU, with an optional capacity that raises like a full GPU."""
+
+    def __init__(self, capacity: int | None) -> None:
+        from .tracker import LiveBytes
+
+        class Capped(LiveBytes):
+            def __torch_dispatch__(inner, func, types, args=(), kwargs=None):
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+                if capacity is not None and inner.current > capacity:
+                    import torch
+
+                    raise torch.OutOfMemoryError(
+                        f"simulated capacity of {capacity} bytes exceeded: {inner.current} bytes live"
+                    )
+                return out
+
+        self.tracker = Capped()
+
+    def track_model(self, model, opt=None) -> None:
+        for t in _model_tensors(model):
+            self.tracker.track(t)
+
+
+def _model_tensors(model):
+    for p in model.parameters():
+        yield p
+        qs = getattr(p, "quant_state", None)
+        for t in _quant_state_tensors(qs):
+            yield t
+    yield from model.buffers()
+
+
+def _quant_state_tensors(qs):
+    if qs is None:
+        return
+    for name in ("absmax", "code", "offset"):
+        t = getattr(qs, name, None)
+        if t is not None and hasattr(t, "untyped_storage"):
+            yield t
+    yield from _quant_state_tensors(getattr(qs, "state2", None))
+
+
+def model_bytes(model) -> int:
+    """Bytes of every parameter, buffer and bitsandbytes quantization statistic of a model."""
+    seen = {}
+    for t in _model_tensors(model):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: int | None = None) -> Measurement:
+    import torch
+
+    from memplan.profiles import load_model
+
+    from .build import build
+    from .step import PHASES, make_optimizer, run_phase
+
+    started = time.perf_counter()
+    result = Measurement(status="ok", device=device, steps=steps)
+    sampler = None
+    baseline = 0
+    if device == "cuda":
+        from .sampler import NvmlPeak
+
+        sampler = NvmlPeak()
+        baseline = sampler.used()
+        torch.cuda.init()
+        torch.empty(0, device="cuda")
+        result.cuda_context_bytes = sampler.used() - baseline
+    meter = _CpuMeter(capacity) if device == "cpu" else None
+    arch = load_model(job.model)
+    try:
+        model = build(job, arch, device)
+        result.model_bytes = torch.cuda.memory_allocated() if device == "cuda" else model_bytes(model)
+        opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])
+        ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len), device=device)
+        state: dict = {}
+        if meter:
+            meter.track_model(model)
+        for _ in range(warmup):
+            for phase in PHASES:
+                run_phase(phase, model, opt, ids, state)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            sampler.start()
+        elif meter:
+            meter.tracker.start_phase("measured")
+        with meter.tracker if meter else _null():
+            for _ in range(steps):
+                for phase in PHASES:
+                    run_phase(phase, model, opt, ids, state)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError as exc:
+        result.status = "oom"
+        result.error = str(exc).splitlines()[0][:300]
+    except Exception as exc:  # recorded, so one broken job does not stop the matrix
+        result.status = "error"
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    if device == "cuda":
+        result.peak_allocated_bytes = torch.cuda.max_memory_allocated()
+        result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
+        result.device_used_bytes = (sampler.stop() if sampler._thread else sampler.used()) - baseline
+    elif meter:
+        result.peak_allocated_bytes = meter.tracker.phase_peak
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--job", required=True, help="Job as JSON")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--capacity-bytes", type=int, default=None)
+    args = parser.parse_args(argv)
+    job = Job.model_validate_json(args.job)
+    m = measure(job, args.device, args.steps, args.warmup, args.capacity_bytes)
+    sys.stdout.write("\n" + m.model_dump_json() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
