@@ -163,6 +163,95 @@ def trace(
         typer.echo(f"{snap.iteration:>4d} {snap.phase:16s}" + "".join(f"{gib(c):>12s}" for c in cells))
 
 
+@app.command()
+def validate(
+    matrix: str = typer.Option("default", help="default (one 80 GB-class GPU) | quick (tiny models)"),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="only these models (repeatable)"),
+    out: Optional[str] = typer.Option(None, help="JSONL file results are appended to (default validate/results/<gpu>-<date>.jsonl)"),
+    device: str = typer.Option("cuda", help="cuda | cpu (a dry run of the harness without a GPU)"),
+    steps: int = typer.Option(2, help="measured steps after one warm-up step"),
+    timeout: float = typer.Option(900, help="seconds per job"),
+) -> None:
+    """Run real training steps on the local GPU, each job in its own process, and compare with the estimate."""
+    import shlex
+    from datetime import date
+    from pathlib import Path
+
+    if device not in ("cuda", "cpu"):
+        fail(f"invalid device {device!r}: use cuda or cpu")
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        fail(f"validate needs the gpu extra ({exc.name} is missing): pip install 'memplan[gpu]'")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("no NVIDIA GPU visible (torch.cuda.is_available() is False): validate needs one, or --device cpu for a dry run")
+    from memplan.validate.environment import describe
+    from memplan.validate.harness import run_matrix
+    from memplan.validate.matrix import MATRICES
+    from memplan.validate.compare import calibrate, describe_job, table
+    from memplan.profiles import load_gpu
+
+    if matrix not in MATRICES:
+        fail(f"unknown matrix {matrix!r}: use {' or '.join(MATRICES)}")
+    jobs = [j for j in MATRICES[matrix]() if not model or j.model in model]
+    if not jobs:
+        fail(f"no job of the {matrix} matrix uses {', '.join(model or [])}")
+    env = describe(device)
+    gpu = _gpu_for(env.get("gpu"), load_gpu) if device == "cuda" else None
+    stamp = date.today().isoformat()
+    name = (env.get("gpu") or "cpu").replace(" ", "-")
+    path = Path(out) if out else Path("validate/results") / f"{name}-{stamp}.jsonl"
+    from rich.progress import Progress
+
+    from .report import console as make_console
+
+    console = make_console()
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"{len(jobs)} jobs on {env.get('gpu') or 'cpu'}", total=len(jobs))
+
+        def report(row):
+            progress.console.print(f"{describe_job(row)}: {row.measured.status}")
+            progress.advance(task)
+
+        rows = run_matrix(jobs, path, device, gpu, env, steps=steps, timeout_s=timeout, on_result=report,
+                          invocation=shlex.join(["memplan", *sys.argv[1:]]))
+    console.print(table(rows))
+    cal = calibrate(rows)
+    console.print(f"results appended to {path}; median |error|: "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in cal.median_abs_error.items()))
+
+
+@app.command()
+def compare(path: str = typer.Argument(..., help="a validate results .jsonl file")) -> None:
+    """Predicted against measured for a results file, and the constants it calibrates."""
+    from pathlib import Path
+
+    from memplan.validate.compare import calibrate, table
+    from memplan.validate.results import read
+
+    from .report import console as make_console
+
+    if not Path(path).is_file():
+        fail(f"results file {path!r} does not exist")
+    rows = read(Path(path))
+    console = make_console()
+    console.print(table(rows))
+    console.print(calibrate(rows).model_dump_json(indent=2))
+
+
+def _gpu_for(name: str | None, load_gpu):
+    """The shipped profile of the local GPU, matched on its marketing name, if there is one."""
+    if not name:
+        return None
+    from memplan.profiles import gpu_names
+
+    for candidate in gpu_names():
+        if candidate.split("-")[0].lower() in name.lower():
+            return load_gpu(candidate)
+    return None
+
+
 def main() -> None:
     try:
         # with standalone_mode=False click returns a command's typer.Exit code instead of exiting

@@ -54,6 +54,11 @@ class _CpuMeter:
     def track_model(self, model, opt=None) -> None:
         for t in _model_tensors(model):
             self.tracker.track(t)
+        if opt is not None:  # states created in the warm-up step, before the tracker was active
+            for state in opt.state.values():
+                for v in state.values():
+                    if hasattr(v, "untyped_storage"):
+                        self.tracker.track(v)
 
 
 def _model_tensors(model):
@@ -112,11 +117,11 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len), device=device)
         state: dict = {}
-        if meter:
-            meter.track_model(model)
         for _ in range(warmup):
             for phase in PHASES:
                 run_phase(phase, model, opt, ids, state)
+        if meter:
+            meter.track_model(model, opt)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

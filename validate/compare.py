@@ -1,0 +1,84 @@
+"""Predicted against measured, and the per-GPU constants the measurements calibrate."""
+
+from __future__ import annotations
+
+import statistics
+
+from pydantic import BaseModel
+
+from .results import ResultRow
+
+FIGURES = (
+    ("peak_allocated_bytes", "allocated"),
+    ("peak_reserved_bytes", "reserved"),
+    ("device_used_bytes", "device used"),
+)
+
+
+def relative_error(predicted: int, measured: int | None) -> float | None:
+    if not measured:
+        return None
+    return (predicted - measured) / measured
+
+
+def describe_job(row: ResultRow) -> str:
+    j = row.job
+    name = j.model.rsplit("/", 1)[-1].removesuffix(".json")
+    extra = " ckpt" if j.checkpointing else ""
+    return f"{name} {j.method} b{j.micro_batch} s{j.seq_len} {j.optimizer}{extra}"
+
+
+def table(rows: list[ResultRow]):
+    from rich.table import Table
+
+    from memplan.units import human
+
+    t = Table(title="predicted vs measured (error = (predicted - measured) / measured)", title_justify="left")
+    t.add_column("job")
+    t.add_column("status")
+    for _, label in FIGURES:
+        t.add_column(f"{label}\npred / meas", justify="right")
+        t.add_column("err", justify="right")
+    for row in rows:
+        cells = [describe_job(row), row.measured.status]
+        for key, _ in FIGURES:
+            pred = getattr(row.predicted, key)
+            meas = getattr(row.measured, key)
+            err = relative_error(pred, meas) if row.measured.status == "ok" else None
+            cells.append(f"{human(pred)} / {human(meas) if meas else '-'}")
+            cells.append(f"{err:+.1%}" if err is not None else "-")
+        t.add_row(*cells)
+    return t
+
+
+class Calibration(BaseModel):
+    gpu: str
+    rows: int
+    cuda_context_bytes: int | None
+    fragmentation: float | None
+    median_abs_error: dict[str, float]
+
+
+def calibrate(rows: list[ResultRow]) -> Calibration:
+    """CUDA context: the median of what pynvml saw added by creating the context; fragmentation:
+    the median share reserved exceeds allocated at the peak; both from successful GPU rows."""
+    ok = [r for r in rows if r.measured.status == "ok"]
+    contexts = [r.measured.cuda_context_bytes for r in ok if r.measured.cuda_context_bytes]
+    frag = [
+        r.measured.peak_reserved_bytes / r.measured.peak_allocated_bytes - 1
+        for r in ok
+        if r.measured.peak_reserved_bytes and r.measured.peak_allocated_bytes
+    ]
+    errors = {}
+    for key, label in FIGURES:
+        errs = [abs(e) for r in ok if (e := relative_error(getattr(r.predicted, key), getattr(r.measured, key))) is not None]
+        if errs:
+            errors[label] = statistics.median(errs)
+    gpus = {r.environment.get("gpu") or r.environment.get("device", "?") for r in rows}
+    return Calibration(
+        gpu=", ".join(sorted(str(g) for g in gpus)),
+        rows=len(ok),
+        cuda_context_bytes=int(statistics.median(contexts)) if contexts else None,
+        fragmentation=statistics.median(frag) if frag else None,
+        median_abs_error=errors,
+    )

@@ -1,0 +1,44 @@
+"""The jobs `memplan validate` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memplan.job import Job
+
+TINY_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+
+# QLoRA as users run it: NF4 + double quant, bf16 compute, peft LoRA, prepare_model_for_kbit_training
+# (gradient checkpointing on), SDPA, paged AdamW.
+_QLORA = dict(method="qlora", weight_dtype="nf4", double_quant=True, compute_dtype="bf16", attention="sdpa")
+
+
+def default_matrix() -> list[Job]:
+    """For one 80 GB-class GPU: QLoRA across families, LoRA bf16 and full fine-tuning of small models."""
+    jobs: list[Job] = []
+    for model in ("llama-2-7b", "mistral-7b", "llama-3-8b", "gemma-7b", "phi-2", "falcon-7b"):
+        for b, s in ((1, 512), (4, 2048)):
+            jobs.append(Job(model=model, micro_batch=b, seq_len=min(s, 2048), optimizer="paged_adamw_8bit", **_QLORA))
+    for model in ("llama-2-7b", "mistral-7b"):
+        jobs.append(Job(model=model, lora_targets="all-linear", micro_batch=4, seq_len=1024, optimizer="paged_adamw", **_QLORA))
+        jobs.append(Job(model=model, lora_targets="all-linear", micro_batch=4, seq_len=1024, optimizer="paged_adamw_8bit", **_QLORA))
+    for model in ("llama-2-7b", "mistral-7b"):
+        for ck in (False, True):
+            jobs.append(Job(model=model, method="lora", micro_batch=4, seq_len=1024, gradient_checkpointing=ck))
+    for model, b, s in (("phi-2", 4, 1024), ("gemma-2b", 2, 1024), ("llama-2-7b", 1, 512)):
+        jobs.append(Job(model=model, method="full", micro_batch=b, seq_len=s))
+    jobs.append(Job(model="phi-2", method="full", micro_batch=2, seq_len=1024, gradient_checkpointing=True))
+    return jobs
+
+
+def quick_matrix() -> list[Job]:
+    """Tiny models, every method: seconds on a CPU; what CI runs end to end."""
+    tiny = str(TINY_DIR / "tiny-llama.json")
+    return [
+        Job(model=tiny, method="full", micro_batch=2, seq_len=128),
+        Job(model=tiny, method="lora", micro_batch=2, seq_len=128),
+        Job(model=tiny, micro_batch=2, seq_len=128, optimizer="adamw", **_QLORA),
+    ]
+
+
+MATRICES = {"default": default_matrix, "quick": quick_matrix}
