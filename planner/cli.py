@@ -56,6 +56,10 @@ def estimate(
     attention: str = typer.Option("sdpa", help="sdpa | eager"),
     kbit_prepare: bool = typer.Option(True, help="peft prepare_model_for_kbit_training (fp32 upcast) for k-bit bases"),
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="GPU profile to check the fit against"),
+    num_gpus: int = typer.Option(1, "--num-gpus", "-n", help="data-parallel GPUs"),
+    sharding: str = typer.Option("none", help="none | ddp | zero1 | zero2 | zero3 | fsdp_full | fsdp_grad_op | fsdp_hybrid"),
+    cpu_offload: bool = typer.Option(False, help="offload sharded parameters, gradients and optimizer states to host RAM"),
+    gpus_per_node: int = typer.Option(8, help="GPUs per node (fsdp_hybrid shards within a node)"),
     as_json: bool = typer.Option(False, "--json", help="print the Estimate as JSON"),
 ) -> None:
     """How much memory one GPU needs for a job, component by component, and its peak."""
@@ -67,7 +71,8 @@ def estimate(
         double_quant=double_quant, optimizer=optimizer, micro_batch=micro_batch, seq_len=seq_len,
         new_tokens=new_tokens, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, attention=attention,
-        kbit_prepare=kbit_prepare, gpu=gpu,
+        kbit_prepare=kbit_prepare, gpu=gpu, num_gpus=num_gpus, sharding=sharding, cpu_offload=cpu_offload,
+        gpus_per_node=gpus_per_node,
     )
     arch = load_model(job.model)
     est = estimate_memory(job, arch, load_gpu(gpu) if gpu else None)

@@ -15,6 +15,8 @@ from .architecture import ModelArch
 from .errors import MemplanInputError
 from .gpu import GpuProfile
 from .job import Job
+from .dtypes import float_bytes
+from .parallel import ShardPlan, shard, shard_plan
 from .params import count_params
 from .results import Component, Estimate, Phase
 from .units import count, human
@@ -53,54 +55,108 @@ def _sum(saved: dict[str, int]) -> int:
     return sum(saved.values())
 
 
+class _State:
+    """Per-GPU bytes of the step-long state, after sharding and offload."""
+
+    def __init__(self, job: Job, arch: ModelArch, params, n_train: int, plan: ShardPlan):
+        pb = trainable_bytes_per_param(job)
+        self.weights, self.weights_formula = weight_bytes(job, arch, params)
+        root_params = params.embedding + params.lm_head + params.final_norm
+        root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype) if job.quantized else float_bytes(job.base_weight_dtype)
+        self.root_weights = root_params * root_bytes
+        self.layer_weights = (self.weights - self.root_weights) // arch.layers
+        self.adapters = n_train * pb if job.uses_lora else 0
+        self.states, self.states_formula = optimizer_state_bytes(job, n_train)
+        self.temp, self.temp_formula = optimizer_step_temporary(job, n_train)
+        self.paged = is_paged(job)
+        if job.method == "full":
+            self.g_layer = params.per_layer * pb
+            self.g_head = (params.lm_head or params.embedding) * pb + params.final_norm * pb
+            self.g_embed_late = params.embedding * pb if params.lm_head else 0
+            # tied embeddings: the embedding's gradient arrives while lm_head's is held, and
+            # AccumulateGrad adds them out of place (seen in the trace): two extra vocab x hidden buffers
+            self.g_tied_accum = 2 * params.embedding * pb if not params.lm_head else 0
+        else:
+            self.g_layer = n_train // arch.layers * pb
+            self.g_head = self.g_embed_late = self.g_tied_accum = 0
+        self.g_all = self.g_layer * arch.layers + self.g_head + self.g_embed_late
+        self.plan = plan
+        off = plan.offload
+        # per GPU
+        self.gpu_weights = 0 if off and plan.params_div > 1 else shard(self.weights, plan.params_div)
+        self.gpu_adapters = 0 if off and plan.params_div > 1 else shard(self.adapters, plan.params_div)
+        self.gpu_states = 0 if off else shard(self.states, plan.states_div)
+        self.gpu_grads = 0 if off and plan.grads_div > 1 else shard(self.g_all, plan.grads_div)
+        self.gpu_temp = 0 if off else shard(self.temp, plan.states_div)
+        # FSDP/ZeRO-3: the root unit (embeddings, final norm, lm_head) stays gathered through the
+        # step; decoder layers are gathered one at a time, a second one prefetched
+        self.gathered = self.root_weights + 2 * (self.layer_weights + shard(self.adapters, 1) // arch.layers) if plan.gathers_units else 0
+        # gradients of the unit in backward, unsharded until their reduce-scatter
+        self.unit_grads = self.g_layer if plan.grads_div > 1 else 0
+        self.ddp_buckets = self.g_all if plan.ddp_buckets else 0
+        self.host = 0
+        if off:
+            self.host = (shard(self.weights + self.adapters, plan.params_div) if plan.params_div > 1 else 0) + shard(
+                self.states, plan.states_div
+            ) + (shard(self.g_all, plan.grads_div) if plan.grads_div > 1 else 0)
+
+    def grads_share(self, nbytes: int) -> int:
+        return 0 if self.plan.offload and self.plan.grads_div > 1 else shard(nbytes, self.plan.grads_div)
+
+    @property
+    def resident(self) -> int:
+        """Bytes in torch's allocator for the whole step."""
+        return self.gpu_weights + self.gpu_adapters + (0 if self.paged else self.gpu_states)
+
+
+def _state_components(job: Job, arch: ModelArch, st: _State, targets, n_train: int) -> list[Component]:
+    plan = st.plan
+    split = f" / {plan.params_div} ({plan.describe})" if plan.params_div > 1 else ""
+    comps = [Component(name="weights", bytes=st.gpu_weights, formula=st.weights_formula + split, phases=[LOAD, FWD, BWD, OPT])]
+    if job.uses_lora:
+        pb = trainable_bytes_per_param(job)
+        comps.append(Component(
+            name="adapters", bytes=st.gpu_adapters,
+            formula=f"r={job.lora_rank} x (d_in + d_out) on {'/'.join(targets)}: {count(n_train)} x {pb} B{split}",
+            phases=[LOAD, FWD, BWD, OPT]))
+    if st.gathered:
+        comps.append(Component(
+            name="gathered parameters", bytes=st.gathered,
+            formula=f"root unit (embeddings, lm_head) {human(st.root_weights)} + 2 decoder layers x {human(st.layer_weights)}",
+            phases=[FWD, BWD]))
+    s_split = f" / {plan.states_div}" if plan.states_div > 1 else ""
+    comps.append(Component(name="optimizer states", bytes=st.gpu_states, formula=st.states_formula + s_split,
+                           phases=[FWD, BWD, OPT], pool="unified" if st.paged else "torch"))
+    g_split = f" / {plan.grads_div}" if plan.grads_div > 1 else ""
+    comps.append(Component(name="gradients", bytes=st.gpu_grads,
+                           formula=f"{count(n_train)} trainable x {trainable_bytes_per_param(job)} B{g_split}", phases=[BWD, OPT]))
+    if st.ddp_buckets:
+        comps.append(Component(name="DDP gradient buckets", bytes=st.ddp_buckets,
+                               formula="a second copy of the gradients (gradient_as_bucket_view=False)", phases=[BWD, OPT]))
+    if st.unit_grads:
+        comps.append(Component(name="unsharded unit gradients", bytes=st.unit_grads,
+                               formula="one layer's gradients before reduce-scatter", phases=[BWD]))
+    if st.gpu_temp:
+        comps.append(Component(name="optimizer step temporary", bytes=st.gpu_temp, formula=st.temp_formula + s_split, phases=[OPT]))
+    return comps
+
+
 def _training(job: Job, arch: ModelArch, platform: str):
     params = count_params(arch)
     targets = resolve_targets(job, arch) if job.uses_lora else ()
     n_train = trainable_params(job, arch, params, targets)
-    pb = trainable_bytes_per_param(job)
+    plan = shard_plan(job.sharding, job.num_gpus, job.gpus_per_node, job.cpu_offload)
+    st = _State(job, arch, params, n_train, plan)
     t = job.micro_batch * job.seq_len
-    comps: list[Component] = []
+    comps = _state_components(job, arch, st, targets, n_train)
     notes: list[str] = []
-
-    w, w_formula = weight_bytes(job, arch, params)
-    comps.append(Component(name="weights", bytes=w, formula=w_formula, phases=[LOAD, FWD, BWD, OPT]))
-    adapters = n_train * pb if job.uses_lora else 0
-    if job.uses_lora:
-        comps.append(
-            Component(
-                name="adapters",
-                bytes=adapters,
-                formula=f"r={job.lora_rank} x (d_in + d_out) on {'/'.join(targets)}: {count(n_train)} x {pb} B",
-                phases=[LOAD, FWD, BWD, OPT],
-            )
-        )
-    states, s_formula = optimizer_state_bytes(job, n_train)
-    paged = is_paged(job)
-    comps.append(
-        Component(name="optimizer states", bytes=states, formula=s_formula, phases=[FWD, BWD, OPT],
-                  pool="unified" if paged else "torch")
-    )
-    if paged:
+    if st.paged:
         notes.append("paged optimizer states live in CUDA unified memory: pynvml sees them, torch.cuda does not, "
                      "and the driver can page them to host RAM under pressure")
-    resident_states = 0 if paged else states
-    static = w + adapters + resident_states
+    if job.num_gpus > 1 and job.sharding == "none":
+        notes.append(f"{job.num_gpus} GPUs without --sharding: plain DDP, every GPU holds a full replica")
 
-    # gradients: per layer, the head (lm_head or tied embedding + final norm) and the embedding
-    if job.method == "full":
-        g_layer = params.per_layer * pb
-        g_head = (params.lm_head or params.embedding) * pb + params.final_norm * pb
-        g_embed_late = params.embedding * pb if params.lm_head else 0
-        # tied embeddings: the embedding's gradient arrives while lm_head's is held, and
-        # AccumulateGrad adds them out of place (seen in the trace): two extra vocab x hidden buffers
-        g_tied_accum = 2 * params.embedding * pb if not params.lm_head else 0
-    else:
-        g_layer = n_train // arch.layers * pb
-        g_head = g_embed_late = g_tied_accum = 0
-    g_all = g_layer * arch.layers + g_head + g_embed_late
-    comps.append(Component(name="gradients", bytes=g_all, formula=f"{count(n_train)} trainable x {pb} B", phases=[BWD, OPT]))
-
-    # activations
+    # activations (per GPU: each data-parallel rank runs its own micro-batch)
     grad_in_first = job.method == "full" or job.checkpointing
     ctx = act.make_ctx(job, arch, targets, platform, grad_in=True)
     ctx0 = act.make_ctx(job, arch, targets, platform, grad_in=grad_in_first)
@@ -134,24 +190,25 @@ def _training(job: Job, arch: ModelArch, platform: str):
         name="logits and loss", bytes=logits_bwd,
         formula=f"{count(t)} tokens x {v:,} vocab x 12 B (fp32 log-softmax + 2 gradients)",
         phases=[FWD, LOSS]))
-    temp, t_formula = optimizer_step_temporary(job, n_train)
-    if temp:
-        comps.append(Component(name="optimizer step temporary", bytes=temp, formula=t_formula, phases=[OPT]))
 
+    static = st.resident
+    live = static + st.gathered
     recompute = layer if job.checkpointing else 0
-    bwd_top = static + kept + casts + recompute + g_head + g_layer + trans
-    bwd_bottom = (static + g_all - g_embed_late + (layer0 + act.checkpoint_saved(arch, ctx) if job.checkpointing else layer0)
-                  + trans)
-    bwd_end = static + g_all + g_tied_accum + t * arch.hidden * ab
+    g_share = st.grads_share
+    bwd_top = live + kept + casts + recompute + g_share(st.g_head + st.g_layer) + st.unit_grads + trans + st.ddp_buckets
+    bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if job.checkpointing else layer0
+    bwd_bottom = live + g_share(st.g_all - st.g_embed_late) + bottom_acts + st.unit_grads + trans + st.ddp_buckets
+    bwd_end = static + st.gpu_grads + g_share(st.g_tied_accum) + t * arch.hidden * ab + st.ddp_buckets
     phases = [
-        Phase(name=LOAD, allocated_bytes=w + adapters, detail="weights and adapters"),
-        Phase(name=FWD, allocated_bytes=static + kept + casts + logits_fwd,
+        Phase(name=LOAD, allocated_bytes=st.gpu_weights + st.gpu_adapters, detail="weights and adapters"),
+        Phase(name=FWD, allocated_bytes=live + kept + casts + logits_fwd,
               detail="states + saved activations + logits, fp32 copy and log-softmax"),
-        Phase(name=LOSS, allocated_bytes=static + kept + casts + logits_bwd,
+        Phase(name=LOSS, allocated_bytes=live + kept + casts + logits_bwd,
               detail="states + saved activations + fp32 log-softmax and two vocab-wide gradients"),
         Phase(name=BWD, allocated_bytes=max(bwd_top, bwd_bottom, bwd_end),
               detail="activations freed layer by layer while gradients appear"),
-        Phase(name=OPT, allocated_bytes=static + g_all + temp, detail="states + gradients + update temporaries"),
+        Phase(name=OPT, allocated_bytes=static + st.gpu_grads + st.gpu_temp + st.ddp_buckets,
+              detail="states + gradients + update temporaries"),
     ]
     n = unquantized_note(job, arch)
     if n:
@@ -159,7 +216,10 @@ def _training(job: Job, arch: ModelArch, platform: str):
     if job.kbit_upcast:
         notes.append("prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32, so the residual "
                      "stream and the logits are fp32 (use --no-kbit-prepare if you skip that call)")
-    return comps, phases, params, n_train, notes, (states if paged else 0)
+    if st.host:
+        notes.append(f"cpu offload: {human(st.host)} of host RAM per GPU")
+    unified = st.gpu_states if st.paged else 0
+    return comps, phases, params, n_train, notes, unified, st.host
 
 
 def _inference(job: Job, arch: ModelArch):
@@ -189,10 +249,10 @@ def _inference(job: Job, arch: ModelArch):
         Phase(name=PREFILL, allocated_bytes=w + kv + pre + logits, detail="weights + KV cache + prefill intermediates"),
         Phase(name=DECODE, allocated_bytes=w + kv + logits, detail="weights + full KV cache"),
     ]
-    return comps, phases, params, 0, notes, 0
+    return comps, phases, params, 0, notes, 0, 0
 
 
-def _finish(job, arch, gpu, comps, phases, params, n_train, notes, unified) -> Estimate:
+def _finish(job, arch, gpu, comps, phases, params, n_train, notes, unified, host) -> Estimate:
     peak = max(phases, key=lambda p: p.allocated_bytes)
     slack = overhead.allocator_slack(peak.allocated_bytes) + overhead.workspace(gpu)
     reserved = peak.allocated_bytes + slack
@@ -218,6 +278,6 @@ def _finish(job, arch, gpu, comps, phases, params, n_train, notes, unified) -> E
         gpu=gpu.name if gpu else None,
         gpu_memory_bytes=gpu.memory_bytes if gpu else None,
         fits=(device <= gpu.memory_bytes) if gpu else None,
-        host_bytes=0,
+        host_bytes=host,
         notes=notes,
     )

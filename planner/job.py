@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .dtypes import DType
 from .errors import MemplanInputError
+from .parallel import Sharding
 
 Method = Literal["full", "lora", "qlora"]
 Task = Literal["train", "infer"]
@@ -52,8 +53,13 @@ class Job(BaseModel):
     gradient_checkpointing: bool | None = None
     attention: Attention = "sdpa"
     gpu: str | None = None
+    # data parallelism: GPUs in the job, how model state is split over them, and host offload
+    num_gpus: int = 1
+    sharding: Sharding = "none"
+    cpu_offload: bool = False
+    gpus_per_node: int = 8
 
-    @field_validator("micro_batch", "seq_len", "lora_rank", "lora_alpha")
+    @field_validator("micro_batch", "seq_len", "lora_rank", "lora_alpha", "num_gpus", "gpus_per_node")
     @classmethod
     def _positive(cls, v: int, info) -> int:
         if v <= 0:
@@ -86,6 +92,15 @@ class Job(BaseModel):
                 )
             if self.method == "lora" and w.is_4bit:
                 raise MemplanInputError(f"lora over {w.value} weights is qlora: use --method qlora")
+        if self.task == "infer" and (self.num_gpus > 1 or self.sharding != "none"):
+            raise MemplanInputError(
+                f"inference over {self.num_gpus} GPUs needs tensor or pipeline parallelism, which memplan does not model; "
+                "use --num-gpus 1 and --sharding none"
+            )
+        if self.cpu_offload and self.sharding not in ("zero1", "zero2", "zero3", "fsdp_full", "fsdp_hybrid"):
+            raise MemplanInputError(
+                f"cpu offload needs a sharded strategy (zero1, zero2, zero3, fsdp_full, fsdp_hybrid), got {self.sharding}"
+            )
         if not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
         return self

@@ -24,7 +24,9 @@ def _title(est: Estimate) -> str:
         what = f"inference, batch {job.micro_batch}, {job.seq_len} prompt + {job.new_tokens} new tokens"
     else:
         ck = ", gradient checkpointing" if job.checkpointing else ""
-        what = f"{job.method} training, micro-batch {job.micro_batch}, seq {job.seq_len}, {job.optimizer}{ck}"
+        par = f", {job.sharding} on {job.num_gpus} GPUs" if job.num_gpus > 1 or job.sharding != "none" else ""
+        off = " with CPU offload" if job.cpu_offload else ""
+        what = f"{job.method} training, micro-batch {job.micro_batch}, seq {job.seq_len}, {job.optimizer}{ck}{par}{off}"
     return f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {job.compute_dtype.value} compute, {job.attention}"
 
 
@@ -55,7 +57,9 @@ def summary(est: Estimate) -> Text:
     t = Text()
     t.append(f"Peak torch allocated  {gib(est.peak_allocated_bytes)}  ({est.peak_phase})\n", style="bold")
     t.append(f"Peak torch reserved   {gib(est.peak_reserved_bytes)}\n")
-    t.append(f"Device used (pynvml)  {gib(est.device_used_bytes)}\n", style="bold")
+    t.append(f"Device used (pynvml)  {gib(est.device_used_bytes)}" + (" per GPU" if est.job.num_gpus > 1 else "") + "\n", style="bold")
+    if est.host_bytes:
+        t.append(f"Host RAM (offload)    {gib(est.host_bytes)} per GPU\n")
     if est.gpu:
         head = est.gpu_memory_bytes - est.device_used_bytes
         verdict = ("fits", "green") if est.fits else ("does not fit", "red")
