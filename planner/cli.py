@@ -5,6 +5,7 @@ Every user error becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Optional
 
@@ -82,6 +83,134 @@ def estimate(
     from .report import console, render
 
     render(est, console())
+
+
+def _parse_prices(values: list[str] | None) -> dict[str, float]:
+    from memplan.profiles import load_gpu
+
+    prices = {}
+    for item in values or []:
+        name, sep, usd = item.partition("=")
+        try:
+            prices[load_gpu(name).name] = float(usd)
+        except ValueError:
+            fail(f"invalid price {item!r}: use NAME=USD_PER_GPU_HOUR, e.g. H100-80GB=2.49")
+        if not sep or prices[load_gpu(name).name] <= 0:
+            fail(f"invalid price {item!r}: use NAME=USD_PER_GPU_HOUR with a positive number")
+    return prices
+
+
+@app.command()
+def recommend(
+    model: str = typer.Option(..., "--model", "-m"),
+    method: str = typer.Option("full", help="full | lora | qlora"),
+    seq_len: int = typer.Option(2048, "--seq-len", "-s"),
+    global_batch: int = typer.Option(32, help="sequences per optimizer step, across GPUs and accumulation"),
+    gpus: Optional[str] = typer.Option(None, help="comma-separated GPU profiles to consider (default: all)"),
+    max_gpus: int = typer.Option(8, help="largest GPU count to consider"),
+    budget: Optional[float] = typer.Option(None, help="most USD per hour for the whole plan"),
+    price: Optional[list[str]] = typer.Option(None, help="override an hourly price: NAME=USD (repeatable)"),
+    optimizer: str = typer.Option("adamw"),
+    weight_dtype: Optional[str] = typer.Option(None),
+    lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
+    lora_targets: str = typer.Option("default"),
+    safety_margin: float = typer.Option(0.05, help="share of each GPU's memory kept free"),
+    mfu: float = typer.Option(0.40, help="assumed model FLOPs utilisation for step time and cost"),
+    top: int = typer.Option(10, help="plans to show"),
+    emit: Optional[str] = typer.Option(None, help="accelerate: write a config for the best plan"),
+    emit_path: str = typer.Option("accelerate_config.yaml", help="where --emit writes"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """GPU kinds, counts, micro-batch, accumulation, checkpointing and sharding that fit, ranked by cost per million tokens."""
+    from memplan.profiles import gpu_names, load_gpu, load_model
+
+    from .recommend import recommend as search
+
+    if global_batch <= 0:
+        fail(f"global-batch must be a positive integer, got {global_batch}")
+    if max_gpus <= 0:
+        fail(f"max-gpus must be a positive integer, got {max_gpus}")
+    if not 0 <= safety_margin < 1:
+        fail(f"safety-margin must be in [0, 1), got {safety_margin}")
+    if not 0 < mfu <= 1:
+        fail(f"mfu must be in (0, 1], got {mfu}")
+    if emit not in (None, "accelerate"):
+        fail(f"unknown --emit target {emit!r}: allowed: accelerate")
+    base = _job(model=model, method=method, seq_len=seq_len, optimizer=optimizer, weight_dtype=weight_dtype,
+                lora_rank=lora_rank, lora_targets=lora_targets)
+    arch = load_model(base.model)
+    from .estimate import check_job
+
+    check_job(base, arch)
+    kinds = [load_gpu(g.strip()) for g in gpus.split(",")] if gpus else [load_gpu(g) for g in gpu_names()]
+    result = search(base, arch, kinds, global_batch, max_gpus, safety_margin, mfu, _parse_prices(price), budget)
+    if emit and result.plans:
+        from .emit import accelerate_config
+
+        best = result.plans[0]
+        from pathlib import Path
+
+        Path(emit_path).write_text(accelerate_config(best.job, arch, best.grad_accum))
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+        return
+    from .report import console, recommend_table
+
+    out = console()
+    out.print(recommend_table(result, arch.name, top))
+    if not result.plans:
+        out.print("nothing fits: try more GPUs (--max-gpus), --method lora/qlora, or a shorter --seq-len")
+    elif emit:
+        out.print(f"accelerate config for the first plan written to {emit_path}")
+
+
+@app.command()
+def fit(
+    model: str = typer.Option(..., "--model", "-m"),
+    gpu: str = typer.Option(..., "--gpu", "-g"),
+    task: str = typer.Option("train", help="train | infer"),
+    method: str = typer.Option("full"),
+    seq_len: int = typer.Option(2048, "--seq-len", "-s", help="sequence (prompt) length for the batch search"),
+    micro_batch: int = typer.Option(1, "--micro-batch", "-b", help="micro-batch for the sequence search"),
+    new_tokens: int = typer.Option(0, help="inference: tokens generated after the prompt"),
+    optimizer: str = typer.Option("adamw"),
+    weight_dtype: Optional[str] = typer.Option(None),
+    compute_dtype: str = typer.Option("bf16"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None),
+    lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The largest micro-batch (batch) and the longest sequence (context) that fit one GPU."""
+    from memplan.profiles import load_gpu, load_model
+
+    from .fit import largest
+    from .units import gib
+
+    fields = dict(model=model, task=task, method=method, optimizer=optimizer, weight_dtype=weight_dtype,
+                  compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                  new_tokens=new_tokens)
+    arch = load_model(model)
+    g = load_gpu(gpu)
+    by_batch = largest(_job(**fields, seq_len=min(seq_len, arch.max_positions), micro_batch=1), arch, g, "micro_batch")
+    by_seq = largest(_job(**fields, seq_len=1, micro_batch=micro_batch), arch, g, "seq_len")
+    if as_json:
+        typer.echo(json.dumps({"micro_batch": by_batch.model_dump(), "seq_len": by_seq.model_dump()}, indent=2))
+        return
+    what = "batch" if task == "infer" else "micro-batch"
+    seq = "context" if task == "infer" else "sequence"
+    what_job = f"{method} training" if task == "train" else "inference"
+    typer.echo(f"{arch.name} {what_job} on {g.name} ({gib(g.memory_bytes)}):")
+    if by_batch.largest:
+        typer.echo(f"  largest {what} at {min(seq_len, arch.max_positions)} tokens: {by_batch.largest} "
+                   f"({gib(by_batch.device_used_bytes)} device used)")
+    else:
+        typer.echo(f"  not even a {what} of 1 at {seq_len} tokens fits")
+    if by_seq.largest:
+        capped = " (the model's maximum)" if by_seq.largest == by_seq.limit else ""
+        typer.echo(f"  longest {seq} at {what} {micro_batch}: {by_seq.largest} tokens{capped} "
+                   f"({gib(by_seq.device_used_bytes)} device used)")
+    else:
+        typer.echo(f"  not even 1 token at {what} {micro_batch} fits")
 
 
 @app.command()

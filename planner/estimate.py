@@ -264,6 +264,8 @@ def _finish(job, arch, gpu, comps, phases, params, n_train, notes, unified, host
                   formula=gpu.cuda_context_source if gpu else "default (no GPU chosen)", phases=["always"], pool="driver"),
     ]
     device = reserved + context + unified
+    if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
+        notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(
         job=job,
         model_name=arch.name,

@@ -21,3 +21,10 @@ class GpuProfile(BaseModel):
     # cuBLAS / cuBLASLt workspaces that torch allocates through its caching allocator on the
     # first matmul (counted in reserved memory, not in allocated).
     workspace_bytes: int
+    # dense 16-bit tensor-core peak, for step-time estimates
+    peak_tflops_16bit: float
+    supports_bf16: bool
+    tflops_source: str
+    price_per_hour_usd: float
+    price_source: str
+    price_date: str

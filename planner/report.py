@@ -79,3 +79,20 @@ def console() -> Console:
 
 def render(est: Estimate, console: Console) -> None:
     console.print(Group(breakdown_table(est), phase_table(est), summary(est)))
+
+
+def recommend_table(result, model_name: str, top: int) -> Table:
+    t = Table(
+        title=f"{model_name}: plans that fit with {result.safety_margin:.0%} headroom, global batch {result.global_batch} x "
+        f"{result.seq_len} tokens, ranked by cost (MFU {result.mfu:.0%} assumed; communication not modelled)",
+        title_justify="left",
+    )
+    for col in ("GPU", "GPUs", "sharding", "micro-batch", "accum", "ckpt", "dtype", "device used / GPU", "step s",
+                "USD / 1M tok", "USD / h"):
+        t.add_column(col, justify="right" if col not in ("GPU", "sharding", "dtype") else "left")
+    for p in result.plans[:top]:
+        t.add_row(p.gpu, str(p.num_gpus), p.sharding, str(p.micro_batch), str(p.grad_accum),
+                  "yes" if p.gradient_checkpointing else "no", p.compute_dtype,
+                  f"{gib(p.device_used_bytes)} of {gib(p.gpu_memory_bytes).removesuffix(' GiB')}",
+                  f"{p.step_seconds:,.2f}", f"{p.usd_per_million_tokens:,.3f}", f"{p.usd_per_hour:,.2f}")
+    return t

@@ -1,0 +1,116 @@
+"""Search GPU kinds x counts x micro-batch x gradient accumulation x checkpointing x sharding for
+plans that fit, and rank them by cost per million tokens."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .architecture import ModelArch
+from .dtypes import DType
+from .estimate import estimate_memory
+from .gpu import GpuProfile
+from .job import Job
+from .throughput import DEFAULT_MFU, step_seconds, usd_per_million_tokens
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+MULTI_GPU_SHARDINGS = ("ddp", "zero2", "fsdp_full")
+# at equal cost the simpler setup wins: fewer moving parts, less communication
+SIMPLICITY = {"none": 0, "ddp": 1, "zero2": 2, "fsdp_full": 3}
+
+
+class Plan(BaseModel):
+    gpu: str
+    num_gpus: int
+    sharding: str
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    compute_dtype: str
+    device_used_bytes: int
+    gpu_memory_bytes: int
+    peak_phase: str
+    step_seconds: float
+    usd_per_million_tokens: float
+    usd_per_hour: float
+    job: Job
+
+
+class Search(BaseModel):
+    plans: list[Plan]
+    searched: int
+    safety_margin: float
+    mfu: float
+    global_batch: int
+    seq_len: int
+
+
+def _counts(max_gpus: int) -> list[int]:
+    return [n for n in GPU_COUNTS if n <= max_gpus]
+
+
+def recommend(
+    base: Job,
+    arch: ModelArch,
+    gpus: list[GpuProfile],
+    global_batch: int,
+    max_gpus: int = 8,
+    safety_margin: float = 0.05,
+    mfu: float = DEFAULT_MFU,
+    prices: dict[str, float] | None = None,
+    budget_usd_per_hour: float | None = None,
+) -> Search:
+    """Every (GPU, count, sharding, checkpointing) gets the largest micro-batch that fits, since
+    memory never falls as the micro-batch grows; the rest of the global batch is accumulation."""
+    plans: list[Plan] = []
+    searched = 0
+    for gpu in gpus:
+        price = (prices or {}).get(gpu.name, gpu.price_per_hour_usd)
+        compute = base.compute_dtype
+        if compute is DType.bf16 and not gpu.supports_bf16:
+            compute = DType.fp16
+        for n in _counts(max_gpus):
+            if global_batch % n or (budget_usd_per_hour is not None and price * n > budget_usd_per_hour):
+                continue
+            for sharding in (("none",) if n == 1 else MULTI_GPU_SHARDINGS):
+                for ckpt in (False, True):
+                    best = None
+                    for mb in MICRO_BATCHES:
+                        if (global_batch // n) % mb:
+                            continue
+                        job = base.model_copy(update=dict(
+                            num_gpus=n, sharding=sharding, micro_batch=mb, gradient_checkpointing=ckpt,
+                            compute_dtype=compute, gpu=gpu.name))
+                        searched += 1
+                        est = estimate_memory(job, arch, gpu)
+                        if est.device_used_bytes > gpu.memory_bytes * (1 - safety_margin):
+                            break
+                        best = (job, est)
+                    if best is None:
+                        continue
+                    job, est = best
+                    tokens = global_batch * job.seq_len
+                    plans.append(Plan(
+                        gpu=gpu.name, num_gpus=n, sharding=sharding, micro_batch=job.micro_batch,
+                        grad_accum=global_batch // (n * job.micro_batch), gradient_checkpointing=ckpt,
+                        compute_dtype=compute.value, device_used_bytes=est.device_used_bytes,
+                        gpu_memory_bytes=gpu.memory_bytes, peak_phase=est.peak_phase,
+                        step_seconds=step_seconds(job, arch, gpu, tokens, mfu),
+                        usd_per_million_tokens=usd_per_million_tokens(job, arch, gpu, price, mfu),
+                        usd_per_hour=price * n, job=job))
+    plans = _best_per_gpu_count(plans)
+    plans.sort(key=lambda p: (round(p.usd_per_million_tokens, 6), p.step_seconds, SIMPLICITY[p.sharding]))
+    return Search(plans=plans, searched=searched, safety_margin=safety_margin, mfu=mfu,
+                  global_batch=global_batch, seq_len=base.seq_len)
+
+
+def _best_per_gpu_count(plans: list[Plan]) -> list[Plan]:
+    """One plan per (GPU kind, count): the cheapest, then the simplest sharding, then no recompute."""
+    best: dict[tuple[str, int], Plan] = {}
+    for p in plans:
+        key = (p.gpu, p.num_gpus)
+        rank = (round(p.usd_per_million_tokens, 6), SIMPLICITY[p.sharding], p.gradient_checkpointing)
+        cur = best.get(key)
+        if cur is None or rank < (round(cur.usd_per_million_tokens, 6), SIMPLICITY[cur.sharding], cur.gradient_checkpointing):
+            best[key] = p
+    return list(best.values())
