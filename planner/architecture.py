@@ -31,7 +31,7 @@ class LinearSpec(BaseModel):
     # nn.Linear (integrations/bitsandbytes.py, `type(module) is nn.Linear`): Falcon's
     # FalconLinear subclass and Mixtral's fused expert tensors stay in the compute dtype.
     quantizable: bool = True
-    # Fused MoE experts: `copies` stacked weights of this shape, each token visits `active`.
+    # Fused MoE experts: `copies` stacked weights of this shape; each token visits experts_per_token.
     copies: int = 1
 
     @property
@@ -80,6 +80,11 @@ class ModelArch(BaseModel):
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def largest_quantizable_linear(self) -> int:
+        """Elements of the biggest 4/8-bit weight: bitsandbytes dequantizes one at a time."""
+        return max((lin.d_in * lin.d_out for lin in self.linears if lin.quantizable), default=0)
 
     @property
     def norms_per_layer(self) -> int:

@@ -227,11 +227,13 @@ def models() -> None:
 @app.command()
 def gpus() -> None:
     """Shipped GPU profiles."""
-    from memplan.profiles import _gpu_table
+    from memplan.profiles import gpu_profiles
     from .units import gib
 
-    for g in _gpu_table().values():
-        typer.echo(f"{g.name:10s} {gib(g.memory_bytes):>12s}  {g.datasheet}")
+    typer.echo(f"{'GPU':10s} {'memory':>12s} {'16-bit TFLOP/s':>15s} {'USD/h':>7s} {'bf16':>5s}")
+    for g in gpu_profiles():
+        typer.echo(f"{g.name:10s} {gib(g.memory_bytes):>12s} {g.peak_tflops_16bit:>15,.0f} {g.price_per_hour_usd:>7.2f} "
+                   f"{'yes' if g.supports_bf16 else 'no':>5s}")
 
 
 @app.command()

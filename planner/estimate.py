@@ -169,7 +169,7 @@ def _training(job: Job, arch: ModelArch, platform: str):
     shared += act.attention_mask_bytes(arch, ctx, job.micro_batch)
     trans = act.layer_backward_transient(arch, ctx, layer_tensors)
     if job.quantized:
-        trans += max((lin.d_in * lin.d_out for lin in arch.linears if lin.quantizable), default=0) * ctx.act_bytes
+        trans += arch.largest_quantizable_linear * ctx.act_bytes
     if job.checkpointing:
         kept = act.checkpoint_saved(arch, ctx) * arch.layers + shared
         a_formula = f"{arch.layers} checkpointed layer inputs x {human(act.checkpoint_saved(arch, ctx))}; backward recomputes one layer ({human(layer)})"

@@ -34,7 +34,7 @@ def prefill_transient_bytes(job: Job, arch: ModelArch) -> int:
     dequant = 0
     if job.quantized:
         # bitsandbytes dequantizes a 4-bit weight to the compute dtype for multi-token matmuls
-        dequant = max((lin.d_in * lin.d_out for lin in arch.linears if lin.quantizable), default=0) * ab
+        dequant = arch.largest_quantizable_linear * ab
     return t * (max(per_token, mlp + 2 * arch.hidden * ab) + attn_scores) + dequant
 
 

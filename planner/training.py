@@ -10,7 +10,8 @@ allocates `_foreach_sqrt(exp_avg_sqs)`), bitsandbytes optim/optimizer.py (`Optim
 from __future__ import annotations
 
 from .architecture import ModelArch
-from .dtypes import DType, bytes_per_param_formula, float_bytes, linear_weight_bytes
+from .dtypes import bytes_per_param_formula, float_bytes, linear_weight_bytes
+from .errors import MemplanInputError
 from .job import Job
 from .params import ParamCounts, lora_params
 from .units import count
@@ -19,8 +20,6 @@ BNB_OPTIM_BLOCK = 256
 
 
 def resolve_targets(job: Job, arch: ModelArch) -> tuple[str, ...]:
-    from .errors import MemplanInputError
-
     if job.lora_targets == "default":
         return arch.default_lora_targets
     names = tuple(lin.name for lin in arch.linears if lin.copies == 1)
@@ -119,13 +118,3 @@ def unquantized_note(job: Job, arch: ModelArch) -> str | None:
         f"{'fp32 (kbit upcast)' if job.kbit_upcast else job.compute_dtype.value}"
     )
 
-
-__all__ = [
-    "DType",
-    "autocast_weight_copies",
-    "optimizer_state_bytes",
-    "optimizer_step_temporary",
-    "resolve_targets",
-    "trainable_params",
-    "weight_bytes",
-]

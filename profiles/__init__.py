@@ -93,6 +93,10 @@ def gpu_names() -> list[str]:
     return list(_gpu_table())
 
 
+def gpu_profiles() -> list[GpuProfile]:
+    return list(_gpu_table().values())
+
+
 def load_gpu(name: str) -> GpuProfile:
     table = _gpu_table()
     key = {k.lower(): k for k in table}.get(name.lower())
