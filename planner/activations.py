@@ -25,7 +25,9 @@ class Ctx:
     tokens: int
     batch: int
     seq: int
-    act_bytes: int  # dtype of the residual stream and of matmul outputs
+    act_bytes: int  # dtype of matmul outputs
+    stream_bytes: int  # dtype of the residual stream: fp32 under autocast over fp32 weights
+    autocast: bool  # fp32 weights, 16-bit compute: every linear casts its fp32 input itself
     base_trains: bool  # full fine-tuning: every base weight requires grad
     targets: frozenset[str]  # LoRA-targeted linear names
     adapter_bytes: int
@@ -56,9 +58,15 @@ def _lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved
     saved[f"{name}.lora_A_out"] = t * ctx.rank * ctx.adapter_bytes
 
 
-def _linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved: Saved) -> None:
-    """A tensor consumed by `names` is kept if any base linear trains or LoRA keeps it."""
-    if ctx.base_trains:
+def _linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved: Saved,
+                  fp32_source: bool = False) -> None:
+    """A tensor consumed by `names` is kept if any base linear trains or LoRA keeps it. Under
+    autocast an fp32 tensor (a norm's output) is cast separately by each consuming linear, and
+    each keeps its own 16-bit copy."""
+    if ctx.base_trains and ctx.autocast and fp32_source:
+        for n in names:
+            saved[f"{n}.autocast_input"] = ctx.tokens * d_in * ctx.act_bytes
+    elif ctx.base_trains:
         saved[tensor] = ctx.tokens * d_in * ctx.act_bytes
     for n in names:
         _lora_inputs(ctx, n, d_in, tensor, saved)
@@ -71,17 +79,18 @@ def _rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...]
         saved[f"{prefix}.rsqrt"] = 4 * t
         if ctx.base_trains:
             # weight * x_normed: Llama saves the cast-back copy, Gemma the fp32 product before (1 + w)
-            saved[f"{prefix}.normed"] = t * h * (4 if arch.norm == "rms_gemma" else ctx.act_bytes)
-    _linear_input(ctx, consumers, h, f"{prefix}.out", saved)
+            # (with an fp32 stream the cast back is a no-op: the fp32 product is kept)
+            saved[f"{prefix}.normed"] = t * h * (4 if arch.norm == "rms_gemma" else ctx.stream_bytes)
+    _linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
 
 
 def _layer_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
     """aten native_layer_norm saves input, mean and rstd (fp32 on CUDA)."""
     t, h = ctx.tokens, arch.hidden
     if ctx.grad_in:
-        saved[f"{prefix}.input"] = t * h * ctx.act_bytes
+        saved[f"{prefix}.input"] = t * h * ctx.stream_bytes
         saved[f"{prefix}.mean_rstd"] = 2 * t * ctx.stats_bytes
-    _linear_input(ctx, consumers, h, f"{prefix}.out", saved)
+    _linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
 
 
 def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -> str:
@@ -106,12 +115,20 @@ def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) 
         # the math kernel (and Falcon's eager path): scores and probabilities in one tensor
         md = 4 if ctx.attention == "math_fp32" else ab
         saved["attn.probs"] = md * t * a * s
+        if arch.attn_dropout > 0:  # dropout on the probabilities: its mask and the dropped copy
+            saved["attn.dropout_mask"] = t * a * s * ctx.dropout_mask(md)
+            saved["attn.probs_dropped"] = md * t * a * s
     # scaled q, and k and v broadcast to every head for the batched matmuls: folding (batch, heads)
     # into one dimension copies the broadcast keys unless the batch is 1 (then it stays a view)
     expanded = q if ctx.batch > 1 or ctx.attention == "eager" else kv
     saved["attn.q_scaled"] = t * q * md
     saved["attn.k_expanded"] = t * expanded * md
     saved["attn.v_expanded"] = t * expanded * md
+    if arch.family == "gpt_bigcode" and ctx.batch == 1 and ctx.attention != "eager":
+        # GPT-BigCode hands SDPA an expanded key: scaling it materialises every head, and with a
+        # batch of one the query is kept twice, as its contiguous copy and scaled (seen in the trace)
+        saved["attn.k_expanded"] = t * q * md
+        saved["attn.q_contiguous"] = t * q * md
     return "attn.out_contiguous"
 
 
@@ -132,10 +149,11 @@ def _moe_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     t, h, i, ab = ctx.tokens, arch.hidden, arch.intermediate, ctx.act_bytes
     k, e = arch.experts_per_token, arch.experts
     saved["moe.router"] = t * (4 * e + 4 + k * (8 + 4 + 8 + 8 + 4 + 8))
-    saved["moe.routed_inputs"] = t * k * h * ab
+    if ctx.base_trains:  # the grouped matmuls keep their inputs only for the experts' weight gradients
+        saved["moe.routed_inputs"] = t * k * h * ab
+        saved["moe.product"] = t * k * i * ab
     saved["moe.gate_up_out"] = t * k * 2 * i * ab
     saved["moe.act_out"] = t * k * i * ab
-    saved["moe.product"] = t * k * i * ab
     saved["moe.expert_out"] = t * k * h * ab
 
 
@@ -188,9 +206,9 @@ def layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
         _o_proj(ctx, arch, "attn.c_proj", _attention_core(ctx, arch, False, saved), saved)
         t, h = ctx.tokens, arch.hidden
         if ctx.grad_in:
-            saved["ln_2.input"] = t * h * ctx.act_bytes
-            saved["ln_2.mean_rstd"] = 2 * t * ctx.stats_bytes
-        _linear_input(ctx, ("c_fc",), h, "ln_2.out", saved)
+            saved["post_attn_norm.input"] = t * h * ctx.stream_bytes
+            saved["post_attn_norm.mean_rstd"] = 2 * t * ctx.stats_bytes
+        _linear_input(ctx, ("c_fc",), h, "post_attn_norm.out", saved, fp32_source=True)
         _plain_mlp(ctx, arch, "c_fc", "mlp.c_proj", False, saved)
         _dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
     return saved
@@ -205,15 +223,37 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
     backward has already freed the MLP's saved tensors."""
     t, ab = ctx.tokens, ctx.act_bytes
     width = arch.intermediate * (arch.experts_per_token or 1)
+    stream = 2 * t * arch.hidden * ctx.stream_bytes
     mlp = (3 if arch.gated_mlp else 2) * t * width * ab
     attn = 0
     if ctx.attention != "flash":
         # eager softmax runs in fp32; the math kernel in its own dtype (fp32 on the CPU)
         score = 4 if ctx.attention in ("eager", "math_fp32") else ab
-        done = ("mlp.", "moe.", "post_attn_norm.", "attn.out_contiguous", "attn.v_expanded", "attn.probs" if ctx.attention == "eager" else "-")
-        freed = sum(v for k, v in saved.items() if k.startswith(done))
-        attn = 2 * t * arch.heads * ctx.seq * score - freed
-    return 2 * t * arch.hidden * ab + max(mlp, attn)
+        after = ("mlp.", "moe.", "post_attn_norm.", "attn.out_contiguous", "attn.v_expanded")
+        dropout = ("attn.probs_dropped", "attn.dropout_mask")
+        eager_probs = ("attn.probs",) if ctx.attention == "eager" else ()
+        freed = sum(v for k, v in saved.items() if k.startswith(after + dropout + eager_probs))
+        scores = t * arch.heads * ctx.seq * score
+        attn = 2 * scores - freed
+        if "attn.dropout_mask" in saved:
+            # the dropout backward comes first: the dropped probabilities' gradient while the mask
+            # and the dropped copy are still held
+            attn = max(attn, scores - sum(v for k, v in saved.items() if k.startswith(after)))
+    return stream + max(mlp, attn)
+
+
+def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointed: bool) -> int:
+    """Bytes above what is kept at the high point of one layer's forward: materialised attention
+    holds its raw scores next to the probabilities, and a checkpointed layer (which keeps nothing)
+    still holds its attention tensors while it runs."""
+    if ctx.attention == "flash":
+        return 0
+    score = 4 if ctx.attention in ("eager", "math_fp32") else ctx.act_bytes
+    # the raw scores live until the softmax has produced the probabilities; with dropout the
+    # high point comes later, at the dropped copy, when the scores are already gone
+    scores = 0 if "attn.dropout_mask" in saved else ctx.tokens * arch.heads * ctx.seq * score
+    held = sum(v for k, v in saved.items() if k.startswith("attn.")) if checkpointed else 0
+    return scores + held
 
 
 def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
@@ -225,14 +265,14 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
 
 def checkpoint_saved(arch: ModelArch, ctx: Ctx) -> int:
     """Non-reentrant checkpointing keeps each layer's input hidden states."""
-    return ctx.tokens * arch.hidden * ctx.act_bytes
+    return ctx.tokens * arch.hidden * ctx.stream_bytes
 
 
 def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
     """cos and sin for the positions of one sequence, shared by all layers (batch dimension 1)."""
     if arch.learned_positions:
         return 0
-    return 2 * ctx.seq * arch.rotary_dim * ctx.act_bytes
+    return 2 * ctx.seq * arch.rotary_dim * ctx.stream_bytes
 
 
 def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
@@ -241,13 +281,14 @@ def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
         _layer_norm(ctx, arch, "final_norm", (), saved)
     else:
         _rms_norm(ctx, arch, "final_norm", (), saved)
-    if ctx.base_trains:  # lm_head weight trains: it keeps the normed hidden states
+    if ctx.base_trains:  # lm_head weight trains: it keeps the normed hidden states (its own cast under autocast)
         saved["final_norm.out"] = ctx.tokens * arch.hidden * ctx.act_bytes
     return saved
 
 
 def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str, grad_in: bool) -> Ctx:
     act_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype)
+    autocast = job.task == "train" and job.method == "full" and job.mixed_precision
     broadcast_kv = arch.family in ("falcon", "gpt_bigcode") and arch.kv_heads != arch.heads
     if job.attention == "eager":
         attention = "math" if arch.family in ("falcon", "gpt_bigcode") else "eager"
@@ -262,6 +303,8 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str,
         batch=job.micro_batch,
         seq=job.seq_len,
         act_bytes=act_bytes,
+        stream_bytes=4 if autocast else act_bytes,
+        autocast=autocast,
         base_trains=job.task == "train" and job.method == "full",
         targets=frozenset(targets) if job.uses_lora else frozenset(),
         adapter_bytes=float_bytes(job.adapter_dtype),

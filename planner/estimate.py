@@ -17,7 +17,7 @@ from .gpu import GpuProfile
 from .job import Job
 from .dtypes import float_bytes
 from .parallel import ShardPlan, shard, shard_plan
-from .params import count_params
+from .params import buffer_bytes, count_params
 from .results import Component, Estimate, Phase
 from .units import count, human
 from .training import (
@@ -64,6 +64,7 @@ class _State:
         root_params = params.embedding + params.lm_head + params.final_norm
         root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype) if job.quantized else float_bytes(job.base_weight_dtype)
         self.root_weights = root_params * root_bytes
+        self.buffers = buffer_bytes(arch)
         self.layer_weights = (self.weights - self.root_weights) // arch.layers
         self.adapters = n_train * pb if job.uses_lora else 0
         self.states, self.states_formula = optimizer_state_bytes(job, n_train)
@@ -105,14 +106,21 @@ class _State:
 
     @property
     def resident(self) -> int:
-        """Bytes in torch's allocator for the whole step."""
-        return self.gpu_weights + self.gpu_adapters + (0 if self.paged else self.gpu_states)
+        """Bytes in torch's allocator for the whole step (buffers are replicated, not sharded)."""
+        return self.gpu_weights + self.buffers + self.gpu_adapters + (0 if self.paged else self.gpu_states)
+
+
+def _buffers_component(arch: ModelArch, phases: list[str]) -> Component:
+    formula = (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
+               else "rotary inverse frequencies, fp32")
+    return Component(name="buffers", bytes=buffer_bytes(arch), formula=formula, phases=phases)
 
 
 def _state_components(job: Job, arch: ModelArch, st: _State, targets, n_train: int) -> list[Component]:
     plan = st.plan
     split = f" / {plan.params_div} ({plan.describe})" if plan.params_div > 1 else ""
-    comps = [Component(name="weights", bytes=st.gpu_weights, formula=st.weights_formula + split, phases=[LOAD, FWD, BWD, OPT])]
+    comps = [Component(name="weights", bytes=st.gpu_weights, formula=st.weights_formula + split, phases=[LOAD, FWD, BWD, OPT]),
+             _buffers_component(arch, [LOAD, FWD, BWD, OPT])]
     if job.uses_lora:
         pb = trainable_bytes_per_param(job)
         comps.append(Component(
@@ -191,19 +199,23 @@ def _training(job: Job, arch: ModelArch, platform: str):
         formula=f"{count(t)} tokens x {v:,} vocab x 12 B (fp32 log-softmax + 2 gradients)",
         phases=[FWD, LOSS]))
 
+    fwd_layer = act.layer_forward_transient(arch, ctx, layer_tensors, job.checkpointing)
     static = st.resident
     live = static + st.gathered
     recompute = layer if job.checkpointing else 0
+    # autocast's cache of cast weights dies with the autocast region; only tensors saved for
+    # backward keep them, and a checkpointed forward saves none (the recomputation re-casts one layer)
+    casts_bwd = casts // arch.layers if job.checkpointing else casts
     g_share = st.grads_share
-    bwd_top = live + kept + casts + recompute + g_share(st.g_head + st.g_layer) + st.unit_grads + trans + st.ddp_buckets
+    bwd_top = live + kept + casts_bwd + recompute + g_share(st.g_head + st.g_layer) + st.unit_grads + trans + st.ddp_buckets
     bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if job.checkpointing else layer0
     bwd_bottom = live + g_share(st.g_all - st.g_embed_late) + bottom_acts + st.unit_grads + trans + st.ddp_buckets
     bwd_end = static + st.gpu_grads + g_share(st.g_tied_accum) + t * arch.hidden * ab + st.ddp_buckets
     phases = [
-        Phase(name=LOAD, allocated_bytes=st.gpu_weights + st.gpu_adapters, detail="weights and adapters"),
-        Phase(name=FWD, allocated_bytes=live + kept + casts + logits_fwd,
+        Phase(name=LOAD, allocated_bytes=st.gpu_weights + st.buffers + st.gpu_adapters, detail="weights and adapters"),
+        Phase(name=FWD, allocated_bytes=live + kept + casts + max(logits_fwd, fwd_layer),
               detail="states + saved activations + logits, fp32 copy and log-softmax"),
-        Phase(name=LOSS, allocated_bytes=live + kept + casts + logits_bwd,
+        Phase(name=LOSS, allocated_bytes=live + kept + casts_bwd + logits_bwd,
               detail="states + saved activations + fp32 log-softmax and two vocab-wide gradients"),
         Phase(name=BWD, allocated_bytes=max(bwd_top, bwd_bottom, bwd_end),
               detail="activations freed layer by layer while gradients appear"),
@@ -228,6 +240,8 @@ def _inference(job: Job, arch: ModelArch):
     notes: list[str] = []
     w, w_formula = weight_bytes(job, arch, params)
     comps.append(Component(name="weights", bytes=w, formula=w_formula, phases=[LOAD, PREFILL, DECODE]))
+    comps.append(_buffers_component(arch, [LOAD, PREFILL, DECODE]))
+    w += buffer_bytes(arch)
     kv = inf.kv_cache_bytes(job, arch)
     positions = inf.kv_tokens(job, arch)
     comps.append(Component(

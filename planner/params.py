@@ -54,3 +54,11 @@ def lora_params(arch: ModelArch, targets: tuple[str, ...], rank: int) -> int:
     """Trainable LoRA parameters: r x (d_in + d_out) per targeted linear per layer (peft LoraLayer)."""
     per_layer = sum(rank * (lin.d_in + lin.d_out) for lin in arch.linears if lin.name in targets)
     return per_layer * arch.layers
+
+
+def buffer_bytes(arch: ModelArch) -> int:
+    """Non-parameter tensors the model registers: GPT-BigCode's (positions x positions) bool causal
+    mask, and the rotary inverse frequencies (and their original copy) in fp32."""
+    if arch.learned_positions:
+        return arch.max_positions * arch.max_positions
+    return 2 * (arch.rotary_dim // 2) * 4

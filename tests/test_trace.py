@@ -26,6 +26,10 @@ PHASE_TOLERANCE = 0.05
 REAL = ["llama-2-7b", "mistral-7b", "falcon-7b", "gemma-2b", "phi-2"]
 TINY = sorted(str(p) for p in DATA.glob("tiny-*.json"))
 
+
+def tiny(family: str) -> str:
+    return str(DATA / f"tiny-{family}.json")
+
 # (checkpointing, attention): eager matters only where activations are kept
 MODES = [(False, "sdpa"), (False, "eager"), (True, "sdpa")]
 rows = [
@@ -34,14 +38,22 @@ rows = [
 ] + [
     dict(model=m, method=method, gradient_checkpointing=ck, attention=attn, micro_batch=b, seq_len=s)
     for m, method, (ck, attn), (b, s) in itertools.product(TINY, ["full", "lora"], MODES, [(1, 128), (3, 384)])
+    # GPT-BigCode's own eager attention (fp32 upcast, scaling options) is not modelled: docs/activations.md
+    if not (m.endswith("tiny-starcoder.json") and attn == "eager")
 ] + [
     # LoRA variants: all linear layers, dropout (peft keeps the dropped copy and its mask), rank
     dict(model="llama-2-7b", method="lora", lora_targets="all-linear", micro_batch=2, seq_len=512),
     dict(model="llama-2-7b", method="lora", lora_dropout=0.1, micro_batch=2, seq_len=512),
-    dict(model=TINY[0], method="lora", lora_rank=64, lora_targets="all-linear", micro_batch=4, seq_len=256),
+    dict(model=tiny("falcon"), method="lora", lora_rank=64, lora_targets="all-linear", micro_batch=4, seq_len=256),
+    # StarCoder at its real size (15.5B, GPT-BigCode, multi-query, dropout), batch 1
+    dict(model="starcoder", method="lora", micro_batch=1, seq_len=512),
+    # mixed precision (HF Trainer bf16=True): fp32 weights under bf16 autocast
+    *[dict(model=tiny(f), method="full", weight_dtype="fp32", compute_dtype="bf16", gradient_checkpointing=ck,
+           micro_batch=2, seq_len=256) for f in ("llama", "gemma", "falcon", "phi", "starcoder") for ck in (False, True)],
+    dict(model="llama-2-7b", method="full", weight_dtype="fp32", compute_dtype="bf16", micro_batch=1, seq_len=512),
     # fp32 everything, and SGD with momentum
-    dict(model=TINY[2], method="full", weight_dtype="fp32", compute_dtype="fp32", micro_batch=2, seq_len=256),
-    dict(model=TINY[2], method="full", optimizer="sgd_momentum", micro_batch=2, seq_len=256),
+    dict(model=tiny("llama"), method="full", weight_dtype="fp32", compute_dtype="fp32", micro_batch=2, seq_len=256),
+    dict(model=tiny("llama"), method="full", optimizer="sgd_momentum", micro_batch=2, seq_len=256),
 ]
 
 
@@ -60,7 +72,23 @@ def _estimate_by_trace_phase(est):
     }
 
 
-@pytest.mark.parametrize("row", rows, ids=[_id(r) for r in rows])
+# Known gaps, kept visible: checkpointed layers whose attention goes through the math kernel
+# (multi-query Falcon and GPT-BigCode on the CPU) hold transients during recomputation that the
+# model does not yet follow to 5% per phase (docs/activations.md). strict: a fix makes them fail.
+KNOWN_GAPS = {
+    "tiny-starcoder-method=full-gradient_checkpointing=True-attention=sdpa-micro_batch=1-seq_len=128",
+    "tiny-starcoder-method=lora-gradient_checkpointing=True-attention=sdpa-micro_batch=3-seq_len=384",
+    "tiny-falcon-method=full-weight_dtype=fp32-compute_dtype=bf16-gradient_checkpointing=True-micro_batch=2-seq_len=256",
+    "tiny-starcoder-method=full-weight_dtype=fp32-compute_dtype=bf16-gradient_checkpointing=True-micro_batch=2-seq_len=256",
+}
+params = [
+    pytest.param(r, id=_id(r), marks=pytest.mark.xfail(strict=True, reason="known gap")) if _id(r) in KNOWN_GAPS
+    else pytest.param(r, id=_id(r))
+    for r in rows
+]
+
+
+@pytest.mark.parametrize("row", params)
 def test_estimate_matches_trace(row):
     job = Job(**row)
     traced = trace_training(job)
@@ -76,7 +104,7 @@ def test_estimate_matches_trace(row):
 
 
 def test_trace_sees_optimizer_state_in_second_iteration():
-    traced = trace_training(Job(model=TINY[0], method="full", micro_batch=1, seq_len=64))
+    traced = trace_training(Job(model=tiny("llama"), method="full", micro_batch=1, seq_len=64))
     first, second = traced.timeline[0], traced.timeline[3]
     assert first.phase == second.phase == "forward"
     assert first.optimizer_bytes == 0
@@ -86,4 +114,4 @@ def test_trace_sees_optimizer_state_in_second_iteration():
 
 def test_trace_refuses_quantized_bases():
     with pytest.raises(ValueError, match="Params4bit"):
-        trace_training(Job(model=TINY[0], method="qlora"))
+        trace_training(Job(model=tiny("llama"), method="qlora"))
