@@ -49,6 +49,8 @@ def weight_bytes(job: Job, arch: ModelArch, params: ParamCounts) -> tuple[int, s
     rest_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype)
     rest = params.unquantized * rest_bytes
     why = "fp32, kbit upcast" if job.kbit_upcast else job.compute_dtype.value
+    if not params.quantizable_linear:
+        return rest, f"{count(params.total)} params x {rest_bytes} B ({why}): no plain nn.Linear to quantize, see note"
     formula = (
         f"{count(params.quantizable_linear)} {w.value} params x {bytes_per_param_formula(w, job.double_quant)}"
         f" + {count(params.unquantized)} others x {rest_bytes} B ({why})"

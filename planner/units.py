@@ -9,6 +9,10 @@ def gib(n: int) -> str:
 
 
 def human(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < MIB:
+        return f"{n / 1024:,.1f} KiB"
     return f"{n / MIB:,.1f} MiB" if n < GIB else gib(n)
 
 
