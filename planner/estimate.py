@@ -91,7 +91,7 @@ class _State:
         self.gpu_temp = 0 if off else shard(self.temp, plan.states_div)
         # FSDP/ZeRO-3: the root unit (embeddings, final norm, lm_head) stays gathered through the
         # step; decoder layers are gathered one at a time, a second one prefetched
-        self.gathered = self.root_weights + 2 * (self.layer_weights + shard(self.adapters, 1) // arch.layers) if plan.gathers_units else 0
+        self.gathered = self.root_weights + 2 * (self.layer_weights + self.adapters // arch.layers) if plan.gathers_units else 0
         # gradients of the unit in backward, unsharded until their reduce-scatter
         self.unit_grads = self.g_layer if plan.grads_div > 1 else 0
         self.ddp_buckets = self.g_all if plan.ddp_buckets else 0

@@ -31,20 +31,16 @@ def meta_model(cfg, dtype: torch.dtype):
     return model
 
 
-def lora_targets(job, arch) -> list[str]:
-    from memplan.training import resolve_targets
-
-    return list(resolve_targets(job, arch))
-
-
 def apply_lora(model, job, arch):
     from peft import LoraConfig, get_peft_model
+
+    from memplan.training import resolve_targets
 
     cfg = LoraConfig(
         r=job.lora_rank,
         lora_alpha=job.lora_alpha,
         lora_dropout=job.lora_dropout,
-        target_modules=lora_targets(job, arch),
+        target_modules=list(resolve_targets(job, arch)),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)

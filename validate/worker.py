@@ -10,6 +10,7 @@ tensors, and `--capacity-bytes` makes allocations beyond it fail the way a full 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from typing import Literal
@@ -128,7 +129,7 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
             sampler.start()
         elif meter:
             meter.tracker.start_phase("measured")
-        with meter.tracker if meter else _null():
+        with meter.tracker if meter else contextlib.nullcontext():
             for _ in range(steps):
                 for phase in PHASES:
                     run_phase(phase, model, opt, ids, state)
@@ -148,14 +149,6 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         result.peak_allocated_bytes = meter.tracker.phase_peak
     result.seconds = time.perf_counter() - started
     return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
