@@ -239,6 +239,8 @@ def gpus() -> None:
 @app.command()
 def trace(
     model: str = typer.Option(..., "--model", "-m"),
+    task: str = typer.Option("train", help="train | infer (prefill and decode with the KV cache)"),
+    new_tokens: int = typer.Option(0, help="inference: decode steps after the prompt"),
     method: str = typer.Option("full"),
     weight_dtype: Optional[str] = typer.Option(None),
     compute_dtype: str = typer.Option("bf16"),
@@ -254,9 +256,10 @@ def trace(
 ) -> None:
     """Run the real transformers training step under fake tensors on the CPU and compare with the estimate."""
     job = _job(
-        model=model, method=method, weight_dtype=weight_dtype, compute_dtype=compute_dtype, optimizer=optimizer,
-        micro_batch=micro_batch, seq_len=seq_len, lora_rank=lora_rank, lora_dropout=lora_dropout,
-        lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, attention=attention,
+        model=model, task=task, new_tokens=new_tokens, method=method, weight_dtype=weight_dtype,
+        compute_dtype=compute_dtype, optimizer=optimizer, micro_batch=micro_batch, seq_len=seq_len,
+        lora_rank=lora_rank, lora_dropout=lora_dropout, lora_targets=lora_targets,
+        gradient_checkpointing=gradient_checkpointing, attention=attention,
     )
     from .estimate import estimate_memory
     from memplan.profiles import load_model
@@ -264,11 +267,11 @@ def trace(
     arch = load_model(job.model)
     est = estimate_memory(job, arch, platform="cpu")
     try:
-        from memplan.validate.trace import trace_training
+        from memplan.validate.trace import trace_inference, trace_training
     except ImportError as exc:
         fail(f"trace needs the trace extra ({exc.name} is missing): pip install 'memplan[trace]'")
     try:
-        result = trace_training(job)
+        result = trace_inference(job) if job.task == "infer" else trace_training(job)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
@@ -277,6 +280,13 @@ def trace(
     from .units import gib
 
     est_phase = {p.name: p.allocated_bytes for p in est.phases}
+    if job.task == "infer":
+        typer.echo(f"trace of {arch.name} inference ({result.seconds:.1f} s, CPU, fake tensors):")
+        typer.echo(f"{'phase':16s}{'traced peak':>14s}{'estimate':>14s}{'error':>9s}")
+        for snap in result.timeline:
+            e = est_phase[snap.phase]
+            typer.echo(f"{snap.phase:16s}{gib(snap.peak_bytes):>14s}{gib(e):>14s}{100 * (e - snap.peak_bytes) / snap.peak_bytes:>+8.2f}%")
+        return
     est_by_trace_phase = {
         "forward": est_phase["forward"],
         "backward": max(est_phase["loss backward"], est_phase["backward"]),

@@ -21,13 +21,15 @@ def kv_cache_bytes(job: Job, arch: ModelArch) -> int:
 
 
 def prefill_transient_bytes(job: Job, arch: ModelArch) -> int:
-    """Intermediates of one layer alive at once during a no-grad prefill: residual and fp32 norm
-    input, q/k/v and the attention output, and the MLP's widest moment (gate, up and product)."""
+    """Intermediates of one layer alive at once during a no-grad prefill. The model's forward keeps
+    the embedding output referenced throughout; beside it, the residual stream, the norm output,
+    and either the attention's q/k/v and output or the MLP's widest moment (act, up and product
+    for a gated MLP), read off `memplan.validate.trace.trace_inference`."""
     t = job.micro_batch * job.seq_len
     ab = float_bytes(job.compute_dtype)
     width = arch.intermediate * max(arch.experts_per_token, 1)
-    per_token = 2 * arch.hidden * ab + 4 * arch.hidden + ab * (2 * arch.q_width + 2 * arch.kv_width)
-    mlp = (3 if arch.gated_mlp else 2) * width * ab
+    per_token = 3 * arch.hidden * ab + 4 * arch.hidden + ab * (2 * arch.q_width + 2 * arch.kv_width)
+    mlp = (3 if arch.gated_mlp else 2) * width * ab + 2 * arch.hidden * ab
     attn_scores = 0
     if job.attention == "eager" or (arch.family in ("falcon", "gpt_bigcode") and arch.kv_heads != arch.heads):
         attn_scores = arch.heads * job.seq_len * (4 + ab)

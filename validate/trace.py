@@ -124,3 +124,54 @@ def _snapshot(tracker, iteration, phase, phase_peak, model, opt) -> PhaseSnapsho
         grads_bytes=tracker.bytes_of(grads),
         optimizer_bytes=tracker.bytes_of(states),
     )
+
+
+def trace_inference(job: Job) -> TraceResult:
+    """Prefill of the prompt and `new_tokens` decode steps as generate() runs them (KV cache on,
+    logits for the last position only), under no_grad."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.profiles import load_model
+
+    from .models import DTYPES, hf_config, meta_model
+    from .tracker import LiveBytes
+
+    if job.quantized:
+        raise ValueError("4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors")
+    started = time.perf_counter()
+    arch = load_model(job.model)
+    cfg = hf_config(job.model, job.attention)
+    cfg.use_cache = True
+    model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
+    tracker = LiveBytes()
+    timeline: list[PhaseSnapshot] = []
+    with FakeTensorMode(allow_non_fake_inputs=True), _unmaterialised_causal_mask(), torch.no_grad():
+        model = model.to_empty(device="cpu")
+        model.tie_weights()
+        model.eval()
+        for t in list(model.parameters()) + list(model.buffers()):
+            tracker.track(t)
+        ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len))
+        with tracker:
+            tracker.start_phase("prefill")
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+            next_ids = ids[:, -1:]
+            del out
+            timeline.append(_inference_snapshot(tracker, "prefill"))
+            if job.new_tokens:
+                tracker.start_phase("decode")
+                for _ in range(job.new_tokens):
+                    out = model(input_ids=next_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+                    past = out.past_key_values
+                    del out
+                timeline.append(_inference_snapshot(tracker, "decode"))
+    top = max(timeline, key=lambda s: s.peak_bytes)
+    return TraceResult(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
+                       seconds=time.perf_counter() - started)
+
+
+def _inference_snapshot(tracker, phase: str) -> PhaseSnapshot:
+    return PhaseSnapshot(iteration=0, phase=phase, peak_bytes=tracker.phase_peak, end_bytes=tracker.current,
+                         params_bytes=0, grads_bytes=0, optimizer_bytes=0)
