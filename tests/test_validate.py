@@ -40,13 +40,14 @@ def quick_rows(tmp_path_factory):
 
 def test_each_result_is_on_disk_when_it_arrives(quick_rows):
     out, rows, seen = quick_rows
-    assert seen == [1, 2, 3]
+    assert seen == [1, 2, 3, 4]
     assert [r.job for r in results.read(out)] == [r.job for r in rows]
 
 
 def test_quick_matrix_measures_every_method_within_tolerance(quick_rows):
     _, rows, _ = quick_rows
     assert {r.job.method for r in rows} == {"full", "lora", "qlora"}
+    assert any(r.job.mixed_precision for r in rows)  # fp32 weights under bf16 autocast
     for row in rows:
         assert row.measured.status == "ok", row.measured.error
         err = compare.relative_error(row.predicted.peak_allocated_bytes, row.measured.peak_allocated_bytes)
@@ -133,7 +134,7 @@ def test_compare_table_renders(quick_rows):
     console = Console(width=200, record=True)
     console.print(compare.table(quick_rows[1]))
     text = console.export_text()
-    assert "tiny-llama qlora" in text and "MiB" in text
+    assert "tiny-llama qlora nf4/bf16" in text and "MiB" in text
 
 
 def test_validate_without_gpu_is_one_line_exit_2():

@@ -25,7 +25,8 @@ def describe_job(row: ResultRow) -> str:
     j = row.job
     name = j.model.rsplit("/", 1)[-1].removesuffix(".json")
     extra = " ckpt" if j.checkpointing else ""
-    return f"{name} {j.method} b{j.micro_batch} s{j.seq_len} {j.optimizer}{extra}"
+    dtypes = j.base_weight_dtype.value + ("" if j.base_weight_dtype == j.compute_dtype else f"/{j.compute_dtype.value}")
+    return f"{name} {j.method} {dtypes} b{j.micro_batch} s{j.seq_len} {j.optimizer}{extra}"
 
 
 def table(rows: list[ResultRow]):

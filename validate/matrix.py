@@ -36,6 +36,7 @@ def quick_matrix() -> list[Job]:
     tiny = str(TINY_DIR / "tiny-llama.json")
     return [
         Job(model=tiny, method="full", micro_batch=2, seq_len=128),
+        Job(model=tiny, method="full", weight_dtype="fp32", compute_dtype="bf16", micro_batch=2, seq_len=128),
         Job(model=tiny, method="lora", micro_batch=2, seq_len=128),
         Job(model=tiny, micro_batch=2, seq_len=128, optimizer="adamw", **_QLORA),
     ]

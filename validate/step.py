@@ -29,6 +29,19 @@ def make_optimizer(job: Job, params):
     }[opt](params, lr=LR)
 
 
+def forward_context(job: Job, device: str):
+    """HF Trainer's `bf16=True`/`fp16=True` over fp32 weights: the forward runs under autocast."""
+    import contextlib
+
+    import torch
+
+    from .models import DTYPES
+
+    if job.mixed_precision:
+        return torch.autocast(device, dtype=DTYPES[job.compute_dtype.value])
+    return contextlib.nullcontext()
+
+
 def run_phase(phase: str, model, opt, ids, state: dict) -> None:
     """forward: loss kept, outputs dropped; backward; optimizer step then zero_grad(set_to_none)."""
     if phase == "forward":

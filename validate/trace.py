@@ -61,7 +61,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     from memplan.profiles import load_model
 
     from .models import DTYPES, apply_lora, hf_config, meta_model
-    from .step import PHASES, make_optimizer, run_phase
+    from .step import PHASES, forward_context, make_optimizer, run_phase
     from .tracker import LiveBytes
 
     if job.quantized:
@@ -76,9 +76,6 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
         model.gradient_checkpointing_enable()
     if job.uses_lora:
         model = apply_lora(model, job, arch)
-    autocast = (
-        torch.autocast("cpu", dtype=DTYPES[job.compute_dtype.value]) if job.mixed_precision else contextlib.nullcontext()
-    )
     tracker = LiveBytes()
     timeline: list[PhaseSnapshot] = []
     with FakeTensorMode(allow_non_fake_inputs=True), _unmaterialised_causal_mask():
@@ -97,7 +94,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
             for it in range(iterations):
                 for phase in PHASES:
                     tracker.start_phase(phase)
-                    with autocast if phase == "forward" else contextlib.nullcontext():
+                    with forward_context(job, "cpu") if phase == "forward" else contextlib.nullcontext():
                         run_phase(phase, model, opt, ids, state)
                     timeline.append(_snapshot(tracker, it, phase, tracker.phase_peak, model, opt))
     steady = [s for s in timeline if s.iteration == iterations - 1]

@@ -96,7 +96,7 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
     from memplan.profiles import load_model
 
     from .build import build
-    from .step import PHASES, make_optimizer, run_phase
+    from .step import PHASES, forward_context, make_optimizer, run_phase
 
     started = time.perf_counter()
     result = Measurement(status="ok", device=device, steps=steps)
@@ -118,9 +118,13 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len), device=device)
         state: dict = {}
-        for _ in range(warmup):
+        def step() -> None:
             for phase in PHASES:
-                run_phase(phase, model, opt, ids, state)
+                with forward_context(job, device) if phase == "forward" else contextlib.nullcontext():
+                    run_phase(phase, model, opt, ids, state)
+
+        for _ in range(warmup):
+            step()
         if meter:
             meter.track_model(model, opt)
         if device == "cuda":
@@ -131,8 +135,7 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
             meter.tracker.start_phase("measured")
         with meter.tracker if meter else contextlib.nullcontext():
             for _ in range(steps):
-                for phase in PHASES:
-                    run_phase(phase, model, opt, ids, state)
+                step()
         if device == "cuda":
             torch.cuda.synchronize()
     except torch.OutOfMemoryError as exc:
