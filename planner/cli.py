@@ -18,8 +18,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPU memory p
 
 
 def fail(message: str) -> None:
-    typer.echo(f"memplan: error: {message}", err=True)
+    """Inside a command: the one-line message, then exit code 2 through typer."""
+    _print_error(message)
     raise typer.Exit(code=2)
+
+
+def _print_error(message: str) -> None:
+    print(f"memplan: error: {message}", file=sys.stderr)
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -422,7 +427,8 @@ def main() -> None:
 
 
 def fail_now(message: str) -> None:
-    print(f"memplan: error: {message}", file=sys.stderr)
+    """Outside typer (errors raised by the core): the same line, then exit code 2."""
+    _print_error(message)
     sys.exit(2)
 
 

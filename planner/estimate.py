@@ -62,7 +62,8 @@ class _State:
         pb = trainable_bytes_per_param(job)
         self.weights, self.weights_formula = weight_bytes(job, arch, params)
         root_params = params.embedding + params.lm_head + params.final_norm
-        root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype) if job.quantized else float_bytes(job.base_weight_dtype)
+        # embeddings, final norm and lm_head are never quantized
+        root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
         self.root_weights = root_params * root_bytes
         self.buffers = buffer_bytes(arch)
         self.layer_weights = (self.weights - self.root_weights) // arch.layers
@@ -82,27 +83,33 @@ class _State:
             self.g_head = self.g_embed_late = self.g_tied_accum = 0
         self.g_all = self.g_layer * arch.layers + self.g_head + self.g_embed_late
         self.plan = plan
-        off = plan.offload
-        # per GPU
-        self.gpu_weights = 0 if off and plan.params_div > 1 else shard(self.weights, plan.params_div)
-        self.gpu_adapters = 0 if off and plan.params_div > 1 else shard(self.adapters, plan.params_div)
-        self.gpu_states = 0 if off else shard(self.states, plan.states_div)
-        self.gpu_grads = 0 if off and plan.grads_div > 1 else shard(self.g_all, plan.grads_div)
-        self.gpu_temp = 0 if off else shard(self.temp, plan.states_div)
+        # per GPU; with offload the optimizer (states and its temporaries) runs on the host, and
+        # parameters and gradients follow it there where they are sharded
+        self.host = 0
+        self.gpu_weights = self._place(self.weights, plan.params_div, plan.params_div > 1)
+        self.gpu_adapters = self._place(self.adapters, plan.params_div, plan.params_div > 1)
+        self.gpu_states = self._place(self.states, plan.states_div, True)
+        self.gpu_grads = self._place(self.g_all, plan.grads_div, plan.grads_div > 1)
+        self.gpu_temp = 0 if plan.offload else shard(self.temp, plan.states_div)
         # FSDP/ZeRO-3: the root unit (embeddings, final norm, lm_head) stays gathered through the
         # step; decoder layers are gathered one at a time, a second one prefetched
         self.gathered = self.root_weights + 2 * (self.layer_weights + self.adapters // arch.layers) if plan.gathers_units else 0
         # gradients of the unit in backward, unsharded until their reduce-scatter
         self.unit_grads = self.g_layer if plan.grads_div > 1 else 0
         self.ddp_buckets = self.g_all if plan.ddp_buckets else 0
-        self.host = 0
-        if off:
-            self.host = (shard(self.weights + self.adapters, plan.params_div) if plan.params_div > 1 else 0) + shard(
-                self.states, plan.states_div
-            ) + (shard(self.g_all, plan.grads_div) if plan.grads_div > 1 else 0)
+
+    def _place(self, nbytes: int, div: int, movable: bool) -> int:
+        """This rank's share of `nbytes`: on the GPU, or counted as host RAM when offloaded."""
+        share = shard(nbytes, div)
+        if self.plan.offload and movable:
+            self.host += share
+            return 0
+        return share
 
     def grads_share(self, nbytes: int) -> int:
-        return 0 if self.plan.offload and self.plan.grads_div > 1 else shard(nbytes, self.plan.grads_div)
+        """Per-GPU bytes of a slice of the gradients (0 where gradients live on the host)."""
+        div = self.plan.grads_div
+        return 0 if self.plan.offload and div > 1 else shard(nbytes, div)
 
     @property
     def resident(self) -> int:
