@@ -120,7 +120,9 @@ def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) 
             saved["attn.probs_dropped"] = md * t * a * s
     # scaled q, and k and v broadcast to every head for the batched matmuls: folding (batch, heads)
     # into one dimension copies the broadcast keys unless the batch is 1 (then it stays a view)
-    expanded = q if ctx.batch > 1 or ctx.attention == "eager" else kv
+    # (enable_gqa's repeat_interleave always copies)
+    broadcast = arch.family in ("falcon", "gpt_bigcode")
+    expanded = q if ctx.batch > 1 or ctx.attention == "eager" or not broadcast else kv
     saved["attn.q_scaled"] = t * q * md
     saved["attn.k_expanded"] = t * expanded * md
     saved["attn.v_expanded"] = t * expanded * md
@@ -286,18 +288,36 @@ def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     return saved
 
 
+def _attention_kernel(job: Job, arch: ModelArch, platform: str, act_bytes: int) -> str:
+    """Which attention runs, as far as memory goes: "flash" for any fused SDPA kernel (flash,
+    memory-efficient, cuDNN: O(s) state), "math" where the scores are materialised.
+
+    Read off the probes (validate/probes.py, results in validate/results/probes-*.jsonl):
+    - Falcon hands SDPA keys broadcast over heads: the math kernel, in every dtype, CPU and CUDA;
+      GPT-BigCode does the same on the CPU (upcast to fp32 there);
+    - on CUDA, transformers passes enable_gqa=True, which the flash and cuDNN kernels take only in
+      16 bits and the memory-efficient kernel not at all: grouped- or multi-query attention in fp32
+      (QLoRA's upcast stream without autocast) runs the math kernel, multi-head attention in fp32
+      the memory-efficient one."""
+    if job.attention == "eager":
+        return "math" if arch.family in ("falcon", "gpt_bigcode") else "eager"
+    if platform == "cpu":
+        broadcast_kv = arch.family in ("falcon", "gpt_bigcode") and arch.kv_heads != arch.heads
+        return "math_fp32" if broadcast_kv else "flash"
+    # the math kernel computes in fp32 on CUDA too (torch's allow_fp16_bf16_reduction_math_sdp is
+    # off by default): a bf16 Falcon layer's scores are fp32 on the H200 (validate/results/timelines-*)
+    sdpa_bytes = float_bytes(job.compute_dtype) if job.runs_autocast else act_bytes
+    if arch.family == "falcon" and arch.kv_heads != arch.heads:
+        return "math_fp32"
+    if sdpa_bytes == 4 and arch.kv_heads != arch.heads:
+        return "math_fp32"
+    return "flash"
+
+
 def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str, grad_in: bool) -> Ctx:
     act_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype)
     autocast = job.task == "train" and job.method == "full" and job.mixed_precision
-    broadcast_kv = arch.family in ("falcon", "gpt_bigcode") and arch.kv_heads != arch.heads
-    if job.attention == "eager":
-        attention = "math" if arch.family in ("falcon", "gpt_bigcode") else "eager"
-    elif broadcast_kv:
-        # multi-query keys broadcast over heads: SDPA cannot use flash/efficient kernels and falls
-        # back to the math kernel, which materialises the scores (upcast to fp32 on the CPU).
-        attention = "math_fp32" if platform == "cpu" else "math"
-    else:
-        attention = "flash"
+    attention = _attention_kernel(job, arch, platform, act_bytes)
     return Ctx(
         tokens=job.micro_batch * job.seq_len,
         batch=job.micro_batch,

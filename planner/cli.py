@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from .errors import MemplanInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPU memory planner for LLM training and inference.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="GPU memory planner for LLM training and inference.")
 
 
 def fail(message: str) -> None:
@@ -61,6 +62,8 @@ def estimate(
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="default: on for qlora, off otherwise"),
     attention: str = typer.Option("sdpa", help="sdpa | eager"),
     kbit_prepare: bool = typer.Option(True, help="peft prepare_model_for_kbit_training (fp32 upcast) for k-bit bases"),
+    autocast: Optional[bool] = typer.Option(None, help="forward under torch.autocast, as HF Trainer bf16=True/fp16=True "
+                                            "(default: on for fp32 weights with 16-bit compute)"),
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="GPU profile to check the fit against"),
     num_gpus: int = typer.Option(1, "--num-gpus", "-n", help="data-parallel GPUs"),
     sharding: str = typer.Option("none", help="none | ddp | zero1 | zero2 | zero3 | fsdp_full | fsdp_grad_op | fsdp_hybrid"),
@@ -77,8 +80,8 @@ def estimate(
         double_quant=double_quant, optimizer=optimizer, micro_batch=micro_batch, seq_len=seq_len,
         new_tokens=new_tokens, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, attention=attention,
-        kbit_prepare=kbit_prepare, gpu=gpu, num_gpus=num_gpus, sharding=sharding, cpu_offload=cpu_offload,
-        gpus_per_node=gpus_per_node,
+        kbit_prepare=kbit_prepare, autocast=autocast, gpu=gpu, num_gpus=num_gpus, sharding=sharding,
+        cpu_offload=cpu_offload, gpus_per_node=gpus_per_node,
     )
     arch = load_model(job.model)
     est = estimate_memory(job, arch, load_gpu(gpu) if gpu else None)
@@ -183,6 +186,7 @@ def fit(
     compute_dtype: str = typer.Option("bf16"),
     gradient_checkpointing: Optional[bool] = typer.Option(None),
     lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
+    autocast: Optional[bool] = typer.Option(None, help="forward under torch.autocast (HF Trainer bf16=True)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The largest micro-batch (batch) and the longest sequence (context) that fit one GPU."""
@@ -193,7 +197,7 @@ def fit(
 
     fields = dict(model=model, task=task, method=method, optimizer=optimizer, weight_dtype=weight_dtype,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
-                  new_tokens=new_tokens)
+                  new_tokens=new_tokens, autocast=autocast)
     arch = load_model(model)
     g = load_gpu(gpu)
     by_batch = largest(_job(**fields, seq_len=min(seq_len, arch.max_positions), micro_batch=1), arch, g, "micro_batch")
@@ -316,12 +320,14 @@ def trace(
 
 @app.command()
 def validate(
-    matrix: str = typer.Option("default", help="default (one 80 GB-class GPU) | quick (tiny models)"),
+    matrix: str = typer.Option("default", help="default (one 80 GB-class GPU) | holdout (jobs the default matrix lacks) | quick (tiny models)"),
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="only these models (repeatable)"),
     out: Optional[str] = typer.Option(None, help="JSONL file results are appended to (default validate/results/<gpu>-<date>.jsonl)"),
     device: str = typer.Option("cuda", help="cuda | cpu (a dry run of the harness without a GPU)"),
     steps: int = typer.Option(2, help="measured steps after one warm-up step"),
     timeout: float = typer.Option(900, help="seconds per job"),
+    jobs_slice: Optional[str] = typer.Option(None, "--slice", help="only jobs START:END of the matrix (0-based, as Python slices)"),
+    time_budget: Optional[float] = typer.Option(None, help="start no new job after this many seconds"),
 ) -> None:
     """Run real training steps on the local GPU, each job in its own process, and compare with the estimate."""
     import shlex
@@ -346,6 +352,8 @@ def validate(
     if matrix not in MATRICES:
         fail(f"unknown matrix {matrix!r}: use {' or '.join(MATRICES)}")
     jobs = [j for j in MATRICES[matrix]() if not model or j.model in model]
+    if jobs_slice is not None:
+        jobs = jobs[_parse_slice(jobs_slice)]
     if not jobs:
         fail(f"no job of the {matrix} matrix uses {', '.join(model or [])}")
     env = describe(device)
@@ -366,15 +374,35 @@ def validate(
             progress.advance(task)
 
         rows = run_matrix(jobs, path, device, gpu, env, steps=steps, timeout_s=timeout, on_result=report,
-                          invocation=shlex.join(["memplan", *sys.argv[1:]]))
+                          invocation=shlex.join(["memplan", *sys.argv[1:]]), time_budget_s=time_budget)
+    if len(rows) < len(jobs):
+        console.print(f"time budget of {time_budget:.0f} s spent: ran {len(rows)} of {len(jobs)} jobs; "
+                      f"the rest start at --slice {_slice_start(jobs_slice) + len(rows)}:")
     console.print(table(rows))
     cal = calibrate(rows)
     console.print(f"results appended to {path}; median |error|: "
                   + ", ".join(f"{k} {v:.1%}" for k, v in cal.median_abs_error.items()))
 
 
+def _slice_start(text: str | None) -> int:
+    return (_parse_slice(text).start or 0) if text else 0
+
+
+def _parse_slice(text: str) -> slice:
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return slice(*(int(p) if p.strip() else None for p in parts))
+    except ValueError:
+        fail(f"invalid slice {text!r}: use START:END, e.g. 0:12 or 12:")
+
+
 @app.command()
-def compare(path: str = typer.Argument(..., help="a validate results .jsonl file")) -> None:
+def compare(
+    path: str = typer.Argument(..., help="a validate results .jsonl file"),
+    now: bool = typer.Option(False, "--now", help="re-estimate every row with this memplan instead of the recorded prediction"),
+) -> None:
     """Predicted against measured for a results file, and the constants it calibrates."""
     from pathlib import Path
 
@@ -386,6 +414,13 @@ def compare(path: str = typer.Argument(..., help="a validate results .jsonl file
     if not Path(path).is_file():
         fail(f"results file {path!r} does not exist")
     rows = read(Path(path))
+    if now:
+        from memplan.profiles import load_gpu
+        from memplan.validate.harness import predict
+
+        rows = [r.model_copy(update={"predicted": predict(r.job, _gpu_for(r.environment.get("gpu"), load_gpu)
+                                                           if r.measured.device == "cuda" else None, r.measured.device)})
+                for r in rows]
     console = make_console()
     console.print(table(rows))
     console.print(calibrate(rows).model_dump_json(indent=2))
@@ -416,12 +451,11 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors (bad option, missing value)
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        # typer may vendor its own click (typer._click): match the exception classes by name
+        kinds = {c.__name__ for c in type(exc).__mro__}
+        if "ClickException" in kinds:
+            fail_now(exc.format_message().replace("\n", " "))
+        if "Abort" in kinds:
             sys.exit(1)
         raise
 

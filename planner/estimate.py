@@ -22,7 +22,9 @@ from .results import Component, Estimate, Phase
 from .units import count, human
 from .training import (
     autocast_weight_copies,
+    BNB_PAGED_MIN_NUMEL,
     is_paged,
+    unpaged_trainable_params,
     optimizer_state_bytes,
     optimizer_step_temporary,
     resolve_targets,
@@ -46,9 +48,10 @@ def check_job(job: Job, arch: ModelArch) -> None:
 def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, platform: str = "cuda") -> Estimate:
     """Estimate one job's per-GPU memory. `platform="cpu"` follows the CPU kernels the trace runs."""
     check_job(job, arch)
+    ws = overhead.cublas_workspaces(gpu, job.task) if platform == "cuda" else 0
     if job.task == "infer":
-        return _finish(job, arch, gpu, *_inference(job, arch))
-    return _finish(job, arch, gpu, *_training(job, arch, platform))
+        return _finish(job, arch, gpu, *_inference(job, arch, ws))
+    return _finish(job, arch, gpu, *_training(job, arch, platform, ws))
 
 
 def _sum(saved: dict[str, int]) -> int:
@@ -58,7 +61,7 @@ def _sum(saved: dict[str, int]) -> int:
 class _State:
     """Per-GPU bytes of the step-long state, after sharding and offload."""
 
-    def __init__(self, job: Job, arch: ModelArch, params, n_train: int, plan: ShardPlan):
+    def __init__(self, job: Job, arch: ModelArch, params, n_train: int, plan: ShardPlan, targets: tuple[str, ...]):
         pb = trainable_bytes_per_param(job)
         self.weights, self.weights_formula = weight_bytes(job, arch, params)
         root_params = params.embedding + params.lm_head + params.final_norm
@@ -69,6 +72,10 @@ class _State:
         self.layer_weights = (self.weights - self.root_weights) // arch.layers
         self.adapters = n_train * pb if job.uses_lora else 0
         self.states, self.states_formula = optimizer_state_bytes(job, n_train)
+        # a paged optimizer splits its states: small tensors in device memory, the rest paged
+        n_unpaged = unpaged_trainable_params(job, arch, targets) if is_paged(job) else n_train
+        self.unpaged_states = optimizer_state_bytes(job, n_unpaged)[0] if n_unpaged < n_train else self.states
+        self.paged_states = self.states - self.unpaged_states
         self.temp, self.temp_formula = optimizer_step_temporary(job, n_train)
         self.paged = is_paged(job)
         if job.method == "full":
@@ -88,7 +95,8 @@ class _State:
         self.host = 0
         self.gpu_weights = self._place(self.weights, plan.params_div, plan.params_div > 1)
         self.gpu_adapters = self._place(self.adapters, plan.params_div, plan.params_div > 1)
-        self.gpu_states = self._place(self.states, plan.states_div, True)
+        self.gpu_states = self._place(self.unpaged_states, plan.states_div, True)
+        self.gpu_paged_states = self._place(self.paged_states, plan.states_div, True)
         self.gpu_grads = self._place(self.g_all, plan.grads_div, plan.grads_div > 1)
         self.gpu_temp = 0 if plan.offload else shard(self.temp, plan.states_div)
         # FSDP/ZeRO-3: the root unit (embeddings, final norm, lm_head) stays gathered through the
@@ -114,7 +122,7 @@ class _State:
     @property
     def resident(self) -> int:
         """Bytes in torch's allocator for the whole step (buffers are replicated, not sharded)."""
-        return self.gpu_weights + self.buffers + self.gpu_adapters + (0 if self.paged else self.gpu_states)
+        return self.gpu_weights + self.buffers + self.gpu_adapters + self.gpu_states
 
 
 def _buffers_component(arch: ModelArch, phases: list[str]) -> Component:
@@ -140,8 +148,16 @@ def _state_components(job: Job, arch: ModelArch, st: _State, targets, n_train: i
             formula=f"root unit (embeddings, lm_head) {human(st.root_weights)} + 2 decoder layers x {human(st.layer_weights)}",
             phases=[FWD, BWD]))
     s_split = f" / {plan.states_div}" if plan.states_div > 1 else ""
-    comps.append(Component(name="optimizer states", bytes=st.gpu_states, formula=st.states_formula + s_split,
-                           phases=[FWD, BWD, OPT], pool="unified" if st.paged else "torch"))
+    if st.paged_states:
+        comps.append(Component(
+            name="optimizer states", bytes=st.gpu_states,
+            formula=f"{st.states_formula.removesuffix(' (paged)')}, tensors under {BNB_PAGED_MIN_NUMEL:,} elements: "
+                    f"not paged{s_split}", phases=[FWD, BWD, OPT]))
+        comps.append(Component(name="paged optimizer states", bytes=st.gpu_paged_states,
+                               formula=f"the rest, in CUDA unified memory{s_split}", phases=[FWD, BWD, OPT], pool="unified"))
+    else:
+        comps.append(Component(name="optimizer states", bytes=st.gpu_states, formula=st.states_formula + s_split,
+                               phases=[FWD, BWD, OPT]))
     g_split = f" / {plan.grads_div}" if plan.grads_div > 1 else ""
     comps.append(Component(name="gradients", bytes=st.gpu_grads,
                            formula=f"{count(n_train)} trainable x {trainable_bytes_per_param(job)} B{g_split}", phases=[BWD, OPT]))
@@ -156,18 +172,27 @@ def _state_components(job: Job, arch: ModelArch, st: _State, targets, n_train: i
     return comps
 
 
-def _training(job: Job, arch: ModelArch, platform: str):
+def _workspace_component(ws: int, task: str, phases: list[str]) -> Component:
+    handles = overhead.cublas_handles(task)
+    return Component(name="cuBLAS workspaces", bytes=ws, phases=phases,
+                     formula=f"{handles} handle{'s' if handles > 1 else ''} ({'forward thread, autograd thread' if handles > 1 else 'one thread'})"
+                             f" x {human(ws // handles)}, from torch's caching allocator")
+
+
+def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     params = count_params(arch)
     targets = resolve_targets(job, arch) if job.uses_lora else ()
     n_train = trainable_params(job, arch, params, targets)
     plan = shard_plan(job.sharding, job.num_gpus, job.gpus_per_node, job.cpu_offload)
-    st = _State(job, arch, params, n_train, plan)
+    st = _State(job, arch, params, n_train, plan, targets)
     t = job.micro_batch * job.seq_len
     comps = _state_components(job, arch, st, targets, n_train)
     notes: list[str] = []
-    if st.paged:
+    if st.paged_states:
         notes.append("paged optimizer states live in CUDA unified memory: pynvml sees them, torch.cuda does not, "
                      "and the driver can page them to host RAM under pressure")
+    if ws:
+        comps.append(_workspace_component(ws, job.task, [FWD, BWD, OPT]))
     if job.num_gpus > 1 and job.sharding == "none":
         notes.append(f"{job.num_gpus} GPUs without --sharding: plain DDP, every GPU holds a full replica")
 
@@ -184,7 +209,9 @@ def _training(job: Job, arch: ModelArch, platform: str):
     shared += act.attention_mask_bytes(arch, ctx, job.micro_batch)
     trans = act.layer_backward_transient(arch, ctx, layer_tensors)
     if job.quantized:
-        trans += arch.largest_quantizable_linear * ctx.act_bytes
+        # bitsandbytes dequantizes one weight at a time for the input gradient: into the compute
+        # dtype on CUDA (MatMul4Bit.backward), into the activation dtype on the CPU
+        trans += arch.largest_quantizable_linear * (ctx.act_bytes if platform == "cpu" else float_bytes(job.compute_dtype))
     if job.checkpointing:
         kept = act.checkpoint_saved(arch, ctx) * arch.layers + shared
         a_formula = f"{arch.layers} checkpointed layer inputs x {human(act.checkpoint_saved(arch, ctx))}; backward recomputes one layer ({human(layer)})"
@@ -199,6 +226,17 @@ def _training(job: Job, arch: ModelArch, platform: str):
 
     v = arch.vocab
     ab = ctx.act_bytes
+    # autocast over QLoRA's fp32 lm_head (Trainer bf16=True): the head's matmul runs in 16 bits, so
+    # the logits are 16-bit before the loss upcasts them, and the 16-bit copy of the head weight is
+    # kept for backward (H100/H200: forward and loss backward within 1.5%, validate/results)
+    head_autocast = job.kbit_upcast and job.runs_autocast
+    head_copy = 0
+    if head_autocast:
+        ab = float_bytes(job.compute_dtype)
+        head_copy = (params.lm_head or params.embedding) * ab
+        comps.append(Component(name="autocast lm_head copy", bytes=head_copy,
+                               formula=f"{v:,} x {arch.hidden:,} head weight cast to {ab} B, kept for backward",
+                               phases=[FWD, LOSS]))
     logits_fwd = t * v * (ab + (4 if ab != 4 else 0) + 4)
     logits_bwd = t * v * 12
     comps.append(Component(
@@ -207,7 +245,7 @@ def _training(job: Job, arch: ModelArch, platform: str):
         phases=[FWD, LOSS]))
 
     fwd_layer = act.layer_forward_transient(arch, ctx, layer_tensors, job.checkpointing)
-    static = st.resident
+    static = st.resident + ws
     live = static + st.gathered
     recompute = layer if job.checkpointing else 0
     # autocast's cache of cast weights dies with the autocast region; only tensors saved for
@@ -220,15 +258,19 @@ def _training(job: Job, arch: ModelArch, platform: str):
     bwd_end = static + st.gpu_grads + g_share(st.g_tied_accum) + t * arch.hidden * ab + st.ddp_buckets
     phases = [
         Phase(name=LOAD, allocated_bytes=st.gpu_weights + st.buffers + st.gpu_adapters, detail="weights and adapters"),
-        Phase(name=FWD, allocated_bytes=live + kept + casts + max(logits_fwd, fwd_layer),
+        Phase(name=FWD, allocated_bytes=live + kept + casts + max(head_copy + logits_fwd, fwd_layer),
               detail="states + saved activations + logits, fp32 copy and log-softmax"),
-        Phase(name=LOSS, allocated_bytes=live + kept + casts_bwd + logits_bwd,
+        Phase(name=LOSS, allocated_bytes=live + kept + casts_bwd + head_copy + logits_bwd,
               detail="states + saved activations + fp32 log-softmax and two vocab-wide gradients"),
         Phase(name=BWD, allocated_bytes=max(bwd_top, bwd_bottom, bwd_end),
               detail="activations freed layer by layer while gradients appear"),
         Phase(name=OPT, allocated_bytes=static + st.gpu_grads + st.gpu_temp + st.ddp_buckets,
               detail="states + gradients + update temporaries"),
     ]
+    if ctx.attention == "math_fp32" and arch.family != "falcon" and job.attention == "sdpa" and platform == "cuda":
+        notes.append("fp32 attention on a grouped-query model runs SDPA's math kernel on CUDA (transformers passes "
+                     "enable_gqa, which only the 16-bit kernels take): the scores are materialised, quadratic in the "
+                     "sequence; under the Trainer's bf16 autocast (--autocast) a fused kernel runs instead")
     n = unquantized_note(job, arch)
     if n:
         notes.append(n)
@@ -237,11 +279,11 @@ def _training(job: Job, arch: ModelArch, platform: str):
                      "stream and the logits are fp32 (use --no-kbit-prepare if you skip that call)")
     if st.host:
         notes.append(f"cpu offload: {human(st.host)} of host RAM per GPU")
-    unified = st.gpu_states if st.paged else 0
+    unified = st.gpu_paged_states
     return comps, phases, params, n_train, notes, unified, st.host
 
 
-def _inference(job: Job, arch: ModelArch):
+def _inference(job: Job, arch: ModelArch, ws: int):
     params = count_params(arch)
     comps: list[Component] = []
     notes: list[str] = []
@@ -265,21 +307,23 @@ def _inference(job: Job, arch: ModelArch):
     comps.append(Component(name="logits", bytes=logits,
                            formula="last position only (generate)" if job.new_tokens else "every position, plus fp32 copy",
                            phases=[PREFILL]))
+    if ws:
+        comps.append(_workspace_component(ws, job.task, [PREFILL, DECODE]))
     phases = [
         Phase(name=LOAD, allocated_bytes=w, detail="weights"),
-        Phase(name=PREFILL, allocated_bytes=w + kv + pre + logits, detail="weights + KV cache + prefill intermediates"),
-        Phase(name=DECODE, allocated_bytes=w + kv + logits, detail="weights + full KV cache"),
+        Phase(name=PREFILL, allocated_bytes=w + ws + kv + pre + logits, detail="weights + KV cache + prefill intermediates"),
+        Phase(name=DECODE, allocated_bytes=w + ws + kv + logits, detail="weights + full KV cache"),
     ]
     return comps, phases, params, 0, notes, 0, 0
 
 
 def _finish(job, arch, gpu, comps, phases, params, n_train, notes, unified, host) -> Estimate:
     peak = max(phases, key=lambda p: p.allocated_bytes)
-    slack = overhead.allocator_slack(peak.allocated_bytes) + overhead.workspace(gpu)
+    slack = overhead.allocator_slack(peak.allocated_bytes)
     reserved = peak.allocated_bytes + slack
     context = overhead.cuda_context(gpu)
     comps = comps + [
-        Component(name="allocator slack", bytes=slack, formula=f"{overhead.FRAGMENTATION:.0%} of peak + cuBLAS workspace",
+        Component(name="allocator slack", bytes=slack, formula=f"{overhead.FRAGMENTATION:.0%} of peak",
                   phases=[peak.name], pool="reserved"),
         Component(name="CUDA context", bytes=context,
                   formula=gpu.cuda_context_source if gpu else "default (no GPU chosen)", phases=["always"], pool="driver"),

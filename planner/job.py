@@ -52,6 +52,9 @@ class Job(BaseModel):
     # None: on for qlora (prepare_model_for_kbit_training enables it), off otherwise.
     gradient_checkpointing: bool | None = None
     attention: Attention = "sdpa"
+    # HF Trainer's bf16=True / fp16=True: the forward runs under torch.autocast in the compute
+    # dtype. None: on for mixed precision (fp32 weights, 16-bit compute), off otherwise.
+    autocast: bool | None = None
     gpu: str | None = None
     # data parallelism: GPUs in the job, how model state is split over them, and host offload
     num_gpus: int = 1
@@ -101,6 +104,13 @@ class Job(BaseModel):
             raise MemplanInputError(
                 f"cpu offload needs a sharded strategy (zero1, zero2, zero3, fsdp_full, fsdp_hybrid), got {self.sharding}"
             )
+        if self.autocast is False and self.mixed_precision:
+            raise MemplanInputError(
+                f"fp32 weights with {self.compute_dtype.value} compute run under autocast: drop autocast=False, "
+                "or use compute dtype fp32"
+            )
+        if self.autocast and self.compute_dtype is DType.fp32:
+            raise MemplanInputError("autocast needs a 16-bit compute dtype (bf16 or fp16), got fp32")
         if not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
         return self
@@ -123,6 +133,12 @@ class Job(BaseModel):
     def mixed_precision(self) -> bool:
         """fp32 weights updated by an optimizer while compute runs in 16-bit (autocast)."""
         return self.base_weight_dtype is DType.fp32 and self.compute_dtype is not DType.fp32
+
+    @property
+    def runs_autocast(self) -> bool:
+        if self.autocast is not None:
+            return self.autocast
+        return self.task == "train" and self.mixed_precision
 
     @property
     def checkpointing(self) -> bool:

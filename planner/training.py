@@ -99,6 +99,27 @@ def is_paged(job: Job) -> bool:
     return job.optimizer.startswith("paged")
 
 
+# bitsandbytes optim/optimizer.py `get_state_buffer`: a paged optimizer still keeps the states of
+# tensors under 1e5 elements in ordinary device memory (torch's allocator); only larger ones are
+# paged into unified memory. Seen on the H100: all-linear LoRA on Llama-2-7B keeps 176 MiB of its
+# paged AdamW states in torch.cuda.memory_allocated (validate/results).
+BNB_PAGED_MIN_NUMEL = 100_000
+
+
+def unpaged_trainable_params(job: Job, arch: ModelArch, targets: tuple[str, ...]) -> int:
+    """Trainable parameters whose optimizer states stay in device memory under a paged optimizer.
+
+    LoRA: each targeted linear has A (r x d_in) and B (d_out x r). Full fine-tuning: counted as all
+    paged (only 1-D norm weights and biases fall under the threshold, well under 0.1%)."""
+    if not (is_paged(job) and job.uses_lora):
+        return 0
+    small = 0
+    for lin in arch.linears:
+        if lin.name in targets:
+            small += sum(n for n in (job.lora_rank * lin.d_in, job.lora_rank * lin.d_out) if n < BNB_PAGED_MIN_NUMEL)
+    return small * arch.layers
+
+
 def autocast_weight_copies(job: Job, arch: ModelArch, params: ParamCounts) -> int:
     """Under autocast, fp32 weights are cast to the compute dtype once per step and kept for backward."""
     if not (job.task == "train" and job.mixed_precision):

@@ -91,3 +91,28 @@ def test_trace_refuses_qlora_in_one_line():
     out = run("trace", "-m", "llama-2-7b", "--method", "qlora")
     assert out.returncode == 2
     assert "Params4bit" in out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["fit", "-m", "mistral-7b", "-g", "A10G", "--bogus"], "No such option: --bogus"),
+        (["estimate", "-m", "mistral-7b", "-b"], "'-b' requires an argument"),
+        (["estimate", "-m", "mistral-7b", "-b", "x"], "'--micro-batch'"),
+        (["estimate", "-m", "mistral-7b", "--method", "qlora", "--compute-dtype", "fp32", "--autocast"], "autocast needs a 16-bit"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args, says):
+    out = run(*args)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and says in out.stderr and "Traceback" not in out.stderr
+
+
+def test_autocast_qlora_gqa_attention():
+    """QLoRA's fp32 stream on a grouped-query model runs SDPA's math kernel (H100 probe): the
+    estimate says so, and under the Trainer's bf16 autocast the fused kernel returns."""
+    plain = json.loads(run("estimate", "-m", "mistral-7b", "--method", "qlora", "-b", "4", "-s", "2048", "--json").stdout)
+    auto = json.loads(run("estimate", "-m", "mistral-7b", "--method", "qlora", "-b", "4", "-s", "2048", "--autocast", "--json").stdout)
+    assert any("math kernel" in n for n in plain["notes"])
+    assert not any("math kernel" in n for n in auto["notes"])
+    assert any(c["name"] == "autocast lm_head copy" for c in auto["components"])

@@ -106,8 +106,8 @@ def test_default_matrix_covers_what_users_run():
         estimate_memory(j, load_model(j.model))
 
 
-def _row(ctx, alloc, reserved, used, status="ok"):
-    job = Job(model="llama-2-7b")
+def _row(ctx, alloc, reserved, used, status="ok", optimizer="adamw"):
+    job = Job(model="llama-2-7b", optimizer=optimizer)
     return results.ResultRow(
         job=job,
         predicted=results.Predicted(peak_allocated_bytes=100, peak_reserved_bytes=110, device_used_bytes=120, peak_phase="backward"),
@@ -120,10 +120,14 @@ def _row(ctx, alloc, reserved, used, status="ok"):
 
 
 def test_calibration_by_hand():
-    rows = [_row(500, 100, 110, 125), _row(520, 100, 120, 130), _row(510, 80, 100, 90), _row(None, None, None, None, "oom")]
-    cal = compare.calibrate(rows)
+    rows = [_row(500, 100, 110, 625), _row(520, 100, 120, 640), _row(510, 80, 100, 610), _row(None, None, None, None, "oom"),
+            _row(500, 100, 110, 9000, optimizer="paged_adamw")]
+    cal = compare.calibrate(rows[:4])
     assert cal.rows == 3
-    assert cal.cuda_context_bytes == 510
+    # what pynvml sees beyond peak reserved: 515, 520, 510
+    assert cal.cuda_context_bytes == 515
+    # a paged optimizer's unified memory is not context
+    assert compare.calibrate(rows).cuda_context_bytes == 515
     assert cal.fragmentation == pytest.approx(0.2)  # reserved/allocated - 1: 0.1, 0.2, 0.25
     assert cal.median_abs_error["allocated"] == pytest.approx(0.0)  # 100 vs 100, 100, 80 -> 0, 0, 0.25
 

@@ -61,10 +61,16 @@ class Calibration(BaseModel):
 
 
 def calibrate(rows: list[ResultRow]) -> Calibration:
-    """CUDA context: the median of what pynvml saw added by creating the context; fragmentation:
-    the median share reserved exceeds allocated at the peak; both from successful GPU rows."""
+    """CUDA context: the median of what pynvml saw beyond torch's peak reserved (the context itself
+    plus library handles and kernels loaded during the steps), over rows without paged optimizer
+    states (which pynvml sees too); fragmentation: the median share reserved exceeds allocated at
+    the peak; both from successful GPU rows."""
     ok = [r for r in rows if r.measured.status == "ok"]
-    contexts = [r.measured.cuda_context_bytes for r in ok if r.measured.cuda_context_bytes]
+    contexts = [
+        r.measured.device_used_bytes - r.measured.peak_reserved_bytes
+        for r in ok
+        if r.measured.device_used_bytes and r.measured.peak_reserved_bytes and not r.job.optimizer.startswith("paged")
+    ]
     frag = [
         r.measured.peak_reserved_bytes / r.measured.peak_allocated_bytes - 1
         for r in ok

@@ -6,6 +6,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,9 +65,14 @@ def run_matrix(
     capacity: int | None = None,
     on_result: Callable[[results.ResultRow], None] | None = None,
     invocation: str = "",
+    time_budget_s: float | None = None,
 ) -> list[results.ResultRow]:
+    """Each job's row is appended to `out` as it finishes; no job starts once `time_budget_s` is spent."""
     rows = []
+    started = time.monotonic()
     for job in jobs:
+        if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+            break
         measured = run_one(job, device, steps, timeout_s, capacity)
         row = results.ResultRow(
             job=job,

@@ -25,10 +25,38 @@ def default_matrix() -> list[Job]:
     for model in ("llama-2-7b", "mistral-7b"):
         for ck in (False, True):
             jobs.append(Job(model=model, method="lora", micro_batch=4, seq_len=1024, gradient_checkpointing=ck))
+    # HF Trainer's bf16=True over a QLoRA model: the fp32 stream runs under bf16 autocast
+    for model, b, s in (("llama-2-7b", 4, 2048), ("mistral-7b", 1, 512), ("falcon-7b", 1, 512)):
+        jobs.append(Job(model=model, micro_batch=b, seq_len=s, optimizer="paged_adamw_8bit", autocast=True, **_QLORA))
+    jobs.append(Job(model="llama-2-7b", method="lora", attention="eager", micro_batch=2, seq_len=1024))
     for model, b, s in (("phi-2", 4, 1024), ("gemma-2b", 2, 1024), ("llama-2-7b", 1, 512)):
         jobs.append(Job(model=model, method="full", micro_batch=b, seq_len=s))
+    # the AdamW foreach temporary, isolated: the same job with the per-parameter loop
+    jobs.append(Job(model="phi-2", method="full", micro_batch=4, seq_len=1024, foreach=False))
     jobs.append(Job(model="phi-2", method="full", micro_batch=2, seq_len=1024, gradient_checkpointing=True))
+    # the Trainer's default for full fine-tuning with bf16=True: fp32 master weights under autocast
+    jobs.append(Job(model="phi-2", method="full", weight_dtype="fp32", micro_batch=2, seq_len=1024))
     return jobs
+
+
+def holdout_matrix() -> list[Job]:
+    """Shapes and models the default matrix does not have: run on a second GPU after calibrating on
+    the first, so its errors say how the estimate does on jobs it was not tuned on."""
+    q8 = dict(optimizer="paged_adamw_8bit", **_QLORA)
+    return [
+        Job(model="llama-2-13b", micro_batch=2, seq_len=2048, **q8),
+        Job(model="llama-2-7b", micro_batch=2, seq_len=4096, **q8),
+        Job(model="mistral-7b", micro_batch=2, seq_len=1024, **q8),
+        Job(model="starcoder", micro_batch=1, seq_len=2048, **q8),
+        Job(model="llama-3-8b", micro_batch=2, seq_len=2048, autocast=True, **q8),
+        Job(model="mistral-7b", micro_batch=4, seq_len=2048, autocast=True, **q8),
+        Job(model="gemma-7b", method="lora", micro_batch=1, seq_len=2048),
+        Job(model="llama-3-8b", method="lora", micro_batch=2, seq_len=2048, gradient_checkpointing=True),
+        Job(model="falcon-7b", method="lora", micro_batch=2, seq_len=1024),
+        Job(model="phi-2", method="lora", micro_batch=8, seq_len=512, lora_targets="all-linear"),
+        Job(model="gemma-2b", method="full", micro_batch=4, seq_len=1024, gradient_checkpointing=True),
+        Job(model="llama-2-7b", method="full", micro_batch=2, seq_len=1024, gradient_checkpointing=True),
+    ]
 
 
 def quick_matrix() -> list[Job]:
@@ -42,4 +70,4 @@ def quick_matrix() -> list[Job]:
     ]
 
 
-MATRICES = {"default": default_matrix, "quick": quick_matrix}
+MATRICES = {"default": default_matrix, "holdout": holdout_matrix, "quick": quick_matrix}

@@ -30,14 +30,14 @@ def make_optimizer(job: Job, params):
 
 
 def forward_context(job: Job, device: str):
-    """HF Trainer's `bf16=True`/`fp16=True` over fp32 weights: the forward runs under autocast."""
+    """HF Trainer's `bf16=True`/`fp16=True`: the forward runs under autocast."""
     import contextlib
 
     import torch
 
     from .models import DTYPES
 
-    if job.mixed_precision:
+    if job.runs_autocast:
         return torch.autocast(device, dtype=DTYPES[job.compute_dtype.value])
     return contextlib.nullcontext()
 

@@ -29,6 +29,9 @@ class Measurement(BaseModel):
     device_used_bytes: int | None = None  # pynvml peak minus what was in use before this process
     cuda_context_bytes: int | None = None
     model_bytes: int | None = None  # allocated right after the model is built
+    state_bytes: int | None = None  # allocated between steps: weights, adapters, optimizer states
+    phase_peak_allocated_bytes: dict[str, int] = {}  # highest allocated in each phase, over the measured steps
+    step_seconds: float | None = None  # median wall time of a measured step (synchronised)
     seconds: float = 0.0
     error: str | None = None
 
@@ -112,32 +115,47 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         result.cuda_context_bytes = sampler.used() - baseline
     meter = _CpuMeter(capacity) if device == "cpu" else None
     arch = load_model(job.model)
+    phase_peaks = result.phase_peak_allocated_bytes
+    peaks = {"reserved": 0}
+    step_times: list[float] = []
     try:
         model = build(job, arch, device)
         result.model_bytes = torch.cuda.memory_allocated() if device == "cuda" else model_bytes(model)
         opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len), device=device)
         state: dict = {}
-        def step() -> None:
+
+        def step(measured: bool) -> None:
+            t0 = time.perf_counter()
             for phase in PHASES:
                 with forward_context(job, device) if phase == "forward" else contextlib.nullcontext():
                     run_phase(phase, model, opt, ids, state)
+                if measured and device == "cuda":
+                    # the allocator's peak is kept on the host as it allocates: no synchronisation needed
+                    phase_peaks[phase] = max(phase_peaks.get(phase, 0), torch.cuda.max_memory_allocated())
+                    peaks["reserved"] = max(peaks["reserved"], torch.cuda.max_memory_reserved())
+                    torch.cuda.reset_peak_memory_stats()
+            if measured and device == "cuda":
+                torch.cuda.synchronize()
+                step_times.append(time.perf_counter() - t0)
 
         for _ in range(warmup):
-            step()
+            step(False)
         if meter:
             meter.track_model(model, opt)
         if device == "cuda":
             torch.cuda.synchronize()
+            result.state_bytes = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             sampler.start()
         elif meter:
             meter.tracker.start_phase("measured")
         with meter.tracker if meter else contextlib.nullcontext():
             for _ in range(steps):
-                step()
+                step(True)
         if device == "cuda":
             torch.cuda.synchronize()
+            result.step_seconds = sorted(step_times)[len(step_times) // 2] if step_times else None
     except torch.OutOfMemoryError as exc:
         result.status = "oom"
         result.error = str(exc).splitlines()[0][:300]
@@ -145,8 +163,9 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         result.status = "error"
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     if device == "cuda":
-        result.peak_allocated_bytes = torch.cuda.max_memory_allocated()
-        result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
+        # phases reset the peak as they end; what is left covers a phase cut short by an error
+        result.peak_allocated_bytes = max([torch.cuda.max_memory_allocated(), *phase_peaks.values()])
+        result.peak_reserved_bytes = max(torch.cuda.max_memory_reserved(), peaks["reserved"])
         result.device_used_bytes = (sampler.stop() if sampler._thread else sampler.used()) - baseline
     elif meter:
         result.peak_allocated_bytes = meter.tracker.phase_peak

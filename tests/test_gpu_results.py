@@ -1,0 +1,129 @@
+"""The estimate against the GPU measurements committed under validate/results.
+
+The rows were measured by `memplan validate` on an H100 (the default matrix, which the constants
+were calibrated on) and an H200 (the holdout matrix, run after calibrating); the estimate is
+recomputed here from each row's job with the current code, so a change that breaks agreement with
+real hardware fails on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from memplan.cli import _gpu_for
+from memplan.estimate import estimate_memory
+from memplan.profiles import load_gpu, load_model
+from memplan.validate.results import read
+
+RESULTS = Path(__file__).resolve().parent.parent / "validate" / "results"
+ROWS = [row for path in sorted(RESULTS.glob("H*.jsonl")) for row in read(path)]
+MiB = 1024**2
+
+ALLOCATED_TOLERANCE = 0.03
+GAP_BOUND = 0.12
+
+
+def _known_gap(row) -> str | None:
+    """Rows the estimate misses by more than 3%, each with its reason (docs/validation.md)."""
+    j = row.job
+    fp32_math = j.method == "qlora" and not j.autocast and j.micro_batch * j.seq_len >= 8192 and j.model in ("mistral-7b", "falcon-7b")
+    if fp32_math:
+        return "the math SDPA kernel's fp32 backward at 8k tokens holds about one more score tensor than modelled"
+    if j.method == "qlora" and j.lora_targets == "all-linear":
+        return "QLoRA backward with all-linear LoRA is overestimated by 4-5%"
+    if j.method == "qlora" and j.autocast and j.micro_batch * j.seq_len >= 8192 and j.model == "mistral-7b":
+        return "autocast QLoRA layer backward: 16-bit saved tensors not modelled (overestimate)"
+    return None
+
+
+def _estimate(row):
+    gpu = _gpu_for(row.environment["gpu"], load_gpu)
+    return estimate_memory(row.job, load_model(row.job.model), gpu)
+
+
+def _err(pred: int, meas: int) -> float:
+    return (pred - meas) / meas
+
+
+def _id(row) -> str:
+    j = row.job
+    ac = "-autocast" if j.autocast else ""
+    return f"{row.environment['gpu'].split()[1]}-{j.model}-{j.method}-b{j.micro_batch}-s{j.seq_len}-{j.optimizer}{ac}-{j.lora_targets}-ck{j.checkpointing}-fe{j.foreach}"
+
+
+def test_results_are_committed_from_both_gpus():
+    gpus = {row.environment["gpu"] for row in ROWS}
+    assert {"NVIDIA H100 80GB HBM3", "NVIDIA H200"} <= gpus
+    assert len(ROWS) >= 40
+    assert all(row.measured.status == "ok" for row in ROWS)
+    # each row says how it was measured
+    assert all(row.command.startswith("python -m memplan.validate.worker") and row.environment["torch"] for row in ROWS)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if not _known_gap(r)], ids=_id)
+def test_peak_allocated_within_3_percent(row):
+    err = _err(_estimate(row).peak_allocated_bytes, row.measured.peak_allocated_bytes)
+    assert abs(err) <= ALLOCATED_TOLERANCE, f"{err:+.1%}"
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if _known_gap(r)], ids=_id)
+def test_known_gaps_stay_bounded_and_known(row):
+    err = _err(_estimate(row).peak_allocated_bytes, row.measured.peak_allocated_bytes)
+    assert abs(err) <= GAP_BOUND, f"{err:+.1%}: {_known_gap(row)}"
+    # a gap that closes should leave the list
+    assert abs(err) > ALLOCATED_TOLERANCE, f"now {err:+.1%}: remove it from _known_gap"
+
+
+def test_device_used_error():
+    """pynvml's figure carries the allocator's fragmentation, which varies from 2% to 42% of the
+    peak between jobs; the estimate applies the calibrated median."""
+    errs = [_err(_estimate(r).device_used_bytes, r.measured.device_used_bytes) for r in ROWS]
+    assert statistics.median(abs(e) for e in errs) <= 0.07
+    assert max(abs(e) for e in errs) <= 0.25
+
+
+def test_two_cublas_workspaces_are_allocated_after_a_training_step():
+    """What torch holds between steps beyond the model and its torch-resident optimizer states is
+    two 32 MiB cuBLAS workspaces (the forward's thread and the autograd thread), as modelled."""
+    for row in ROWS:
+        est = _estimate(row)
+        states = sum(c.bytes for c in est.components if c.name == "optimizer states")
+        extra = row.measured.state_bytes - row.measured.model_bytes - states
+        ws = est.component("cuBLAS workspaces").bytes
+        assert ws == 64 * MiB
+        assert abs(extra - ws) <= 3 * MiB, f"{_id(row)}: {extra / MiB:.1f} MiB"
+
+
+PROBES = [json.loads(line) for path in RESULTS.glob("probes-*.jsonl") for line in path.read_text().splitlines()]
+
+
+def test_probed_attention_kernels_match_the_estimate():
+    """Which SDPA kernel ran on the H100 for each model and dtype decides whether the scores are
+    materialised; the estimate's choice must agree with every probe."""
+    from memplan.activations import _attention_kernel
+    from memplan.job import Job
+
+    probes = [p for p in PROBES if p["check"] == "sdpa_kernel"]
+    assert len(probes) == 21
+    for p in probes:
+        # bf16 weights: LoRA; fp32 without autocast: QLoRA's upcast stream; fp32 with autocast: Trainer bf16=True
+        if p["dtype"] == "bf16":
+            job = Job(model=p["model"], method="lora")
+        else:
+            job = Job(model=p["model"], method="qlora", autocast=p["autocast"])
+        act_bytes = 4 if p["dtype"] == "fp32" else 2
+        modelled = _attention_kernel(job, load_model(p["model"]), "cuda", act_bytes)
+        assert (modelled == "math_fp32") == (p["kernel"] == "math"), p
+
+
+def test_probed_unquantized_linears_match_the_architecture():
+    """transformers' bnb loading left exactly Falcon's FalconLinear layers in 16 bits on the GPU."""
+    probes = {p["model"]: p for p in PROBES if p["check"] == "unquantized_linears"}
+    for name, p in probes.items():
+        arch = load_model(name)
+        kept = sum(lin.d_in * lin.d_out + (lin.d_out if lin.bias else 0) for lin in arch.linears if not lin.quantizable)
+        assert sum(p["kept_params_by_type"].values()) == kept * arch.layers, name
