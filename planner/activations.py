@@ -35,6 +35,8 @@ class Ctx:
     lora_dropout: float
     grad_in: bool  # gradients flow into the layer's input (not so for layer 0 of frozen-embedding LoRA)
     attention: str  # "flash" (O(s) state), "math" (materialised scores, CUDA dtype) or "math_fp32" (CPU upcast)
+    sdpa_bytes: int  # dtype SDPA sees: the compute dtype under autocast, else the activations'
+    lora_autocast: bool  # adapters under autocast: lora_A keeps a 16-bit cast of its input
     stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
     cpu: bool  # follow the CPU kernels the trace runs instead of CUDA's
 
@@ -51,9 +53,18 @@ def _lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved
     if ctx.lora_dropout > 0:
         saved[f"{name}.lora_dropout_out"] = t * d_in * ctx.adapter_bytes
         saved[f"{name}.lora_dropout_mask"] = t * d_in * ctx.dropout_mask(ctx.adapter_bytes)
-    elif ctx.adapter_bytes == ctx.act_bytes:
+    if ctx.lora_autocast:
+        # autocast casts lora_A's input to the compute dtype (per target: activations are not
+        # cached) and lora_A's output is 16-bit (allocator trace of a QLoRA layer, H200)
+        if ctx.lora_dropout == 0 and ctx.sdpa_bytes == ctx.act_bytes:
+            saved[shared_input] = t * d_in * ctx.act_bytes
+        else:
+            saved[f"{name}.lora_input_cast"] = t * d_in * ctx.sdpa_bytes
+        saved[f"{name}.lora_A_out"] = t * ctx.rank * ctx.sdpa_bytes
+        return
+    if ctx.lora_dropout == 0 and ctx.adapter_bytes == ctx.act_bytes:
         saved[shared_input] = t * d_in * ctx.act_bytes  # the cast is a no-op: lora_A saves the shared input
-    else:
+    elif ctx.lora_dropout == 0:
         saved[f"{name}.lora_input_cast"] = t * d_in * ctx.adapter_bytes
     saved[f"{name}.lora_A_out"] = t * ctx.rank * ctx.adapter_bytes
 
@@ -99,6 +110,7 @@ def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) 
     t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
     q, kv = arch.q_width, arch.kv_width
     if ctx.attention == "flash":
+        ab = ctx.sdpa_bytes  # under autocast the kernel saves its 16-bit casts
         # q and k are new tensors after RoPE; v is the projection output itself.
         saved["attn.q"] = t * q * ab
         saved["attn.k"] = t * kv * ab
@@ -168,8 +180,11 @@ def _plain_mlp(ctx: Ctx, arch: ModelArch, fc1: str, fc2: str, gelu_new: bool, sa
         return
     saved["mlp.fc1_out"] = t * i * ab
     if gelu_new:
-        # NewGELUActivation in Python: 0.5*x, tanh(...), 1+tanh and the product are kept
-        saved["mlp.gelu_parts"] = 3 * t * i * ab
+        # NewGELUActivation in Python: 0.5*x, tanh(...), 1+tanh and the product are kept. CUDA
+        # autocast runs pow in fp32 (its fp32 op list; the CPU's does not), so under autocast on
+        # the GPU the rest of the GELU is fp32 too (allocator trace of Phi-2, H200)
+        parts = 4 if ctx.autocast and not ctx.cpu else ab
+        saved["mlp.gelu_parts"] = 3 * t * i * parts
     _linear_input(ctx, (fc2,), i, "mlp.act_out", saved)
 
 
@@ -226,7 +241,9 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
     t, ab = ctx.tokens, ctx.act_bytes
     width = arch.intermediate * (arch.experts_per_token or 1)
     stream = 2 * t * arch.hidden * ctx.stream_bytes
-    mlp = (3 if arch.gated_mlp else 2) * t * width * ab
+    # the down projection's input is released once its backward has run, before the intermediate
+    # gradients of act * up appear (allocator trace of an all-linear QLoRA layer, H200)
+    mlp = (3 if arch.gated_mlp else 2) * t * width * ab - saved.get("mlp.product", 0)
     attn = 0
     if ctx.attention != "flash":
         # eager softmax runs in fp32; the math kernel in its own dtype (fp32 on the CPU)
@@ -236,7 +253,10 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
         eager_probs = ("attn.probs",) if ctx.attention == "eager" else ()
         freed = sum(v for k, v in saved.items() if k.startswith(after + dropout + eager_probs))
         scores = t * arch.heads * ctx.seq * score
-        attn = 2 * scores - freed
+        # CUDA's math-kernel backward holds three score-sized gradients next to the saved
+        # probabilities (allocator traces of Falcon and Mistral layers on the H200,
+        # validate/results/alloc-traces-*); the CPU trace shows two
+        attn = (3 if ctx.attention == "math_fp32" and not ctx.cpu else 2) * scores - freed
         if "attn.dropout_mask" in saved:
             # the dropout backward comes first: the dropped probabilities' gradient while the mask
             # and the dropped copy are still held
@@ -255,7 +275,10 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
     # high point comes later, at the dropped copy, when the scores are already gone
     scores = 0 if "attn.dropout_mask" in saved else ctx.tokens * arch.heads * ctx.seq * score
     held = sum(v for k, v in saved.items() if k.startswith("attn.")) if checkpointed else 0
-    return scores + held
+    # the math kernel's _safe_softmax builds a bool mask of the -inf scores inside one aten op: the
+    # CUDA allocator sees it (H200 trace of a Mistral layer), the CPU trace's dispatch mode cannot
+    inside = ctx.tokens * arch.heads * ctx.seq if ctx.attention == "math_fp32" and not ctx.cpu else 0
+    return scores + held + inside
 
 
 def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
@@ -268,6 +291,17 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
 def checkpoint_saved(arch: ModelArch, ctx: Ctx) -> int:
     """Non-reentrant checkpointing keeps each layer's input hidden states."""
     return ctx.tokens * arch.hidden * ctx.stream_bytes
+
+
+def recompute_input_alias(arch: ModelArch, ctx: Ctx) -> int:
+    """Bytes of the recomputed layer's saved tensors that are its checkpointed input itself: a
+    LayerNorm saves its input as is, and an RMSNorm's `x.to(float32)` is the same tensor when the
+    stream is already fp32 (QLoRA after kbit prepare: allocator trace on the H200)."""
+    if not ctx.grad_in:
+        return 0
+    if arch.norm == "layer" or ctx.stream_bytes == 4:
+        return ctx.tokens * arch.hidden * ctx.stream_bytes
+    return 0
 
 
 def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
@@ -332,6 +366,8 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str,
         lora_dropout=job.lora_dropout,
         grad_in=grad_in,
         attention=attention,
+        sdpa_bytes=float_bytes(job.compute_dtype) if job.runs_autocast else act_bytes,
+        lora_autocast=job.uses_lora and job.runs_autocast,
         stats_bytes=act_bytes if platform == "cpu" else 4,
         cpu=platform == "cpu",
     )

@@ -247,7 +247,7 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     fwd_layer = act.layer_forward_transient(arch, ctx, layer_tensors, job.checkpointing)
     static = st.resident + ws
     live = static + st.gathered
-    recompute = layer if job.checkpointing else 0
+    recompute = layer - act.recompute_input_alias(arch, ctx) if job.checkpointing else 0
     # autocast's cache of cast weights dies with the autocast region; only tensors saved for
     # backward keep them, and a checkpointed forward saves none (the recomputation re-casts one layer)
     casts_bwd = casts // arch.layers if job.checkpointing else casts

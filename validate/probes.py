@@ -17,7 +17,8 @@ SDPA_OPS = ("flash", "efficient", "cudnn", "math", "overrideable")
 
 
 def unquantized_linears(model_name: str) -> dict:
-    """Linear-like modules (2-D weight) outside lm_head that `replace_with_bnb_linear` keeps in 16 bits."""
+    """Weight matrices (2-D and fused 3-D expert tensors) outside the embeddings and lm_head that
+    `replace_with_bnb_linear` leaves in 16 bits, by owning module type."""
     import torch
     from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
@@ -30,14 +31,16 @@ def unquantized_linears(model_name: str) -> dict:
     kept: dict[str, int] = {}
     quantized = 0
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is None or weight.dim() < 2 or name.endswith("lm_head") or isinstance(module, torch.nn.Embedding):
+        if name.endswith("lm_head") or isinstance(module, torch.nn.Embedding):
             continue
         kind = type(module).__name__
-        if kind in ("Linear4bit", "Linear8bitLt"):
-            quantized += weight.numel() * (2 if kind == "Linear4bit" else 1)  # packed 4-bit: two per byte
-        else:
-            kept[kind] = kept.get(kind, 0) + sum(p.numel() for p in module.parameters(recurse=False))
+        for param in module.parameters(recurse=False):
+            if param.dim() < 2:  # norms and biases are never quantized
+                continue
+            if kind in ("Linear4bit", "Linear8bitLt"):
+                quantized += param.numel() * (2 if kind == "Linear4bit" else 1)  # packed 4-bit: two per byte
+            else:  # 2-D linears of other types, and fused 3-D expert tensors
+                kept[kind] = kept.get(kind, 0) + param.numel()
     return {"check": "unquantized_linears", "model": model_name, "quantized_params": quantized, "kept_params_by_type": kept}
 
 
