@@ -77,7 +77,6 @@ class _State:
         self.unpaged_states = optimizer_state_bytes(job, n_unpaged)[0] if n_unpaged < n_train else self.states
         self.paged_states = self.states - self.unpaged_states
         self.temp, self.temp_formula = optimizer_step_temporary(job, n_train)
-        self.paged = is_paged(job)
         if job.method == "full":
             self.g_layer = params.per_layer * pb
             self.g_head = (params.lm_head or params.embedding) * pb + params.final_norm * pb
@@ -191,6 +190,9 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     if st.paged_states:
         notes.append("paged optimizer states live in CUDA unified memory: pynvml sees them, torch.cuda does not, "
                      "and the driver can page them to host RAM under pressure")
+    elif is_paged(job) and st.states:
+        notes.append(f"paged optimizer, but every state tensor is under {BNB_PAGED_MIN_NUMEL:,} elements: bitsandbytes "
+                     "keeps them all in ordinary device memory")
     if ws:
         comps.append(_workspace_component(ws, job.task, [FWD, BWD, OPT]))
     if job.num_gpus > 1 and job.sharding == "none":
