@@ -40,6 +40,11 @@ class Ctx:
     stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
     cpu: bool  # follow the CPU kernels the trace runs instead of CUDA's
 
+    @property
+    def cuda_math(self) -> bool:
+        """SDPA's math kernel on CUDA, where the allocator sees more than the CPU trace can."""
+        return self.attention == "math_fp32" and not self.cpu
+
     def dropout_mask(self, elem_bytes: int) -> int:
         """CUDA's fused native_dropout keeps a bool mask; the CPU keeps the scaled noise tensor."""
         return elem_bytes if self.cpu else 1
@@ -256,7 +261,7 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
         # CUDA's math-kernel backward holds three score-sized gradients next to the saved
         # probabilities (allocator traces of Falcon and Mistral layers on the H200,
         # validate/results/alloc-traces-*); the CPU trace shows two
-        attn = (3 if ctx.attention == "math_fp32" and not ctx.cpu else 2) * scores - freed
+        attn = (3 if ctx.cuda_math else 2) * scores - freed
         if "attn.dropout_mask" in saved:
             # the dropout backward comes first: the dropped probabilities' gradient while the mask
             # and the dropped copy are still held
@@ -277,7 +282,7 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
     held = sum(v for k, v in saved.items() if k.startswith("attn.")) if checkpointed else 0
     # the math kernel's _safe_softmax builds a bool mask of the -inf scores inside one aten op: the
     # CUDA allocator sees it (H200 trace of a Mistral layer), the CPU trace's dispatch mode cannot
-    inside = ctx.tokens * arch.heads * ctx.seq if ctx.attention == "math_fp32" and not ctx.cpu else 0
+    inside = ctx.tokens * arch.heads * ctx.seq if ctx.cuda_math else 0
     return scores + held + inside
 
 
@@ -322,9 +327,10 @@ def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     return saved
 
 
-def _attention_kernel(job: Job, arch: ModelArch, platform: str, act_bytes: int) -> str:
+def _attention_kernel(job: Job, arch: ModelArch, platform: str, sdpa_bytes: int) -> str:
     """Which attention runs, as far as memory goes: "flash" for any fused SDPA kernel (flash,
-    memory-efficient, cuDNN: O(s) state), "math" where the scores are materialised.
+    memory-efficient, cuDNN: O(s) state), "math_fp32" for SDPA's math kernel, which materialises
+    the scores in fp32, and "eager"/"math" for the models' own eager paths.
 
     Read off the probes (validate/probes.py, results in validate/results/probes-*.jsonl):
     - Falcon hands SDPA keys broadcast over heads: the math kernel, in every dtype, CPU and CUDA;
@@ -340,18 +346,15 @@ def _attention_kernel(job: Job, arch: ModelArch, platform: str, act_bytes: int) 
         return "math_fp32" if broadcast_kv else "flash"
     # the math kernel computes in fp32 on CUDA too (torch's allow_fp16_bf16_reduction_math_sdp is
     # off by default): a bf16 Falcon layer's scores are fp32 on the H200 (validate/results/timelines-*)
-    sdpa_bytes = float_bytes(job.compute_dtype) if job.runs_autocast else act_bytes
-    if arch.family == "falcon" and arch.kv_heads != arch.heads:
-        return "math_fp32"
-    if sdpa_bytes == 4 and arch.kv_heads != arch.heads:
-        return "math_fp32"
-    return "flash"
+    grouped = arch.kv_heads != arch.heads
+    return "math_fp32" if grouped and (arch.family == "falcon" or sdpa_bytes == 4) else "flash"
 
 
 def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str, grad_in: bool) -> Ctx:
     act_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype)
     autocast = job.task == "train" and job.method == "full" and job.mixed_precision
-    attention = _attention_kernel(job, arch, platform, act_bytes)
+    sdpa_bytes = float_bytes(job.compute_dtype) if job.runs_autocast else act_bytes
+    attention = _attention_kernel(job, arch, platform, sdpa_bytes)
     return Ctx(
         tokens=job.micro_batch * job.seq_len,
         batch=job.micro_batch,
@@ -366,7 +369,7 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str,
         lora_dropout=job.lora_dropout,
         grad_in=grad_in,
         attention=attention,
-        sdpa_bytes=float_bytes(job.compute_dtype) if job.runs_autocast else act_bytes,
+        sdpa_bytes=sdpa_bytes,
         lora_autocast=job.uses_lora and job.runs_autocast,
         stats_bytes=act_bytes if platform == "cpu" else 4,
         cpu=platform == "cpu",

@@ -105,8 +105,8 @@ def test_probed_attention_kernels_match_the_estimate():
             job = Job(model=p["model"], method="lora")
         else:
             job = Job(model=p["model"], method="qlora", autocast=p["autocast"])
-        act_bytes = 4 if p["dtype"] == "fp32" else 2
-        modelled = _attention_kernel(job, load_model(p["model"]), "cuda", act_bytes)
+        sdpa_bytes = 2 if p["dtype"] == "bf16" or p["autocast"] else 4
+        modelled = _attention_kernel(job, load_model(p["model"]), "cuda", sdpa_bytes)
         assert (modelled == "math_fp32") == (p["kernel"] == "math"), p
 
 
