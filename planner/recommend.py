@@ -10,7 +10,7 @@ from .dtypes import DType
 from .estimate import estimate_memory
 from .gpu import GpuProfile
 from .job import Job
-from .throughput import DEFAULT_MFU, step_seconds, usd_per_million_tokens
+from .throughput import default_mfu, step_seconds, usd_per_million_tokens
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -56,12 +56,14 @@ def recommend(
     global_batch: int,
     max_gpus: int = 8,
     safety_margin: float = 0.05,
-    mfu: float = DEFAULT_MFU,
+    mfu: float | None = None,
     prices: dict[str, float] | None = None,
     budget_usd_per_hour: float | None = None,
 ) -> Search:
     """Every (GPU, count, sharding, checkpointing) gets the largest micro-batch that fits, since
-    memory never falls as the micro-batch grows; the rest of the global batch is accumulation."""
+    memory never falls as the micro-batch grows; the rest of the global batch is accumulation.
+    `mfu=None` takes the utilisation measured for the job's kind of training."""
+    mfu = default_mfu(base) if mfu is None else mfu
     plans: list[Plan] = []
     searched = 0
     for gpu in gpus:

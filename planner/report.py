@@ -84,7 +84,7 @@ def render(est: Estimate, console: Console) -> None:
 def recommend_table(result, model_name: str, top: int) -> Table:
     t = Table(
         title=f"{model_name}: plans that fit with {result.safety_margin:.0%} headroom, global batch {result.global_batch} x "
-        f"{result.seq_len} tokens, ranked by cost (MFU {result.mfu:.0%} assumed; communication not modelled)",
+        f"{result.seq_len} tokens, ranked by cost (MFU {result.mfu:.0%}; communication not modelled)",
         title_justify="left",
     )
     for col in ("GPU", "GPUs", "sharding", "micro-batch", "accum", "ckpt", "dtype", "device used / GPU", "step s",

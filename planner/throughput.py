@@ -5,8 +5,8 @@ base weights train, 2 x params for weight gradients (Kaplan et al. 2020, 6N per 
 appendix F); attention adds 2 x 2 x layers x seq x q_width per token forward (QK^T and AV, halved
 by the causal mask); gradient checkpointing runs the forward twice. LoRA/QLoRA skip the frozen
 weights' gradients. Time = FLOPs / (GPUs x datasheet dense 16-bit peak x utilisation), where the
-utilisation (MFU) is an assumption the user can set; QLoRA's dequantisation and communication
-are not modelled.
+utilisation (MFU) defaults to what the GPU rows measured for the job's kind of training and the
+user can set it; communication is not modelled.
 """
 
 from __future__ import annotations
@@ -16,7 +16,22 @@ from .gpu import GpuProfile
 from .job import Job
 from .params import count_params
 
-DEFAULT_MFU = 0.40
+# Median MFU of the committed H100/H200 rows (validate/results, step_seconds) with at least 4,096
+# tokens per micro-batch, by kind of training; tests/test_gpu_results.py recomputes them. QLoRA
+# without autocast runs its fp32 stream and 4-bit dequantisation at 4% (Falcon's math-kernel
+# attention) to 25%; under the Trainer's bf16 autocast at 31% to 38%; LoRA and full fine-tuning
+# in 16 bits at 20% to 50%.
+MEASURED_MFU = {"qlora": 0.16, "qlora_autocast": 0.37, "16bit": 0.38}
+
+
+def mfu_kind(job: Job) -> str:
+    if job.method == "qlora":
+        return "qlora_autocast" if job.runs_autocast else "qlora"
+    return "16bit"
+
+
+def default_mfu(job: Job) -> float:
+    return MEASURED_MFU[mfu_kind(job)]
 
 
 def flops_per_token(job: Job, arch: ModelArch) -> float:
@@ -31,10 +46,10 @@ def flops_per_token(job: Job, arch: ModelArch) -> float:
     return forward + backward + recompute
 
 
-def step_seconds(job: Job, arch: ModelArch, gpu: GpuProfile, tokens_per_step: int, mfu: float = DEFAULT_MFU) -> float:
+def step_seconds(job: Job, arch: ModelArch, gpu: GpuProfile, tokens_per_step: int, mfu: float) -> float:
     return flops_per_token(job, arch) * tokens_per_step / (job.num_gpus * gpu.peak_tflops_16bit * 1e12 * mfu)
 
 
-def usd_per_million_tokens(job: Job, arch: ModelArch, gpu: GpuProfile, price: float, mfu: float = DEFAULT_MFU) -> float:
+def usd_per_million_tokens(job: Job, arch: ModelArch, gpu: GpuProfile, price: float, mfu: float) -> float:
     tokens_per_second = job.num_gpus * gpu.peak_tflops_16bit * 1e12 * mfu / flops_per_token(job, arch)
     return price * job.num_gpus / 3600 / tokens_per_second * 1e6

@@ -134,3 +134,21 @@ def test_unquantized_linears_live(name):
     arch = load_model(name)
     assert routers == (arch.layers * arch.experts * arch.hidden if arch.experts else 0)
     assert sum(kept.values()) - routers == _kept_by_architecture(name)
+
+
+def test_default_mfu_is_the_measured_median():
+    """recommend's default utilisation per kind of training is the median over the committed rows
+    with at least 4,096 tokens per micro-batch (FLOPs model / measured step time / datasheet peak)."""
+    from memplan.throughput import MEASURED_MFU, flops_per_token, mfu_kind
+
+    by_kind: dict[str, list[float]] = {}
+    for r in ROWS:
+        j = r.job
+        if j.micro_batch * j.seq_len < 4096:
+            continue
+        gpu = _gpu_for(r.environment["gpu"], load_gpu)
+        flops = flops_per_token(j, load_model(j.model)) * j.micro_batch * j.seq_len
+        by_kind.setdefault(mfu_kind(j), []).append(flops / r.measured.step_seconds / (gpu.peak_tflops_16bit * 1e12))
+    assert set(by_kind) == set(MEASURED_MFU)
+    for kind, values in by_kind.items():
+        assert MEASURED_MFU[kind] == pytest.approx(statistics.median(values), abs=0.005), kind
