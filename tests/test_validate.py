@@ -145,3 +145,30 @@ def test_validate_without_gpu_is_one_line_exit_2():
     out = subprocess.run([sys.executable, "-m", "memplan.cli", "validate"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "GPU" in out.stderr
+
+
+def test_alloc_trace_replays_the_peak():
+    """The allocator-trace replay finds the moment of peak and what was live then; frees of blocks
+    allocated before the record started are ignored."""
+    from memplan.validate.alloc_trace import live_at_peak
+
+    events = [
+        {"action": "alloc", "addr": 1, "size": 10},
+        {"action": "alloc", "addr": 2, "size": 5},
+        {"action": "free_requested", "addr": 1, "size": 10},
+        {"action": "alloc", "addr": 3, "size": 7},
+        {"action": "free_requested", "addr": 99, "size": 3},
+    ]
+    peak, live = live_at_peak(events)
+    assert peak == 15
+    assert sorted(b["addr"] for b in live) == [1, 2]
+
+
+def test_op_timeline_on_a_tiny_layer():
+    """One layer's op-by-op record runs on the CPU: the backward of a tiny Llama layer peaks above
+    its forward, and the record names the ops around each peak."""
+    from memplan.validate.probes import op_timeline
+
+    rep = op_timeline(TINY, "cpu", "fp32", 2, 64)
+    assert rep["backward_peak_bytes"] > rep["forward_peak_bytes"] > 0
+    assert any(op.startswith("mm:") for op in rep["forward_ops"])
