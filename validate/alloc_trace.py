@@ -14,26 +14,6 @@ import argparse
 import contextlib
 import json
 import sys
-import tempfile
-
-
-def _cut_config(model: str, layers: int, vocab: int | None) -> str:
-    from memplan.profiles import load_hf_config
-
-    _, raw = load_hf_config(model)
-    raw = dict(raw)
-    if vocab:  # a small vocabulary moves the peak from the loss into the layers' backward
-        raw["vocab_size"] = vocab
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(raw.get(key), int) and raw[key] >= vocab:
-                raw[key] = 0
-    for key in ("num_hidden_layers", "n_layer"):
-        if key in raw:
-            raw[key] = layers
-    f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    json.dump(raw, f)
-    f.close()
-    return f.name
 
 
 def _where(frames: list[dict]) -> str:
@@ -72,9 +52,10 @@ def trace(job_json: dict, layers: int, vocab: int | None = None, only_phase: str
     from memplan.profiles import load_model
 
     from .build import build
+    from .models import cut_config
     from .step import PHASES, forward_context, make_optimizer, run_phase
 
-    job = Job.model_validate({**job_json, "model": _cut_config(job_json["model"], layers, vocab)})
+    job = Job.model_validate({**job_json, "model": cut_config(job_json["model"], layers, vocab)})
     arch = load_model(job.model)
     model = build(job, arch, "cuda")
     opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])

@@ -22,6 +22,30 @@ def hf_config(model: str, attention: str):
     return cfg
 
 
+def cut_config(model: str, layers: int, vocab: int | None = None) -> str:
+    """A copy of a model's config with fewer decoder layers (and optionally a smaller vocabulary,
+    which moves the peak from the loss into the layers), written to a temporary file whose path
+    works wherever a model name does."""
+    import json
+    import tempfile
+
+    from memplan.profiles import load_hf_config
+
+    _, raw = load_hf_config(model)
+    raw = dict(raw)
+    if vocab:
+        raw["vocab_size"] = vocab
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(raw.get(key), int) and raw[key] >= vocab:
+                raw[key] = 0
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in raw:
+            raw[key] = layers
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(raw, f)
+    return f.name
+
+
 def meta_model(cfg, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 

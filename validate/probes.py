@@ -49,10 +49,11 @@ def sdpa_kernel(model_name: str, device: str, dtype: str, autocast: bool, batch:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from .models import DTYPES, hf_config
-
-    cfg = _one_layer(hf_config(model_name, "sdpa"))
     from transformers import AutoModelForCausalLM
+
+    from .models import DTYPES, cut_config, hf_config
+
+    cfg = hf_config(cut_config(model_name, 1), "sdpa")
 
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype])
@@ -71,13 +72,6 @@ def sdpa_kernel(model_name: str, device: str, dtype: str, autocast: bool, batch:
             "batch": batch, "seq": seq, "kernel": kernel, "ops": ops}
 
 
-def _one_layer(cfg):
-    for key in ("num_hidden_layers", "n_layer"):
-        if hasattr(cfg, key):
-            setattr(cfg, key, 1)
-    return cfg
-
-
 def op_timeline(model_name: str, device: str, dtype: str, batch: int, seq: int, job: dict | None = None,
                 window: int = 25) -> dict:
     """One decoder layer's forward and backward on real tensors, every op's live bytes recorded:
@@ -85,7 +79,7 @@ def op_timeline(model_name: str, device: str, dtype: str, batch: int, seq: int, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .models import DTYPES, hf_config
+    from .models import DTYPES, cut_config, hf_config
     from .tracker import LiveBytes
 
     class Recording(LiveBytes):
@@ -99,17 +93,17 @@ def op_timeline(model_name: str, device: str, dtype: str, batch: int, seq: int, 
             return out
 
     if job is None:
-        cfg = _one_layer(hf_config(model_name, "sdpa"))
+        cfg = hf_config(cut_config(model_name, 1), "sdpa")
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype])
         model.train()
-    else:  # the job's own build (quantization, kbit prepare, LoRA, checkpointing) of a one-layer config
+    else:  # the job's own build (quantization, kbit prepare, LoRA, checkpointing), cut to one layer
         from memplan.job import Job
         from memplan.profiles import load_model
 
         from .build import build
 
-        job = Job.model_validate(job)
+        job = Job.model_validate({**job, "model": cut_config(job["model"], 1)})
         model = build(job, load_model(job.model), device)
         cfg = model.config
     # the layer alone: embeddings frozen and the loss replaced by a sum, so the vocab-wide tensors
@@ -160,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", default=None)
     parser.add_argument("--timeline", default=None, metavar="DTYPE:BATCH:SEQ",
                         help="instead of the probes, one layer's op timeline per model, e.g. fp32:4:2048")
-    parser.add_argument("--job", default=None, help="with --timeline: a Job (JSON) whose model is a one-layer config")
+    parser.add_argument("--job", default=None, help="with --timeline: a Job (JSON), built as the harness builds it, cut to one layer")
     args = parser.parse_args(argv)
     if args.timeline and args.job:
         dtype, batch, seq = args.timeline.split(":")
