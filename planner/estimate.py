@@ -195,6 +195,12 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
                      "keeps them all in ordinary device memory")
     if ws:
         comps.append(_workspace_component(ws, job.task, [FWD, BWD, OPT]))
+    sharded_away = (st.weights - shard(st.weights, plan.params_div)) + (st.adapters - shard(st.adapters, plan.params_div))
+    if st.gathered > sharded_away:
+        notes.append(f"{job.sharding} on {job.num_gpus} GPUs: sharding the parameters saves {human(sharded_away)} per GPU, "
+                     f"but the gathered root unit and two decoder layers take {human(st.gathered)}, so each GPU holds "
+                     "more parameter bytes than one unsharded GPU would (the embeddings and head outweigh the sharded "
+                     "layers); zero2 / fsdp_grad_op gathers nothing, and more GPUs shrink the shard")
     if job.num_gpus > 1 and job.sharding == "none":
         notes.append(f"{job.num_gpus} GPUs without --sharding: plain DDP, every GPU holds a full replica")
 

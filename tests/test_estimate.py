@@ -60,6 +60,22 @@ def test_paged_states_split_at_bnb_threshold():
     assert all_lin.device_used_bytes - all_lin.peak_reserved_bytes >= paged.bytes
 
 
+def test_rank_past_paging_threshold_leaves_torch_pool():
+    """Llama-2-7B LoRA on q/v with paged AdamW: at r=24 each adapter tensor is 4096 x 24 = 98,304
+    elements, under bitsandbytes' 1e5 threshold, so all 32 x 4 tensors' states (8 B each) sit in
+    torch's pool: 32 x 4 x 98,304 x 8 = 100,663,296 B. At r=25 (102,400 elements) every one is
+    paged. torch's peak therefore drops by those states less what the larger rank adds, while the
+    device total (torch pool + unified memory) grows."""
+    r24 = estimate("llama-2-7b", method="lora", optimizer="paged_adamw", lora_rank=24, seq_len=8)
+    r25 = estimate("llama-2-7b", method="lora", optimizer="paged_adamw", lora_rank=25, seq_len=8)
+    assert r24.component("optimizer states").bytes == 32 * 4 * 98_304 * 8
+    assert not any(c.name == "paged optimizer states" for c in r24.components)
+    assert r25.component("optimizer states").bytes == 0
+    assert r25.component("paged optimizer states").bytes == 32 * 4 * 102_400 * 8
+    assert r25.peak_allocated_bytes < r24.peak_allocated_bytes
+    assert r25.device_used_bytes > r24.device_used_bytes
+
+
 def test_lora_trainable_params_by_hand():
     est = estimate("llama-2-7b", method="lora", lora_rank=8)
     assert est.trainable_params == 32 * 8 * ((4096 + 4096) * 2)  # q_proj and v_proj

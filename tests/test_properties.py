@@ -1,6 +1,6 @@
 """Memory never decreases with batch, sequence or rank (hypothesis)."""
 
-from hypothesis import given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from memplan import Job, estimate_memory
@@ -23,13 +23,19 @@ jobs = st.fixed_dictionaries(
 
 
 def peak(fields):
+    """Bytes the job puts on the GPU at its peak (torch's pool plus paged optimizer states, which
+    live in unified memory outside torch's pool), and the device total pynvml would report.
+    torch's figure alone is not monotone: a tensor that grows past bitsandbytes' paging threshold
+    leaves torch's pool (test_estimate.py::test_rank_past_paging_threshold_leaves_torch_pool)."""
     job = Job(**fields)
     est = estimate_memory(job, load_model(job.model))
-    return est.peak_allocated_bytes, est.device_used_bytes
+    paged = sum(c.bytes for c in est.components if c.pool == "unified")
+    return est.peak_allocated_bytes + paged, est.device_used_bytes
 
 
-@settings(max_examples=150, deadline=None)
 @given(jobs, st.sampled_from(["micro_batch", "seq_len", "lora_rank"]), st.integers(1, 64))
+@example(dict(model="llama-2-7b", method="lora", task="train", micro_batch=1, seq_len=8, lora_rank=10,
+              gradient_checkpointing=False, attention="sdpa", optimizer="paged_adamw"), "lora_rank", 15)
 def test_more_never_needs_less(fields, knob, extra):
     bigger = dict(fields, **{knob: fields[knob] + extra})
     small_alloc, small_dev = peak(fields)
