@@ -52,6 +52,7 @@ def estimate(
     compute_dtype: str = typer.Option("bf16", help="fp32 | fp16 | bf16"),
     double_quant: bool = typer.Option(True, help="bitsandbytes double quantization of 4-bit absmax"),
     optimizer: str = typer.Option("adamw", help="adamw | adamw_8bit | paged_adamw | paged_adamw_8bit | sgd | sgd_momentum"),
+    foreach: bool = typer.Option(True, help="torch AdamW's foreach path (its step allocates a weights-sized temporary)"),
     micro_batch: int = typer.Option(1, "--micro-batch", "-b", help="sequences per GPU per step"),
     seq_len: int = typer.Option(512, "--seq-len", "-s", help="tokens per sequence (prompt length for inference)"),
     new_tokens: int = typer.Option(0, help="inference: tokens generated after the prompt"),
@@ -59,6 +60,7 @@ def estimate(
     lora_alpha: int = typer.Option(32),
     lora_dropout: float = typer.Option(0.0),
     lora_targets: str = typer.Option("default", help="default | all-linear | comma-separated module names"),
+    adapter_dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16: LoRA weights (peft keeps fp32 unless autocast_adapter_dtype=False)"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="default: on for qlora, off otherwise"),
     attention: str = typer.Option("sdpa", help="sdpa | eager"),
     kbit_prepare: bool = typer.Option(True, help="peft prepare_model_for_kbit_training (fp32 upcast) for k-bit bases"),
@@ -77,9 +79,9 @@ def estimate(
 
     job = _job(
         model=model, method=method, task=task, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
-        double_quant=double_quant, optimizer=optimizer, micro_batch=micro_batch, seq_len=seq_len,
+        double_quant=double_quant, optimizer=optimizer, foreach=foreach, micro_batch=micro_batch, seq_len=seq_len,
         new_tokens=new_tokens, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, attention=attention,
+        lora_targets=lora_targets, adapter_dtype=adapter_dtype, gradient_checkpointing=gradient_checkpointing, attention=attention,
         kbit_prepare=kbit_prepare, autocast=autocast, gpu=gpu, num_gpus=num_gpus, sharding=sharding,
         cpu_offload=cpu_offload, gpus_per_node=gpus_per_node,
     )
