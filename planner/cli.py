@@ -324,7 +324,7 @@ def trace(
 
 @app.command()
 def validate(
-    matrix: str = typer.Option("default", help="default (one 80 GB-class GPU) | holdout (jobs the default matrix lacks) | quick (tiny models)"),
+    matrix: str = typer.Option("default", help="default (one 80 GB-class GPU) | holdout (jobs the default matrix lacks) | inference (generation and scoring) | quick (tiny models)"),
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="only these models (repeatable)"),
     out: Optional[str] = typer.Option(None, help="JSONL file results are appended to (default validate/results/<gpu>-<date>.jsonl)"),
     device: str = typer.Option("cuda", help="cuda | cpu (a dry run of the harness without a GPU)"),

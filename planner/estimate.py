@@ -50,7 +50,7 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, pl
     check_job(job, arch)
     ws = overhead.cublas_workspaces(gpu, job.task) if platform == "cuda" else 0
     if job.task == "infer":
-        return _finish(job, arch, gpu, *_inference(job, arch, ws))
+        return _finish(job, arch, gpu, *_inference(job, arch, platform, ws))
     return _finish(job, arch, gpu, *_training(job, arch, platform, ws))
 
 
@@ -291,7 +291,7 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     return comps, phases, params, n_train, notes, unified, st.host
 
 
-def _inference(job: Job, arch: ModelArch, ws: int):
+def _inference(job: Job, arch: ModelArch, platform: str, ws: int):
     params = count_params(arch)
     comps: list[Component] = []
     notes: list[str] = []
@@ -300,28 +300,45 @@ def _inference(job: Job, arch: ModelArch, ws: int):
     comps.append(_buffers_component(arch, [LOAD, PREFILL, DECODE]))
     w += buffer_bytes(arch)
     kv = inf.kv_cache_bytes(job, arch)
+    kv_prompt = inf.kv_cache_bytes(job, arch, generated=False)
     positions = inf.kv_tokens(job, arch)
+    decode = [DECODE] if job.new_tokens else []
     comps.append(Component(
         name="KV cache", bytes=kv,
         formula=f"2 x {arch.layers} layers x {arch.kv_heads} kv heads x {arch.head_dim} head dim x {positions:,} positions "
-                f"x batch {job.micro_batch} x {2 if job.compute_dtype.value != 'fp32' else 4} B",
-        phases=[PREFILL, DECODE]))
+                f"x batch {job.micro_batch} x {float_bytes(job.compute_dtype)} B",
+        phases=[PREFILL, *decode]))
     if arch.sliding_window and job.seq_len + job.new_tokens > arch.sliding_window:
         notes.append(f"sliding window: the cache keeps the last {arch.sliding_window} positions per layer")
-    pre = inf.prefill_transient_bytes(job, arch)
+    pre = inf.prefill_transient_bytes(job, arch, platform)
     comps.append(Component(name="activations", bytes=pre, formula="one layer's no-grad intermediates during prefill",
                            phases=[PREFILL]))
+    head = inf.head_bytes(job, arch)
     logits = inf.logits_bytes(job, arch)
-    comps.append(Component(name="logits", bytes=logits,
-                           formula="last position only (generate)" if job.new_tokens else "every position, plus fp32 copy",
-                           phases=[PREFILL]))
+    comps.append(Component(
+        name="logits", bytes=head,
+        formula=("final norm output + last position's logits and their fp32 copy (generate)" if job.new_tokens
+                 else "final norm output + logits for every position (plain forward)"),
+        phases=[PREFILL]))
+    append = inf.cache_append_bytes(job, arch)
+    decode_dequant = inf.dequant_bytes(job, arch, job.micro_batch) if job.new_tokens else 0
+    if decode_dequant:
+        comps.append(Component(name="decode dequantized weight", bytes=decode_dequant, phases=[DECODE],
+                               formula=f"bitsandbytes dequantizes the largest 4-bit weight for {job.micro_batch} rows "
+                                       f"(> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)"))
+    if append:
+        comps.append(Component(name="KV cache append", bytes=append, phases=[DECODE],
+                               formula="DynamicCache torch.cat: one layer's old and new keys alive at once"))
     if ws:
-        comps.append(_workspace_component(ws, job.task, [PREFILL, DECODE]))
+        comps.append(_workspace_component(ws, job.task, [PREFILL, *decode]))
     phases = [
         Phase(name=LOAD, allocated_bytes=w, detail="weights"),
-        Phase(name=PREFILL, allocated_bytes=w + ws + kv + pre + logits, detail="weights + KV cache + prefill intermediates"),
-        Phase(name=DECODE, allocated_bytes=w + ws + kv + logits, detail="weights + full KV cache"),
+        Phase(name=PREFILL, allocated_bytes=w + ws + kv_prompt + max(pre, head),
+              detail="weights + the prompt's KV cache + the larger of one layer's intermediates and the head"),
     ]
+    if job.new_tokens:
+        phases.append(Phase(name=DECODE, allocated_bytes=w + ws + kv + append + decode_dequant + logits,
+                            detail="weights + full KV cache + one step's logits"))
     return comps, phases, params, 0, notes, 0, 0
 
 

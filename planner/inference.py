@@ -7,40 +7,124 @@ from .dtypes import float_bytes
 from .job import Job
 
 
-def kv_tokens(job: Job, arch: ModelArch) -> int:
-    """Positions held per sequence. Sliding-window layers (Mistral) keep only the window."""
-    total = job.seq_len + job.new_tokens
+def kv_tokens(job: Job, arch: ModelArch, generated: bool = True) -> int:
+    """Positions held per sequence: the prompt, plus the new tokens once they are generated.
+    Sliding-window layers (Mistral) keep only the window."""
+    total = job.seq_len + (job.new_tokens if generated else 0)
     if arch.sliding_window:
         return min(total, arch.sliding_window)
     return total
 
 
-def kv_cache_bytes(job: Job, arch: ModelArch) -> int:
+def kv_cache_bytes(job: Job, arch: ModelArch, generated: bool = True) -> int:
     """2 (K and V) x layers x kv_heads x head_dim x positions x batch x bytes."""
-    return 2 * arch.layers * arch.kv_width * kv_tokens(job, arch) * job.micro_batch * float_bytes(job.compute_dtype)
+    positions = kv_tokens(job, arch, generated)
+    return 2 * arch.layers * arch.kv_width * positions * job.micro_batch * float_bytes(job.compute_dtype)
 
 
-def prefill_transient_bytes(job: Job, arch: ModelArch) -> int:
-    """Intermediates of one layer alive at once during a no-grad prefill. The model's forward keeps
-    the embedding output referenced throughout; beside it, the residual stream, the norm output,
-    and either the attention's q/k/v and output or the MLP's widest moment (act, up and product
-    for a gated MLP), read off `memplan.validate.trace.trace_inference`."""
-    t = job.micro_batch * job.seq_len
+def cache_append_bytes(job: Job, arch: ModelArch) -> int:
+    """transformers' DynamicCache appends a decode step's keys and values with `torch.cat`: for a
+    moment one layer's old and new key (then value) tensors are both alive, one layer's K extra."""
+    if not job.new_tokens:
+        return 0
+    return kv_cache_bytes(job, arch) // (2 * arch.layers)
+
+
+def prefill_kernel(job: Job, arch: ModelArch, platform: str) -> str:
+    """The attention a no-grad prefill runs: "eager" (the model's own matmul-softmax), "math_fp32"
+    (SDPA's math kernel, scores in fp32) or "fused" (flash, memory-efficient or cuDNN: O(s)).
+    Falcon hands SDPA keys broadcast over heads and an explicit mask: the math kernel, CPU trace and
+    H100 probe alike. GPT-BigCode's broadcast keys take the fused CPU kernel once no gradient is
+    needed (CPU trace). On CUDA, grouped-query attention in fp32 needs the math kernel
+    (enable_gqa is taken by the 16-bit kernels only, validate/results/probes-*)."""
+    if job.attention == "eager":
+        return "eager"
+    if arch.family == "falcon":
+        return "math_fp32"
+    if platform == "cuda" and job.compute_dtype.value == "fp32" and arch.kv_heads != arch.heads:
+        return "math_fp32"
+    return "fused"
+
+
+def prefill_transient_bytes(job: Job, arch: ModelArch, platform: str = "cuda") -> int:
+    """Intermediates alive at the high point of one layer's no-grad forward during the prefill,
+    read op by op off `memplan.validate.trace.trace_inference` (docs/activations.md). The larger of
+    two moments:
+    - attention: the stream, norm output and q/k/v of the layer, plus what the kernel materialises
+      per score (eager: the scores in the compute dtype, their fp32 copy and the fp32 softmax; the
+      math kernel: the fp32 scores and their masked copy, with fp32 q and the explicit mask);
+    - MLP: four hidden-sized tensors (embedding output, residual, norm output, and the attention
+      output or sum) beside the MLP's widest moment: act, up and product for a gated MLP; the
+      input, 0.5x, x^3 and its scaled copy for Phi's gelu_new; the routed inputs and the fused
+      gate-up, act and product for k routed experts. Eager attention's probabilities and mask are
+      still referenced there (the layer keeps the attention module's second output until it
+      returns); learned positions keep the token and position embeddings (two more)."""
+    t, s, b = job.micro_batch * job.seq_len, job.seq_len, job.micro_batch
     ab = float_bytes(job.compute_dtype)
-    width = arch.intermediate * max(arch.experts_per_token, 1)
-    per_token = 3 * arch.hidden * ab + 4 * arch.hidden + ab * (2 * arch.q_width + 2 * arch.kv_width)
-    mlp = (3 if arch.gated_mlp else 2) * width * ab + 2 * arch.hidden * ab
-    attn_scores = 0
-    if job.attention == "eager" or (arch.family in ("falcon", "gpt_bigcode") and arch.kv_heads != arch.heads):
-        attn_scores = arch.heads * job.seq_len * (4 + ab)
-    dequant = 0
-    if job.quantized:
-        # bitsandbytes dequantizes a 4-bit weight to the compute dtype for multi-token matmuls
-        dequant = arch.largest_quantizable_linear * ab
-    return t * (max(per_token, mlp + 2 * arch.hidden * ab) + attn_scores) + dequant
+    h, i, a = arch.hidden, arch.intermediate, arch.heads
+    kernel = prefill_kernel(job, arch, platform)
+    mask = b * s * s * ab if kernel != "fused" else 0  # explicit additive (b, 1, s, s) mask
+    if kernel == "eager":
+        # keys and values repeated to every head (repeat_kv, or Falcon's broadcast) are copies
+        repeat_kv = 2 * arch.q_width * ab if arch.kv_heads != arch.heads else 0
+        # Falcon's eager softmax stays in the compute dtype: scores (scaled in place), their masked
+        # sum and the probabilities, and the previous layer's probabilities, which FalconModel's
+        # loop still holds in that layer's outputs; the others add an fp32 copy and an fp32 softmax
+        per_score = 4 * ab if arch.family == "falcon" else ab + 4 + 4
+        attention = t * (4 * h * ab + repeat_kv) + t * a * s * per_score + mask
+        if arch.rotary_fraction < 1:
+            # partial rotary (Phi): the rotated slices of q and k live beside the concatenated q and k
+            attention += t * (arch.q_width + arch.kv_width) * ab * (1 + arch.rotary_fraction)
+    else:
+        attention = t * (3 * h * ab + 4 * h + ab * (2 * arch.q_width + 2 * arch.kv_width))
+    if kernel == "math_fp32":
+        # CUDA's _safe_softmax also builds a bool mask of the -inf scores inside one op (allocator
+        # trace of a training layer, H200): the CPU's dispatch mode cannot see it
+        inside = 1 if platform == "cuda" else 0
+        upcast_q = t * arch.q_width * 4 if ab != 4 else 0
+        attention += t * a * s * (8 + inside) + upcast_q + mask
+    if arch.experts_per_token:
+        k = arch.experts_per_token
+        mlp = t * k * (4 * i + h) * ab
+    elif arch.gated_mlp:
+        mlp = 3 * t * i * ab
+    elif arch.family == "phi":
+        mlp = 4 * t * i * ab
+    else:
+        mlp = 2 * t * i * ab
+    mlp += 4 * t * h * ab
+    if kernel == "eager":
+        mlp += t * a * s * ab + mask
+    if arch.learned_positions:  # the token embeddings, and the position embeddings of one sequence
+        mlp += (t + s) * h * ab
+    return max(attention, mlp) + dequant_bytes(job, arch, t)
+
+
+# bitsandbytes backends/cuda/ops.py: at most this many rows always take the fused 4-bit kernel
+BNB_FUSED_MAX_ROWS = 4
+
+
+def dequant_bytes(job: Job, arch: ModelArch, rows: int) -> int:
+    """A 4-bit matmul over more than a few rows dequantizes its weight into the compute dtype
+    first (bitsandbytes `_dequant_linear_fallback`), one linear at a time: the largest one counts.
+    Up to 4 rows always run the fused kernel; between 5 and 1,536 rows bitsandbytes picks per GPU
+    architecture, and the estimate assumes the dequantizing path (the larger)."""
+    if not job.quantized or rows <= BNB_FUSED_MAX_ROWS:
+        return 0
+    return arch.largest_quantizable_linear * float_bytes(job.compute_dtype)
+
 
 
 def logits_bytes(job: Job, arch: ModelArch) -> int:
-    """generate() computes logits for the last position only; a plain forward for every position."""
-    positions = 1 if job.new_tokens > 0 else job.seq_len
-    return job.micro_batch * positions * arch.vocab * (float_bytes(job.compute_dtype) + 4)
+    """generate() keeps the logits of the last position only (`logits_to_keep=1`) and copies them to
+    fp32 to pick the token (generation/utils.py `_sample`); a plain forward (no new tokens) returns
+    logits for every position, in the compute dtype (transformers 5 does not upcast them)."""
+    if job.new_tokens:
+        return job.micro_batch * arch.vocab * (float_bytes(job.compute_dtype) + 4)
+    return job.micro_batch * job.seq_len * arch.vocab * float_bytes(job.compute_dtype)
+
+
+def head_bytes(job: Job, arch: ModelArch) -> int:
+    """Live at the head of the prefill, beside weights and cache: the final norm's output for every
+    position (the norm runs before the positions are sliced) and the logits."""
+    return job.micro_batch * job.seq_len * arch.hidden * float_bytes(job.compute_dtype) + logits_bytes(job, arch)

@@ -1,6 +1,6 @@
-"""Memory never decreases with batch, sequence or rank (hypothesis)."""
+"""Memory never decreases with batch, sequence, rank or new tokens (hypothesis)."""
 
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from memplan import Job, estimate_memory
@@ -18,6 +18,7 @@ jobs = st.fixed_dictionaries(
         "gradient_checkpointing": st.booleans(),
         "attention": st.sampled_from(["sdpa", "eager"]),
         "optimizer": st.sampled_from(["adamw", "adamw_8bit", "paged_adamw", "sgd", "sgd_momentum"]),
+        "new_tokens": st.one_of(st.just(0), st.integers(1, 256)),
     }
 )
 
@@ -33,10 +34,13 @@ def peak(fields):
     return est.peak_allocated_bytes + paged, est.device_used_bytes
 
 
-@given(jobs, st.sampled_from(["micro_batch", "seq_len", "lora_rank"]), st.integers(1, 64))
+@given(jobs, st.sampled_from(["micro_batch", "seq_len", "lora_rank", "new_tokens"]), st.integers(1, 64))
 @example(dict(model="llama-2-7b", method="lora", task="train", micro_batch=1, seq_len=8, lora_rank=10,
-              gradient_checkpointing=False, attention="sdpa", optimizer="paged_adamw"), "lora_rank", 15)
+              gradient_checkpointing=False, attention="sdpa", optimizer="paged_adamw", new_tokens=0), "lora_rank", 15)
 def test_more_never_needs_less(fields, knob, extra):
+    # from 0 new tokens (a plain forward: logits for every position) to 1 (generate: the last
+    # position's) the workload changes kind; from 1 on, more tokens only grow the cache
+    assume(knob != "new_tokens" or fields["new_tokens"] > 0)
     bigger = dict(fields, **{knob: fields[knob] + extra})
     small_alloc, small_dev = peak(fields)
     big_alloc, big_dev = peak(bigger)

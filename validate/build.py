@@ -71,7 +71,8 @@ def _materialise_rest(model, device: str) -> None:
 
 
 def build(job: Job, arch, device: str):
-    """The model, ready to train: quantized, upcast, checkpointed and wrapped in LoRA as the job says."""
+    """The model, ready to train (quantized, upcast, checkpointed and wrapped in LoRA as the job
+    says) or, for an inference job, quantized and in eval mode."""
     cfg = hf_config(job.model, job.attention)
     model = meta_model(cfg, DTYPES[job.compute_dtype.value] if job.quantized else DTYPES[job.base_weight_dtype.value])
     if job.quantized:
@@ -89,7 +90,7 @@ def build(job: Job, arch, device: str):
         model.gradient_checkpointing_enable()
     if job.uses_lora:
         model = apply_lora(model, job, arch)
-    model.train()
+    model.train(job.task == "train")
     return model
 
 

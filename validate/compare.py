@@ -26,6 +26,9 @@ def describe_job(row: ResultRow) -> str:
     name = j.model.rsplit("/", 1)[-1].removesuffix(".json")
     extra = " ckpt" if j.checkpointing else ""
     dtypes = j.base_weight_dtype.value + ("" if j.base_weight_dtype == j.compute_dtype else f"/{j.compute_dtype.value}")
+    if j.task == "infer":
+        attention = " eager" if j.attention == "eager" else ""
+        return f"{name} infer {dtypes} b{j.micro_batch} s{j.seq_len} +{j.new_tokens}{attention}"
     return f"{name} {j.method} {dtypes} b{j.micro_batch} s{j.seq_len} {j.optimizer}{extra}"
 
 

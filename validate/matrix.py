@@ -59,15 +59,32 @@ def holdout_matrix() -> list[Job]:
     ]
 
 
+def inference_matrix() -> list[Job]:
+    """Generation and scoring on one 80 GB-class GPU: long prompts, large batches, the vocab-wide
+    logits of a plain forward, Falcon's math-kernel attention, and a 4-bit base."""
+    return [
+        Job(model="llama-2-7b", task="infer", micro_batch=8, seq_len=2048, new_tokens=128),
+        Job(model="mistral-7b", task="infer", micro_batch=16, seq_len=1024, new_tokens=256),
+        Job(model="llama-3-8b", task="infer", micro_batch=4, seq_len=4096, new_tokens=0),
+        Job(model="gemma-7b", task="infer", micro_batch=4, seq_len=2048, new_tokens=0),
+        Job(model="falcon-7b", task="infer", micro_batch=2, seq_len=1984, new_tokens=64),
+        Job(model="phi-2", task="infer", micro_batch=32, seq_len=512, new_tokens=64),
+        Job(model="starcoder", task="infer", micro_batch=4, seq_len=2048, new_tokens=64),
+        Job(model="llama-2-7b", task="infer", weight_dtype="nf4", micro_batch=8, seq_len=1024, new_tokens=64),
+        Job(model="llama-2-7b", task="infer", attention="eager", micro_batch=2, seq_len=2048, new_tokens=32),
+    ]
+
+
 def quick_matrix() -> list[Job]:
-    """Tiny models, every method: seconds on a CPU; what CI runs end to end."""
+    """Tiny models, every method and a generation: seconds on a CPU; what CI runs end to end."""
     tiny = str(TINY_DIR / "tiny-llama.json")
     return [
         Job(model=tiny, method="full", micro_batch=2, seq_len=128),
         Job(model=tiny, method="full", weight_dtype="fp32", compute_dtype="bf16", micro_batch=2, seq_len=128),
         Job(model=tiny, method="lora", micro_batch=2, seq_len=128),
         Job(model=tiny, micro_batch=2, seq_len=128, optimizer="adamw", **_QLORA),
+        Job(model=tiny, task="infer", micro_batch=2, seq_len=128, new_tokens=8),
     ]
 
 
-MATRICES = {"default": default_matrix, "holdout": holdout_matrix, "quick": quick_matrix}
+MATRICES = {"default": default_matrix, "holdout": holdout_matrix, "inference": inference_matrix, "quick": quick_matrix}

@@ -1,4 +1,5 @@
-"""One training step as the HF Trainer runs it, and the optimizers jobs name.
+"""One training step as the HF Trainer runs it, the optimizers jobs name, and one generation as
+`generate()` runs it.
 
 Shared by the CPU trace and the GPU harness so both measure the same step."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 from memplan.job import Job
 
 PHASES = ("forward", "backward", "optimizer step")
+INFERENCE_PHASES = ("prefill", "decode")
 LR = 1e-5
 
 
@@ -51,3 +53,27 @@ def run_phase(phase: str, model, opt, ids, state: dict) -> None:
     else:
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+def generation(model, ids, new_tokens: int):
+    """Greedy generation with a KV cache, as `generate()` runs it: the prompt's prefill keeps the
+    logits of the last position only, generate copies them to fp32 and picks the next token, then
+    one forward per new token. With no new tokens, a plain forward over the prompt with logits for
+    every position (scoring). Yields each phase's name as it ends (the cache stays alive across the
+    yield), so callers can read and reset peaks between phases. Run it under no_grad."""
+    import torch
+
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1 if new_tokens else 0)
+    past = out.past_key_values
+    if new_tokens:
+        # transformers generation/utils.py `_sample`: logits[:, -1, :].to(copy=True, dtype=torch.float32)
+        next_ids = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)[:, None]
+    del out
+    yield "prefill"
+    if new_tokens:
+        for _ in range(new_tokens):
+            out = model(input_ids=next_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+            next_ids = torch.argmax(out.logits[:, -1, :].to(copy=True, dtype=torch.float32), dim=-1)[:, None]
+            del out
+        yield "decode"

@@ -132,6 +132,7 @@ def trace_inference(job: Job) -> TraceResult:
     from memplan.profiles import load_model
 
     from .models import DTYPES, hf_config, meta_model
+    from .step import generation
     from .tracker import LiveBytes
 
     if job.quantized:
@@ -152,18 +153,9 @@ def trace_inference(job: Job) -> TraceResult:
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len))
         with tracker:
             tracker.start_phase("prefill")
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
-            next_ids = ids[:, -1:]
-            del out
-            timeline.append(_inference_snapshot(tracker, "prefill"))
-            if job.new_tokens:
+            for phase in generation(model, ids, job.new_tokens):
+                timeline.append(_inference_snapshot(tracker, phase))
                 tracker.start_phase("decode")
-                for _ in range(job.new_tokens):
-                    out = model(input_ids=next_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-                    past = out.past_key_values
-                    del out
-                timeline.append(_inference_snapshot(tracker, "decode"))
     top = max(timeline, key=lambda s: s.peak_bytes)
     return TraceResult(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
                        seconds=time.perf_counter() - started)

@@ -1,5 +1,8 @@
 """One job, measured, in its own process: `python -m memplan.validate.worker --job '<Job JSON>'`.
 
+A training job runs training steps (forward, backward, optimizer step); an inference job runs
+generations (prefill of the prompt, then `new_tokens` decode steps with the KV cache).
+
 Prints one JSON line (a Measurement) as its last line of stdout. Out-of-memory is a result
 (status "oom"), not a crash. On "cuda": torch.cuda peak allocated and reserved after a warm-up
 step (reset_peak_memory_stats), and the pynvml peak sampled during the measured steps. On "cpu"
@@ -99,7 +102,6 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
     from memplan.profiles import load_model
 
     from .build import build
-    from .step import PHASES, forward_context, make_optimizer, run_phase
 
     started = time.perf_counter()
     result = Measurement(status="ok", device=device, steps=steps)
@@ -121,15 +123,12 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
     try:
         model = build(job, arch, device)
         result.model_bytes = torch.cuda.memory_allocated() if device == "cuda" else model_bytes(model)
-        opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len), device=device)
-        state: dict = {}
+        opt, one_step = (_training_step if job.task == "train" else _generation)(job, model, ids, device)
 
         def step(measured: bool) -> None:
             t0 = time.perf_counter()
-            for phase in PHASES:
-                with forward_context(job, device) if phase == "forward" else contextlib.nullcontext():
-                    run_phase(phase, model, opt, ids, state)
+            for phase in one_step():
                 if measured and device == "cuda":
                     # the allocator's peak is kept on the host as it allocates: no synchronisation needed
                     phase_peaks[phase] = max(phase_peaks.get(phase, 0), torch.cuda.max_memory_allocated())
@@ -171,6 +170,35 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         result.peak_allocated_bytes = meter.tracker.phase_peak
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _training_step(job: Job, model, ids, device: str):
+    """The optimizer, and one training step that yields each phase's name as it ends."""
+    from .step import PHASES, forward_context, make_optimizer, run_phase
+
+    opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])
+    state: dict = {}
+
+    def one_step():
+        for phase in PHASES:
+            with forward_context(job, device) if phase == "forward" else contextlib.nullcontext():
+                run_phase(phase, model, opt, ids, state)
+            yield phase
+
+    return opt, one_step
+
+
+def _generation(job: Job, model, ids, device: str):
+    """No optimizer, and one generation (prefill, then the new tokens) that yields each phase's name."""
+    import torch
+
+    from .step import generation
+
+    def one_step():
+        with torch.no_grad():
+            yield from generation(model, ids, job.new_tokens)
+
+    return None, one_step
 
 
 def main(argv: list[str] | None = None) -> int:
