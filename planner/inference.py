@@ -1,4 +1,4 @@
-"""Inference: KV cache, the prefill's largest live intermediates, and the inverse questions."""
+"""Inference: the KV cache, the prefill's largest live intermediates, the head and the decode step."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, platform: str = "cuda") -
       input, 0.5x, x^3 and its scaled copy for Phi's gelu_new; the routed inputs and the fused
       gate-up, act and product for k routed experts. Eager attention's probabilities and mask are
       still referenced there (the layer keeps the attention module's second output until it
-      returns); learned positions keep the token and position embeddings (two more)."""
+      returns); learned positions keep the token embeddings and one sequence's position embeddings."""
     t, s, b = job.micro_batch * job.seq_len, job.seq_len, job.micro_batch
     ab = float_bytes(job.compute_dtype)
     h, i, a = arch.hidden, arch.intermediate, arch.heads
@@ -112,7 +112,6 @@ def dequant_bytes(job: Job, arch: ModelArch, rows: int) -> int:
     if not job.quantized or rows <= BNB_FUSED_MAX_ROWS:
         return 0
     return arch.largest_quantizable_linear * float_bytes(job.compute_dtype)
-
 
 
 def logits_bytes(job: Job, arch: ModelArch) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from memplan.job import Job
 
 PHASES = ("forward", "backward", "optimizer step")
-INFERENCE_PHASES = ("prefill", "decode")
 LR = 1e-5
 
 

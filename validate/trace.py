@@ -155,7 +155,7 @@ def trace_inference(job: Job) -> TraceResult:
             tracker.start_phase("prefill")
             for phase in generation(model, ids, job.new_tokens):
                 timeline.append(_inference_snapshot(tracker, phase))
-                tracker.start_phase("decode")
+                tracker.start_phase("decode")  # the phase after the prefill, if there is one
     top = max(timeline, key=lambda s: s.peak_bytes)
     return TraceResult(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
                        seconds=time.perf_counter() - started)
