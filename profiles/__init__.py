@@ -39,11 +39,13 @@ def shipped_models() -> list[str]:
     return sorted(p.stem.replace("--", "/", 1) for p in MODELS_DIR.glob("*.json"))
 
 
-def _suggest(name: str, choices: list[str]) -> str:
-    near = difflib.get_close_matches(name.lower(), [c.lower() for c in choices], n=3, cutoff=0.4)
-    lookup = {c.lower(): c for c in choices}
-    if near:
-        return "did you mean " + ", ".join(lookup[n] for n in near) + "?"
+def _suggest(name: str, choices: list[str], aliases: dict[str, str] | None = None) -> str:
+    """The nearest names, matched against the names and their aliases (`aliases`: alias -> name)."""
+    lookup = {c.lower(): c for c in choices} | {a.lower(): c for a, c in (aliases or {}).items()}
+    near = difflib.get_close_matches(name.lower(), list(lookup), n=6, cutoff=0.4)
+    names = list(dict.fromkeys(lookup[n] for n in near))[:3]
+    if names:
+        return "did you mean " + ", ".join(names) + "?"
     return "known: " + ", ".join(choices)
 
 
@@ -106,5 +108,6 @@ def load_gpu(name: str) -> GpuProfile:
                 key = k
                 break
     if key is None:
-        raise MemplanInputError(f"unknown GPU {name!r}: {_suggest(name, list(table))}")
+        aliases = {a: k for k, gpu in table.items() for a in gpu.aliases}
+        raise MemplanInputError(f"unknown GPU {name!r}: {_suggest(name, list(table), aliases)}")
     return table[key]
