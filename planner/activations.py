@@ -202,7 +202,7 @@ def layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     """Bytes each saved tensor of one decoder layer takes, by name."""
     saved: Saved = {}
     fam = arch.family
-    if fam in ("llama", "mistral", "mixtral", "gemma"):
+    if fam in ("llama", "mistral", "mixtral", "gemma", "qwen2"):
         _rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
         _o_proj(ctx, arch, "o_proj", _attention_core(ctx, arch, False, saved), saved)
         mlp_in = ("gate_proj", "up_proj") if fam != "mixtral" else ()

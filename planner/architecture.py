@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import MemplanInputError
 
-Family = Literal["llama", "mistral", "mixtral", "gemma", "falcon", "phi", "gpt_bigcode"]
+Family = Literal["llama", "mistral", "mixtral", "gemma", "qwen2", "falcon", "phi", "gpt_bigcode"]
 NormKind = Literal["rms", "rms_gemma", "layer"]
 
 
@@ -101,6 +101,7 @@ _PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": ("q_proj", "v_proj"),
     "mixtral": ("q_proj", "v_proj"),
     "gemma": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
     "falcon": ("query_key_value",),
     "phi": ("q_proj", "v_proj", "fc1", "fc2"),
     "gpt_bigcode": ("c_attn",),
@@ -114,13 +115,24 @@ def _get(cfg: dict, *keys: str, default=None):
     return default
 
 
-def _attention_linears(h: int, q: int, kv: int, bias: bool) -> list[LinearSpec]:
+def _attention_linears(h: int, q: int, kv: int, bias: bool, o_bias: bool | None = None) -> list[LinearSpec]:
     return [
         LinearSpec(name="q_proj", d_in=h, d_out=q, bias=bias),
         LinearSpec(name="k_proj", d_in=h, d_out=kv, bias=bias),
         LinearSpec(name="v_proj", d_in=h, d_out=kv, bias=bias),
-        LinearSpec(name="o_proj", d_in=q, d_out=h, bias=bias),
+        LinearSpec(name="o_proj", d_in=q, d_out=h, bias=bias if o_bias is None else o_bias),
     ]
+
+
+def _sliding_window(cfg: dict, family: str) -> int | None:
+    """Mistral slides every layer. Qwen2 slides only with `use_sliding_window`, and then only the
+    layers from `max_window_layers` on (transformers Qwen2Config.layer_types); with some layers
+    full, the cache is counted at full length (an upper bound)."""
+    if family != "qwen2":
+        return cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") and cfg.get("max_window_layers", 0) == 0:
+        return cfg.get("sliding_window")
+    return None
 
 
 def _llama_like(cfg: dict, name: str, family: str) -> ModelArch:
@@ -131,7 +143,10 @@ def _llama_like(cfg: dict, name: str, family: str) -> ModelArch:
     inter = cfg["intermediate_size"]
     attn_bias = bool(cfg.get("attention_bias", False))
     mlp_bias = bool(cfg.get("mlp_bias", False))
-    linears = _attention_linears(h, heads * hd, kv * hd, attn_bias)
+    if family == "qwen2":  # Qwen2Attention: q, k and v carry a bias, o does not
+        linears = _attention_linears(h, heads * hd, kv * hd, True, o_bias=False)
+    else:
+        linears = _attention_linears(h, heads * hd, kv * hd, attn_bias)
     experts = 0
     per_tok = 0
     if family == "mixtral":
@@ -167,7 +182,7 @@ def _llama_like(cfg: dict, name: str, family: str) -> ModelArch:
         experts=experts,
         experts_per_token=per_tok,
         attn_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
-        sliding_window=cfg.get("sliding_window"),
+        sliding_window=_sliding_window(cfg, family),
         linears=tuple(linears),
         default_lora_targets=_PEFT_DEFAULT_TARGETS[family],
     )
@@ -290,13 +305,13 @@ def _gpt_bigcode(cfg: dict, name: str) -> ModelArch:
     )
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "falcon", "phi", "gpt_bigcode")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "falcon", "phi", "gpt_bigcode")
 
 
 def arch_from_hf_config(cfg: dict, name: str) -> ModelArch:
     """Normalise a transformers `config.json` dict (already parsed) into a ModelArch."""
     model_type = cfg.get("model_type")
-    if model_type in ("llama", "mistral", "mixtral", "gemma"):
+    if model_type in ("llama", "mistral", "mixtral", "gemma", "qwen2"):
         return _llama_like(cfg, name, model_type)
     if model_type == "falcon":
         return _falcon(cfg, name)

@@ -45,7 +45,7 @@ def _job(**fields):
 
 @app.command()
 def estimate(
-    model: str = typer.Option(..., "--model", "-m", help="shipped model, alias (falcon-7b) or path to a config.json"),
+    model: str = typer.Option(..., "--model", "-m", help="shipped model, alias (falcon-7b), path to a config.json, or a hub id (org/name: its config is fetched once, online)"),
     method: str = typer.Option("full", help="full | lora | qlora"),
     task: str = typer.Option("train", help="train | infer"),
     weight_dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 | int8 | nf4 | fp4 (default: nf4 for qlora, else compute dtype)"),

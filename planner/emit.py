@@ -13,6 +13,7 @@ DECODER_LAYER = {
     "mistral": "MistralDecoderLayer",
     "mixtral": "MixtralDecoderLayer",
     "gemma": "GemmaDecoderLayer",
+    "qwen2": "Qwen2DecoderLayer",
     "falcon": "FalconDecoderLayer",
     "phi": "PhiDecoderLayer",
     "gpt_bigcode": "GPTBigCodeBlock",

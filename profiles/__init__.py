@@ -1,7 +1,8 @@
 """Shipped model and GPU profiles, and loaders that turn them into planner inputs.
 
 Model profiles are the unmodified Hugging Face `config.json` of each supported model, stored as
-`models/<org>--<name>.json`; the loader also takes a path to a local config.json.
+`models/<org>--<name>.json`; the loader also takes a path to a local config.json, or fetches the
+config of another hub id when online (profiles/hub.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ALIASES: dict[str, str] = {
     "phi-2": "microsoft/phi-2",
     "starcoder": "bigcode/starcoder",
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
 }
 
 
@@ -65,7 +67,8 @@ def resolve_model_id(name: str) -> str:
 
 
 def load_hf_config(name: str) -> tuple[str, dict]:
-    """(display name, config dict) for a shipped model, an alias or a local config.json path."""
+    """(display name, config dict) for a shipped model, an alias, a local config.json path, or any
+    other hub id (`org/name`), whose config is fetched once and cached (profiles/hub.py)."""
     path = Path(name)
     if name.endswith(".json") or path.is_dir():
         file = path / "config.json" if path.is_dir() else path
@@ -75,7 +78,22 @@ def load_hf_config(name: str) -> tuple[str, dict]:
             return str(file), json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise MemplanInputError(f"config file {str(file)!r} is not valid JSON: {exc.msg}") from None
-    hub_id = resolve_model_id(name)
+    try:
+        hub_id = resolve_model_id(name)
+    except MemplanInputError:
+        from . import hub
+
+        if not hub.looks_like_hub_id(name):
+            raise
+        try:
+            return name, hub.fetch_config(name)
+        except hub.HubUnavailable as exc:
+            hint = _suggest(name, shipped_models())
+            raise MemplanInputError(
+                f"model {name!r} is not shipped and its config could not be fetched ({exc.reason}); "
+                f"{hint}{'' if hint.endswith('?') else ';'} or pass a path to a local config.json "
+                "(HF_TOKEN for gated repositories)"
+            ) from None
     return hub_id, json.loads((MODELS_DIR / (hub_id.replace("/", "--", 1) + ".json")).read_text())
 
 

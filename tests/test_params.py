@@ -18,6 +18,7 @@ def test_every_alias_points_at_a_shipped_profile():
         # published counts, independent of transformers
         ("falcon-7b", 6_921_720_704),
         ("llama-2-7b", 6_738_415_616),
+        ("qwen2.5-7b", 7_615_616_512),
     ],
 )
 def test_golden_counts(name, expected):
@@ -29,6 +30,33 @@ def test_llama_2_7b_by_hand():
     h, i, v, layers = 4096, 11008, 32000, 32
     by_hand = v * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h + v * h
     assert count_params(load_model("llama-2-7b")).total == by_hand
+
+
+def test_qwen2_by_hand():
+    """Qwen2.5-7B: q, k and v carry a bias, o does not; 4 kv heads of 128; untied head."""
+    h, i, v, layers, kv = 3584, 18944, 152064, 28, 512
+    attention = (h * h + h) + 2 * (h * kv + kv) + h * h
+    by_hand = v * h + layers * (attention + 3 * h * i + 2 * h) + h + v * h
+    assert count_params(load_model("qwen2.5-7b")).total == by_hand
+
+
+@pytest.mark.parametrize(
+    "use_sliding_window, max_window_layers, window",
+    [(False, 28, None), (True, 0, 4096), (True, 14, None)],  # partly sliding: counted in full (an upper bound)
+)
+def test_qwen2_sliding_window_follows_layer_types(tmp_path, use_sliding_window, max_window_layers, window):
+    import json
+
+    from memplan.profiles import MODELS_DIR
+
+    cfg = json.loads((MODELS_DIR / "Qwen--Qwen2.5-7B.json").read_text())
+    cfg.update(use_sliding_window=use_sliding_window, max_window_layers=max_window_layers, sliding_window=4096)
+    path = tmp_path / f"qwen-{use_sliding_window}-{max_window_layers}.json"
+    path.write_text(json.dumps(cfg))
+    assert load_model(str(path)).sliding_window == window
+    transformers = pytest.importorskip("transformers")
+    layer_types = transformers.Qwen2Config(**cfg).layer_types
+    assert (set(layer_types) == {"sliding_attention"}) == (window is not None)
 
 
 @pytest.mark.parametrize("model", shipped_models() + [str(p) for p in sorted(DATA.glob("tiny-*.json"))])
