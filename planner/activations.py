@@ -100,6 +100,20 @@ def _rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...]
     _linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
 
 
+def _head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """Qwen3's q_norm and k_norm: an RMSNorm over each head of the projection's output, saved as
+    the hidden-size norm saves (fp32 input, rsqrt per head, the cast-back copy when the weight
+    trains) wherever a gradient flows through it: its projection trains or the layer input needs one."""
+    t = ctx.tokens
+    for name, width, heads in (("q", arch.q_width, arch.heads), ("k", arch.kv_width, arch.kv_heads)):
+        if not (ctx.grad_in or ctx.base_trains or f"{name}_proj" in ctx.targets):
+            continue
+        saved[f"{name}_norm.fp32_input"] = 4 * t * width
+        saved[f"{name}_norm.rsqrt"] = 4 * t * heads
+        if ctx.base_trains:
+            saved[f"{name}_norm.normed"] = t * width * ctx.act_bytes
+
+
 def _layer_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
     """aten native_layer_norm saves input, mean and rstd (fp32 on CUDA)."""
     t, h = ctx.tokens, arch.hidden
@@ -202,8 +216,10 @@ def layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     """Bytes each saved tensor of one decoder layer takes, by name."""
     saved: Saved = {}
     fam = arch.family
-    if fam in ("llama", "mistral", "mixtral", "gemma", "qwen2"):
+    if fam in ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3"):
         _rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
+        if arch.qk_norm:
+            _head_norms(ctx, arch, saved)
         _o_proj(ctx, arch, "o_proj", _attention_core(ctx, arch, False, saved), saved)
         mlp_in = ("gate_proj", "up_proj") if fam != "mixtral" else ()
         _rms_norm(ctx, arch, "post_attn_norm", mlp_in, saved)

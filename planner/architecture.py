@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import MemplanInputError
 
-Family = Literal["llama", "mistral", "mixtral", "gemma", "qwen2", "falcon", "phi", "gpt_bigcode"]
+Family = Literal["llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode"]
 NormKind = Literal["rms", "rms_gemma", "layer"]
 
 
@@ -66,6 +66,7 @@ class ModelArch(BaseModel):
     embd_dropout: float = 0.0
     sliding_window: int | None = None
     rotary_fraction: float = 1.0
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k
     linears: tuple[LinearSpec, ...]
     default_lora_targets: tuple[str, ...]
 
@@ -102,6 +103,7 @@ _PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mixtral": ("q_proj", "v_proj"),
     "gemma": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
     "falcon": ("query_key_value",),
     "phi": ("q_proj", "v_proj", "fc1", "fc2"),
     "gpt_bigcode": ("c_attn",),
@@ -125,10 +127,10 @@ def _attention_linears(h: int, q: int, kv: int, bias: bool, o_bias: bool | None 
 
 
 def _sliding_window(cfg: dict, family: str) -> int | None:
-    """Mistral slides every layer. Qwen2 slides only with `use_sliding_window`, and then only the
-    layers from `max_window_layers` on (transformers Qwen2Config.layer_types); with some layers
-    full, the cache is counted at full length (an upper bound)."""
-    if family != "qwen2":
+    """Mistral slides every layer. Qwen2 and Qwen3 slide only with `use_sliding_window`, and then
+    only the layers from `max_window_layers` on (transformers Qwen2Config.layer_types); with some
+    layers full, the cache is counted at full length (an upper bound)."""
+    if family not in ("qwen2", "qwen3"):
         return cfg.get("sliding_window")
     if cfg.get("use_sliding_window") and cfg.get("max_window_layers", 0) == 0:
         return cfg.get("sliding_window")
@@ -183,6 +185,7 @@ def _llama_like(cfg: dict, name: str, family: str) -> ModelArch:
         experts_per_token=per_tok,
         attn_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
         sliding_window=_sliding_window(cfg, family),
+        qk_norm=family == "qwen3",
         linears=tuple(linears),
         default_lora_targets=_PEFT_DEFAULT_TARGETS[family],
     )
@@ -305,13 +308,13 @@ def _gpt_bigcode(cfg: dict, name: str) -> ModelArch:
     )
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "falcon", "phi", "gpt_bigcode")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode")
 
 
 def arch_from_hf_config(cfg: dict, name: str) -> ModelArch:
     """Normalise a transformers `config.json` dict (already parsed) into a ModelArch."""
     model_type = cfg.get("model_type")
-    if model_type in ("llama", "mistral", "mixtral", "gemma", "qwen2"):
+    if model_type in ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3"):
         return _llama_like(cfg, name, model_type)
     if model_type == "falcon":
         return _falcon(cfg, name)

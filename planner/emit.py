@@ -14,6 +14,7 @@ DECODER_LAYER = {
     "mixtral": "MixtralDecoderLayer",
     "gemma": "GemmaDecoderLayer",
     "qwen2": "Qwen2DecoderLayer",
+    "qwen3": "Qwen3DecoderLayer",
     "falcon": "FalconDecoderLayer",
     "phi": "PhiDecoderLayer",
     "gpt_bigcode": "GPTBigCodeBlock",

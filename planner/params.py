@@ -34,7 +34,8 @@ class ParamCounts(BaseModel):
 def count_params(arch: ModelArch) -> ParamCounts:
     linear_params = sum(lin.params for lin in arch.linears)
     router = arch.experts * arch.hidden
-    per_layer = linear_params + arch.norms_per_layer * arch.norm_params + router
+    head_norms = 2 * arch.head_dim if arch.qk_norm else 0
+    per_layer = linear_params + arch.norms_per_layer * arch.norm_params + head_norms + router
     embedding = arch.vocab * arch.hidden + (arch.max_positions * arch.hidden if arch.learned_positions else 0)
     lm_head = 0 if arch.tied_embeddings else arch.vocab * arch.hidden + (arch.vocab if arch.lm_head_bias else 0)
     quantizable = arch.layers * sum(lin.d_in * lin.d_out * lin.copies for lin in arch.linears if lin.quantizable)

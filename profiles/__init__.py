@@ -33,6 +33,7 @@ ALIASES: dict[str, str] = {
     "starcoder": "bigcode/starcoder",
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
 }
 
 

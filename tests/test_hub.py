@@ -89,7 +89,7 @@ def test_not_a_hub_id_stays_an_unknown_model():
 
 def test_cli_offline_is_one_line_exit_2(cache):
     env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", MEMPLAN_CACHE=str(cache))
-    out = subprocess.run([sys.executable, "-m", "memplan.cli", "estimate", "-m", "Qwen/Qwen3-8B"],
+    out = subprocess.run([sys.executable, "-m", "memplan.cli", "estimate", "-m", "someorg/not-a-shipped-model"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "could not be fetched" in out.stderr and "Traceback" not in out.stderr

@@ -18,8 +18,8 @@ from memplan.validate.models import cut_config  # noqa: E402
 from memplan.validate.trace import trace_inference  # noqa: E402
 
 TOLERANCE = 0.01
-FAMILIES = ["llama-2-7b", "mistral-7b", "llama-3-8b", "gemma-7b", "qwen2.5-7b", "phi-2", "falcon-7b", "starcoder",
-            "mixtral-8x7b"]
+FAMILIES = ["llama-2-7b", "mistral-7b", "llama-3-8b", "gemma-7b", "qwen2.5-7b", "qwen3-8b", "phi-2", "falcon-7b",
+            "starcoder", "mixtral-8x7b"]
 # eager attention the formula follows less closely (docs/activations.md, "Inference")
 RESIDUALS = {("falcon-7b", "eager"): 0.02, ("starcoder", "eager"): 0.04}
 
@@ -28,7 +28,7 @@ WHOLE = [
     for m, b, s, n in (
         ("llama-2-7b", 4, 1024, 8), ("mistral-7b", 4, 1024, 8), ("llama-3-8b", 2, 1024, 4), ("gemma-7b", 4, 1024, 8),
         ("falcon-7b", 4, 1024, 8), ("phi-2", 4, 1024, 8), ("starcoder", 2, 1024, 4), ("mixtral-8x7b", 2, 1024, 4),
-        ("qwen2.5-7b", 4, 1024, 8),
+        ("qwen2.5-7b", 4, 1024, 8), ("qwen3-8b", 4, 1024, 8),
         # no new tokens: a plain forward, logits for every position
         ("llama-3-8b", 2, 2048, 0), ("phi-2", 4, 1024, 0), ("falcon-7b", 2, 1024, 0), ("starcoder", 4, 512, 0),
     )

@@ -19,6 +19,7 @@ def test_every_alias_points_at_a_shipped_profile():
         ("falcon-7b", 6_921_720_704),
         ("llama-2-7b", 6_738_415_616),
         ("qwen2.5-7b", 7_615_616_512),
+        ("qwen3-8b", 8_190_735_360),
     ],
 )
 def test_golden_counts(name, expected):
@@ -38,6 +39,15 @@ def test_qwen2_by_hand():
     attention = (h * h + h) + 2 * (h * kv + kv) + h * h
     by_hand = v * h + layers * (attention + 3 * h * i + 2 * h) + h + v * h
     assert count_params(load_model("qwen2.5-7b")).total == by_hand
+
+
+def test_qwen3_by_hand():
+    """Qwen3-8B: no attention biases, head_dim 128 given explicitly, and an RMSNorm weight over
+    each head of q and of k (q_norm, k_norm: 128 each) per layer. Non-embedding 6.95B, as published."""
+    h, i, v, layers, kv, hd = 4096, 12288, 151936, 36, 1024, 128
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h + 2 * hd
+    assert layers * per_layer + h == 6_946_075_648
+    assert count_params(load_model("qwen3-8b")).total == v * h + layers * per_layer + h + v * h
 
 
 @pytest.mark.parametrize(

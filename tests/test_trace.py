@@ -23,7 +23,7 @@ from .conftest import DATA  # noqa: E402
 PEAK_TOLERANCE = 0.03
 PHASE_TOLERANCE = 0.05
 
-REAL = ["llama-2-7b", "mistral-7b", "falcon-7b", "gemma-2b", "phi-2", "qwen2.5-7b"]
+REAL = ["llama-2-7b", "mistral-7b", "falcon-7b", "gemma-2b", "phi-2", "qwen2.5-7b", "qwen3-8b"]
 TINY = sorted(str(p) for p in DATA.glob("tiny-*.json"))
 
 
