@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .architecture import ModelArch
+from .architecture import LLAMA_LIKE, ModelArch
 from .dtypes import float_bytes
 from .job import Job
 
@@ -216,7 +216,7 @@ def layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     """Bytes each saved tensor of one decoder layer takes, by name."""
     saved: Saved = {}
     fam = arch.family
-    if fam in ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3"):
+    if fam in LLAMA_LIKE:
         _rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
         if arch.qk_norm:
             _head_norms(ctx, arch, saved)

@@ -16,6 +16,8 @@ from .errors import MemplanInputError
 
 Family = Literal["llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode"]
 NormKind = Literal["rms", "rms_gemma", "layer"]
+# decoder layers built like LlamaDecoderLayer: RMSNorm, q/k/v/o projections, gated (or MoE) MLP
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3")
 
 
 class LinearSpec(BaseModel):
@@ -308,13 +310,13 @@ def _gpt_bigcode(cfg: dict, name: str) -> ModelArch:
     )
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "falcon", "phi", "gpt_bigcode")
 
 
 def arch_from_hf_config(cfg: dict, name: str) -> ModelArch:
     """Normalise a transformers `config.json` dict (already parsed) into a ModelArch."""
     model_type = cfg.get("model_type")
-    if model_type in ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3"):
+    if model_type in LLAMA_LIKE:
         return _llama_like(cfg, name, model_type)
     if model_type == "falcon":
         return _falcon(cfg, name)
