@@ -124,58 +124,81 @@ class _State:
         return self.gpu_weights + self.buffers + self.gpu_adapters + self.gpu_states
 
 
-def _buffers_component(arch: ModelArch, phases: list[str]) -> Component:
-    formula = (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
-               else "rotary inverse frequencies, fp32")
-    return Component(name="buffers", bytes=buffer_bytes(arch), formula=formula, phases=phases)
+class _Walk:
+    """The rows of the breakdown and the phases they fill.
+
+    A phase is a set of candidate moments (row name -> bytes live then); its high point is the
+    largest moment, the phase's allocated bytes are that moment's sum, and each row records its
+    bytes at that moment. So the rows live at any phase add up to the phase, to the byte."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, dict] = {}
+        self.phases: list[Phase] = []
+
+    def row(self, name: str, formula: str, pool: str = "torch") -> None:
+        self._rows[name] = {"formula": formula, "pool": pool, "phase_bytes": {}, "fixed": None}
+
+    def fixed(self, name: str, nbytes: int, formula: str, phases: list[str], pool: str) -> None:
+        """A row outside torch's allocator (unified memory, driver, allocator slack): listed with
+        the phases it spans, never part of a phase's allocated bytes."""
+        self._rows[name] = {"formula": formula, "pool": pool, "phase_bytes": {}, "fixed": (nbytes, phases)}
+
+    def phase(self, name: str, *moments: tuple[str, dict[str, int]]) -> None:
+        detail, moment = max(moments, key=lambda m: sum(m[1].values()))
+        for row, nbytes in moment.items():
+            if nbytes:
+                self._rows[row]["phase_bytes"][name] = nbytes
+        self.phases.append(Phase(name=name, allocated_bytes=sum(moment.values()), detail=detail))
+
+    def components(self) -> list[Component]:
+        out = []
+        for name, r in self._rows.items():
+            if r["fixed"] is not None:
+                nbytes, phases = r["fixed"]
+                by_phase = {}
+            else:
+                by_phase = r["phase_bytes"]
+                nbytes, phases = max(by_phase.values(), default=0), list(by_phase)
+            if nbytes:  # a row of zero bytes says nothing: the job has no such term
+                out.append(Component(name=name, bytes=nbytes, formula=r["formula"], phases=phases,
+                                     phase_bytes=by_phase, pool=r["pool"]))
+        return out
 
 
-def _state_components(job: Job, arch: ModelArch, st: _State, targets, n_train: int) -> list[Component]:
+def _buffers_formula(arch: ModelArch) -> str:
+    return (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
+            else "rotary inverse frequencies, fp32")
+
+
+def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_train: int) -> None:
     plan = st.plan
     split = f" / {plan.params_div} ({plan.describe})" if plan.params_div > 1 else ""
-    comps = [Component(name="weights", bytes=st.gpu_weights, formula=st.weights_formula + split, phases=[LOAD, FWD, BWD, OPT]),
-             _buffers_component(arch, [LOAD, FWD, BWD, OPT])]
-    if job.uses_lora:
-        pb = trainable_bytes_per_param(job)
-        comps.append(Component(
-            name="adapters", bytes=st.gpu_adapters,
-            formula=f"r={job.lora_rank} x (d_in + d_out) on {'/'.join(targets)}: {count(n_train)} x {pb} B{split}",
-            phases=[LOAD, FWD, BWD, OPT]))
-    if st.gathered:
-        comps.append(Component(
-            name="gathered parameters", bytes=st.gathered,
-            formula=f"root unit (embeddings, lm_head) {human(st.root_weights)} + 2 decoder layers x {human(st.layer_weights)}",
-            phases=[FWD, BWD]))
+    walk.row("weights", st.weights_formula + split)
+    walk.row("buffers", _buffers_formula(arch))
+    pb = trainable_bytes_per_param(job)
+    walk.row("adapters", f"r={job.lora_rank} x (d_in + d_out) on {'/'.join(targets)}: {count(n_train)} x {pb} B{split}")
+    walk.row("gathered parameters",
+             f"root unit (embeddings, lm_head) {human(st.root_weights)} + 2 decoder layers x {human(st.layer_weights)}")
     s_split = f" / {plan.states_div}" if plan.states_div > 1 else ""
     if st.paged_states:
-        comps.append(Component(
-            name="optimizer states", bytes=st.gpu_states,
-            formula=f"{st.states_formula.removesuffix(' (paged)')}, tensors under {BNB_PAGED_MIN_NUMEL:,} elements: "
-                    f"not paged{s_split}", phases=[FWD, BWD, OPT]))
-        comps.append(Component(name="paged optimizer states", bytes=st.gpu_paged_states,
-                               formula=f"the rest, in CUDA unified memory{s_split}", phases=[FWD, BWD, OPT], pool="unified"))
+        walk.row("optimizer states", f"{st.states_formula.removesuffix(' (paged)')}, tensors under "
+                                     f"{BNB_PAGED_MIN_NUMEL:,} elements: not paged{s_split}")
+        walk.fixed("paged optimizer states", st.gpu_paged_states, f"the rest, in CUDA unified memory{s_split}",
+                   [FWD, LOSS, BWD, OPT], "unified")
     else:
-        comps.append(Component(name="optimizer states", bytes=st.gpu_states, formula=st.states_formula + s_split,
-                               phases=[FWD, BWD, OPT]))
+        walk.row("optimizer states", st.states_formula + s_split)
     g_split = f" / {plan.grads_div}" if plan.grads_div > 1 else ""
-    comps.append(Component(name="gradients", bytes=st.gpu_grads,
-                           formula=f"{count(n_train)} trainable x {trainable_bytes_per_param(job)} B{g_split}", phases=[BWD, OPT]))
-    if st.ddp_buckets:
-        comps.append(Component(name="DDP gradient buckets", bytes=st.ddp_buckets,
-                               formula="a second copy of the gradients (gradient_as_bucket_view=False)", phases=[BWD, OPT]))
-    if st.unit_grads:
-        comps.append(Component(name="unsharded unit gradients", bytes=st.unit_grads,
-                               formula="one layer's gradients before reduce-scatter", phases=[BWD]))
-    if st.gpu_temp:
-        comps.append(Component(name="optimizer step temporary", bytes=st.gpu_temp, formula=st.temp_formula + s_split, phases=[OPT]))
-    return comps
+    walk.row("gradients", f"{count(n_train)} trainable x {pb} B{g_split} (in backward: those produced so far)")
+    walk.row("DDP gradient buckets", "a second copy of the gradients (gradient_as_bucket_view=False)")
+    walk.row("unsharded unit gradients", "one layer's gradients before reduce-scatter")
+    walk.row("optimizer step temporary", st.temp_formula + s_split)
 
 
-def _workspace_component(ws: int, task: str, phases: list[str]) -> Component:
+def _workspace_formula(ws: int, task: str) -> str:
     handles = overhead.cublas_handles(task)
-    return Component(name="cuBLAS workspaces", bytes=ws, phases=phases,
-                     formula=f"{handles} handle{'s' if handles > 1 else ''} ({'forward thread, autograd thread' if handles > 1 else 'one thread'})"
-                             f" x {human(ws // handles)}, from torch's caching allocator")
+    threads = "forward thread, autograd thread" if handles > 1 else "one thread"
+    return (f"{handles} handle{'s' if handles > 1 else ''} ({threads}) x {human(ws // handles)}, "
+            "from torch's caching allocator")
 
 
 def _training(job: Job, arch: ModelArch, platform: str, ws: int):
@@ -185,7 +208,8 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     plan = shard_plan(job.sharding, job.num_gpus, job.gpus_per_node, job.cpu_offload)
     st = _State(job, arch, params, n_train, plan, targets)
     t = job.micro_batch * job.seq_len
-    comps = _state_components(job, arch, st, targets, n_train)
+    walk = _Walk()
+    _state_rows(walk, job, arch, st, targets, n_train)
     notes: list[str] = []
     if st.paged_states:
         notes.append("paged optimizer states live in CUDA unified memory: pynvml sees them, torch.cuda does not, "
@@ -193,8 +217,7 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     elif is_paged(job) and st.states:
         notes.append(f"paged optimizer, but every state tensor is under {BNB_PAGED_MIN_NUMEL:,} elements: bitsandbytes "
                      "keeps them all in ordinary device memory")
-    if ws:
-        comps.append(_workspace_component(ws, job.task, [FWD, BWD, OPT]))
+    walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
     sharded_away = (st.weights - shard(st.weights, plan.params_div)) + (st.adapters - shard(st.adapters, plan.params_div))
     if st.gathered > sharded_away:
         notes.append(f"{job.sharding} on {job.num_gpus} GPUs: sharding the parameters saves {human(sharded_away)} per GPU, "
@@ -216,21 +239,21 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
         shared += t * arch.hidden * ctx.dropout_mask(ctx.act_bytes)
     shared += act.attention_mask_bytes(arch, ctx, job.micro_batch)
     trans = act.layer_backward_transient(arch, ctx, layer_tensors)
+    dequant = 0
     if job.quantized:
         # bitsandbytes dequantizes one weight at a time for the input gradient: into the compute
         # dtype on CUDA (MatMul4Bit.backward), into the activation dtype on the CPU
-        trans += arch.largest_quantizable_linear * (ctx.act_bytes if platform == "cpu" else float_bytes(job.compute_dtype))
+        dequant = arch.largest_quantizable_linear * (ctx.act_bytes if platform == "cpu" else float_bytes(job.compute_dtype))
     if job.checkpointing:
         kept = act.checkpoint_saved(arch, ctx) * arch.layers + shared
-        a_formula = f"{arch.layers} checkpointed layer inputs x {human(act.checkpoint_saved(arch, ctx))}; backward recomputes one layer ({human(layer)})"
+        a_formula = (f"{arch.layers} checkpointed layer inputs x {human(act.checkpoint_saved(arch, ctx))}; "
+                     f"backward recomputes one layer ({human(layer)})")
     else:
         kept = layer0 + layer * (arch.layers - 1) + shared
         a_formula = f"{arch.layers} layers x {human(layer)} saved for backward"
-    comps.append(Component(name="activations", bytes=kept, formula=a_formula, phases=[FWD, BWD]))
+    walk.row("activations", a_formula)
     casts = autocast_weight_copies(job, arch, params)
-    if casts:
-        comps.append(Component(name="autocast weight copies", bytes=casts,
-                               formula=f"matmul weights cast to {ctx.act_bytes} B, kept for backward", phases=[FWD, BWD]))
+    walk.row("autocast weight copies", f"matmul weights cast to {ctx.act_bytes} B, kept for backward")
 
     v = arch.vocab
     ab = ctx.act_bytes
@@ -242,39 +265,55 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     if head_autocast:
         ab = float_bytes(job.compute_dtype)
         head_copy = (params.lm_head or params.embedding) * ab
-        comps.append(Component(name="autocast lm_head copy", bytes=head_copy,
-                               formula=f"{v:,} x {arch.hidden:,} head weight cast to {ab} B, kept for backward",
-                               phases=[FWD, LOSS]))
+    walk.row("autocast lm_head copy", f"{v:,} x {arch.hidden:,} head weight cast to {ab} B, kept for backward")
     logits_fwd = t * v * (ab + (4 if ab != 4 else 0) + 4)
     logits_bwd = t * v * 12
-    comps.append(Component(
-        name="logits and loss", bytes=logits_bwd,
-        formula=f"{count(t)} tokens x {v:,} vocab x 12 B (fp32 log-softmax + 2 gradients)",
-        phases=[FWD, LOSS]))
+    fwd_parts = f"{ab} B logits + an fp32 copy + fp32 log-softmax" if ab != 4 else "fp32 logits + fp32 log-softmax"
+    walk.row("logits and loss",
+             f"{count(t)} tokens x {v:,} vocab x {ab + (4 if ab != 4 else 0) + 4} B in forward ({fwd_parts}), "
+             "x 12 B in loss backward (fp32 log-softmax + 2 fp32 gradients)")
 
     fwd_layer = act.layer_forward_transient(arch, ctx, layer_tensors, job.checkpointing)
-    static = st.resident + ws
-    live = static + st.gathered
+    walk.row("layer forward transients", "one layer's attention scores while it runs (checkpointed: its attention tensors too)")
     recompute = layer - act.recompute_input_alias(arch, ctx) if job.checkpointing else 0
+    walk.row("recomputed layer", "one checkpointed layer's saved tensors, recomputed for its backward")
+    walk.row("backward transients", "one layer's backward: stream gradients + the MLP's or the attention's gradients")
+    walk.row("dequantized weight", "the largest 4/8-bit weight, dequantized for the input gradient (bitsandbytes)")
+    walk.row("tied embedding gradient sum", "tied embedding and head gradients, summed out of place")
+    walk.row("embedding input gradient", f"{count(t)} tokens x {arch.hidden:,} x {ab} B into the embedding's backward")
     # autocast's cache of cast weights dies with the autocast region; only tensors saved for
     # backward keep them, and a checkpointed forward saves none (the recomputation re-casts one layer)
     casts_bwd = casts // arch.layers if job.checkpointing else casts
     g_share = st.grads_share
-    bwd_top = live + kept + casts_bwd + recompute + g_share(st.g_head + st.g_layer) + st.unit_grads + trans + st.ddp_buckets
+    static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
+              "optimizer states": st.gpu_states, "cuBLAS workspaces": ws}
+    live = {**static, "gathered parameters": st.gathered}
+    held = {"activations": kept, "autocast weight copies": casts}
+    walk.phase(LOAD, ("weights and adapters",
+                      {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters}))
+    walk.phase(FWD,
+               ("states + saved activations + logits, fp32 copy and log-softmax",
+                {**live, **held, "autocast lm_head copy": head_copy, "logits and loss": logits_fwd}),
+               ("states + saved activations + one layer's attention transients",
+                {**live, **held, "layer forward transients": fwd_layer}))
+    walk.phase(LOSS, ("states + saved activations + fp32 log-softmax and two vocab-wide gradients",
+                      {**live, "activations": kept, "autocast weight copies": casts_bwd,
+                       "autocast lm_head copy": head_copy, "logits and loss": logits_bwd}))
+    transients = {"backward transients": trans, "dequantized weight": dequant,
+                  "unsharded unit gradients": st.unit_grads, "DDP gradient buckets": st.ddp_buckets}
     bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if job.checkpointing else layer0
-    bwd_bottom = live + g_share(st.g_all - st.g_embed_late) + bottom_acts + st.unit_grads + trans + st.ddp_buckets
-    bwd_end = static + st.gpu_grads + g_share(st.g_tied_accum) + t * arch.hidden * ab + st.ddp_buckets
-    phases = [
-        Phase(name=LOAD, allocated_bytes=st.gpu_weights + st.buffers + st.gpu_adapters, detail="weights and adapters"),
-        Phase(name=FWD, allocated_bytes=live + kept + casts + max(head_copy + logits_fwd, fwd_layer),
-              detail="states + saved activations + logits, fp32 copy and log-softmax"),
-        Phase(name=LOSS, allocated_bytes=live + kept + casts_bwd + head_copy + logits_bwd,
-              detail="states + saved activations + fp32 log-softmax and two vocab-wide gradients"),
-        Phase(name=BWD, allocated_bytes=max(bwd_top, bwd_bottom, bwd_end),
-              detail="activations freed layer by layer while gradients appear"),
-        Phase(name=OPT, allocated_bytes=static + st.gpu_grads + st.gpu_temp + st.ddp_buckets,
-              detail="states + gradients + update temporaries"),
-    ]
+    walk.phase(BWD,
+               ("top of backward: every activation, the last layer recomputed, head and layer gradients",
+                {**live, "activations": kept, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
+                 "gradients": g_share(st.g_head + st.g_layer), **transients}),
+               ("bottom of backward: the first layer's activations beside nearly every gradient",
+                {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients}),
+               ("end of backward: every gradient, the embedding's last",
+                {**static, "gradients": st.gpu_grads, "tied embedding gradient sum": g_share(st.g_tied_accum),
+                 "embedding input gradient": t * arch.hidden * ab, "DDP gradient buckets": st.ddp_buckets}))
+    walk.phase(OPT, ("states + gradients + update temporaries",
+                     {**static, "gradients": st.gpu_grads, "optimizer step temporary": st.gpu_temp,
+                      "DDP gradient buckets": st.ddp_buckets}))
     if ctx.attention == "math_fp32" and arch.family != "falcon" and job.attention == "sdpa" and platform == "cuda":
         notes.append("fp32 attention on a grouped-query model runs SDPA's math kernel on CUDA (transformers passes "
                      "enable_gqa, which only the 16-bit kernels take): the scores are materialised, quadratic in the "
@@ -282,77 +321,75 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     n = unquantized_note(job, arch)
     if n:
         notes.append(n)
-    if job.kbit_upcast:
+    if head_autocast:
+        c = job.compute_dtype.value
+        notes.append(f"prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32, so the residual "
+                     f"stream is fp32; under {c} autocast the matmuls, lm_head included, run in {c}: {c} logits "
+                     f"(upcast by the loss), a {c} copy of the head weight, {c} inputs to the adapters")
+    elif job.kbit_upcast:
         notes.append("prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32, so the residual "
-                     "stream and the logits are fp32 (use --no-kbit-prepare if you skip that call)")
+                     "stream and the logits are fp32 (use --no-kbit-prepare if you skip that call; --autocast for "
+                     "the Trainer's bf16=True)")
     if st.host:
         notes.append(f"cpu offload: {human(st.host)} of host RAM per GPU")
     unified = st.gpu_paged_states
-    return comps, phases, params, n_train, notes, unified, st.host
+    return walk, params, n_train, notes, unified, st.host
 
 
 def _inference(job: Job, arch: ModelArch, platform: str, ws: int):
     params = count_params(arch)
-    comps: list[Component] = []
+    walk = _Walk()
     notes: list[str] = []
     w, w_formula = weight_bytes(job, arch, params)
-    comps.append(Component(name="weights", bytes=w, formula=w_formula, phases=[LOAD, PREFILL, DECODE]))
-    comps.append(_buffers_component(arch, [LOAD, PREFILL, DECODE]))
-    w += buffer_bytes(arch)
+    walk.row("weights", w_formula)
+    walk.row("buffers", _buffers_formula(arch))
     kv = inf.kv_cache_bytes(job, arch)
     kv_prompt = inf.kv_cache_bytes(job, arch, generated=False)
     positions = inf.kv_tokens(job, arch)
-    decode = [DECODE] if job.new_tokens else []
-    comps.append(Component(
-        name="KV cache", bytes=kv,
-        formula=f"2 x {arch.layers} layers x {arch.kv_heads} kv heads x {arch.head_dim} head dim x {positions:,} positions "
-                f"x batch {job.micro_batch} x {float_bytes(job.compute_dtype)} B",
-        phases=[PREFILL, *decode]))
+    walk.row("KV cache", f"2 x {arch.layers} layers x {arch.kv_heads} kv heads x {arch.head_dim} head dim x "
+                         f"{positions:,} positions x batch {job.micro_batch} x {float_bytes(job.compute_dtype)} B "
+                         "(the prompt's positions during the prefill)")
     if arch.sliding_window and job.seq_len + job.new_tokens > arch.sliding_window:
         notes.append(f"sliding window: the cache keeps the last {arch.sliding_window} positions per layer")
     pre = inf.prefill_transient_bytes(job, arch, platform)
-    comps.append(Component(name="activations", bytes=pre, formula="one layer's no-grad intermediates during prefill",
-                           phases=[PREFILL]))
+    # the prefill's high point inside a layer includes one dequantized 4-bit weight: its own row
+    pre_dequant = inf.dequant_bytes(job, arch, job.micro_batch * job.seq_len)
+    walk.row("activations", "one layer's no-grad intermediates during prefill")
+    walk.row("dequantized weight", "bitsandbytes dequantizes the largest 4-bit weight to the compute dtype "
+                                   f"for more than {inf.BNB_FUSED_MAX_ROWS} rows")
     head = inf.head_bytes(job, arch)
     logits = inf.logits_bytes(job, arch)
-    comps.append(Component(
-        name="logits", bytes=head,
-        formula=("final norm output + last position's logits and their fp32 copy (generate)" if job.new_tokens
-                 else "final norm output + logits for every position (plain forward)"),
-        phases=[PREFILL]))
+    walk.row("logits", ("final norm output + last position's logits and their fp32 copy (generate); "
+                        "in decode, one step's logits" if job.new_tokens
+                        else "final norm output + logits for every position (plain forward)"))
     append = inf.cache_append_bytes(job, arch)
     decode_dequant = inf.dequant_bytes(job, arch, job.micro_batch) if job.new_tokens else 0
-    if decode_dequant:
-        comps.append(Component(name="decode dequantized weight", bytes=decode_dequant, phases=[DECODE],
-                               formula=f"bitsandbytes dequantizes the largest 4-bit weight for {job.micro_batch} rows "
-                                       f"(> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)"))
-    if append:
-        comps.append(Component(name="KV cache append", bytes=append, phases=[DECODE],
-                               formula="DynamicCache torch.cat: one layer's old and new keys alive at once"))
-    if ws:
-        comps.append(_workspace_component(ws, job.task, [PREFILL, *decode]))
-    phases = [
-        Phase(name=LOAD, allocated_bytes=w, detail="weights"),
-        Phase(name=PREFILL, allocated_bytes=w + ws + kv_prompt + max(pre, head),
-              detail="weights + the prompt's KV cache + the larger of one layer's intermediates and the head"),
-    ]
+    walk.row("decode dequantized weight", f"bitsandbytes dequantizes the largest 4-bit weight for {job.micro_batch} "
+                                          f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")
+    walk.row("KV cache append", "DynamicCache torch.cat: one layer's old and new keys alive at once")
+    walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
+    base = {"weights": w, "buffers": buffer_bytes(arch), "cuBLAS workspaces": ws}
+    walk.phase(LOAD, ("weights", {"weights": w, "buffers": buffer_bytes(arch)}))
+    walk.phase(PREFILL,
+               ("weights + the prompt's KV cache + one layer's intermediates",
+                {**base, "KV cache": kv_prompt, "activations": pre - pre_dequant, "dequantized weight": pre_dequant}),
+               ("weights + the prompt's KV cache + the head",
+                {**base, "KV cache": kv_prompt, "logits": head}))
     if job.new_tokens:
-        phases.append(Phase(name=DECODE, allocated_bytes=w + ws + kv + append + decode_dequant + logits,
-                            detail="weights + full KV cache + one step's logits"))
-    return comps, phases, params, 0, notes, 0, 0
+        walk.phase(DECODE, ("weights + full KV cache + one step's logits",
+                            {**base, "KV cache": kv, "KV cache append": append,
+                             "decode dequantized weight": decode_dequant, "logits": logits}))
+    return walk, params, 0, notes, 0, 0
 
 
-def _finish(job, arch, gpu, comps, phases, params, n_train, notes, unified, host) -> Estimate:
+def _finish(job, arch, gpu, walk: _Walk, params, n_train, notes, unified, host) -> Estimate:
+    phases = walk.phases
     peak = max(phases, key=lambda p: p.allocated_bytes)
     slack = overhead.allocator_slack(peak.allocated_bytes)
     reserved = peak.allocated_bytes + slack
     context = overhead.cuda_context(gpu)
-    comps = comps + [
-        Component(name="allocator slack", bytes=slack, formula=f"{overhead.FRAGMENTATION:.0%} of peak",
-                  phases=[peak.name], pool="reserved"),
-        Component(name="CUDA context", bytes=context,
-                  formula=gpu.cuda_context_source if gpu else "default (no GPU chosen)", phases=["always"], pool="driver"),
-    ]
+    walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak", [peak.name], "reserved")
+    walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
     if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
@@ -361,7 +398,7 @@ def _finish(job, arch, gpu, comps, phases, params, n_train, notes, unified, host
         model_name=arch.name,
         params=params,
         trainable_params=n_train,
-        components=comps,
+        components=walk.components(),
         phases=phases,
         peak_phase=peak.name,
         peak_allocated_bytes=peak.allocated_bytes,

@@ -9,7 +9,7 @@ from rich.text import Text
 from .results import Estimate
 from .units import gib, human
 
-BAR_WIDTH = 24
+BAR_WIDTH = 12
 POOL_LABEL = {"torch": "", "unified": " (unified)", "reserved": " (reserved)", "driver": " (driver)"}
 
 
@@ -27,19 +27,52 @@ def _title(est: Estimate) -> str:
         par = f", {job.sharding} on {job.num_gpus} GPUs" if job.num_gpus > 1 or job.sharding != "none" else ""
         off = " with CPU offload" if job.cpu_offload else ""
         what = f"{job.method} training, micro-batch {job.micro_batch}, seq {job.seq_len}, {job.optimizer}{ck}{par}{off}"
-    return f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {job.compute_dtype.value} compute, {job.attention}"
+    # under autocast the matmuls run in the compute dtype whatever the weights' dtype: say so
+    compute = f"{job.compute_dtype.value} autocast" if job.runs_autocast else f"{job.compute_dtype.value} compute"
+    return f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {compute}, {job.attention}"
+
+
+PHASE_ABBREV = {"loaded": "ld", "forward": "fw", "loss backward": "lb", "backward": "bw", "optimizer step": "op",
+                "prefill": "pf", "decode": "dc", "always": "all"}
 
 
 def breakdown_table(est: Estimate) -> Table:
-    table = Table(title=_title(est), title_justify="left", show_lines=False)
+    """Every row with its bytes at the peak phase and at its own largest: the torch rows add up to
+    the peak allocated, and with the rows outside torch's pool to the device figure."""
+    table = Table(title=_title(est), title_justify="left", show_lines=False,
+                  caption=f"at peak: at the high point of {est.peak_phase}; live in: "
+                          + ", ".join(f"{v} {k}" for k, v in PHASE_ABBREV.items() if k in _phase_names(est)),
+                  caption_justify="left")
     table.add_column("component")
-    table.add_column("per GPU", justify="right")
+    table.add_column("at peak", justify="right")
+    table.add_column("largest", justify="right")
     table.add_column("", no_wrap=True)
+    table.add_column("live in", no_wrap=True)
     table.add_column("how", overflow="fold")
-    largest = max(c.bytes for c in est.components)
+    at_peak = {c.name: b for c, b in est.at_phase(est.peak_phase)}
+    outside = [c for c in est.components if c.pool != "torch"]
+    largest = max(at_peak.values(), default=0)
     for c in est.components:
-        table.add_row(c.name + POOL_LABEL[c.pool], human(c.bytes), _bar(c.bytes, largest), c.formula)
+        if c.pool != "torch":
+            continue
+        b = at_peak.get(c.name, 0)
+        table.add_row(c.name, human(b) if b else "-", human(c.bytes), _bar(b, largest),
+                      " ".join(PHASE_ABBREV.get(p, p) for p in c.phases), c.formula)
+    table.add_section()
+    table.add_row("= peak torch allocated", gib(est.peak_allocated_bytes), "", "", "", f"sum of the rows above at {est.peak_phase}",
+                  style="bold")
+    table.add_section()
+    for c in outside:
+        table.add_row(c.name + POOL_LABEL[c.pool], human(c.bytes), human(c.bytes), _bar(c.bytes, largest),
+                      " ".join(PHASE_ABBREV.get(p, p) for p in c.phases), c.formula)
+    table.add_section()
+    table.add_row("= device used (pynvml)", gib(est.device_used_bytes), "", "", "", "peak allocated + the rows above",
+                  style="bold")
     return table
+
+
+def _phase_names(est: Estimate) -> set[str]:
+    return {p.name for p in est.phases} | {"always"}
 
 
 def phase_table(est: Estimate) -> Table:

@@ -9,12 +9,17 @@ from .params import ParamCounts
 
 
 class Component(BaseModel):
-    """One line of the breakdown: bytes per GPU, how they were computed, when they are live."""
+    """One line of the breakdown: bytes per GPU, how they were computed, when they are live.
+
+    `phase_bytes` holds what the component occupies at the high point of each phase it is live in;
+    a phase's allocated total is the sum of its torch-pool components there, to the byte, so the
+    rows live at the peak add up to the peak. `bytes` is the largest of them."""
 
     name: str
     bytes: int
     formula: str
     phases: list[str]
+    phase_bytes: dict[str, int] = {}
     # Where the bytes sit: "torch" (caching allocator), "unified" (paged, cudaMallocManaged),
     # "driver" (outside torch: CUDA context) or "reserved" (allocator slack).
     pool: str = "torch"
@@ -50,3 +55,12 @@ class Estimate(BaseModel):
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def bytes_of(self, name: str) -> int:
+        """A component's bytes, 0 when the job has none (zero-byte rows are not listed)."""
+        return next((c.bytes for c in self.components if c.name == name), 0)
+
+    def at_phase(self, phase: str) -> list[tuple[Component, int]]:
+        """The torch-pool components live at the high point of `phase`, with their bytes there:
+        they sum to that phase's allocated bytes."""
+        return [(c, c.phase_bytes[phase]) for c in self.components if c.pool == "torch" and c.phase_bytes.get(phase)]

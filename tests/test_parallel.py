@@ -57,7 +57,7 @@ def test_offload_moves_state_to_host():
     on_gpu = estimate("llama-2-13b", method="full", num_gpus=4, sharding="zero3")
     off = estimate("llama-2-13b", method="full", num_gpus=4, sharding="zero3", cpu_offload=True)
     assert off.peak_allocated_bytes < on_gpu.peak_allocated_bytes
-    assert off.component("optimizer states").bytes == 0
+    assert off.bytes_of("optimizer states") == 0
     n = 13_015_864_320
     assert off.host_bytes == math.ceil(2 * n / 4) + math.ceil(4 * n / 4) + math.ceil(2 * n / 4)
 
