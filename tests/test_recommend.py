@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,9 +17,10 @@ ALL = [load_gpu(g) for g in gpu_names()]
 
 def test_every_plan_fits_and_adds_up():
     arch = load_model("llama-2-7b")
-    start = time.perf_counter()
     result = recommend(Job(model="llama-2-7b", method="lora", seq_len=1024), arch, ALL, global_batch=64, max_gpus=8)
-    assert time.perf_counter() - start < 1.0
+    # the search stays bounded (a wall-clock limit would fail on a loaded CI machine): each
+    # (GPU, count, sharding, checkpointing) stops at the first micro-batch that does not fit
+    assert result.searched <= 1000
     assert result.plans
     for p in result.plans:
         assert p.micro_batch * p.grad_accum * p.num_gpus == 64
