@@ -72,8 +72,12 @@ def estimate(
     cpu_offload: bool = typer.Option(False, help="offload sharded parameters, gradients and optimizer states to host RAM"),
     gpus_per_node: int = typer.Option(8, help="GPUs per node (fsdp_hybrid shards within a node)"),
     as_json: bool = typer.Option(False, "--json", help="print the Estimate as JSON"),
+    explain: bool = typer.Option(False, "--explain", help="list the changes that would save the most memory, each "
+                                 "re-estimated (shown anyway when the job does not fit its --gpu)"),
 ) -> None:
-    """How much memory one GPU needs for a job, component by component, and its peak."""
+    """How much memory one GPU needs for a job, component by component, and its peak.
+
+    Exit code 0 when the job fits its --gpu (or none is given), 1 when it does not."""
     from .estimate import estimate_memory
     from memplan.profiles import load_gpu, load_model
 
@@ -86,13 +90,26 @@ def estimate(
         cpu_offload=cpu_offload, gpus_per_node=gpus_per_node,
     )
     arch = load_model(job.model)
-    est = estimate_memory(job, arch, load_gpu(gpu) if gpu else None)
-    if as_json:
-        typer.echo(est.model_dump_json(indent=2))
-        return
-    from .report import console, render
+    g = load_gpu(gpu) if gpu else None
+    est = estimate_memory(job, arch, g)
+    from .advice import what_if
 
-    render(est, console())
+    # --json stays an Estimate; the advice is an extra key only when asked for
+    savings = what_if(job, arch, g) if explain or (est.fits is False and not as_json) else None
+    if as_json and savings is None:
+        typer.echo(est.model_dump_json(indent=2))
+    elif as_json:
+        data = est.model_dump(mode="json") | {"what_if": [s.model_dump(mode="json") for s in savings]}
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        from .report import console, render, savings_table
+
+        out = console()
+        render(est, out)
+        if savings is not None:
+            out.print(savings_table(savings, est))
+    if est.fits is False:
+        raise typer.Exit(code=1)
 
 
 def _parse_prices(values: list[str] | None) -> dict[str, float]:

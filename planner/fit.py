@@ -13,6 +13,20 @@ from .gpu import GpuProfile
 from .job import Job
 
 MAX_BATCH = 1 << 16
+# Share of each GPU's memory kept free by `fit` and `recommend`: the estimate is within a few percent
+# of measured device memory, not exact, and other processes and allocator growth need room.
+DEFAULT_SAFETY_MARGIN = 0.05
+
+
+def check_safety_margin(margin: float) -> float:
+    if not 0 <= margin < 1:
+        raise MemplanInputError(f"safety-margin must be in [0, 1), got {margin}")
+    return margin
+
+
+def fits_with_margin(device_used_bytes: int, gpu: GpuProfile, margin: float) -> bool:
+    """The one rule for "fits" when a margin is kept: device used within (1 - margin) of the card."""
+    return device_used_bytes <= gpu.memory_bytes * (1 - margin)
 
 
 class FitAnswer(BaseModel):
@@ -21,15 +35,21 @@ class FitAnswer(BaseModel):
     limit: int  # the search's upper bound (the model's maximum positions for sequences)
     device_used_bytes: int | None
     gpu_memory_bytes: int
+    margin: float  # share of the card the answer leaves free at least
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.device_used_bytes is None else self.gpu_memory_bytes - self.device_used_bytes
 
 
 def _fits(job: Job, arch: ModelArch, gpu: GpuProfile, margin: float) -> tuple[bool, int]:
     est = estimate_memory(job, arch, gpu)
-    return est.device_used_bytes <= gpu.memory_bytes * (1 - margin), est.device_used_bytes
+    return fits_with_margin(est.device_used_bytes, gpu, margin), est.device_used_bytes
 
 
-def largest(job: Job, arch: ModelArch, gpu: GpuProfile, field: str, margin: float = 0.0) -> FitAnswer:
-    """Largest value of `field` ("micro_batch" or "seq_len") for which `job` fits `gpu`."""
+def largest(job: Job, arch: ModelArch, gpu: GpuProfile, field: str, margin: float = DEFAULT_SAFETY_MARGIN) -> FitAnswer:
+    """Largest value of `field` ("micro_batch" or "seq_len") for which `job` fits `gpu` with `margin` free."""
+    check_safety_margin(margin)
     if field == "seq_len":
         limit = arch.max_positions - (job.new_tokens if job.task == "infer" else 0)
     elif field == "micro_batch":
@@ -42,7 +62,8 @@ def largest(job: Job, arch: ModelArch, gpu: GpuProfile, field: str, margin: floa
 
     ok, used = check(1)
     if not ok:
-        return FitAnswer(field=field, largest=0, limit=limit, device_used_bytes=None, gpu_memory_bytes=gpu.memory_bytes)
+        return FitAnswer(field=field, largest=0, limit=limit, device_used_bytes=None, gpu_memory_bytes=gpu.memory_bytes,
+                         margin=margin)
     lo, lo_used, hi = 1, used, 2
     while hi <= limit:
         ok, used = check(hi)
@@ -54,4 +75,5 @@ def largest(job: Job, arch: ModelArch, gpu: GpuProfile, field: str, margin: floa
         mid = (lo + hi) // 2
         ok, used = check(mid)
         lo, lo_used, hi = (mid, used, hi) if ok else (lo, lo_used, mid)
-    return FitAnswer(field=field, largest=lo, limit=limit, device_used_bytes=lo_used, gpu_memory_bytes=gpu.memory_bytes)
+    return FitAnswer(field=field, largest=lo, limit=limit, device_used_bytes=lo_used, gpu_memory_bytes=gpu.memory_bytes,
+                     margin=margin)

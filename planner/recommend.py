@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from .architecture import ModelArch
 from .dtypes import DType
 from .estimate import estimate_memory
+from .fit import DEFAULT_SAFETY_MARGIN, check_safety_margin, fits_with_margin
 from .gpu import GpuProfile
 from .job import Job
 from .throughput import default_mfu, step_seconds, usd_per_million_tokens
@@ -55,7 +56,7 @@ def recommend(
     gpus: list[GpuProfile],
     global_batch: int,
     max_gpus: int = 8,
-    safety_margin: float = 0.05,
+    safety_margin: float = DEFAULT_SAFETY_MARGIN,
     mfu: float | None = None,
     prices: dict[str, float] | None = None,
     budget_usd_per_hour: float | None = None,
@@ -63,6 +64,7 @@ def recommend(
     """Every (GPU, count, sharding, checkpointing) gets the largest micro-batch that fits, since
     memory never falls as the micro-batch grows; the rest of the global batch is accumulation.
     `mfu=None` takes the utilisation measured for the job's kind of training."""
+    check_safety_margin(safety_margin)
     mfu = default_mfu(base) if mfu is None else mfu
     plans: list[Plan] = []
     searched = 0
@@ -85,7 +87,7 @@ def recommend(
                             compute_dtype=compute, gpu=gpu.name))
                         searched += 1
                         est = estimate_memory(job, arch, gpu)
-                        if est.device_used_bytes > gpu.memory_bytes * (1 - safety_margin):
+                        if not fits_with_margin(est.device_used_bytes, gpu, safety_margin):
                             break
                         best = (job, est)
                     if best is None:

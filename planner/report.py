@@ -129,3 +129,24 @@ def recommend_table(result, model_name: str, top: int) -> Table:
                   f"{gib(p.device_used_bytes)} of {gib(p.gpu_memory_bytes).removesuffix(' GiB')}",
                   f"{p.step_seconds:,.2f}", f"{p.usd_per_million_tokens:,.3f}", f"{p.usd_per_hour:,.2f}")
     return t
+
+
+def savings_table(savings, est: Estimate) -> Table | Text:
+    """`estimate --explain`: each change re-estimated, largest saving first (planner/advice.py)."""
+    per = " per GPU" if est.job.num_gpus > 1 else ""
+    if not savings:
+        return Text("what would save memory: no single change in memplan's list lowers this job's device memory\n")
+    t = Table(title=f"what would save memory (each change re-estimated; device used now {gib(est.device_used_bytes)}{per})",
+              title_justify="left")
+    t.add_column("change")
+    t.add_column("options", overflow="fold")
+    t.add_column("saves", justify="right")
+    t.add_column("device used", justify="right")
+    if est.gpu:
+        t.add_column(f"fits {est.gpu}")
+    for s in savings:
+        row = [s.change, s.flags, gib(s.saved_bytes), gib(s.device_used_bytes)]
+        if est.gpu:
+            row.append(Text("yes", style="green") if s.fits else Text("no", style="red"))
+        t.add_row(*row)
+    return t

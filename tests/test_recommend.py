@@ -7,7 +7,8 @@ import pytest
 
 from memplan import Job, estimate_memory
 from memplan.emit import accelerate_config
-from memplan.fit import largest
+from memplan.errors import MemplanInputError
+from memplan.fit import DEFAULT_SAFETY_MARGIN, largest
 from memplan.profiles import gpu_names, load_gpu, load_model
 from memplan.recommend import recommend
 from memplan.throughput import flops_per_token
@@ -77,14 +78,35 @@ def test_fit_finds_the_boundary(job, field):
     arch = load_model(job.model)
     gpu = load_gpu("A10G")
     ans = largest(job, arch, gpu, field)
+    assert ans.margin == DEFAULT_SAFETY_MARGIN > 0
+    room = gpu.memory_bytes * (1 - ans.margin)
     if ans.largest == 0:
-        assert estimate_memory(job.model_copy(update={field: 1}), arch, gpu).device_used_bytes > gpu.memory_bytes
+        assert estimate_memory(job.model_copy(update={field: 1}), arch, gpu).device_used_bytes > room
         return
     at = estimate_memory(job.model_copy(update={field: ans.largest}), arch, gpu)
-    assert at.device_used_bytes <= gpu.memory_bytes
+    assert at.device_used_bytes == ans.device_used_bytes <= room
+    assert ans.headroom_bytes == gpu.memory_bytes - at.device_used_bytes >= gpu.memory_bytes * ans.margin
     if ans.largest < ans.limit:
         over = estimate_memory(job.model_copy(update={field: ans.largest + 1}), arch, gpu)
-        assert over.device_used_bytes > gpu.memory_bytes
+        assert over.device_used_bytes > room
+
+
+def test_fit_without_margin_can_fill_the_card():
+    # the margin is what keeps the answer off the card's edge: with none, the longest sequence
+    # leaves less than the default margin free (mistral-7b QLoRA on an A10G fills it to the byte)
+    arch = load_model("mistral-7b")
+    gpu = load_gpu("A10G")
+    job = Job(model="mistral-7b", method="qlora", micro_batch=1)
+    bare, kept = largest(job, arch, gpu, "seq_len", margin=0.0), largest(job, arch, gpu, "seq_len")
+    assert kept.largest < bare.largest
+    assert bare.headroom_bytes < gpu.memory_bytes * DEFAULT_SAFETY_MARGIN <= kept.headroom_bytes
+
+
+def test_margin_is_checked_in_the_core():
+    arch = load_model("phi-2")
+    for bad in (-0.1, 1.0):
+        with pytest.raises(MemplanInputError, match="safety-margin"):
+            largest(Job(model="phi-2"), arch, load_gpu("A10G"), "micro_batch", margin=bad)
 
 
 @pytest.mark.parametrize(
