@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from .errors import MemplanInputError
+from .fit import DEFAULT_SAFETY_MARGIN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GPU memory planner for LLM training and inference.")
@@ -142,7 +143,7 @@ def recommend(
     lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
     lora_targets: str = typer.Option("default"),
     autocast: Optional[bool] = typer.Option(None, help="forward under torch.autocast (HF Trainer bf16=True)"),
-    safety_margin: float = typer.Option(0.05, help="share of each GPU's memory kept free"),
+    safety_margin: float = typer.Option(DEFAULT_SAFETY_MARGIN, help="share of each GPU's memory kept free"),
     mfu: Optional[float] = typer.Option(None, help="model FLOPs utilisation for step time and cost (default: measured "
                                         "on H100/H200: 0.16 qlora, 0.37 qlora --autocast, 0.38 otherwise)"),
     top: int = typer.Option(10, help="plans to show"),
@@ -153,14 +154,14 @@ def recommend(
     """GPU kinds, counts, micro-batch, accumulation, checkpointing and sharding that fit, ranked by cost per million tokens."""
     from memplan.profiles import gpu_names, load_gpu, load_model
 
+    from .fit import check_safety_margin
     from .recommend import recommend as search
 
     if global_batch <= 0:
         fail(f"global-batch must be a positive integer, got {global_batch}")
     if max_gpus <= 0:
         fail(f"max-gpus must be a positive integer, got {max_gpus}")
-    if not 0 <= safety_margin < 1:
-        fail(f"safety-margin must be in [0, 1), got {safety_margin}")
+    check_safety_margin(safety_margin)
     if mfu is not None and not 0 < mfu <= 1:
         fail(f"mfu must be in (0, 1], got {mfu}")
     if emit not in (None, "accelerate"):
@@ -172,7 +173,14 @@ def recommend(
 
     check_job(base, arch)
     kinds = [load_gpu(g.strip()) for g in gpus.split(",")] if gpus else [load_gpu(g) for g in gpu_names()]
-    result = search(base, arch, kinds, global_batch, max_gpus, safety_margin, mfu, _parse_prices(price), budget)
+    prices = _parse_prices(price)
+    result = search(base, arch, kinds, global_batch, max_gpus, safety_margin, mfu, prices, budget)
+    advice = None
+    if not result.plans:
+        from .advice import nothing_fits
+
+        every = kinds if not gpus else [load_gpu(g) for g in gpu_names()]
+        advice = nothing_fits(base, arch, kinds, global_batch, max_gpus, every, safety_margin, mfu, prices, budget)
     if emit and result.plans:
         from .emit import accelerate_config
 
@@ -180,17 +188,24 @@ def recommend(
         from pathlib import Path
 
         Path(emit_path).write_text(accelerate_config(best.job, arch, best.grad_accum))
-    if as_json:
+    if as_json and advice is None:
         typer.echo(result.model_dump_json(indent=2))
-        return
-    from .report import console, recommend_table
+    elif as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json") | {"nothing_fits": advice.model_dump(mode="json")}, indent=2))
+    else:
+        from .report import console, nothing_fits_text, recommend_table
 
-    out = console()
-    out.print(recommend_table(result, arch.name, top))
-    if not result.plans:
-        out.print("nothing fits: try more GPUs (--max-gpus), --method lora/qlora, or a shorter --seq-len")
-    elif emit:
-        out.print(f"accelerate config for the first plan written to {emit_path}")
+        out = console()
+        if advice is None:
+            out.print(recommend_table(result, arch.name, top))
+            if emit:
+                out.print(f"accelerate config for the first plan written to {emit_path}")
+        else:
+            out.print(nothing_fits_text(advice, [k.name for k in kinds], max_gpus, budget))
+            if emit:
+                out.print(f"nothing to emit: no plan fits, so {emit_path} was not written")
+    if advice is not None:
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -208,39 +223,52 @@ def fit(
     gradient_checkpointing: Optional[bool] = typer.Option(None),
     lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
     autocast: Optional[bool] = typer.Option(None, help="forward under torch.autocast (HF Trainer bf16=True)"),
+    safety_margin: float = typer.Option(DEFAULT_SAFETY_MARGIN, help="share of the GPU's memory kept free"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """The largest micro-batch (batch) and the longest sequence (context) that fit one GPU."""
+    """The largest micro-batch (batch) and the longest sequence (context) that fit one GPU with --safety-margin free.
+
+    Exit code 0 when something fits, 1 when not even micro-batch 1 at --seq-len or not even 1 token fits."""
     from memplan.profiles import load_gpu, load_model
 
-    from .fit import largest
+    from .fit import check_safety_margin, largest
     from .units import gib
 
+    check_safety_margin(safety_margin)
     fields = dict(model=model, task=task, method=method, optimizer=optimizer, weight_dtype=weight_dtype,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                   new_tokens=new_tokens, autocast=autocast)
     arch = load_model(model)
     g = load_gpu(gpu)
-    by_batch = largest(_job(**fields, seq_len=min(seq_len, arch.max_positions), micro_batch=1), arch, g, "micro_batch")
-    by_seq = largest(_job(**fields, seq_len=1, micro_batch=micro_batch), arch, g, "seq_len")
+    by_batch = largest(_job(**fields, seq_len=min(seq_len, arch.max_positions), micro_batch=1), arch, g, "micro_batch",
+                       margin=safety_margin)
+    by_seq = largest(_job(**fields, seq_len=1, micro_batch=micro_batch), arch, g, "seq_len", margin=safety_margin)
+    nothing = not by_batch.largest or not by_seq.largest
     if as_json:
         typer.echo(json.dumps({"micro_batch": by_batch.model_dump(), "seq_len": by_seq.model_dump()}, indent=2))
+        if nothing:
+            raise typer.Exit(code=1)
         return
     what = "batch" if task == "infer" else "micro-batch"
     seq = "context" if task == "infer" else "sequence"
     what_job = f"{method} training" if task == "train" else "inference"
-    typer.echo(f"{arch.name} {what_job} on {g.name} ({gib(g.memory_bytes)}):")
+
+    def used(ans) -> str:
+        return (f"{gib(ans.device_used_bytes)} device used, headroom {gib(ans.headroom_bytes)} = "
+                f"{ans.headroom_bytes / ans.gpu_memory_bytes:.1%} of the card")
+
+    typer.echo(f"{arch.name} {what_job} on {g.name} ({gib(g.memory_bytes)}), keeping {safety_margin:.0%} free:")
     if by_batch.largest:
-        typer.echo(f"  largest {what} at {min(seq_len, arch.max_positions)} tokens: {by_batch.largest} "
-                   f"({gib(by_batch.device_used_bytes)} device used)")
+        typer.echo(f"  largest {what} at {min(seq_len, arch.max_positions)} tokens: {by_batch.largest} ({used(by_batch)})")
     else:
         typer.echo(f"  not even a {what} of 1 at {seq_len} tokens fits")
     if by_seq.largest:
         capped = " (the model's maximum)" if by_seq.largest == by_seq.limit else ""
-        typer.echo(f"  longest {seq} at {what} {micro_batch}: {by_seq.largest} tokens{capped} "
-                   f"({gib(by_seq.device_used_bytes)} device used)")
+        typer.echo(f"  longest {seq} at {what} {micro_batch}: {by_seq.largest} tokens{capped} ({used(by_seq)})")
     else:
         typer.echo(f"  not even 1 token at {what} {micro_batch} fits")
+    if nothing:
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -150,3 +150,30 @@ def savings_table(savings, est: Estimate) -> Table | Text:
             row.append(Text("yes", style="green") if s.fits else Text("no", style="red"))
         t.add_row(*row)
     return t
+
+
+def _plan_brief(p) -> str:
+    shard = f"{p.sharding}, " if p.sharding != "none" else ""
+    return f"{shard}{p.num_gpus} x {p.gpu}, ${p.usd_per_hour:,.2f}/h"
+
+
+def nothing_fits_text(advice, gpu_names: list[str], max_gpus: int, budget: float | None) -> Text:
+    """`recommend` when no plan fits: the budget's cheapest alternative, or the changes that would fit (planner/advice.py)."""
+    t = Text()
+    cheapest = advice.cheapest_over_budget
+    if cheapest is not None:
+        t.append(f"no plan within ${budget:,.2f}/h; the cheapest plan that fits costs ${cheapest.usd_per_hour:,.2f}/h "
+                 f"({cheapest.num_gpus} x {cheapest.gpu})", style="bold")
+        return t
+    kinds = ", ".join(gpu_names) if len(gpu_names) <= 3 else f"any of {len(gpu_names)} GPU kinds"
+    counts = "1" if max_gpus == 1 else f"1-{max_gpus}"
+    t.append(f"nothing fits {counts} x {kinds}", style="bold red")
+    if budget is not None:
+        t.append(f" (even without the ${budget:,.2f}/h budget)")
+    if not advice.fixes:
+        t.append("; no single change memplan tries (more GPUs, another GPU kind, an 8-bit optimizer, LoRA/QLoRA, "
+                 "shorter sequences) makes a plan fit")
+        return t
+    t.append("; would fit: ")
+    t.append(", or ".join(f"{f.flags} ({_plan_brief(f.plan)})" for f in advice.fixes))
+    return t
