@@ -190,13 +190,14 @@ def test_nothing_fits_halves_the_sequence_until_a_plan_fits():
 
 
 def test_qlora_fix_from_mixed_precision_sets_a_4bit_base():
+    # fp32 weights (mixed precision): `--method qlora` alone would be refused, the fix names nf4
     arch, a10g = load_model("llama-2-13b"), load_gpu("A10G")
     base = Job(model="llama-2-13b", weight_dtype="fp32", seq_len=2048)
+    assert not recommend(base.model_copy(update={"method": "lora"}), arch, [a10g], 32, max_gpus=1).plans
     advice = nothing_fits(base, arch, [a10g], 32, 1, [a10g], DEFAULT_SAFETY_MARGIN, most=10)
-    lora = [f for f in advice.fixes if "--method" in f.flags]
-    assert lora and lora[0].plan.job.method in ("lora", "qlora")
-    if lora[0].plan.job.method == "qlora":
-        assert lora[0].plan.job.base_weight_dtype is DType.nf4 and "--weight-dtype nf4" in lora[0].flags
+    qlora = [f for f in advice.fixes if "--method" in f.flags]
+    assert [f.flags for f in qlora] == ["--method qlora --weight-dtype nf4"]
+    assert qlora[0].plan.job.method == "qlora" and qlora[0].plan.job.base_weight_dtype is DType.nf4
 
 
 def test_budget_below_the_cheapest_plan_names_its_cost():
