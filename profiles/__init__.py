@@ -18,6 +18,8 @@ from memplan.gpu import GpuProfile
 
 _HERE = Path(__file__).parent
 MODELS_DIR = _HERE / "models"
+# tiny configs of each family (a few layers, hidden 256): memplan validate --matrix quick and the tests
+TINY_DIR = _HERE / "tiny"
 
 ALIASES: dict[str, str] = {
     "falcon-7b": "tiiuae/falcon-7b",
