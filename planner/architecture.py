@@ -281,10 +281,8 @@ def _llama_like(r: ConfigReader, name: str, family: str) -> ModelArch:
 
 def _falcon(r: ConfigReader, name: str) -> ModelArch:
     if r.bool("new_decoder_architecture", False):
-        raise MemplanInputError(
-            f"{name}: Falcon's new_decoder_architecture (40B/180B) is not supported yet; "
-            "supported Falcon configs use multi_query or multi-head attention"
-        )
+        r.fail("Falcon's new_decoder_architecture (40B/180B) is not supported yet; "
+               "supported Falcon configs use multi_query or multi-head attention")
     h = r.int("hidden_size")
     heads, hd = r.heads(h, ("num_attention_heads", "n_head"), stated_head_dim=False)  # FalconAttention: head_dim is always hidden / heads
     kv = 1 if r.bool("multi_query", True) else heads
@@ -411,6 +409,4 @@ def arch_from_hf_config(cfg: dict, name: str) -> ModelArch:
         return _gpt_bigcode(r, name)
     if model_type is None:
         r.fail(f"model_type is missing; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    raise MemplanInputError(
-        f"model_type {model_type!r} in {name} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-    )
+    r.fail(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
