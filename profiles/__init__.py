@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -151,15 +152,59 @@ def gpu_profiles() -> list[GpuProfile]:
     return list(_gpu_table().values())
 
 
+def _gpu_key(name: str) -> str:
+    """GPU names compared without case, and with '-', '_' and runs of spaces alike: 'RTX-3090',
+    'rtx 3090' and 'NVIDIA A100-SXM4-80GB' / 'nvidia a100 sxm4 80gb' are the same name."""
+    return " ".join(re.sub(r"[-_]", " ", name.lower()).split())
+
+
+@lru_cache(maxsize=1)
+def _gpu_names() -> tuple[dict[str, GpuProfile], dict[str, list[str]], list[tuple[str, GpuProfile | None]]]:
+    """The one table GPU names are looked up in: (name -> profile for profile names, aliases and
+    device names; shared name -> the profiles sharing it; device-name tokens, longest first, with
+    None for cards known to be no profile)."""
+    exact: dict[str, GpuProfile] = {}
+    shared: dict[str, list[str]] = {}
+    devices: dict[str, GpuProfile | None] = {}
+    for gpu in _gpu_table().values():
+        for token in (gpu.name, *gpu.aliases, *gpu.device_names):
+            key = _gpu_key(token)
+            if exact.get(key, gpu) is not gpu:
+                raise ValueError(f"gpus.json: {token!r} names both {exact[key].name} and {gpu.name}; list it in shared_names")
+            exact[key] = devices[key] = gpu
+        for token in gpu.shared_names:
+            shared.setdefault(_gpu_key(token), []).append(gpu.name)
+        for token in gpu.similar_devices:
+            devices.setdefault(_gpu_key(token), None)
+    longest_first = sorted(devices.items(), key=lambda kv: -len(kv[0]))
+    return exact, shared, longest_first
+
+
 def load_gpu(name: str) -> GpuProfile:
+    """The profile a user named: a profile name, an alias or a device name (any case). A name
+    several profiles share (`A100`) and an unknown name are one MemplanInputError."""
+    exact, shared, _ = _gpu_names()
+    key = _gpu_key(name)
+    if key in exact:
+        return exact[key]
+    if key in shared:
+        raise MemplanInputError(f"GPU {name!r} is ambiguous: {' or '.join(shared[key])}")
     table = _gpu_table()
-    key = {k.lower(): k for k in table}.get(name.lower())
-    if key is None:
-        for k, gpu in table.items():
-            if name.lower() in (a.lower() for a in gpu.aliases):
-                key = k
-                break
-    if key is None:
-        aliases = {a: k for k, gpu in table.items() for a in gpu.aliases}
-        raise MemplanInputError(f"unknown GPU {name!r}: {_suggest(name, list(table), aliases)}")
-    return table[key]
+    aliases = {a: k for k, gpu in table.items() for a in gpu.aliases}
+    raise MemplanInputError(f"unknown GPU {name!r}: {_suggest(name, list(table), aliases)}")
+
+
+def match_device(name: str | None) -> GpuProfile | None:
+    """The shipped profile of a device as torch.cuda.get_device_name() or pynvml names it
+    ('NVIDIA A100-SXM4-80GB' -> A100-80GB), or None when no profile describes it. The longest
+    profile name, alias or recorded device name found in it as whole words wins, so 'NVIDIA L40S'
+    is L40S (not L4) and 'NVIDIA H100 NVL' is no profile (not the 80 GB H100)."""
+    if not name:
+        return None
+    key = _gpu_key(name)
+    if re.search(r"\bmig\b", key):  # a MIG slice has a fraction of the card's memory: no profile describes it
+        return None
+    for token, gpu in _gpu_names()[2]:
+        if re.search(rf"(?<![a-z0-9]){re.escape(token)}(?![a-z0-9])", key):
+            return gpu
+    return None
