@@ -475,16 +475,12 @@ def compare(
     console.print(calibrate(rows).model_dump_json(indent=2))
 
 
-def _gpu_for(name: str | None, load_gpu):
-    """The shipped profile of the local GPU, matched on its marketing name, if there is one."""
-    if not name:
-        return None
-    from memplan.profiles import gpu_names
+def _gpu_for(name: str | None, load_gpu=None):
+    """The shipped profile of a device as torch/pynvml name it, or None (profiles.match_device,
+    the one matcher). `load_gpu` is unused; it stays for the callers that pass it."""
+    from memplan.profiles import match_device
 
-    for candidate in gpu_names():
-        if candidate.split("-")[0].lower() in name.lower():
-            return load_gpu(candidate)
-    return None
+    return match_device(name)
 
 
 def main() -> None:

@@ -9,7 +9,17 @@ class GpuProfile(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str
+    # Names a user may type for this profile alone (matched ignoring case, '-', '_' and spaces).
     aliases: tuple[str, ...] = ()
+    # Names that also name other profiles ('A100': 40 GB or 80 GB): typed alone they are refused
+    # as ambiguous, listing every profile that shares them.
+    shared_names: tuple[str, ...] = ()
+    # What torch.cuda.get_device_name() and pynvml report for this card.
+    device_names: tuple[str, ...] = ()
+    # Device names that contain this profile's names but are other cards: name -> why no profile.
+    similar_devices: dict[str, str] = {}
+    # Why each alias and device name points here rather than at a sibling variant.
+    alias_notes: str = ""
     # Total device memory as the driver reports it (nvidia-smi memory.total, MiB -> bytes).
     memory_bytes: int
     memory_source: str

@@ -69,7 +69,7 @@ def test_estimate_does_not_import_heavy_packages():
         "import sys; from memplan.cli import app; from typer.testing import CliRunner;"
         "r = CliRunner().invoke(app, ['estimate', '-m', 'llama-2-7b', '--method', 'qlora']);"
         "assert r.exit_code == 0, r.output;"
-        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'peft', 'bitsandbytes', 'pynvml') if m in sys.modules];"
+        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'peft', 'bitsandbytes', 'pynvml', 'huggingface_hub') if m in sys.modules];"
         "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from memplan.job import Job
-
-TINY_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+from memplan.profiles import TINY_DIR  # package data (profiles/tiny): a wheel has no tests/
 
 # QLoRA as users run it: NF4 + double quant, bf16 compute, peft LoRA, prepare_model_for_kbit_training
 # (gradient checkpointing on), SDPA, paged AdamW.
