@@ -49,7 +49,12 @@ def _load_model(name: str, revision: str | None = None):
     parameter is new: without --revision the call is the one every memplan has)."""
     from memplan.profiles import load_model
 
-    return load_model(name) if revision is None else load_model(name, revision=revision)
+    if revision is None:
+        return load_model(name)
+    # load_model's revision parameter arrives on another branch; until then say so in one line
+    if "revision" not in inspect.signature(load_model).parameters:
+        fail("--revision needs memplan.profiles.load_model(revision=...), which this build lacks")
+    return load_model(name, revision=revision)
 
 
 @dataclass(frozen=True)
