@@ -382,7 +382,7 @@ def gpus() -> None:
 @job_options(*(n for n in JOB_OPTIONS if n not in PARALLEL_OPTIONS))
 def trace(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    revision: Optional[str] = typer.Option(None, help=REVISION_HELP + "; the estimate's config (the trace builds the model from the job)"),
+    revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json"),
     *,
     job_fields: dict,
@@ -390,6 +390,11 @@ def trace(
     """Run the real transformers step (training, or prefill and decode with --task infer) under fake
     tensors on the CPU and compare with the estimate. One process on the CPU: no --gpu or sharding."""
     job = _job(model=model, **job_fields)
+    if revision is not None and "revision" not in Job.model_fields:
+        # validate/trace.py builds the model from the Job alone: a revision outside it would trace
+        # the main branch's config against an estimate of another
+        fail(f"trace --revision {revision}: the Job carries no revision yet, so the trace would build main's config; "
+             "pass a local config.json of that revision instead")
     # before torch, transformers and peft are first imported: their warnings are set up at import
     from memplan.validate.quiet import quiet_libraries
 

@@ -248,3 +248,21 @@ def test_version_and_module_entry():
     script = subprocess.run(["memplan", "--version"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert script.stdout == out.stdout
+
+
+def test_revision_reaches_load_model_only_when_given():
+    """`load_model(name)` as every memplan calls it without --revision; `revision=` only when given."""
+    setup = """
+import sys
+import memplan.profiles as profiles
+real = profiles.load_model
+def load_model(name, *, revision="not passed"):
+    print(f"revision={revision}", file=sys.stderr)
+    return real(name)
+profiles.load_model = load_model
+"""
+    for args, seen in ((["--revision", "v1.0"], "revision=v1.0"), ([], "revision=not passed")):
+        out = run_main(setup, "estimate", "-m", "phi-2", "--json", *args)
+        assert out.returncode == 0 and out.stderr.strip() == seen, out.stderr
+    line = one_line(run("trace", "-m", "phi-2", "--revision", "v1.0"))
+    assert "the Job carries no revision yet" in line
