@@ -40,7 +40,10 @@ def _flag(field: str, value) -> str:
 
 
 class Job(BaseModel):
-    """One training or inference job on one GPU (or one data-parallel rank)."""
+    """One training or inference job on one GPU (or one data-parallel rank).
+
+    Bad fields raise `MemplanInputError` (a ValueError) with the one-line message the CLI prints,
+    and so does an option the job's task or method never reads (see `_nothing_ignored`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
