@@ -4,19 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import MemplanInputError
 from .estimate import estimate_memory
 from .job import Job
 from .results import Estimate
 
 
 def estimate(model: str | None = None, *, job: Job | None = None, **fields: Any) -> Estimate:
-    """`memplan.estimate("falcon-7b", method="qlora", micro_batch=4)` or `memplan.estimate(job=Job(...))`."""
+    """`memplan.estimate("falcon-7b", method="qlora", micro_batch=4)` or `memplan.estimate(job=Job(...))`.
+
+    Give either a model name with Job fields, or a Job alone: a model or fields beside a Job would
+    be silently dropped, so they are refused. Bad input of any kind (an unknown model or GPU, a field
+    out of range, an option the job never reads) raises `memplan.MemplanInputError`, a ValueError
+    whose message is the line the CLI prints.
+    """
     from memplan.profiles import load_gpu, load_model
 
     if job is None:
         if model is None:
-            raise TypeError("estimate() needs a model name or a Job")
+            raise MemplanInputError("estimate() needs a model name or a Job (job=memplan.Job(model=...))")
         job = Job(model=model, **fields)
+    elif model is not None or fields:
+        given = ", ".join([*(["model"] if model is not None else []), *fields])
+        raise MemplanInputError(
+            f"estimate() takes a Job or a model with fields, not both: got job=Job(model={job.model!r}) and {given}; "
+            "put them in the Job"
+        )
     arch = load_model(job.model)
     gpu = load_gpu(job.gpu) if job.gpu else None
     return estimate_memory(job, arch, gpu)

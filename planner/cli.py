@@ -1,97 +1,202 @@
 """`memplan` command line: a thin typer layer over the analytic core.
 
-Every user error becomes one line on stderr and exit code 2.
+Exit codes a script can use: 0 success (the job fits), 1 it does not fit, 2 bad input (one line on
+stderr naming the bad value and what is allowed), 3 an internal error (one line; MEMPLAN_DEBUG=1
+prints the traceback), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import os
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import typer
 from pydantic import ValidationError
 
-from .errors import MemplanInputError
+from .errors import MemplanInputError, validation_message
 from .fit import DEFAULT_SAFETY_MARGIN
+from .job import Job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GPU memory planner for LLM training and inference.")
+
+EXIT_DOES_NOT_FIT = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def fail(message: str) -> None:
     """Inside a command: the one-line message, then exit code 2 through typer."""
     _print_error(message)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=EXIT_BAD_INPUT)
 
 
 def _print_error(message: str) -> None:
     print(f"memplan: error: {message}", file=sys.stderr)
 
 
-def validation_message(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    msg = err["msg"].removeprefix("Value error, ")
-    field = ".".join(str(p) for p in err.get("loc", ()))
-    if err.get("type") == "value_error" or not field:
-        return msg
-    return f"invalid {field.replace('_', '-')} {err.get('input')!r}: {msg}"
-
-
 def _job(**fields):
-    from .job import Job
-
     return Job(**{k: v for k, v in fields.items() if v is not None})
 
 
+def _load_model(name: str, revision: str | None = None):
+    """The model profile, at a hub revision when one is given."""
+    from memplan.profiles import load_model
+
+    return load_model(name, revision=revision) if revision else load_model(name)
+
+
+@dataclass(frozen=True)
+class _JobOption:
+    annotation: Any
+    decls: tuple[str, ...]
+    help: str
+    default_text: str | None = None  # for fields whose Job default (None) means "depends on the job"
+
+
+# The Job's options, declared once: estimate and trace take them all (@job_options), fit and
+# recommend the subset they search over (job_option). Every default is None, so the Job receives
+# only what the user typed and its own default applies otherwise (shown in the help from Job's
+# fields): the Job refuses an option its task or method never reads, which it could not do if the
+# CLI passed its defaults.
+JOB_OPTIONS: dict[str, _JobOption] = {
+    "method": _JobOption(Optional[str], ("--method",), "full | lora | qlora"),
+    "task": _JobOption(Optional[str], ("--task",), "train | infer"),
+    "weight_dtype": _JobOption(Optional[str], ("--weight-dtype",), "fp32 | fp16 | bf16 | int8 | nf4 | fp4",
+                               "nf4 for qlora, else the compute dtype"),
+    "compute_dtype": _JobOption(Optional[str], ("--compute-dtype",), "fp32 | fp16 | bf16"),
+    "double_quant": _JobOption(Optional[bool], ("--double-quant/--no-double-quant",),
+                               "bitsandbytes double quantization of 4-bit absmax"),
+    "optimizer": _JobOption(Optional[str], ("--optimizer",),
+                            "adamw | adamw_8bit | paged_adamw | paged_adamw_8bit | sgd | sgd_momentum"),
+    "foreach": _JobOption(Optional[bool], ("--foreach/--no-foreach",),
+                          "torch AdamW's foreach path (its step allocates a weights-sized temporary)"),
+    "micro_batch": _JobOption(Optional[int], ("--micro-batch", "-b"), "sequences per GPU per step"),
+    "seq_len": _JobOption(Optional[int], ("--seq-len", "-s"), "tokens per sequence (prompt length for inference)"),
+    "new_tokens": _JobOption(Optional[int], ("--new-tokens",), "inference: tokens generated after the prompt"),
+    "lora_rank": _JobOption(Optional[int], ("--lora-rank", "-r"), "LoRA rank r"),
+    "lora_alpha": _JobOption(Optional[int], ("--lora-alpha",), "LoRA alpha"),
+    "lora_dropout": _JobOption(Optional[float], ("--lora-dropout",), "LoRA dropout (> 0 keeps a dropout copy of each input)"),
+    "lora_targets": _JobOption(Optional[str], ("--lora-targets",), "default | all-linear | comma-separated module names"),
+    "adapter_dtype": _JobOption(Optional[str], ("--adapter-dtype",),
+                                "fp32 | fp16 | bf16: LoRA weights (peft keeps fp32 unless autocast_adapter_dtype=False)"),
+    "gradient_checkpointing": _JobOption(Optional[bool], ("--gradient-checkpointing/--no-gradient-checkpointing",),
+                                         "HF gradient checkpointing", "on for qlora, off otherwise"),
+    "attention": _JobOption(Optional[str], ("--attention",), "sdpa | eager"),
+    "kbit_prepare": _JobOption(Optional[bool], ("--kbit-prepare/--no-kbit-prepare",),
+                               "peft prepare_model_for_kbit_training (fp32 upcast) for k-bit bases"),
+    "autocast": _JobOption(Optional[bool], ("--autocast/--no-autocast",),
+                           "forward under torch.autocast, as HF Trainer bf16=True/fp16=True",
+                           "on for fp32 weights with 16-bit compute"),
+    "gpu": _JobOption(Optional[str], ("--gpu", "-g"), "GPU profile to check the fit against", "none"),
+    "num_gpus": _JobOption(Optional[int], ("--num-gpus", "-n"), "data-parallel GPUs"),
+    "sharding": _JobOption(Optional[str], ("--sharding",),
+                           "none | ddp | zero1 | zero2 | zero3 | fsdp_full | fsdp_grad_op | fsdp_hybrid"),
+    "cpu_offload": _JobOption(Optional[bool], ("--cpu-offload/--no-cpu-offload",),
+                              "offload sharded parameters, gradients and optimizer states to host RAM"),
+    "gpus_per_node": _JobOption(Optional[int], ("--gpus-per-node",), "GPUs per node (fsdp_hybrid shards within a node)"),
+}
+# One process, one device: the CPU trace runs no data-parallel job and checks no GPU's fit.
+PARALLEL_OPTIONS = ("gpu", "num_gpus", "sharding", "cpu_offload", "gpus_per_node")
+
+
+def _default_text(name: str) -> str:
+    spec = JOB_OPTIONS[name]
+    if spec.default_text:
+        return spec.default_text
+    default = Job.model_fields[name].default
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(getattr(default, "value", default))
+
+
+def job_option(name: str, default: Any = None, **overrides: Any):
+    """The typer Option for Job field `name`; a command whose own body needs a value (fit's task)
+    passes its default, and the help then shows that one."""
+    spec = JOB_OPTIONS[name]
+    shown = _default_text(name) if default is None else (
+        ("on" if default else "off") if isinstance(default, bool) else str(default))
+    help_text = overrides.pop("help", spec.help)
+    return typer.Option(default, *spec.decls, help=f"{help_text} (default: {shown})", show_default=False, **overrides)
+
+
+def job_options(*names: str):
+    """Add the Job options `names` to a command; it receives those the user gave as `job_fields`."""
+    def decorate(command):
+        sig = inspect.signature(command, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "job_fields"]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=job_option(n),
+                                   annotation=JOB_OPTIONS[n].annotation) for n in names]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            fields = {n: kwargs.pop(n) for n in names}
+            return command(**kwargs, job_fields={k: v for k, v in fields.items() if v is not None})
+
+        params = [*own, *added]
+        wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
+MODEL_HELP = ("shipped model, alias (falcon-7b), path to a config.json, or a hub id (org/name: its config is "
+              "fetched once, online)")
+REVISION_HELP = "hub revision (branch, tag or commit) of a hub model's config.json (default: main)"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"memplan {_installed_version()}")
+        raise typer.Exit()
+
+
+def _installed_version() -> str:
+    """The installed distribution's version; memplan.__version__ for a source tree run without installing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("memplan")
+    except PackageNotFoundError:
+        from memplan import __version__
+
+        return __version__
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """GPU memory planner for LLM training and inference."""
+
+
 @app.command()
+@job_options(*JOB_OPTIONS)
 def estimate(
-    model: str = typer.Option(..., "--model", "-m", help="shipped model, alias (falcon-7b), path to a config.json, or a hub id (org/name: its config is fetched once, online)"),
-    method: str = typer.Option("full", help="full | lora | qlora"),
-    task: str = typer.Option("train", help="train | infer"),
-    weight_dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 | int8 | nf4 | fp4 (default: nf4 for qlora, else compute dtype)"),
-    compute_dtype: str = typer.Option("bf16", help="fp32 | fp16 | bf16"),
-    double_quant: bool = typer.Option(True, help="bitsandbytes double quantization of 4-bit absmax"),
-    optimizer: str = typer.Option("adamw", help="adamw | adamw_8bit | paged_adamw | paged_adamw_8bit | sgd | sgd_momentum"),
-    foreach: bool = typer.Option(True, help="torch AdamW's foreach path (its step allocates a weights-sized temporary)"),
-    micro_batch: int = typer.Option(1, "--micro-batch", "-b", help="sequences per GPU per step"),
-    seq_len: int = typer.Option(512, "--seq-len", "-s", help="tokens per sequence (prompt length for inference)"),
-    new_tokens: int = typer.Option(0, help="inference: tokens generated after the prompt"),
-    lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
-    lora_alpha: int = typer.Option(32),
-    lora_dropout: float = typer.Option(0.0),
-    lora_targets: str = typer.Option("default", help="default | all-linear | comma-separated module names"),
-    adapter_dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16: LoRA weights (peft keeps fp32 unless autocast_adapter_dtype=False)"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, help="default: on for qlora, off otherwise"),
-    attention: str = typer.Option("sdpa", help="sdpa | eager"),
-    kbit_prepare: bool = typer.Option(True, help="peft prepare_model_for_kbit_training (fp32 upcast) for k-bit bases"),
-    autocast: Optional[bool] = typer.Option(None, help="forward under torch.autocast, as HF Trainer bf16=True/fp16=True "
-                                            "(default: on for fp32 weights with 16-bit compute)"),
-    gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="GPU profile to check the fit against"),
-    num_gpus: int = typer.Option(1, "--num-gpus", "-n", help="data-parallel GPUs"),
-    sharding: str = typer.Option("none", help="none | ddp | zero1 | zero2 | zero3 | fsdp_full | fsdp_grad_op | fsdp_hybrid"),
-    cpu_offload: bool = typer.Option(False, help="offload sharded parameters, gradients and optimizer states to host RAM"),
-    gpus_per_node: int = typer.Option(8, help="GPUs per node (fsdp_hybrid shards within a node)"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the Estimate as JSON"),
     explain: bool = typer.Option(False, "--explain", help="list the changes that would save the most memory, each "
                                  "re-estimated (shown anyway when the job does not fit its --gpu)"),
+    *,
+    job_fields: dict,
 ) -> None:
     """How much memory one GPU needs for a job, component by component, and its peak.
 
     Exit code 0 when the job fits its --gpu (or none is given), 1 when it does not."""
     from .estimate import estimate_memory
-    from memplan.profiles import load_gpu, load_model
+    from memplan.profiles import load_gpu
 
-    job = _job(
-        model=model, method=method, task=task, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
-        double_quant=double_quant, optimizer=optimizer, foreach=foreach, micro_batch=micro_batch, seq_len=seq_len,
-        new_tokens=new_tokens, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_targets=lora_targets, adapter_dtype=adapter_dtype, gradient_checkpointing=gradient_checkpointing, attention=attention,
-        kbit_prepare=kbit_prepare, autocast=autocast, gpu=gpu, num_gpus=num_gpus, sharding=sharding,
-        cpu_offload=cpu_offload, gpus_per_node=gpus_per_node,
-    )
-    arch = load_model(job.model)
-    g = load_gpu(gpu) if gpu else None
+    job = _job(model=model, **job_fields)
+    arch = _load_model(job.model, revision)
+    g = load_gpu(job.gpu) if job.gpu else None
     est = estimate_memory(job, arch, g)
     from .advice import what_if
 
@@ -128,21 +233,36 @@ def _parse_prices(values: list[str] | None) -> dict[str, float]:
     return prices
 
 
+def _check_top_and_emit_path(top: int, emit: str | None, emit_path: str) -> None:
+    from pathlib import Path
+
+    if top <= 0:
+        fail(f"top must be a positive integer, got {top}")
+    if not emit:
+        return
+    path = Path(emit_path)
+    if path.is_dir():
+        fail(f"--emit-path {emit_path!r} is a directory: give a file name, e.g. {str(path / 'accelerate_config.yaml')!r}")
+    if not path.parent.is_dir():
+        fail(f"--emit-path {emit_path!r}: folder {str(path.parent)!r} does not exist")
+
+
 @app.command()
 def recommend(
-    model: str = typer.Option(..., "--model", "-m"),
-    method: str = typer.Option("full", help="full | lora | qlora"),
-    seq_len: int = typer.Option(2048, "--seq-len", "-s"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
+    method: Optional[str] = job_option("method"),
+    seq_len: int = job_option("seq_len", 2048),
     global_batch: int = typer.Option(32, help="sequences per optimizer step, across GPUs and accumulation"),
     gpus: Optional[str] = typer.Option(None, help="comma-separated GPU profiles to consider (default: all)"),
     max_gpus: int = typer.Option(8, help="largest GPU count to consider"),
     budget: Optional[float] = typer.Option(None, help="most USD per hour for the whole plan"),
     price: Optional[list[str]] = typer.Option(None, help="override an hourly price: NAME=USD (repeatable)"),
-    optimizer: str = typer.Option("adamw"),
-    weight_dtype: Optional[str] = typer.Option(None),
-    lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
-    lora_targets: str = typer.Option("default"),
-    autocast: Optional[bool] = typer.Option(None, help="forward under torch.autocast (HF Trainer bf16=True)"),
+    optimizer: Optional[str] = job_option("optimizer"),
+    weight_dtype: Optional[str] = job_option("weight_dtype"),
+    lora_rank: Optional[int] = job_option("lora_rank"),
+    lora_targets: Optional[str] = job_option("lora_targets"),
+    autocast: Optional[bool] = job_option("autocast"),
     safety_margin: float = typer.Option(DEFAULT_SAFETY_MARGIN, help="share of each GPU's memory kept free"),
     mfu: Optional[float] = typer.Option(None, help="model FLOPs utilisation for step time and cost (default: measured "
                                         "on H100/H200: 0.16 qlora, 0.37 qlora --autocast, 0.38 otherwise)"),
@@ -152,7 +272,7 @@ def recommend(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """GPU kinds, counts, micro-batch, accumulation, checkpointing and sharding that fit, ranked by cost per million tokens."""
-    from memplan.profiles import gpu_names, load_gpu, load_model
+    from memplan.profiles import gpu_names, load_gpu
 
     from .fit import check_safety_margin
     from .recommend import recommend as search
@@ -166,9 +286,10 @@ def recommend(
         fail(f"mfu must be in (0, 1], got {mfu}")
     if emit not in (None, "accelerate"):
         fail(f"unknown --emit target {emit!r}: allowed: accelerate")
+    _check_top_and_emit_path(top, emit, emit_path)
     base = _job(model=model, method=method, seq_len=seq_len, optimizer=optimizer, weight_dtype=weight_dtype,
                 lora_rank=lora_rank, lora_targets=lora_targets, autocast=autocast)
-    arch = load_model(base.model)
+    arch = _load_model(base.model, revision)
     from .estimate import check_job
 
     check_job(base, arch)
@@ -210,26 +331,27 @@ def recommend(
 
 @app.command()
 def fit(
-    model: str = typer.Option(..., "--model", "-m"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     gpu: str = typer.Option(..., "--gpu", "-g"),
-    task: str = typer.Option("train", help="train | infer"),
-    method: str = typer.Option("full"),
-    seq_len: int = typer.Option(2048, "--seq-len", "-s", help="sequence (prompt) length for the batch search"),
-    micro_batch: int = typer.Option(1, "--micro-batch", "-b", help="micro-batch for the sequence search"),
-    new_tokens: int = typer.Option(0, help="inference: tokens generated after the prompt"),
-    optimizer: str = typer.Option("adamw"),
-    weight_dtype: Optional[str] = typer.Option(None),
-    compute_dtype: str = typer.Option("bf16"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None),
-    lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
-    autocast: Optional[bool] = typer.Option(None, help="forward under torch.autocast (HF Trainer bf16=True)"),
+    revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
+    task: str = job_option("task", "train"),
+    method: str = job_option("method", "full"),
+    seq_len: int = job_option("seq_len", 2048, help="sequence (prompt) length for the batch search"),
+    micro_batch: int = job_option("micro_batch", 1, help="micro-batch for the sequence search"),
+    new_tokens: Optional[int] = job_option("new_tokens"),
+    optimizer: Optional[str] = job_option("optimizer"),
+    weight_dtype: Optional[str] = job_option("weight_dtype"),
+    compute_dtype: Optional[str] = job_option("compute_dtype"),
+    gradient_checkpointing: Optional[bool] = job_option("gradient_checkpointing"),
+    lora_rank: Optional[int] = job_option("lora_rank"),
+    autocast: Optional[bool] = job_option("autocast"),
     safety_margin: float = typer.Option(DEFAULT_SAFETY_MARGIN, help="share of the GPU's memory kept free"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The largest micro-batch (batch) and the longest sequence (context) that fit one GPU with --safety-margin free.
 
     Exit code 0 when something fits, 1 when not even micro-batch 1 at --seq-len or not even 1 token fits."""
-    from memplan.profiles import load_gpu, load_model
+    from memplan.profiles import load_gpu
 
     from .fit import check_safety_margin, largest
     from .units import gib
@@ -238,7 +360,7 @@ def fit(
     fields = dict(model=model, task=task, method=method, optimizer=optimizer, weight_dtype=weight_dtype,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                   new_tokens=new_tokens, autocast=autocast)
-    arch = load_model(model)
+    arch = _load_model(model, revision)
     g = load_gpu(gpu)
     by_batch = largest(_job(**fields, seq_len=min(seq_len, arch.max_positions), micro_batch=1), arch, g, "micro_batch",
                        margin=safety_margin)
@@ -295,39 +417,33 @@ def gpus() -> None:
 
 
 @app.command()
+@job_options(*(n for n in JOB_OPTIONS if n not in PARALLEL_OPTIONS))
 def trace(
-    model: str = typer.Option(..., "--model", "-m"),
-    task: str = typer.Option("train", help="train | infer (prefill and decode with the KV cache)"),
-    new_tokens: int = typer.Option(0, help="inference: decode steps after the prompt"),
-    method: str = typer.Option("full"),
-    weight_dtype: Optional[str] = typer.Option(None),
-    compute_dtype: str = typer.Option("bf16"),
-    optimizer: str = typer.Option("adamw"),
-    micro_batch: int = typer.Option(1, "--micro-batch", "-b"),
-    seq_len: int = typer.Option(512, "--seq-len", "-s"),
-    lora_rank: int = typer.Option(16, "--lora-rank", "-r"),
-    lora_dropout: float = typer.Option(0.0),
-    lora_targets: str = typer.Option("default"),
-    gradient_checkpointing: bool = typer.Option(False),
-    attention: str = typer.Option("sdpa"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json"),
+    *,
+    job_fields: dict,
 ) -> None:
-    """Run the real transformers training step under fake tensors on the CPU and compare with the estimate."""
-    job = _job(
-        model=model, task=task, new_tokens=new_tokens, method=method, weight_dtype=weight_dtype,
-        compute_dtype=compute_dtype, optimizer=optimizer, micro_batch=micro_batch, seq_len=seq_len,
-        lora_rank=lora_rank, lora_dropout=lora_dropout, lora_targets=lora_targets,
-        gradient_checkpointing=gradient_checkpointing, attention=attention,
-    )
-    from .estimate import estimate_memory
-    from memplan.profiles import load_model
+    """Run the real transformers step (training, or prefill and decode with --task infer) under fake
+    tensors on the CPU and compare with the estimate. One process on the CPU: no --gpu or sharding."""
+    job = _job(model=model, **job_fields)
+    if revision is not None and "revision" not in Job.model_fields:
+        # validate/trace.py builds the model from the Job alone: a revision outside it would trace
+        # the main branch's config against an estimate of another
+        fail(f"trace --revision {revision}: the Job carries no revision yet, so the trace would build main's config; "
+             "pass a local config.json of that revision instead")
+    # before torch, transformers and peft are first imported: their warnings are set up at import
+    from memplan.validate.quiet import quiet_libraries
 
-    arch = load_model(job.model)
+    quiet_libraries()
+    _require("trace", "trace", "torch", "transformers", "peft")
+    from .estimate import estimate_memory
+
+    arch = _load_model(job.model, revision)
     est = estimate_memory(job, arch, platform="cpu")
-    try:
-        from memplan.validate.trace import trace_inference, trace_training
-    except ImportError as exc:
-        fail(f"trace needs the trace extra ({exc.name} is missing): pip install 'memplan[trace]'")
+    from memplan.validate.trace import trace_inference, trace_training
+
     try:
         result = trace_inference(job) if job.task == "infer" else trace_training(job)
     except ValueError as exc:
@@ -378,18 +494,25 @@ def validate(
     jobs_slice: Optional[str] = typer.Option(None, "--slice", help="only jobs START:END of the matrix (0-based, as Python slices)"),
     time_budget: Optional[float] = typer.Option(None, help="start no new job after this many seconds"),
 ) -> None:
-    """Run real training steps on the local GPU, each job in its own process, and compare with the estimate."""
+    """Run real training and inference steps on the local GPU, each job in its own process, and compare with the estimate."""
     import shlex
     from datetime import date
     from pathlib import Path
 
     if device not in ("cuda", "cpu"):
         fail(f"invalid device {device!r}: use cuda or cpu")
-    try:
-        import torch
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        fail(f"validate needs the gpu extra ({exc.name} is missing): pip install 'memplan[gpu]'")
+    if steps <= 0:
+        fail(f"steps must be a positive integer, got {steps}")
+    if not timeout > 0:
+        fail(f"timeout must be a positive number of seconds, got {timeout:g}")
+    if time_budget is not None and not time_budget > 0:
+        fail(f"time-budget must be a positive number of seconds, got {time_budget:g}")
+    from memplan.validate.quiet import quiet_libraries
+
+    quiet_libraries()
+    _require("validate", "gpu", "torch", "transformers", "peft")
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         fail("no NVIDIA GPU visible (torch.cuda.is_available() is False): validate needs one, or --device cpu for a dry run")
     from memplan.validate.environment import describe
@@ -433,6 +556,18 @@ def validate(
                   + ", ".join(f"{k} {v:.1%}" for k, v in cal.median_abs_error.items()))
 
 
+def _require(command: str, extra: str, *modules: str) -> None:
+    """Import what an extra installs, up front: a missing one is one line naming the extra, not a
+    ModuleNotFoundError halfway through (validate/trace.py imports torch inside its functions)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            fail(f"{command} needs the {extra} extra ({exc.name or name} is missing): pip install 'memplan[{extra}]'")
+
+
 def _slice_start(text: str | None) -> int:
     return (_parse_slice(text).start or 0) if text else 0
 
@@ -450,9 +585,11 @@ def _parse_slice(text: str) -> slice:
 @app.command()
 def compare(
     path: str = typer.Argument(..., help="a validate results .jsonl file"),
-    now: bool = typer.Option(False, "--now", help="re-estimate every row with this memplan instead of the recorded prediction"),
+    recorded: bool = typer.Option(False, "--recorded", help="show the prediction recorded in the file, not a re-estimate"),
+    now: bool = typer.Option(False, "--now", hidden=True, help="re-estimate with this memplan (the default; kept for old scripts)"),
 ) -> None:
-    """Predicted against measured for a results file, and the constants it calibrates."""
+    """Measured against this memplan's estimate of every row (the recorded prediction beside it),
+    and the constants the measurements calibrate."""
     from pathlib import Path
 
     from memplan.validate.compare import calibrate, table
@@ -460,18 +597,24 @@ def compare(
 
     from .report import console as make_console
 
+    if recorded and now:
+        fail("--recorded and --now contradict each other: give one (re-estimating is the default)")
     if not Path(path).is_file():
         fail(f"results file {path!r} does not exist")
     rows = read(Path(path))
-    if now:
+    if not rows:
+        fail(f"results file {path!r} holds no result rows: give a .jsonl file written by memplan validate")
+    then = None
+    if not recorded:
         from memplan.profiles import load_gpu
         from memplan.validate.harness import predict
 
+        then = [r.predicted for r in rows]
         rows = [r.model_copy(update={"predicted": predict(r.job, _gpu_for(r.environment.get("gpu"), load_gpu)
                                                            if r.measured.device == "cuda" else None, r.measured.device)})
                 for r in rows]
     console = make_console()
-    console.print(table(rows))
+    console.print(table(rows, recorded=then))
     console.print(calibrate(rows).model_dump_json(indent=2))
 
 
@@ -484,31 +627,50 @@ def _gpu_for(name: str | None, load_gpu=None):
 
 
 def main() -> None:
+    """The `memplan` entry point: every way a command can end becomes one of the documented exit codes."""
     try:
-        # with standalone_mode=False click returns a command's typer.Exit code instead of exiting
+        # with standalone_mode=False click returns a command's exit code (typer.Exit, return value)
+        # instead of exiting, and raises its usage errors for the one-line form below
         code = app(standalone_mode=False)
-        if isinstance(code, int) and code:
-            sys.exit(code)
     except MemplanInputError as exc:
         fail_now(str(exc))
     except ValidationError as exc:
         fail_now(validation_message(exc))
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors (bad option, missing value)
-        # typer may vendor its own click (typer._click): match the exception classes by name
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except Exception as exc:
+        # typer may vendor its own click (typer._click): match click's exception classes by name
         kinds = {c.__name__ for c in type(exc).__mro__}
-        if "ClickException" in kinds:
+        if "ClickException" in kinds:  # usage errors: a bad option, a missing value
             fail_now(exc.format_message().replace("\n", " "))
-        if "Abort" in kinds:
-            sys.exit(1)
-        raise
+        if "Abort" in kinds:  # click's Ctrl-C / end of input at a prompt
+            code = EXIT_INTERRUPTED
+        else:
+            _internal_error(exc)
+    if code == EXIT_INTERRUPTED:
+        print("memplan: interrupted", file=sys.stderr)
+    # a command's own code passes through: 1 is "does not fit"; None (a command that returned) is 0
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _internal_error(exc: BaseException) -> None:
+    """A bug, not bad input: one line a user can paste into an issue, the traceback on request."""
+    if os.environ.get("MEMPLAN_DEBUG", "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    message = " ".join(str(exc).split())
+    print(f"memplan: internal error: {type(exc).__name__}: {message} (set MEMPLAN_DEBUG=1 for the traceback)",
+          file=sys.stderr)
+    sys.exit(EXIT_INTERNAL)
 
 
 def fail_now(message: str) -> None:
     """Outside typer (errors raised by the core): the same line, then exit code 2."""
     _print_error(message)
-    sys.exit(2)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

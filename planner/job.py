@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .dtypes import DType
-from .errors import MemplanInputError
+from .errors import MemplanInputError, input_error
 from .parallel import Sharding
 
 Method = Literal["full", "lora", "qlora"]
@@ -18,9 +18,32 @@ Attention = Literal["sdpa", "eager"]
 
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 
+# Fields that only a training step reads: given with task="infer" they would be silently ignored.
+TRAINING_ONLY: tuple[str, ...] = (
+    "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
+    "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
+)
+# Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
+LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype")
+# Fields that only inference reads.
+INFERENCE_ONLY: tuple[str, ...] = ("new_tokens",)
+
+
+def _flag(field: str, value) -> str:
+    """The CLI option that sets `field` to `value`, as the user would have typed it."""
+    name = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, tuple):
+        value = ",".join(value)
+    return f"--{name} {getattr(value, 'value', value)}"
+
 
 class Job(BaseModel):
-    """One training or inference job on one GPU (or one data-parallel rank)."""
+    """One training or inference job on one GPU (or one data-parallel rank).
+
+    Bad fields raise `MemplanInputError` (a ValueError) with the one-line message the CLI prints,
+    and so does an option the job's task or method never reads (see `_nothing_ignored`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -61,6 +84,14 @@ class Job(BaseModel):
     sharding: Sharding = "none"
     cpu_offload: bool = False
     gpus_per_node: int = 8
+
+    def __init__(self, **fields) -> None:
+        # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
+        # message the CLI prints; model_validate / model_validate_json (results files) keep pydantic's.
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise input_error(exc) from exc
 
     @field_validator("micro_batch", "seq_len", "lora_rank", "lora_alpha", "num_gpus", "gpus_per_node")
     @classmethod
@@ -114,6 +145,50 @@ class Job(BaseModel):
         if not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
         return self
+
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> "Job":
+        """An option the job's task or method never reads is refused, not silently dropped. "Given"
+        means "differs from the default": a Job read back from JSON has every field set, and the
+        default is what an unread field holds anyway."""
+        def given(field: str) -> bool:
+            return getattr(self, field) != type(self).model_fields[field].default
+
+        if self.task == "infer":
+            if self.method != "full":
+                raise MemplanInputError(
+                    f"inference has no training method: drop --method {self.method} (merged adapters cost nothing "
+                    "extra; use --weight-dtype nf4 for a 4-bit base)"
+                )
+            for field in TRAINING_ONLY:
+                if given(field):
+                    raise MemplanInputError(
+                        f"{_flag(field, getattr(self, field))} applies to training, not to --task infer: drop it"
+                    )
+        else:
+            for field in INFERENCE_ONLY:
+                if given(field):
+                    raise MemplanInputError(
+                        f"{_flag(field, getattr(self, field))} applies to inference (--task infer), not to training: drop it"
+                    )
+            if self.method == "full":
+                for field in LORA_ONLY:
+                    if given(field):
+                        raise MemplanInputError(
+                            f"{_flag(field, getattr(self, field))} applies to lora and qlora, not to --method full: "
+                            "drop it or use --method lora"
+                        )
+        return self
+
+    def notes(self) -> list[str]:
+        """What the job asks for that does not do what its name suggests, for Estimate.notes."""
+        notes = []
+        if self.task == "train" and self.num_gpus == 1 and self.sharding != "none":
+            notes.append(
+                f"{self.sharding} on 1 GPU divides nothing: parameters, gradients and optimizer states are counted "
+                "whole, as without sharding (give the data-parallel size with --num-gpus)"
+            )
+        return notes
 
     @property
     def base_weight_dtype(self) -> DType:

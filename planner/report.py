@@ -24,7 +24,8 @@ def _title(est: Estimate) -> str:
         what = f"inference, batch {job.micro_batch}, {job.seq_len} prompt + {job.new_tokens} new tokens"
     else:
         ck = ", gradient checkpointing" if job.checkpointing else ""
-        par = f", {job.sharding} on {job.num_gpus} GPUs" if job.num_gpus > 1 or job.sharding != "none" else ""
+        gpus = "1 GPU" if job.num_gpus == 1 else f"{job.num_gpus} GPUs"
+        par = f", {job.sharding} on {gpus}" if job.num_gpus > 1 or job.sharding != "none" else ""
         off = " with CPU offload" if job.cpu_offload else ""
         what = f"{job.method} training, micro-batch {job.micro_batch}, seq {job.seq_len}, {job.optimizer}{ck}{par}{off}"
     # under autocast the matmuls run in the compute dtype whatever the weights' dtype: say so

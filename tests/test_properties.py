@@ -4,6 +4,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from memplan import Job, estimate_memory
+from memplan.job import INFERENCE_ONLY, LORA_ONLY, TRAINING_ONLY
 from memplan.profiles import load_model
 
 MODELS = ["llama-2-7b", "falcon-7b", "gemma-2b", "phi-2", "mixtral-8x7b", "starcoder", "llama-3-8b"]
@@ -23,12 +24,20 @@ jobs = st.fixed_dictionaries(
 )
 
 
+def _applicable(fields):
+    """The drawn fields the job's task and method read (the Job refuses the others)."""
+    if fields["task"] == "infer":
+        return {k: v for k, v in fields.items() if k not in TRAINING_ONLY and k != "method"}
+    drop = set(INFERENCE_ONLY) | (set(LORA_ONLY) if fields["method"] == "full" else set())
+    return {k: v for k, v in fields.items() if k not in drop}
+
+
 def peak(fields):
     """Bytes the job puts on the GPU at its peak (torch's pool plus paged optimizer states, which
     live in unified memory outside torch's pool), and the device total pynvml would report.
     torch's figure alone is not monotone: a tensor that grows past bitsandbytes' paging threshold
     leaves torch's pool (test_estimate.py::test_rank_past_paging_threshold_leaves_torch_pool)."""
-    job = Job(**fields)
+    job = Job(**_applicable(fields))
     est = estimate_memory(job, load_model(job.model))
     paged = sum(c.bytes for c in est.components if c.pool == "unified")
     return est.peak_allocated_bytes + paged, est.device_used_bytes

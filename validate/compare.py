@@ -6,7 +6,7 @@ import statistics
 
 from pydantic import BaseModel
 
-from .results import ResultRow
+from .results import Predicted, ResultRow
 
 FIGURES = (
     ("peak_allocated_bytes", "allocated"),
@@ -32,7 +32,9 @@ def describe_job(row: ResultRow) -> str:
     return f"{name} {j.method} {dtypes} b{j.micro_batch} s{j.seq_len} {j.optimizer}{extra}"
 
 
-def table(rows: list[ResultRow]):
+def table(rows: list[ResultRow], recorded: list[Predicted] | None = None):
+    """Predicted against measured; with `recorded` (the predictions the results file holds, row by
+    row, when `rows` carry a re-estimate) an extra column shows what was predicted at measuring time."""
     from rich.table import Table
 
     from memplan.units import human
@@ -43,13 +45,21 @@ def table(rows: list[ResultRow]):
     for _, label in FIGURES:
         t.add_column(f"{label}\npred / meas", justify="right")
         t.add_column("err", justify="right")
-    for row in rows:
+    if recorded is not None:
+        t.add_column("recorded\nallocated", justify="right")
+        t.add_column("err", justify="right")
+    for i, row in enumerate(rows):
         cells = [describe_job(row), row.measured.status]
         for key, _ in FIGURES:
             pred = getattr(row.predicted, key)
             meas = getattr(row.measured, key)
             err = relative_error(pred, meas) if row.measured.status == "ok" else None
             cells.append(f"{human(pred)} / {human(meas) if meas else '-'}")
+            cells.append(f"{err:+.1%}" if err is not None else "-")
+        if recorded is not None:
+            then = recorded[i].peak_allocated_bytes
+            err = relative_error(then, row.measured.peak_allocated_bytes) if row.measured.status == "ok" else None
+            cells.append(human(then))
             cells.append(f"{err:+.1%}" if err is not None else "-")
         t.add_row(*cells)
     return t

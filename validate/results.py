@@ -39,8 +39,31 @@ def append(path: Path, row: ResultRow) -> None:
 
 
 def read(path: Path) -> list[ResultRow]:
+    """The rows of a results file; a line that is not JSON, or not a result row, is bad input named
+    by its line number (MemplanInputError)."""
+    from pydantic import ValidationError
+
+    from memplan.errors import MemplanInputError, validation_message
+
     rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rows.append(ResultRow.model_validate(json.loads(line)))
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise MemplanInputError(f"results file {str(path)!r} is not text: give a .jsonl file written by memplan validate") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MemplanInputError(
+                f"results file {str(path)!r} line {n} is not JSON ({exc.msg}): give a .jsonl file written by memplan validate"
+            ) from None
+        try:
+            rows.append(ResultRow.model_validate(data))
+        except ValidationError as exc:
+            raise MemplanInputError(
+                f"results file {str(path)!r} line {n} is not a result row ({validation_message(exc)}): "
+                "give a .jsonl file written by memplan validate"
+            ) from None
     return rows

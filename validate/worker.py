@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--capacity-bytes", type=int, default=None)
     args = parser.parse_args(argv)
+    # the worker's stdout ends in the Measurement line the harness parses; keep library chatter off
+    # stderr, where the harness quotes the last lines of a failed worker
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
     job = Job.model_validate_json(args.job)
     m = measure(job, args.device, args.steps, args.warmup, args.capacity_bytes)
     sys.stdout.write("\n" + m.model_dump_json() + "\n")
