@@ -391,6 +391,7 @@ def _finish(job, arch, gpu, walk: _Walk, params, n_train, notes, unified, host) 
     walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak", [peak.name], "reserved")
     walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
+    notes = job.notes() + notes
     if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(

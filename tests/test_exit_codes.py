@@ -203,7 +203,7 @@ def test_trace_takes_every_job_option_estimate_does():
     commands = typer.main.get_command(app).commands
     names = {c: {p.name for p in commands[c].params} for c in ("estimate", "trace")}
     assert set(JOB_OPTIONS) <= names["estimate"]
-    assert names["trace"] == names["estimate"] - set(PARALLEL_OPTIONS)
+    assert names["trace"] == names["estimate"] - set(PARALLEL_OPTIONS) - {"explain"}
     for c in ("estimate", "trace", "fit", "recommend"):
         assert "revision" in {p.name for p in commands[c].params}
 
