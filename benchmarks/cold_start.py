@@ -2,6 +2,7 @@
 
     python benchmarks/cold_start.py            # N=20, the shipped commands and the baselines
     python benchmarks/cold_start.py -n 50 --memplan .venv/bin/memplan
+    python benchmarks/cold_start.py --instructions   # + instruction counts under valgrind
 
 Wall time is noisy on a shared machine; the CPU time (user + sys of the child, from os.wait4)
 is what to compare between runs. The baselines (`python -c pass`, `python -c "import pydantic"`
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20, help="runs per command (default 20)")
     ap.add_argument("--memplan", default=None, help="memplan executable (default: the one beside this python, else PATH)")
     ap.add_argument("--model", default="llama-2-7b")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count each command's instructions once under valgrind (deterministic, unlike time)")
     args = ap.parse_args()
 
     py = sys.executable
@@ -55,6 +58,9 @@ def main() -> None:
         ("python -c pass", [py, "-c", "pass"]),
         ("python -c 'import pydantic'", [py, "-c", "import pydantic"]),
         ("python -c 'import pydantic, typer, rich.table'", [py, "-c", "import pydantic, typer, rich.console, rich.table"]),
+        # the first model pulls in the rest of pydantic (schema generation, plugin discovery)
+        ("  ... and define one pydantic model", [py, "-c", "import pydantic, typer, rich.console, rich.table\n"
+                                                "class M(pydantic.BaseModel): x: int"]),
         (f"memplan estimate -m {args.model}", [exe, "estimate", "-m", args.model]),
         (f"memplan estimate -m {args.model} --json", [exe, "estimate", "-m", args.model, "--json"]),
     ]
@@ -79,6 +85,17 @@ def main() -> None:
     for name, _ in cases:
         print(f"{name:52s} {statistics.median(walls[name]):>11.3f}s {min(walls[name]):>9.3f}s "
               f"{statistics.median(cpus[name]):>10.3f}s {min(cpus[name]):>8.3f}s")
+
+    if args.instructions:
+        if not shutil.which("valgrind"):
+            sys.exit("--instructions needs valgrind")
+        print(f"{'command':52s} {'instructions':>14s}")
+        for name, argv in cases:
+            out = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                                  *argv], env=dict(env, PYTHONHASHSEED="0"), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+            refs = [line.split(":")[1].strip() for line in out.stderr.splitlines() if "I   refs" in line or "I refs" in line]
+            print(f"{name:52s} {refs[0] if refs else '?':>14s}")
 
 
 if __name__ == "__main__":
