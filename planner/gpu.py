@@ -6,7 +6,8 @@ from pydantic import BaseModel, ConfigDict
 
 
 class GpuProfile(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # built on first use: an estimate without --gpu never validates one
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str
     # Names a user may type for this profile alone (matched ignoring case, '-', '_' and spaces).

@@ -105,10 +105,21 @@ def summary(est: Estimate) -> Text:
     return t
 
 
+class _Console(Console):
+    """rich looks for :name: emoji codes in every string it renders, importing a 3,600-name table the
+    first time (1.5% of a cold `memplan estimate`); a string with fewer than two colons holds no
+    code, so it skips the lookup and renders the same."""
+
+    def render_str(self, text: str, *, emoji: bool | None = None, **kwargs) -> Text:
+        if emoji is None and text.count(":") < 2:
+            emoji = False
+        return super().render_str(text, emoji=emoji, **kwargs)
+
+
 def console() -> Console:
     """Wide enough for the formulas when output is piped (rich falls back to 80 columns)."""
-    c = Console()
-    return c if c.is_terminal else Console(width=130)
+    c = _Console()
+    return c if c.is_terminal else _Console(width=130)
 
 
 def render(est: Estimate, console: Console) -> None:
