@@ -238,12 +238,11 @@ def estimate(
         data = est.model_dump(mode="json") | {"what_if": [s.model_dump(mode="json") for s in savings]}
         typer.echo(json.dumps(data, indent=2))
     else:
-        from .report import console, render, savings_table
+        from .report import render, savings_table
 
-        out = console()
-        render(est, out)
+        typer.echo(render(est))
         if savings is not None:
-            out.print(savings_table(savings, est))
+            typer.echo(savings_table(savings, est))
     if est.fits is False:
         raise typer.Exit(code=1)
 
@@ -344,17 +343,16 @@ def recommend(
     elif as_json:
         typer.echo(json.dumps(result.model_dump(mode="json") | {"nothing_fits": advice.model_dump(mode="json")}, indent=2))
     else:
-        from .report import console, nothing_fits_text, recommend_table
+        from .report import nothing_fits_text, recommend_table
 
-        out = console()
         if advice is None:
-            out.print(recommend_table(result, arch.name, top))
+            typer.echo(recommend_table(result, arch.name, top))
             if emit:
-                out.print(f"accelerate config for the first plan written to {emit_path}")
+                typer.echo(f"accelerate config for the first plan written to {emit_path}")
         else:
-            out.print(nothing_fits_text(advice, [k.name for k in kinds], max_gpus, budget))
+            typer.echo(nothing_fits_text(advice, [k.name for k in kinds], max_gpus, budget))
             if emit:
-                out.print(f"nothing to emit: no plan fits, so {emit_path} was not written")
+                typer.echo(f"nothing to emit: no plan fits, so {emit_path} was not written")
     if advice is not None:
         raise typer.Exit(code=1)
 
