@@ -21,9 +21,11 @@ from .params import buffer_bytes, count_params
 from .results import Component, Estimate, Phase
 from .units import count, human
 from .training import (
+    autocast_caches_weights,
     autocast_weight_copies,
     BNB_PAGED_MIN_NUMEL,
     is_paged,
+    largest_trainable_tensor,
     unpaged_trainable_params,
     optimizer_state_bytes,
     optimizer_step_temporary,
@@ -76,7 +78,7 @@ class _State:
         n_unpaged = unpaged_trainable_params(job, arch, targets) if is_paged(job) else n_train
         self.unpaged_states = optimizer_state_bytes(job, n_unpaged)[0] if n_unpaged < n_train else self.states
         self.paged_states = self.states - self.unpaged_states
-        self.temp, self.temp_formula = optimizer_step_temporary(job, n_train)
+        self.temp, self.temp_formula = optimizer_step_temporary(job, n_train, largest_trainable_tensor(job, arch, targets))
         if job.method == "full":
             self.g_layer = params.per_layer * pb
             self.g_head = (params.lm_head or params.embedding) * pb + params.final_norm * pb
@@ -228,8 +230,13 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
         a_formula = f"{arch.layers} layers x {human(layer)} saved for backward"
     comps.append(Component(name="activations", bytes=kept, formula=a_formula, phases=[FWD, BWD]))
     casts = autocast_weight_copies(job, arch, params)
+    # a checkpointed forward over frozen weights keeps only the head's cast (lm_head runs outside
+    # the checkpointed layers); autocast's cache keeps every trainable weight's (training.py)
+    casts_fwd = casts
+    if casts and job.checkpointing and not autocast_caches_weights(job):
+        casts_fwd = (params.lm_head or params.embedding) * float_bytes(job.compute_dtype)
     if casts:
-        comps.append(Component(name="autocast weight copies", bytes=casts,
+        comps.append(Component(name="autocast weight copies", bytes=casts_fwd,
                                formula=f"matmul weights cast to {ctx.act_bytes} B, kept for backward", phases=[FWD, BWD]))
 
     v = arch.vocab
@@ -266,7 +273,7 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     bwd_end = static + st.gpu_grads + g_share(st.g_tied_accum) + t * arch.hidden * ab + st.ddp_buckets
     phases = [
         Phase(name=LOAD, allocated_bytes=st.gpu_weights + st.buffers + st.gpu_adapters, detail="weights and adapters"),
-        Phase(name=FWD, allocated_bytes=live + kept + casts + max(head_copy + logits_fwd, fwd_layer),
+        Phase(name=FWD, allocated_bytes=live + kept + casts_fwd + max(head_copy + logits_fwd, fwd_layer),
               detail="states + saved activations + logits, fp32 copy and log-softmax"),
         Phase(name=LOSS, allocated_bytes=live + kept + casts_bwd + head_copy + logits_bwd,
               detail="states + saved activations + fp32 log-softmax and two vocab-wide gradients"),
