@@ -130,11 +130,14 @@ class Job(BaseModel):
                 f"inference computes in its weights' dtype: {w.value} weights with {c.value} compute is not a run "
                 f"memplan models; use --weight-dtype {c.value} or --compute-dtype {w.value}"
             )
+        if w is not DType.fp32 and c is DType.fp32:
+            raise MemplanInputError(
+                f"{w.value} weights compute in {w.value}, not fp32: use --compute-dtype {w.value}, or --weight-dtype fp32"
+            )
         if w is not DType.fp32:
             raise MemplanInputError(
-                f"{w.value} weights compute in {w.value}, not {c.value} (a 16-bit model under autocast of the other "
-                f"16-bit dtype mixes both in its residual stream): use --compute-dtype {w.value}, or fp32 weights "
-                f"for {c.value} mixed precision"
+                f"{w.value} weights compute in {w.value}, not {c.value} (autocast over the other 16-bit dtype mixes both "
+                f"in the residual stream): use --compute-dtype {w.value}, or fp32 weights for {c.value} mixed precision"
             )
         return self
 

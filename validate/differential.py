@@ -12,6 +12,7 @@ prints the share of jobs within 3% at the peak and in every phase, and the worst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import time
@@ -148,7 +149,7 @@ def describe(job: Job) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items())
 
 
-def run(n_tiny: int, n_real: int, seed: int, out=sys.stdout) -> dict:
+def run(n_tiny: int, n_real: int, seed: int, out=sys.stdout, progress=None) -> dict:
     rng = random.Random(seed)
     pick = rng.choice
     rows, skipped = [], {}
@@ -167,6 +168,8 @@ def run(n_tiny: int, n_real: int, seed: int, out=sys.stdout) -> dict:
                 r = {"peak": float("nan"), "phases": {}, "error": f"{type(e).__name__}: {str(e)[:120]}"}
             r["job"], r["real"] = describe(job), real
             rows.append(r)
+            if progress:
+                print(f"[{len(rows)}] {r['peak']:+.2%} {r.get('error', '')} {r['job']}", file=progress, flush=True)
     ok_peak = [r for r in rows if abs(r["peak"]) <= TOLERANCE]
     ok_all = [r for r in ok_peak if all(abs(e) <= TOLERANCE for e in r["phases"].values())]
     crashed = [r for r in rows if "error" in r]
@@ -189,9 +192,11 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", type=int, default=300)
     p.add_argument("--real", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", help="append one line per traced job to this file")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    run(a.tiny, a.real, a.seed)
+    with open(a.progress, "a") if a.progress else contextlib.nullcontext() as prog:
+        run(a.tiny, a.real, a.seed, progress=prog)
     print(f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
