@@ -8,7 +8,7 @@ is traced and the estimate (platform="cpu") must be within 3% of the trace at th
 and in every phase. Jobs the Job or the tracer refuses are not drawn; the known gaps are not drawn
 either and are held as strict xfails below, so a fix shows.
 
-CI runs a fixed, derandomized draw (MEMPLAN_DIFF_EXAMPLES tiny jobs, default 150, and a sixth as
+CI runs a fixed, derandomized draw (MEMPLAN_DIFF_EXAMPLES tiny jobs, default 100, and a twelfth as
 many real-size ones); HYPOTHESIS_PROFILE=stress draws thousands of fresh ones. The same draw with a
 fixed seed, reported as shares: `python -m memplan.validate.differential --tiny 300 --real 20`.
 """
@@ -35,8 +35,8 @@ from memplan.validate.differential import (  # noqa: E402
 )
 
 STRESS = os.environ.get("HYPOTHESIS_PROFILE") == "stress"
-TINY_EXAMPLES = int(os.environ.get("MEMPLAN_DIFF_EXAMPLES", 3000 if STRESS else 150))
-REAL_EXAMPLES = max(1, TINY_EXAMPLES // 6) if not STRESS else 200
+TINY_EXAMPLES = int(os.environ.get("MEMPLAN_DIFF_EXAMPLES", 3000 if STRESS else 100))
+REAL_EXAMPLES = max(1, TINY_EXAMPLES // 12) if not STRESS else 200
 
 
 def _settings(n: int):
