@@ -21,9 +21,11 @@ from .params import buffer_bytes, count_params
 from .results import Component, Estimate, Phase
 from .units import count, human
 from .training import (
+    autocast_caches_weights,
     autocast_weight_copies,
     BNB_PAGED_MIN_NUMEL,
     is_paged,
+    largest_trainable_tensor,
     unpaged_trainable_params,
     optimizer_state_bytes,
     optimizer_step_temporary,
@@ -76,7 +78,7 @@ class _State:
         n_unpaged = unpaged_trainable_params(job, arch, targets) if is_paged(job) else n_train
         self.unpaged_states = optimizer_state_bytes(job, n_unpaged)[0] if n_unpaged < n_train else self.states
         self.paged_states = self.states - self.unpaged_states
-        self.temp, self.temp_formula = optimizer_step_temporary(job, n_train)
+        self.temp, self.temp_formula = optimizer_step_temporary(job, n_train, largest_trainable_tensor(job, arch, targets))
         if job.method == "full":
             self.g_layer = params.per_layer * pb
             self.g_head = (params.lm_head or params.embedding) * pb + params.final_norm * pb
@@ -253,6 +255,11 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
         a_formula = f"{arch.layers} layers x {human(layer)} saved for backward"
     walk.row("activations", a_formula)
     casts = autocast_weight_copies(job, arch, params)
+    # a checkpointed forward over frozen weights keeps only the head's cast (lm_head runs outside
+    # the checkpointed layers); autocast's cache keeps every trainable weight's (training.py)
+    casts_fwd = casts
+    if casts and job.checkpointing and not autocast_caches_weights(job):
+        casts_fwd = (params.lm_head or params.embedding) * float_bytes(job.compute_dtype)
     walk.row("autocast weight copies", f"matmul weights cast to {ctx.act_bytes} B, kept for backward")
 
     v = arch.vocab
@@ -288,7 +295,7 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
               "optimizer states": st.gpu_states, "cuBLAS workspaces": ws}
     live = {**static, "gathered parameters": st.gathered}
-    held = {"activations": kept, "autocast weight copies": casts}
+    held = {"activations": kept, "autocast weight copies": casts_fwd}
     walk.phase(LOAD, ("weights and adapters",
                       {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters}))
     walk.phase(FWD,

@@ -74,7 +74,9 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, platform: str = "cuda") -
         attention = t * (4 * h * ab + repeat_kv) + t * a * s * per_score + mask
         if arch.rotary_fraction < 1:
             # partial rotary (Phi): the rotated slices of q and k live beside the concatenated q and k
-            attention += t * (arch.q_width + arch.kv_width) * ab * (1 + arch.rotary_fraction)
+            # (rotary_dim channels of every query and key head): whole bytes, as the tensors are
+            rotated = (arch.heads + arch.kv_heads) * arch.rotary_dim
+            attention += t * (arch.q_width + arch.kv_width + rotated) * ab
     else:
         attention = t * (3 * h * ab + 4 * h + ab * (2 * arch.q_width + 2 * arch.kv_width))
     if kernel == "math_fp32":

@@ -180,6 +180,32 @@ class Job(BaseModel):
                         )
         return self
 
+    @model_validator(mode="after")
+    def _compute_follows_weights(self) -> "Job":
+        """The compute dtype must be one the model can really run in. A model computes in its
+        weights' dtype unless autocast casts the matmuls; autocast's weight cache keeps only fp32
+        casts (torch autocast `cached_cast`: `arg.scalar_type() == kFloat`), so the one autocast
+        recipe is fp32 weights (HF Trainer bf16=True / fp16=True); and autocast is a training
+        recipe here: generation loads weights in the dtype it computes in."""
+        w, c = self.base_weight_dtype, self.compute_dtype
+        if not w.is_float or w is c:
+            return self
+        if self.task == "infer":
+            raise MemplanInputError(
+                f"inference computes in its weights' dtype: {w.value} weights with {c.value} compute is not a run "
+                f"memplan models; use --weight-dtype {c.value} or --compute-dtype {w.value}"
+            )
+        if w is not DType.fp32 and c is DType.fp32:
+            raise MemplanInputError(
+                f"{w.value} weights compute in {w.value}, not fp32: use --compute-dtype {w.value}, or --weight-dtype fp32"
+            )
+        if w is not DType.fp32:
+            raise MemplanInputError(
+                f"{w.value} weights compute in {w.value}, not {c.value} (autocast over the other 16-bit dtype mixes both "
+                f"in the residual stream): use --compute-dtype {w.value}, or fp32 weights for {c.value} mixed precision"
+            )
+        return self
+
     def notes(self) -> list[str]:
         """What the job asks for that does not do what its name suggests, for Estimate.notes."""
         notes = []

@@ -88,11 +88,27 @@ def optimizer_state_bytes(job: Job, n: int) -> tuple[int, str]:
     return 0, "plain SGD keeps no state"
 
 
-def optimizer_step_temporary(job: Job, n: int) -> tuple[int, str]:
-    if job.optimizer == "adamw" and job.foreach:
-        pb = trainable_bytes_per_param(job)
+def largest_trainable_tensor(job: Job, arch: ModelArch, targets: tuple[str, ...]) -> int:
+    """Elements of the biggest trainable parameter tensor: the embedding (or an untied lm_head,
+    the same size) or a fused expert stack for full fine-tuning; lora_A (r x d_in) or lora_B
+    (d_out x r) of a targeted linear for LoRA."""
+    if job.method == "full":
+        return max([arch.vocab * arch.hidden] + [lin.copies * lin.d_in * lin.d_out for lin in arch.linears])
+    return max((job.lora_rank * max(lin.d_in, lin.d_out) for lin in arch.linears if lin.name in targets), default=0)
+
+
+def optimizer_step_temporary(job: Job, n: int, largest: int = 0) -> tuple[int, str]:
+    """AdamW's update temporaries. foreach (`_multi_tensor_adamw`): `_foreach_sqrt(exp_avg_sqs)`,
+    one tensor per parameter at once. Per parameter (`_single_tensor_adam`, foreach=False):
+    `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)` holds the sqrt and the
+    quotient together for one parameter at a time, so two copies of the largest one count.
+    SGD updates in place (`_single_tensor_sgd`, `_multi_tensor_sgd`): no temporary."""
+    if job.optimizer != "adamw":
+        return 0, "no step-wide temporary"
+    pb = trainable_bytes_per_param(job)
+    if job.foreach:
         return n * pb, f"foreach sqrt(exp_avg_sq): {count(n)} x {pb} B"
-    return 0, "no step-wide temporary"
+    return 2 * largest * pb, f"per-parameter sqrt(exp_avg_sq) and denom of the largest tensor: 2 x {count(largest)} x {pb} B"
 
 
 def is_paged(job: Job) -> bool:
@@ -120,8 +136,17 @@ def unpaged_trainable_params(job: Job, arch: ModelArch, targets: tuple[str, ...]
     return small * arch.layers
 
 
+def autocast_caches_weights(job: Job) -> bool:
+    """torch autocast's weight cache (`cached_cast`) keeps a cast only for an fp32 leaf that
+    requires grad: the trainable weights of full fine-tuning, cached until the forward's autocast
+    region exits. A frozen base weight (LoRA) is re-cast by every op, and its cast lives only as
+    long as the matmul saves it for backward; a checkpointed layer saves none."""
+    return job.method == "full"
+
+
 def autocast_weight_copies(job: Job, arch: ModelArch, params: ParamCounts) -> int:
-    """Under autocast, fp32 weights are cast to the compute dtype once per step and kept for backward."""
+    """Under autocast, fp32 weights are cast to the compute dtype for every matmul; without
+    checkpointing each cast is kept for backward (cached, or saved by the matmul)."""
     if not (job.task == "train" and job.mixed_precision):
         return 0
     matmul_params = sum(lin.d_in * lin.d_out * lin.copies for lin in arch.linears) * arch.layers

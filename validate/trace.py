@@ -54,6 +54,27 @@ def _unmaterialised_causal_mask():
         mu._ignore_causal_mask_sdpa, mu.find_packed_sequence_indices = saved
 
 
+def refusal(job: Job, arch) -> str | None:
+    """Why the trace cannot run `job` as described, in one line; None when it can."""
+    if arch.experts and job.base_weight_dtype.value != "bf16":
+        # transformers integrations/moe.py takes torch's grouped_mm on the CPU for every dtype, and
+        # torch 2.13's meta_grouped_mm accepts bf16 inputs only ("Expected inputs of BF16 type")
+        return f"{arch.name}'s grouped_mm experts run in bf16 only (torch meta_grouped_mm): trace it with bf16 weights"
+    if job.quantized:
+        return "4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors"
+    if job.task == "train" and job.optimizer not in ("adamw", "sgd", "sgd_momentum"):
+        return f"optimizer {job.optimizer!r} cannot be traced: bitsandbytes optimizers need real tensors"
+    return None
+
+
+def _refuse(job: Job) -> None:
+    from memplan.profiles import load_model
+
+    why = refusal(job, load_model(job.model))
+    if why:
+        raise ValueError(why)
+
+
 def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -64,10 +85,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     from .step import PHASES, forward_context, make_optimizer, run_phase
     from .tracker import LiveBytes
 
-    if job.quantized:
-        raise ValueError("4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors")
-    if job.optimizer not in ("adamw", "sgd", "sgd_momentum"):
-        raise ValueError(f"optimizer {job.optimizer!r} cannot be traced: bitsandbytes optimizers need real tensors")
+    _refuse(job)
     started = time.perf_counter()
     arch = load_model(job.model)
     cfg = hf_config(job.model, job.attention)
@@ -135,8 +153,7 @@ def trace_inference(job: Job) -> TraceResult:
     from .step import generation
     from .tracker import LiveBytes
 
-    if job.quantized:
-        raise ValueError("4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors")
+    _refuse(job)
     started = time.perf_counter()
     arch = load_model(job.model)
     cfg = hf_config(job.model, job.attention)

@@ -1,0 +1,204 @@
+"""Random jobs across everything the CPU trace runs, the estimate held against each trace.
+
+One job generator serves both the hypothesis test (tests/test_differential.py, where `pick` is
+hypothesis' `draw(sampled_from(...))`) and this script's fixed-seed report (`pick` is
+`random.Random.choice`), so the share reported here is the share the test draws.
+
+    python -m memplan.validate.differential --tiny 300 --real 20 --seed 0
+
+prints the share of jobs within 3% at the peak and in every phase, and the worst rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from memplan.errors import MemplanInputError
+from memplan.job import Job
+
+TOLERANCE = 0.03
+TINY_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+TINY_FAMILIES = ("llama", "mistral", "mixtral", "gemma", "phi", "falcon", "starcoder")
+# real-size models at short sequences (a trace costs 2-8 s)
+REAL = ("llama-2-7b", "mistral-7b", "qwen2.5-7b", "gemma-2b", "phi-2", "falcon-7b")
+DTYPES = ("fp32", "bf16", "fp16")
+# a subset of linear names per family for "a subset" LoRA targets (each a linear of that family)
+SUBSETS = {
+    "llama": ("k_proj,o_proj", "gate_proj,down_proj"), "mistral": ("k_proj,o_proj", "up_proj"),
+    "mixtral": ("k_proj,o_proj",), "gemma": ("o_proj,gate_proj", "v_proj"), "qwen2": ("k_proj,up_proj",),
+    "phi": ("k_proj,dense", "fc1"), "falcon": ("dense", "dense_h_to_4h,dense_4h_to_h"),
+    "gpt_bigcode": ("c_proj", "c_fc,mlp.c_proj"),
+}
+
+Pick = Callable[[Sequence], object]
+
+
+def tiny_path(family: str) -> str:
+    return str(TINY_DIR / f"tiny-{family}.json")
+
+
+def known_gap(job: Job, family: str) -> str | None:
+    """Jobs the estimate is known not to follow to 3%, by cause (strict xfails in the test; the
+    strategy leaves them out of the random draw)."""
+    if job.task == "train" and family in ("falcon", "gpt_bigcode") and job.checkpointing:
+        return ("checkpointed layer whose attention runs SDPA's math kernel (multi-query): the recomputed "
+                "layer's transients are not followed (docs/activations.md, Known gaps)")
+    if job.task == "train" and family == "gpt_bigcode" and job.attention == "eager":
+        return "GPT-BigCode's own eager attention (fp32 upcast, its own scaling) is not modelled"
+    return None
+
+
+def untraceable(job: Job, arch) -> str | None:
+    """Jobs the tracer refuses (validate/trace.py says why in one line); never drawn."""
+    from .trace import refusal
+
+    return refusal(job, arch)
+
+
+def draw_job(pick: Pick, real: bool) -> dict:
+    """One job's fields. `pick(options)` returns one of `options`."""
+    from memplan.profiles import load_model
+
+    model = pick(REAL) if real else tiny_path(pick(TINY_FAMILIES))
+    family = load_model(model).family
+    task = pick(("train", "train", "infer"))
+    f: dict = dict(model=model, task=task)
+    f["compute_dtype"] = pick(DTYPES)
+    f["weight_dtype"] = pick((None, *DTYPES))
+    f["autocast"] = pick((None, None, True, False))
+    f["attention"] = pick(("sdpa", "sdpa", "eager"))
+    if real:
+        f["micro_batch"], f["seq_len"] = pick((1, 2)), pick((32, 64, 128))
+    else:
+        f["micro_batch"], f["seq_len"] = pick((1, 2, 3, 4)), pick((8, 16, 33, 64, 128, 256))
+    if task == "infer":
+        f["new_tokens"] = pick((0, 0, 1, 3, 8))
+        return f
+    f["method"] = pick(("full", "lora"))
+    f["optimizer"] = pick(("adamw", "adamw", "sgd", "sgd_momentum"))
+    f["foreach"] = pick((True, False))
+    f["gradient_checkpointing"] = pick((False, False, True))
+    if f["method"] == "lora":
+        f["lora_rank"] = pick((4, 8, 16, 64))
+        f["lora_targets"] = pick(("default", "default", "all-linear", *SUBSETS.get(family, ())))
+        f["lora_dropout"] = pick((0.0, 0.0, 0.1))
+        f["adapter_dtype"] = pick(("fp32", "fp32", "bf16", "fp16"))
+    return f
+
+
+def make_job(fields: dict) -> tuple[Job | None, str]:
+    """The Job, or None with the reason it is not drawn (refused by the Job, the tracer, or a known gap)."""
+    from memplan.profiles import load_model
+    from memplan.training import resolve_targets
+
+    try:
+        job = Job(**fields)
+        arch = load_model(job.model)
+        if job.uses_lora:
+            resolve_targets(job, arch)
+    except (MemplanInputError, ValueError) as e:
+        return None, f"job refused: {e}"
+    family = arch.family
+    why = untraceable(job, arch)
+    if why:
+        return None, f"trace refuses: {why}"
+    gap = known_gap(job, family)
+    if gap:
+        return None, f"known gap: {gap}"
+    return job, ""
+
+
+def estimate_by_trace_phase(est) -> dict[str, int]:
+    """The estimate's phases under the trace's names (the trace's backward spans the loss gradient)."""
+    phase = {p.name: p.allocated_bytes for p in est.phases}
+    if "prefill" in phase:
+        return {k: phase[k] for k in ("prefill", "decode") if k in phase}
+    return {
+        "forward": phase["forward"],
+        "backward": max(phase["loss backward"], phase["backward"]),
+        "optimizer step": phase["optimizer step"],
+    }
+
+
+def compare(job: Job) -> dict:
+    """Trace the job and return the relative errors of the estimate: peak and each phase."""
+    from memplan import estimate_memory
+    from memplan.profiles import load_model
+
+    from .trace import trace_inference, trace_training
+
+    traced = trace_inference(job) if job.task == "infer" else trace_training(job)
+    est = estimate_memory(job, load_model(job.model), platform="cpu")
+    by_phase = estimate_by_trace_phase(est)
+    last = max(s.iteration for s in traced.timeline)
+    phases = {s.phase: (by_phase[s.phase] - s.peak_bytes) / s.peak_bytes
+              for s in traced.timeline if s.iteration == last}
+    peak = (est.peak_allocated_bytes - traced.peak_allocated_bytes) / traced.peak_allocated_bytes
+    return {"peak": peak, "phases": phases, "seconds": traced.seconds}
+
+
+def describe(job: Job) -> str:
+    d = job.model_dump(exclude_defaults=True)
+    d["model"] = d.get("model", job.model).rsplit("/", 1)[-1].removesuffix(".json")
+    return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def run(n_tiny: int, n_real: int, seed: int, out=sys.stdout, progress=None) -> dict:
+    rng = random.Random(seed)
+    pick = rng.choice
+    rows, skipped = [], {}
+    for real, n in ((False, n_tiny), (True, n_real)):
+        done = 0
+        while done < n:
+            job, why = make_job(draw_job(pick, real))
+            if job is None:
+                key = why.split(":")[0] + ":" + why.split(":")[1][:70]
+                skipped[key] = skipped.get(key, 0) + 1
+                continue
+            done += 1
+            try:
+                r = compare(job)
+            except Exception as e:  # a crash is a finding: report it, keep drawing
+                r = {"peak": float("nan"), "phases": {}, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+            r["job"], r["real"] = describe(job), real
+            rows.append(r)
+            if progress:
+                print(f"[{len(rows)}] {r['peak']:+.2%} {r.get('error', '')} {r['job']}", file=progress, flush=True)
+    ok_peak = [r for r in rows if abs(r["peak"]) <= TOLERANCE]
+    ok_all = [r for r in ok_peak if all(abs(e) <= TOLERANCE for e in r["phases"].values())]
+    crashed = [r for r in rows if "error" in r]
+    print(f"{len(rows)} jobs (seed {seed}: {n_tiny} tiny, {n_real} real-size); "
+          f"within {TOLERANCE:.0%} at the peak: {len(ok_peak)} ({len(ok_peak) / len(rows):.1%}); "
+          f"peak and every phase: {len(ok_all)} ({len(ok_all) / len(rows):.1%}); crashed: {len(crashed)}", file=out)
+    for key, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
+        print(f"  not drawn x{n}: {key}", file=out)
+    bad = [r for r in rows if r not in ok_all]
+    bad.sort(key=lambda r: -max([abs(r["peak"]) if r["peak"] == r["peak"] else 9] +
+                                [abs(e) for e in r["phases"].values()]))
+    for r in bad:
+        ph = " ".join(f"{k}={v:+.1%}" for k, v in r["phases"].items())
+        print(f"  peak {r['peak']:+.1%} [{ph}] {r.get('error', '')} :: {r['job']}", file=out)
+    return {"rows": rows, "ok_peak": len(ok_peak), "ok_all": len(ok_all)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", type=int, default=300)
+    p.add_argument("--real", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", help="append one line per traced job to this file")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    with open(a.progress, "a") if a.progress else contextlib.nullcontext() as prog:
+        run(a.tiny, a.real, a.seed, progress=prog)
+    print(f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
