@@ -22,7 +22,7 @@ import typer
 from pydantic import ValidationError
 
 from .errors import MemplanInputError, validation_message
-from .fit import DEFAULT_SAFETY_MARGIN
+from .gpu import DEFAULT_SAFETY_MARGIN
 from .job import Job
 
 
@@ -228,10 +228,12 @@ def estimate(
     arch = _load_model(job.model, revision)
     g = load_gpu(job.gpu) if job.gpu else None
     est = estimate_memory(job, arch, g)
-    from .advice import what_if
-
     # --json stays an Estimate; the advice is an extra key only when asked for
-    savings = what_if(job, arch, g) if explain or (est.fits is False and not as_json) else None
+    savings = None
+    if explain or (est.fits is False and not as_json):
+        from .advice import what_if  # (the search modules stay off the plain estimate's path)
+
+        savings = what_if(job, arch, g)
     if as_json and savings is None:
         typer.echo(est.model_dump_json(indent=2))
     elif as_json:

@@ -9,13 +9,10 @@ from pydantic import BaseModel
 from .architecture import ModelArch
 from .errors import MemplanInputError
 from .estimate import estimate_memory
-from .gpu import GpuProfile
+from .gpu import DEFAULT_SAFETY_MARGIN, GpuProfile
 from .job import Job
 
 MAX_BATCH = 1 << 16
-# Share of each GPU's memory kept free by `fit` and `recommend`: the estimate is within a few percent
-# of measured device memory, not exact, and other processes and allocator growth need room.
-DEFAULT_SAFETY_MARGIN = 0.05
 
 
 def check_safety_margin(margin: float) -> float:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+# Share of each GPU's memory kept free by `fit` and `recommend`: the estimate is within a few percent
+# of measured device memory, not exact, and other processes and allocator growth need room.
+DEFAULT_SAFETY_MARGIN = 0.05
+
 
 class GpuProfile(BaseModel):
     # built on first use: an estimate without --gpu never validates one

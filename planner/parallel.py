@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from dataclasses import dataclass
 
 Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp_full", "fsdp_grad_op", "fsdp_hybrid"]
 SHARDINGS: tuple[str, ...] = Sharding.__args__  # type: ignore[attr-defined]
 
 
-class ShardPlan(BaseModel):
+@dataclass(frozen=True)
+class ShardPlan:
+    """Internal to the estimate (a dataclass: no pydantic schema to build on the CLI's cold path)."""
+
     strategy: str
     world: int
     group: int  # ranks one copy of the model state is split over
