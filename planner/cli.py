@@ -246,7 +246,7 @@ def estimate(
         if savings is not None:
             typer.echo(savings_table(savings, est))
     if est.fits is False:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_DOES_NOT_FIT)
 
 
 def _parse_prices(values: list[str] | None) -> dict[str, float]:
@@ -356,7 +356,7 @@ def recommend(
             if emit:
                 typer.echo(f"nothing to emit: no plan fits, so {emit_path} was not written")
     if advice is not None:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_DOES_NOT_FIT)
 
 
 @app.command()
@@ -399,7 +399,7 @@ def fit(
     if as_json:
         typer.echo(json.dumps({"micro_batch": by_batch.model_dump(), "seq_len": by_seq.model_dump()}, indent=2))
         if nothing:
-            raise typer.Exit(code=1)
+            raise typer.Exit(code=EXIT_DOES_NOT_FIT)
         return
     what = "batch" if task == "infer" else "micro-batch"
     seq = "context" if task == "infer" else "sequence"
@@ -420,7 +420,7 @@ def fit(
     else:
         typer.echo(f"  not even 1 token at {what} {micro_batch} fits")
     if nothing:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_DOES_NOT_FIT)
 
 
 @app.command()
