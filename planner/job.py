@@ -15,6 +15,10 @@ Method = Literal["full", "lora", "qlora"]
 Task = Literal["train", "infer"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd", "sgd_momentum"]
 Attention = Literal["sdpa", "eager"]
+# The software the job runs on (planner/stacks): each owns the rules that depend on it. The core never
+# guesses it from the environment: the CLI and memplan.estimate resolve the installed one.
+StackName = Literal["transformers-5", "transformers-4", "litgpt", "torchtune"]
+STACK_NAMES: tuple[str, ...] = StackName.__args__  # type: ignore[attr-defined]
 
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 
@@ -48,6 +52,7 @@ class Job(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str
+    stack: StackName = "transformers-5"
     task: Task = "train"
     method: Method = "full"
     # Storage dtype of the base weights. Default: nf4 for qlora, the compute dtype otherwise.

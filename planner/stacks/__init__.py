@@ -1,0 +1,1 @@
+"""The software a job runs on (see docs/architecture.md)."""
