@@ -13,23 +13,29 @@ import time
 from pydantic import BaseModel
 
 from memplan.job import Job
-
+from memplan.phases import PhaseName
+from memplan.results import Category
 
 
 class PhaseSnapshot(BaseModel):
     iteration: int
-    phase: str
+    phase: PhaseName
     peak_bytes: int
     end_bytes: int
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
 
+    def bytes_by_category(self) -> dict[Category, int]:
+        """What the trace attributes at the phase's end, in the estimate's categories."""
+        return {Category.weights: self.params_bytes, Category.gradients: self.grads_bytes,
+                Category.optimizer: self.optimizer_bytes}
+
 
 class TraceResult(BaseModel):
     job: Job
     peak_allocated_bytes: int
-    peak_phase: str
+    peak_phase: PhaseName
     timeline: list[PhaseSnapshot]
     seconds: float
 
