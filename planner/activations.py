@@ -39,6 +39,8 @@ class Ctx:
     grad_in: bool  # gradients flow into the layer's input (not so for layer 0 of frozen-embedding LoRA)
     attention: Kernel  # planner/attention.py
     sdpa_bytes: int  # dtype SDPA sees: the compute dtype under autocast, else the activations'
+    kernel_bytes: int  # dtype the fused attention kernel saves its inputs in (flash-attn casts fp32 to 16 bits)
+    packed_mask: bool  # packed rows under SDPA: a block-diagonal mask, so no enable_gqa (keys repeated)
     lora_autocast: bool  # adapters under autocast: lora_A keeps a 16-bit cast of its input
     stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
     cpu: bool  # follow the CPU kernels the trace runs instead of CUDA's
@@ -132,11 +134,18 @@ def attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -
     t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
     q, kv = arch.q_width, arch.kv_width
     if ctx.attention is Kernel.fused:
-        ab = ctx.sdpa_bytes  # under autocast the kernel saves its 16-bit casts
-        # q and k are new tensors after RoPE; v is the projection output itself.
+        ab = ctx.kernel_bytes  # under autocast the kernel saves its 16-bit casts
+        # q and k are new tensors after RoPE; v is the projection output itself. With a packed
+        # row's mask transformers does not pass enable_gqa (integrations/sdpa_attention.py
+        # `use_gqa_in_sdpa`: only without a mask on CUDA) and repeat_kv copies keys and values to
+        # every head; SDPA turns the bool mask into an additive one per call
+        # (attention.cpp `convert_boolean_attn_mask`), which the memory-efficient kernel saves
+        kv_saved = q if ctx.packed_mask else kv
         saved["attn.q"] = t * q * ab
-        saved["attn.k"] = t * kv * ab
-        saved["attn.v"] = t * kv * ab
+        saved["attn.k"] = t * kv_saved * ab
+        saved["attn.v"] = t * kv_saved * ab
+        if ctx.packed_mask:
+            saved["attn.packed_mask"] = ctx.batch * ctx.seq * ctx.seq * ab
         saved["attn.out"] = t * q * ab
         saved["attn.logsumexp"] = 4 * t * a
         return "attn.out_contiguous" if rope_copies else "attn.out"
@@ -265,9 +274,12 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
 
 
 def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
-    """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward."""
+    """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward; packed
+    rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
         return batch * ctx.seq * ctx.seq * ctx.act_bytes
+    if ctx.packed_mask:
+        return batch * ctx.seq * ctx.seq
     return 0
 
 
@@ -310,6 +322,10 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, 
     autocast = job.task == "train" and job.method == "full" and job.mixed_precision
     sdpa_bytes = float_bytes(job.compute_dtype) if job.runs_autocast else act_bytes
     attention = attention_kernel(job, arch, stack, grad=True, sdpa_bytes=sdpa_bytes)
+    # flash-attn casts fp32 inputs to the 16-bit dtype of the model's linears
+    # (integrations/flash_attention.py `get_target_dtype`)
+    fa2 = job.attention == "flash_attention_2"
+    kernel_bytes = float_bytes(job.compute_dtype) if fa2 else sdpa_bytes
     return Ctx(
         tokens=job.micro_batch * job.seq_len,
         batch=job.micro_batch,
@@ -325,6 +341,8 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, 
         grad_in=grad_in,
         attention=attention,
         sdpa_bytes=sdpa_bytes,
+        kernel_bytes=kernel_bytes,
+        packed_mask=job.packing and job.attention == "sdpa",
         lora_autocast=job.uses_lora and job.runs_autocast,
         stats_bytes=act_bytes if stack.cpu else 4,
         cpu=stack.cpu,

@@ -68,6 +68,10 @@ def refusal(job: Job, arch) -> str | None:
         return f"{arch.name}'s grouped_mm experts run in bf16 only (torch meta_grouped_mm): trace it with bf16 weights"
     if job.quantized:
         return "4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors"
+    if job.attention == "flash_attention_2":
+        return "flash_attention_2 cannot be traced: flash-attn has no CPU build (its memory is derived, docs/activations.md)"
+    if job.packing:
+        return "packed rows are not traced: the trace runs one unpacked sequence per row"
     if job.task == "train" and job.optimizer not in ("adamw", "sgd", "sgd_momentum"):
         return f"optimizer {job.optimizer!r} cannot be traced: bitsandbytes optimizers need real tensors"
     return None
