@@ -41,6 +41,7 @@ class Ctx:
     sdpa_bytes: int  # dtype SDPA sees: the compute dtype under autocast, else the activations'
     kernel_bytes: int  # dtype the fused attention kernel saves its inputs in (flash-attn casts fp32 to 16 bits)
     packed_mask: bool  # packed rows under SDPA: a block-diagonal mask, so no enable_gqa (keys repeated)
+    liger: bool  # Liger's RMSNorm and SwiGLU/GeGLU kernels replace the model's (planner/liger.py)
     lora_autocast: bool  # adapters under autocast: lora_A keeps a 16-bit cast of its input
     stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
     cpu: bool  # follow the CPU kernels the trace runs instead of CUDA's
@@ -95,7 +96,12 @@ def linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved
 
 def rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
     t, h = ctx.tokens, arch.hidden
-    if ctx.grad_in:
+    if ctx.grad_in and ctx.liger:
+        # LigerRMSNormFunction saves X as it comes (the stream itself, no fp32 copy) and one fp32
+        # rstd per row; the weight's gradient is computed from them (ops/rms_norm.py:674)
+        saved[f"{prefix}.input"] = t * h * ctx.stream_bytes
+        saved[f"{prefix}.rstd"] = 4 * t
+    elif ctx.grad_in:
         saved[f"{prefix}.fp32_input"] = 4 * t * h  # LlamaRMSNorm: x.to(float32), saved by pow and mul
         saved[f"{prefix}.rsqrt"] = 4 * t
         if ctx.base_trains:
@@ -112,6 +118,10 @@ def head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     t = ctx.tokens
     for name, width, heads in (("q", arch.q_width, arch.heads), ("k", arch.kv_width, arch.kv_heads)):
         if not (ctx.grad_in or ctx.base_trains or f"{name}_proj" in ctx.targets):
+            continue
+        if ctx.liger:  # the same module class, patched as the hidden-size norms
+            saved[f"{name}_norm.input"] = t * width * ctx.act_bytes
+            saved[f"{name}_norm.rstd"] = 4 * t * heads
             continue
         saved[f"{name}_norm.fp32_input"] = 4 * t * width
         saved[f"{name}_norm.rsqrt"] = 4 * t * heads
@@ -183,7 +193,8 @@ def o_proj(ctx: Ctx, arch: ModelArch, name: str, consumed: str, saved: Saved) ->
 def gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
     saved["mlp.gate_out"] = t * i * ab  # saved by the activation function
-    saved["mlp.act_out"] = t * i * ab  # saved by act * up
+    if not ctx.liger:  # LigerSiLUMulFunction / LigerGELUMulFunction save only gate and up (swiglu.py:272)
+        saved["mlp.act_out"] = t * i * ab  # saved by act * up
     saved["mlp.up_out"] = t * i * ab
     linear_input(ctx, ("down_proj",), i, "mlp.product", saved)
 
@@ -235,7 +246,9 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
     stream = 2 * t * arch.hidden * ctx.stream_bytes
     # the down projection's input is released once its backward has run, before the intermediate
     # gradients of act * up appear (allocator trace of an all-linear QLoRA layer, H200)
-    mlp = (3 if arch.gated_mlp else 2) * t * width * ab - saved.get("mlp.product", 0)
+    # Liger's SwiGLU backward writes the gate and up gradients into its saved inputs (swiglu.py
+    # `swiglu_backward`): only the product's gradient is new
+    mlp = (1 if ctx.liger else 3 if arch.gated_mlp else 2) * t * width * ab - saved.get("mlp.product", 0)
     attn = 0
     if ctx.attention is not Kernel.fused:
         # eager softmax runs in fp32; the math kernel in its own dtype (fp32 on the CPU)
@@ -312,7 +325,9 @@ def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
         layer_norm(ctx, arch, "final_norm", (), saved)
     else:
         rms_norm(ctx, arch, "final_norm", (), saved)
-    if ctx.base_trains:  # lm_head weight trains: it keeps the normed hidden states (its own cast under autocast)
+    if ctx.base_trains and not ctx.liger:
+        # lm_head weight trains: it keeps the normed hidden states (its own cast under autocast);
+        # Liger's fused linear cross-entropy computes the head's gradients in the forward instead
         saved["final_norm.out"] = ctx.tokens * arch.hidden * ctx.act_bytes
     return saved
 
@@ -343,6 +358,7 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, 
         sdpa_bytes=sdpa_bytes,
         kernel_bytes=kernel_bytes,
         packed_mask=job.packing and job.attention == "sdpa",
+        liger=job.task == "train" and job.liger,
         lora_autocast=job.uses_lora and job.runs_autocast,
         stats_bytes=act_bytes if stack.cpu else 4,
         cpu=stack.cpu,

@@ -127,6 +127,8 @@ JOB_OPTIONS: dict[str, _JobOption] = {
     "gradient_checkpointing": _JobOption(Optional[bool], ("--gradient-checkpointing/--no-gradient-checkpointing",),
                                          "HF gradient checkpointing", "on for qlora, off otherwise"),
     "attention": _JobOption(Optional[str], ("--attention",), "sdpa | eager | flash_attention_2 (attn_implementation)"),
+    "liger": _JobOption(Optional[bool], ("--liger/--no-liger",),
+                        "Liger kernels (use_liger_kernel=True): fused linear cross-entropy, RMSNorm, SwiGLU, RoPE"),
     "packing": _JobOption(Optional[bool], ("--packing/--no-packing",),
                           "several sequences packed per row (TRL packing/padding_free, axolotl sample_packing)"),
     "kbit_prepare": _JobOption(Optional[bool], ("--kbit-prepare/--no-kbit-prepare",),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import activations as act
 from . import inference as inf
-from . import overhead
+from . import liger, overhead
 from .attention import Kernel
 from .phases import PhaseName
 from .architecture import ModelArch
@@ -55,6 +55,7 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     """Estimate one job's per-GPU memory under `stack` (default: the job's, on CUDA; the CPU trace
     compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels)."""
     check_job(job, arch)
+    liger.check(job, arch)
     stack = stack or get_stack(job.stack)
     ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
     if job.task == "infer":
@@ -300,7 +301,11 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         ab = float_bytes(job.compute_dtype)
         head_copy = (params.lm_head or params.embedding) * ab
     walk.row("autocast lm_head copy", f"{v:,} x {arch.hidden:,} head weight cast to {ab} B, kept for backward")
-    loss = stack.loss(job, arch, t, ab)
+    if job.liger:
+        loss = liger.fused_linear_cross_entropy(arch, t, ctx.stream_bytes, ab, trainable_bytes_per_param(job),
+                                                head_trains=job.method == "full")
+    else:
+        loss = stack.loss(job, arch, t, ab)
     logits_fwd, logits_bwd = loss.forward, loss.backward
     walk.row("logits and loss", loss.formula)
     walk.row("logits held by the loop", "the training loop still references the logits through backward and the step")

@@ -70,6 +70,8 @@ def refusal(job: Job, arch) -> str | None:
         return "4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors"
     if job.attention == "flash_attention_2":
         return "flash_attention_2 cannot be traced: flash-attn has no CPU build (its memory is derived, docs/activations.md)"
+    if job.liger:
+        return "Liger kernels cannot be traced: they are Triton-only, with no CPU path (derived instead, docs/liger.md)"
     if job.packing:
         return "packed rows are not traced: the trace runs one unpacked sequence per row"
     if job.task == "train" and job.optimizer not in ("adamw", "sgd", "sgd_momentum"):
