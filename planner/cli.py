@@ -129,6 +129,8 @@ JOB_OPTIONS: dict[str, _JobOption] = {
     "attention": _JobOption(Optional[str], ("--attention",), "sdpa | eager | flash_attention_2 (attn_implementation)"),
     "liger": _JobOption(Optional[bool], ("--liger/--no-liger",),
                         "Liger kernels (use_liger_kernel=True): fused linear cross-entropy, RMSNorm, SwiGLU, RoPE"),
+    "activation_offloading": _JobOption(Optional[bool], ("--activation-offloading/--no-activation-offloading",),
+                                        "saved activations offloaded to pinned host RAM (TRL, torchtune)"),
     "packing": _JobOption(Optional[bool], ("--packing/--no-packing",),
                           "several sequences packed per row (TRL packing/padding_free, axolotl sample_packing)"),
     "kbit_prepare": _JobOption(Optional[bool], ("--kbit-prepare/--no-kbit-prepare",),

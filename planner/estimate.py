@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import activations as act
 from . import inference as inf
-from . import liger, overhead
+from . import liger, offload, overhead
 from .attention import Kernel
 from .phases import PhaseName
 from .architecture import ModelArch
@@ -281,6 +281,18 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     else:
         kept = layer0 + layer * (arch.layers - 1) + shared
         a_formula = f"{arch.layers} layers x {human(layer)} saved for backward"
+    offloaded = 0
+    kept_bwd, bottom_extra = kept, None
+    if job.activation_offloading:
+        # every saved tensor goes to pinned host memory; the GPU keeps the forward stash and, in the
+        # backward, the tensors of the nodes running (planner/offload.py)
+        largest = act.checkpoint_saved(arch, ctx) if ckpt else max([*layer_tensors.values(), shared // 2, 1])
+        offloaded = kept
+        kept, kept_bwd = offload.on_gpu(kept, largest)
+        bottom_extra = kept_bwd
+        a_formula += (f"; offloaded to host RAM ({human(offloaded)}): on the GPU the last {offload.MAX_FWD_STASH} "
+                      f"saved tensors (forward) and {offload.BACKWARD_NODES} nodes' tensors more (backward), "
+                      f"the largest {human(largest)}")
     walk.row("activations", a_formula)
     casts = autocast_weight_copies(job, arch, params)
     # a checkpointed forward over frozen weights keeps only the head's cast (lm_head runs outside
@@ -339,9 +351,11 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     transients = {"backward transients": trans, "dequantized weight": dequant,
                   "unsharded unit gradients": st.unit_grads, "DDP gradient buckets": st.ddp_buckets}
     bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if ckpt else layer0
+    if bottom_extra is not None:
+        bottom_acts = min(bottom_acts, bottom_extra)
     walk.phase(BWD,
                ("top of backward: every activation, the last layer recomputed, head and layer gradients",
-                {**live, "activations": kept, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
+                {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
                  "gradients": g_share(st.g_head + st.g_layer), **transients}),
                ("bottom of backward: the first layer's activations beside nearly every gradient",
                 {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients}),
@@ -367,8 +381,11 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                      "the Trainer's bf16=True)")
     if st.host:
         notes.append(f"cpu offload: {human(st.host)} of host RAM per GPU")
+    if offloaded:
+        notes.append(f"activation offloading: {human(offloaded)} of saved activations in pinned host RAM per GPU "
+                     "(autocast weight casts and the recomputed layer stay on the GPU as counted)")
     unified = st.gpu_paged_states
-    return walk, params, n_train, notes, unified, st.host
+    return walk, params, n_train, notes, unified, st.host + offloaded
 
 
 def _unconverted_notes(job: Job, arch: ModelArch, stack: Stack) -> list[str]:

@@ -26,7 +26,7 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
-    "packing", "liger",
+    "packing", "liger", "activation_offloading",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype")
@@ -90,6 +90,9 @@ class Job(BaseModel):
     # Liger kernels (TrainingArguments/TRL use_liger_kernel=True): fused linear cross-entropy, RMSNorm,
     # SwiGLU/GeGLU and RoPE replace the model's (planner/liger.py)
     liger: bool = False
+    # TRL activation_offloading / torchtune enable_activation_offloading: saved activations in pinned
+    # host memory (planner/offload.py)
+    activation_offloading: bool = False
     # HF Trainer's bf16=True / fp16=True: the forward runs under torch.autocast in the compute
     # dtype. None: on for mixed precision (fp32 weights, 16-bit compute), off otherwise.
     autocast: bool | None = None

@@ -72,6 +72,8 @@ def refusal(job: Job, arch) -> str | None:
         return "flash_attention_2 cannot be traced: flash-attn has no CPU build (its memory is derived, docs/activations.md)"
     if job.liger:
         return "Liger kernels cannot be traced: they are Triton-only, with no CPU path (derived instead, docs/liger.md)"
+    if job.activation_offloading:
+        return "activation offloading cannot be traced: it needs CUDA streams (derived instead, docs/offload.md)"
     if job.packing:
         return "packed rows are not traced: the trace runs one unpacked sequence per row"
     if job.task == "train" and job.optimizer not in ("adamw", "sgd", "sgd_momentum"):
