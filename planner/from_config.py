@@ -34,7 +34,7 @@ FORMAT_NAMES = {
 }
 
 NO_EFFECT = "no effect on per-GPU memory (schedule, data, logging, evaluation or I/O)"
-UNKNOWN = "not a key memplan's {fmt} reader knows"
+UNKNOWN = "not a key memplan's reader of the {fmt} knows"
 NULL = "null: unset"
 
 
@@ -107,6 +107,8 @@ class _State:
             return
         if field not in Job.model_fields or not _allowed(field, value):
             return
+        if value == Job.model_fields[field].default and field not in ("stack",):
+            return  # what the Job assumes anyway
         self.fields[field] = value
         self.origin[field] = f"({self.fmt} default)"
         self.defaults.append((field, value, why))
@@ -263,7 +265,7 @@ def _weight_dtype(st: _State, k: str, v: Any) -> None:
         return
     if not isinstance(v, str) or v.lower() not in TORCH_DTYPES:
         raise st.bad(k, v, "bfloat16, float16, float32 or auto")
-    st.keep("weight_dtype", k, TORCH_DTYPES[v.lower()])
+    st.keep("weight_dtype", k, v)
 
 
 WEIGHT_DTYPE = Rule(("weight_dtype",), _weight_dtype, "`weight_dtype` (the dtype the model is loaded in)")
@@ -477,15 +479,6 @@ def _axolotl_adapter(st: _State, k: str, v: Any) -> None:
     st.keep("adapter", k, v)
 
 
-def _precision_flag(name: str) -> Convert:
-    def convert(st: _State, k: str, v: Any) -> None:
-        if v in ("auto", "full") and name == "bf16" and st.fmt == "axolotl":
-            st.keep(name, k, v)
-            return
-        st.keep(name, k, _bool(st, k, v))
-    return convert
-
-
 def _quant_type(st: _State, k: str, v: Any) -> None:
     if not isinstance(v, str) or v.lower() not in ("nf4", "fp4"):
         raise st.bad(k, v, "nf4 or fp4")
@@ -577,48 +570,82 @@ def _str(st: _State, k: str, v: Any) -> str:
     return v.strip()
 
 
-def _precision(st: _State, default_fp32_note: str) -> None:
-    """HF Trainer / axolotl precision: bf16=True or fp16=True run the forward under autocast in that
-    dtype (accelerate mixed_precision); axolotl loads the model in it too (torch_dtype). Neither:
-    fp32 training, the Trainer's default."""
+def _stashed_bool(st: _State, name: str, also: tuple = ()) -> Any:
+    """A stashed precision flag, checked: true / false (or one of `also`); None when the file lacks it."""
+    if name not in st.stash:
+        return None
+    key, v = st.stash[name]
+    if v in also:
+        return v
+    if not isinstance(v, bool):
+        raise st.bad(key, v, "true or false" + "".join(f" or {a}" for a in also))
+    return v
+
+
+def _precision_axolotl(st: _State) -> None:
+    """axolotl's resolve_dtype (src/axolotl/utils/config/__init__.py) on a GPU with bf16, then the
+    Trainer flags it passes (core/builders/base.py _configure_precision_settings): the model is loaded
+    in torch_dtype, and TrainingArguments bf16 / fp16 run the forward under autocast."""
     s = st.stash
-    bf16 = s.get("bf16", (None, None))[1]
-    fp16 = s.get("fp16", (None, None))[1]
-    pure = [n for n in ("bfloat16", "float16") if s.get(n, (None, False))[1] is True]
-    chosen = []
-    if bf16 is True or bf16 == "auto":
-        chosen.append(("bf16", "bf16", True))
-    if bf16 == "full":
-        chosen.append(("bf16", "bf16", False))
-    if fp16 is True:
-        chosen.append(("fp16", "fp16", True))
-    for n in pure:
-        chosen.append((n, "bf16" if n == "bfloat16" else "fp16", False))
-    dtypes = {c[1] for c in chosen}
-    if len(dtypes) > 1:
-        raise MemplanInputError(
-            f"{st.source}: {' and '.join(s[c[0]][0] for c in chosen)} are both on: keep one precision (bf16 or fp16)")
-    for name in ("bf16", "fp16", "bfloat16", "float16"):
-        if name in s and not any(c[0] == name for c in chosen):
-            st.ignore(s[name][0], "false: off")
-    if chosen:
-        name, dtype, autocast = chosen[0]
-        key, raw = s[name]
-        if "bnb_compute" in s and s["bnb_compute"][1] != dtype:
-            raise MemplanInputError(f"{st.source}: {s['bnb_compute'][0]} {s['bnb_compute'][1]} and {key} disagree; "
-                                    "keep one compute dtype")
-        st.set(key, raw, "compute_dtype", dtype)
-        if "bf16" in st.overridden or "compute_dtype" not in st.overridden:
-            st.set(key, raw, "autocast", autocast)
-        if raw == "auto":
-            st.notes.append(f"{key}: auto is bf16 on GPUs that have it (fp16 on others): counted as bf16")
-        for c in chosen[1:]:
-            st.used.append((s[c[0]][0], s[c[0]][1], "compute_dtype", dtype))
-    elif "bnb_compute" in s:
-        key, dtype = s["bnb_compute"]
-        st.set(key, dtype, "compute_dtype", dtype)
+    bf16 = _stashed_bool(st, "bf16", ("auto", "full"))
+    fp16 = _stashed_bool(st, "fp16")
+    bfloat16, float16 = _stashed_bool(st, "bfloat16"), _stashed_bool(st, "float16")
+    eight = s.get("load_in_8bit", (None, False))[1] is True
+    if bf16 is None:
+        bf16 = "auto"  # the schema's default (utils/schemas/config.py)
+    if not fp16 and bf16 == "auto":
+        bf16 = True
+        st.notes.append(("bf16: auto" if "bf16" in s else "bf16 (not set: axolotl's default auto)")
+                        + " is bf16 on GPUs that have it (fp16 on older ones): counted as bf16")
+    if fp16 and bf16 == "auto":
+        bf16 = False
+    if bf16:
+        fp16 = False
+    if bf16 or bfloat16:
+        dtype = "bf16"
+    elif eight or fp16 or float16:
+        dtype = "fp16"
     else:
-        st.default("compute_dtype", "fp32", default_fp32_note)
+        dtype = "fp32"
+    autocast = bool((bf16 and bf16 != "full") or bfloat16 or fp16)
+    deciding = [n for n, v in (("bf16", bf16), ("bfloat16", bfloat16), ("fp16", fp16), ("float16", float16),
+                               ("load_in_8bit", eight)) if v and n in s]
+    for n in ("bf16", "fp16", "bfloat16", "float16"):
+        if n in s and n not in deciding:
+            st.ignore(s[n][0], "off" if s[n][1] in (False, "auto") else f"{s[n][1]!r}: overridden by the other precision keys")
+    if "bnb_compute" in s and s["bnb_compute"][1] != dtype:
+        raise MemplanInputError(f"{st.source}: {s['bnb_compute'][0]} {s['bnb_compute'][1]} and the precision keys "
+                                f"({dtype}) disagree; keep one compute dtype")
+    if deciding:
+        key, raw = s[deciding[0]]
+        st.set(key, raw, "compute_dtype", dtype)
+        st.set(key, raw, "autocast", autocast)
+        for n in deciding[1:]:
+            st.used.append((s[n][0], s[n][1], "compute_dtype", dtype))
+    else:
+        why = "axolotl's default bf16: auto" if dtype == "bf16" else "bf16 and fp16 are off: axolotl loads and trains in fp32"
+        st.default("compute_dtype", dtype, why)
+        st.default("autocast", autocast, why + (" (the Trainer's bf16=True: autocast)" if autocast else ""))
+    if "bnb_compute" in s:
+        st.used.append((s["bnb_compute"][0], s["bnb_compute"][1], "compute_dtype", dtype))
+
+
+def _precision_hf(st: _State) -> None:
+    """TrainingArguments bf16 / fp16: the forward under autocast in that dtype (accelerate's
+    mixed_precision); neither: fp32, no autocast (transformers training_args.py defaults False)."""
+    s = st.stash
+    on = [n for n in ("bf16", "fp16") if _stashed_bool(st, n)]
+    if len(on) > 1:
+        raise MemplanInputError(f"{st.source}: bf16 and fp16 are both true: keep one (TrainingArguments refuses both)")
+    for n in ("bf16", "fp16"):
+        if n in s and n not in on:
+            st.ignore(s[n][0], "false: off")
+    if on:
+        key, raw = s[on[0]]
+        st.set(key, raw, "compute_dtype", on[0])
+        st.set(key, raw, "autocast", True)
+    else:
+        st.default("compute_dtype", "fp32", "bf16 and fp16 are off (TrainingArguments' defaults): fp32 training")
 
 
 def _method(st: _State, peft_on: bool | None, peft_key: str | None) -> None:
@@ -693,12 +720,11 @@ def _drop_unused_lora(st: _State) -> None:
 def _post_axolotl(st: _State) -> None:
     _lora_targets(st)
     _method(st, None, None)
-    _precision(st, "no bf16 / fp16: axolotl loads and trains in fp32")
+    _precision_axolotl(st)
     _drop_unused_lora(st)
-    # axolotl's own defaults (src/axolotl/utils/schemas: micro_batch_size 1, lora_dropout 0.0)
-    if "weight_dtype" in st.stash:
-        key, w = st.stash["weight_dtype"]
-        st.set(key, w, "weight_dtype", w)
+    # the schema's defaults (utils/schemas/training.py): optimizer adamw_torch_fused; micro_batch_size 1,
+    # sequence_len 512 and lora_dropout 0.0 are memplan's own
+    st.default("foreach", False, "axolotl's default optimizer adamw_torch_fused: no foreach temporary")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,29 +810,53 @@ HF_IGNORED = {
 }
 
 
+# keys only TRL's SFTConfig / ModelConfig have: the file configures SFTTrainer, which loads the model itself
+TRL_KEYS = frozenset({
+    "max_length", "max_seq_length", "packing", "padding_free", "dataset_text_field", "completion_only_loss",
+    "assistant_only_loss", "activation_offloading", "model_init_kwargs", "dataset_num_proc", "loss_type",
+    "packing_strategy", "eos_token", "chat_template_path", "dataset_kwargs", "shuffle_dataset", "pad_to_multiple_of",
+    "use_peft", "model_name_or_path", "lora_r", "load_in_4bit", "load_in_8bit",
+})
+
+
 def _post_hf(st: _State) -> None:
     peft = st.stash.get("use_peft")
+    use_peft = _stashed_bool(st, "use_peft")
     _lora_targets(st)
-    _method(st, peft[1] if peft else False, peft[0] if peft else None)
-    _precision(st, "neither bf16 nor fp16: the Trainer runs in fp32 (no autocast)")
+    _method(st, use_peft or False, peft[0] if peft else None)
+    _precision_hf(st)
     _drop_unused_lora(st)
+    trl = st.stash.get("_trl") is not None
+    method = st.fields.get("method", "full")
     if "weight_dtype" in st.stash:
-        key, w = st.stash["weight_dtype"]
-        if st.fields.get("method") not in ("qlora",) and "int8" != st.fields.get("weight_dtype"):
-            st.set(key, w, "weight_dtype", w)
+        key, raw = st.stash["weight_dtype"]
+        if method == "qlora" or st.fields.get("weight_dtype") == "int8":
+            st.ignore(key, "the quantized base's other parameters: counted by memplan's k-bit rules")
         else:
-            st.ignore(key, "the quantized base's other parameters: counted in the compute dtype")
-    elif st.fields.get("compute_dtype") in ("bf16", "fp16") and "weight_dtype" not in st.fields:
-        st.notes.append("the file does not say the dtype the model is loaded in (torch_dtype): weights are counted "
-                        "in the compute dtype; give --weight-dtype fp32 for fp32 weights under autocast")
+            st.set(key, raw, "weight_dtype", TORCH_DTYPES[raw.lower()])
+    elif trl and method != "qlora" and st.fields.get("weight_dtype") != "int8":
+        # trl/trainer/utils.py create_model_from_path: dtype = kwargs.get("dtype", "float32")
+        st.default("weight_dtype", "fp32", "TRL's SFTTrainer loads the model in float32 unless model_init_kwargs "
+                                           "(or ModelConfig) sets dtype")
+    elif st.fields.get("compute_dtype") in ("bf16", "fp16"):
+        st.notes.append("TrainingArguments do not say the dtype the model is loaded in: the weights are counted in "
+                        "the compute dtype; give --weight-dtype fp32 for fp32 weights under autocast")
+    if trl and method in ("lora", "qlora"):
+        # trl/trainer/model_config.py ModelConfig: lora_dropout 0.05, use_bnb_nested_quant False
+        st.default("lora_dropout", 0.05, "TRL ModelConfig lora_dropout defaults to 0.05")
+        if method == "qlora":
+            st.default("double_quant", False, "TRL ModelConfig use_bnb_nested_quant defaults to false")
     st.default("micro_batch", 8, "TrainingArguments per_device_train_batch_size defaults to 8")
-    st.default("optimizer", "adamw", "TrainingArguments optim defaults to adamw_torch_fused (torch >= 2.8)")
-    st.default("foreach", False, "adamw_torch_fused: no foreach temporary")
-    if "seq_len" not in st.fields:
-        if any(k in st.stash or k in st.origin.values() for k in ("packing",)) or st.stash.get("_trl"):
-            pass
-        st.notes.append("no max_length / max_seq_length in the file: memplan's default sequence length applies "
-                        "(give --seq-len the length of your longest batch)")
+    if "optimizer" not in st.fields:
+        st.default("foreach", False, "TrainingArguments optim defaults to adamw_torch_fused (torch >= 2.8): "
+                                     "no foreach temporary")
+    if trl:
+        st.default("seq_len", 1024, "TRL SFTConfig max_length defaults to 1024")
+        st.notes.append("TRL's SFTTrainer computes the loss through a fused LM head in chunks "
+                        "(trl/trainer/sft_trainer.py add_fused_lm_head), without the full logits: memplan counts "
+                        "transformers' own loss, so its logits and loss rows overstate this run")
+    elif "seq_len" not in st.fields:
+        st.notes.append("TrainingArguments have no sequence length: memplan's default applies (give --seq-len)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -913,70 +963,86 @@ LITGPT_IGNORED = {"out_dir", "logger_name", "seed", "resume", "access_token", "d
 
 
 def _post_litgpt(st: _State) -> None:
+    """litgpt/finetune/lora.py and full.py `setup` (litgpt 0.5.13): the method from the config's keys
+    (lora_* or quantize: finetune lora; neither: finetune full), precision, quantization, devices."""
     s = st.stash
-    quant = s.get("quantize")
-    has_lora = any(k.startswith("lora_") for k in st.origin.values()) or any(k.startswith("lora_") for k in s)
+    lora = bool(st.origin.keys() & {"lora_rank", "lora_alpha", "lora_dropout"}) or any(
+        k.startswith("lora_") for k in s) or "quantize" in s
     prec_key, prec = s.get("precision", (None, None))
     if prec is None:
-        # litgpt's get_default_supported_precision(training=True): bf16-mixed on GPUs with bf16
+        # `precision or get_default_supported_precision(training=True)`: bf16-mixed on GPUs with bf16
         prec = "bf16-mixed"
     weights, compute = LITGPT_PRECISION[prec]
+    quant = s.get("quantize")
+    devices = s.get("devices", (None, 1))[1] * s.get("num_nodes", (None, 1))[1]
+    if quant and "mixed" in prec:
+        raise MemplanInputError(f"{st.source}: {quant[0]}: {quant[1]} with precision {prec}"
+                                f"{'' if prec_key else ' (the default)'}: litgpt refuses quantization with mixed "
+                                "precision; use precision: bf16-true")
+    if quant and devices > 1:
+        raise MemplanInputError(f"{st.source}: {quant[0]}: litgpt does not quantize for multi-GPU training "
+                                f"({devices} devices): set devices: 1, or drop quantize")
     if prec_key:
         st.set(prec_key, prec, "compute_dtype", compute)
     else:
         st.default("compute_dtype", compute, "litgpt's default precision bf16-mixed")
-    if quant and "mixed" in prec:
-        # litgpt/finetune/lora.py setup: "Quantization and mixed precision is not supported."
-        raise MemplanInputError(f"{st.source}: {quant[0]}: {quant[1]} with precision {prec}"
-                                f"{'' if prec_key else ' (the default)'}: litgpt refuses quantization with mixed "
-                                "precision; use precision: bf16-true")
     if quant:
         qtype, dq = LITGPT_QUANTIZE[quant[1]]
-        if qtype == "int8":
-            st.set(quant[0], quant[1], "weight_dtype", "int8")
-        else:
-            st.set(quant[0], quant[1], "weight_dtype", qtype)
+        st.set(quant[0], quant[1], "weight_dtype", qtype)
+        if qtype != "int8":
             st.set(quant[0], quant[1], "double_quant", dq)
-        has_lora = True
         st.set(quant[0], quant[1], "method", "qlora" if qtype != "int8" else "lora")
-    else:
-        if weights != compute and prec_key:
+        # the base's other weights are in the precision's dtype (BitsandbytesPrecision(mode, dtype)); no
+        # peft prepare_model_for_kbit_training, so no fp32 upcast and no automatic checkpointing
+        st.default("kbit_prepare", False, "litgpt does not run peft's prepare_model_for_kbit_training")
+    elif weights != compute:
+        if prec_key:
             st.set(prec_key, prec, "weight_dtype", weights)
-        elif weights != compute:
+        else:
             st.default("weight_dtype", weights, "litgpt's default precision bf16-mixed keeps fp32 weights")
-        if has_lora:
-            key = next((k for k in ("lora_r", *LITGPT_LORA_ROLES) if k in st.origin.values() or k in s), "lora_r")
-            st.set(key, s[key][1] if key in s else st.fields.get("lora_rank"), "method", "lora")
-    # litgpt's LoRA weights live in the model's dtype (the model is built, then `.to(precision)`), and there is
-    # no peft prepare_model_for_kbit_training (no fp32 upcast, no automatic checkpointing)
-    if st.fields.get("method") in ("lora", "qlora"):
+    if lora and not quant:
+        key = next((k for k in ("lora_r", "lora_alpha", "lora_dropout", *LITGPT_LORA_ROLES) if k in st.origin.values()
+                    or k in s), "lora_r")
+        raw = s[key][1] if key in s else next(u[1] for u in st.used if u[0] == key)
+        st.set(key, raw, "method", "lora")
+    if lora:
+        # litgpt/finetune/lora.py setup defaults: lora_r 8, lora_alpha 16, lora_dropout 0.05, lora_query and
+        # lora_value true, the rest false; LoRA weights live in the model's dtype (the whole model is cast)
+        st.default("lora_rank", 8, "litgpt finetune lora's lora_r defaults to 8")
+        st.default("lora_alpha", 16, "litgpt finetune lora's lora_alpha defaults to 16")
+        st.default("lora_dropout", 0.05, "litgpt finetune lora's lora_dropout defaults to 0.05")
         st.default("adapter_dtype", weights, f"litgpt keeps LoRA weights in the model's dtype ({prec})")
-        if quant:
-            st.default("kbit_prepare", False, "litgpt does not run peft's prepare_model_for_kbit_training")
         roles = [r for r in LITGPT_LORA_ROLES if r in s]
-        # litgpt defaults (litgpt/finetune/lora.py setup): lora_query and lora_value True, the rest False
         on = {r: s[r][1] if r in s else r in ("lora_query", "lora_value") for r in LITGPT_LORA_ROLES}
         names = tuple(n for r, v in on.items() if v for n in LITGPT_LORA_ROLES[r])
         if not names:
-            raise MemplanInputError(f"{st.source}: every lora_query/key/value/projection/mlp is false: no LoRA target")
-        key = roles[0] if roles else "(litgpt default)"
-        for r in roles[1:]:
-            st.used.append((r, s[r][1], "lora_targets", names))
-        if key.startswith("("):
-            st.default("lora_targets", names, "litgpt: lora_query and lora_value default to true")
+            raise MemplanInputError(f"{st.source}: lora_query, lora_key, lora_value, lora_projection and lora_mlp "
+                                    "are all false: no LoRA target")
+        if roles:
+            st.set(roles[0], s[roles[0]][1], "lora_targets", names)
+            for r in roles[1:]:
+                st.used.append((r, s[r][1], "lora_targets", names))
         else:
-            st.set(key, s[key][1], "lora_targets", names)
-        if "lora_head" in s and s["lora_head"][1]:
+            st.default("lora_targets", names, "litgpt: lora_query and lora_value default to true")
+        if s.get("lora_head", (None, False))[1]:
             st.ignore(s["lora_head"][0], "recognised, not modelled by this memplan (LoRA on the output head)")
         elif "lora_head" in s:
             st.ignore(s["lora_head"][0], "false: off")
+        if quant:
+            # lora.py: a BitsandbytesPrecision run replaces the optimizer by bnb.optim.PagedAdamW
+            # (instantiate_bnb_optimizer; any other class is refused)
+            if st.fields.get("optimizer", "adamw") != "adamw":
+                raise MemplanInputError(f"{st.source}: {st.origin['optimizer']}: litgpt's quantized LoRA "
+                                        "supports only AdamW (it runs bitsandbytes' PagedAdamW)")
+            if "optimizer" in st.fields:
+                st.fields["optimizer"] = "paged_adamw"
+                st.used.append((st.origin["optimizer"], "AdamW", "optimizer", "paged_adamw"))
+            else:
+                st.default("optimizer", "paged_adamw", "litgpt's quantized LoRA runs bitsandbytes' PagedAdamW")
     else:
-        for r in LITGPT_LORA_ROLES:
+        for r in (*LITGPT_LORA_ROLES, "lora_head"):
             if r in s:
                 st.ignore(s[r][0], "full fine-tuning: unused")
-        if "lora_head" in s:
-            st.ignore(s["lora_head"][0], "full fine-tuning: unused")
-        _drop_unused_lora(st)
     if "momentum" in s:
         key, m = s["momentum"]
         if st.fields.get("optimizer") == "sgd" and m > 0:
@@ -984,25 +1050,26 @@ def _post_litgpt(st: _State) -> None:
             st.used.append((key, m, "optimizer", "sgd_momentum"))
         else:
             st.ignore(key, "no momentum state" if m == 0 else "not SGD")
-    devices = s.get("devices", (None, 1))[1] * s.get("num_nodes", (None, 1))[1]
     if "devices" in s:
         st.set(s["devices"][0], s["devices"][1], "num_gpus", devices)
         if "num_nodes" in s:
             st.used.append((s["num_nodes"][0], s["num_nodes"][1], "num_gpus", devices))
         if s.get("num_nodes", (None, 1))[1] > 1:
             st.set(s["devices"][0], s["devices"][1], "gpus_per_node", s["devices"][1])
+    elif "num_nodes" in s:
+        st.set(s["num_nodes"][0], s["num_nodes"][1], "num_gpus", devices)
     if devices > 1:
-        # litgpt/finetune/lora.py and full.py: more than one device -> FSDPStrategy(auto_wrap_policy={Block},
-        # activation_checkpointing_policy={Block}, cpu_offload=False): full shard, every block checkpointed
-        st.default("sharding", "fsdp_full", "litgpt finetune on more than one device: FSDPStrategy (full shard)")
-        st.default("gradient_checkpointing", True, "litgpt's FSDPStrategy checkpoints every Block")
+        # lora.py: ModelParallelStrategy(parallelize_fn) - fully_shard of every Block, checkpoint_wrapper around
+        # each; full.py: FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy={Block})
+        st.default("sharding", "fsdp_full", "litgpt finetune on more than one GPU shards every Block (full shard)")
+        st.default("gradient_checkpointing", True, "litgpt's multi-GPU strategy checkpoints every Block")
     else:
-        st.default("gradient_checkpointing", False, "litgpt checkpoints only under its multi-device FSDP strategy")
-    st.default("micro_batch", 4, "litgpt TrainArgs micro_batch_size defaults to 4")
+        st.default("gradient_checkpointing", False, "litgpt checkpoints only under its multi-GPU strategy")
     if "seq_len" not in st.fields:
         st.notes.append("train.max_seq_length is not set: litgpt trains on the dataset's longest sample "
                         "(give --seq-len)")
     st.default("stack", "litgpt", "a litgpt config runs on litgpt")
+    _drop_unused_lora(st)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1019,8 +1086,6 @@ TORCHTUNE_BUILDERS = {
     "gemma_7b": "google/gemma-7b",
     "qwen2_5_7b_base": "Qwen/Qwen2.5-7B",
     "qwen2_5_7b_instruct": "Qwen/Qwen2.5-7B",  # the same architecture as the base model
-    "qwen3_8b_base": "Qwen/Qwen3-8B",
-    "qwen3_8b_instruct": "Qwen/Qwen3-8B",
 }
 TORCHTUNE_LORA_ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 TORCHTUNE_MLP = ("gate_proj", "up_proj", "down_proj")  # torchtune w1, w3, w2
@@ -1223,24 +1288,29 @@ def _post_deepspeed(st: _State) -> None:
 class Format:
     rules: dict[str, Rule]
     known_ignored: frozenset[str]
-    ignored_prefixes: tuple[str, ...]
+    ignored_prefixes: dict[str, str]  # key prefix -> why its keys set nothing
     post: Callable[[_State], None]
     sub_tables: dict[str, dict[str, Rule]]  # key prefix -> the table its sub-keys are read with
 
 
+def _no_effect(*prefixes: str) -> dict[str, str]:
+    return {p: NO_EFFECT for p in prefixes}
+
+
 _FSDP_SUB = {**FSDP_CONFIG, **{"fsdp_" + k: r for k, r in FSDP_CONFIG.items()}}
 FORMAT_TABLES: dict[str, Format] = {
-    "axolotl": Format(AXOLOTL, frozenset(AXOLOTL_IGNORED), ("datasets.", "special_tokens.", "lr_scheduler_kwargs."),
-                      _post_axolotl, {"fsdp_config.": _FSDP_SUB, "deepspeed.": DEEPSPEED}),
-    "hf": Format(HF, frozenset(HF_IGNORED), ("dataset_kwargs.", "lr_scheduler_kwargs.", "model_init_kwargs.",
-                                             "gradient_checkpointing_kwargs.", "activation_checkpointing_kwargs."),
+    "axolotl": Format(AXOLOTL, frozenset(AXOLOTL_IGNORED), _no_effect("datasets.", "special_tokens.",
+                                                                        "lr_scheduler_kwargs."), _post_axolotl, {"fsdp_config.": _FSDP_SUB, "deepspeed.": DEEPSPEED}),
+    "hf": Format(HF, frozenset(HF_IGNORED), _no_effect("dataset_kwargs.", "lr_scheduler_kwargs.", "model_init_kwargs.",
+                                                       "gradient_checkpointing_kwargs.", "activation_checkpointing_kwargs."),
                  _post_hf, {"fsdp_config.": _FSDP_SUB, "deepspeed.": DEEPSPEED}),
-    "litgpt": Format(LITGPT, frozenset(LITGPT_IGNORED), LITGPT_IGNORED_PREFIX, _post_litgpt, {}),
-    "torchtune": Format(TORCHTUNE, frozenset(TORCHTUNE_IGNORED), TORCHTUNE_IGNORED_PREFIX, _post_torchtune, {}),
+    "litgpt": Format(LITGPT, frozenset(LITGPT_IGNORED), _no_effect(*LITGPT_IGNORED_PREFIX), _post_litgpt, {}),
+    "torchtune": Format(TORCHTUNE, frozenset(TORCHTUNE_IGNORED), _no_effect(*TORCHTUNE_IGNORED_PREFIX), _post_torchtune, {}),
     "deepspeed": Format(DEEPSPEED, frozenset({"gradient_accumulation_steps", "gradient_clipping", "train_batch_size",
                                               "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer"}),
-                        tuple(DEEPSPEED_PREFIX_IGNORED), _post_deepspeed, {}),
+                        DEEPSPEED_PREFIX_IGNORED, _post_deepspeed, {}),
 }
+_READS_NULL = (_litgpt_precision, _litgpt_quantize, _seq, _torchtune_seq)
 
 
 def flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -1303,11 +1373,11 @@ def merge_reference(fc: FromConfig, kind: str, data: dict, source: str, overridd
         raise MemplanInputError(f"{source}: a {kind} config is a JSON object of keys, got {type(data).__name__}")
     table = DEEPSPEED if kind == "deepspeed" else _FSDP_SUB
     spec = Format(table, FORMAT_TABLES["deepspeed"].known_ignored if kind == "deepspeed" else frozenset(),
-                  tuple(DEEPSPEED_PREFIX_IGNORED) if kind == "deepspeed" else (), lambda st: None, {})
+                  DEEPSPEED_PREFIX_IGNORED if kind == "deepspeed" else {}, lambda st: None, {})
     st = _State(fc.format, source, overridden)
     st.fields = dict(fc.fields)
     st.origin = {f: "(main config)" for f in fc.fields}
-    _read_keys(st, spec, flatten(data), prefix=f"{source}:")
+    _read_keys(st, spec, flatten(data), prefix=f"{source.replace(chr(92), '/').rsplit('/', 1)[-1]}:")
     if kind == "deepspeed" and "sharding" in st.fields and "sharding" not in fc.fields:
         st.notes.append("DeepSpeed divides the model state over the data-parallel GPUs: give --num-gpus")
     return fc.model_copy(update=dict(
@@ -1318,40 +1388,37 @@ def merge_reference(fc: FromConfig, kind: str, data: dict, source: str, overridd
 def _read_keys(st: _State, spec: Format, items: list[tuple[str, Any]], prefix: str = "") -> None:
     for key, value in items:
         shown = prefix + key
-        rule = spec.rules.get(key)
-        table = None
+        if st.fmt == "hf" and not prefix and key.split(".")[0] in TRL_KEYS:
+            st.stash.setdefault("_trl", (key, True))
+        rule = _rule(spec, key)
         if rule is None:
-            for sub, sub_rules in spec.sub_tables.items():
-                if key.startswith(sub):
-                    table = sub_rules
-                    rule = sub_rules.get(key[len(sub):])
-                    if rule is None and sub_rules is DEEPSPEED:
-                        for p, why in DEEPSPEED_PREFIX_IGNORED.items():
-                            if key[len(sub):].startswith(p):
-                                rule = ignored(why)
-                                break
-                    break
-        if rule is None:
-            if key in spec.known_ignored or key.split(".")[0] in spec.known_ignored:
-                st.ignore(shown, NO_EFFECT)
-            else:
-                pre = next((p for p in spec.ignored_prefixes if key.startswith(p)), None)
-                if pre is not None and spec.ignored_prefixes is not DEEPSPEED_PREFIX_IGNORED:
-                    st.ignore(shown, NO_EFFECT)
-                elif pre is not None:
-                    st.ignore(shown, DEEPSPEED_PREFIX_IGNORED[pre])
-                elif table is not None:
-                    st.ignore(shown, "not a key memplan reads in this section")
-                else:
-                    st.ignore(shown, UNKNOWN.format(fmt=st.fmt))
+            st.ignore(shown, UNKNOWN.format(fmt=FORMAT_NAMES[st.fmt]))
             continue
         if rule.fields and set(rule.fields) <= st.overridden:
-            st.ignore(shown, f"overridden on the command line ({', '.join('--' + f.replace('_', '-') for f in rule.fields)})")
+            st.ignore(shown, "overridden on the command line "
+                             f"({', '.join('--' + f.replace('_', '-') for f in rule.fields)})")
             continue
-        if value is None and rule.convert not in (_litgpt_precision, _litgpt_quantize, _seq, _torchtune_seq):
+        if value is None and rule.convert not in _READS_NULL:
             st.ignore(shown, NULL)
             continue
         rule.convert(st, shown, value)
+
+
+def _rule(spec: Format, key: str) -> Rule | None:
+    """The rule for `key`: its own, a sub-table's (fsdp_config.*, deepspeed.*), or an ignore rule for
+    the keys and key prefixes the format documents as having no effect on memory."""
+    if key in spec.rules:
+        return spec.rules[key]
+    for sub, table in spec.sub_tables.items():
+        if key.startswith(sub):
+            return _rule(Format(table, frozenset(), DEEPSPEED_PREFIX_IGNORED if table is DEEPSPEED else {},
+                                lambda st: None, {}), key[len(sub):]) or ignored("not a key memplan reads in this section")
+    if key in spec.known_ignored or key.split(".")[0] in spec.known_ignored:
+        return ignored()
+    for pre, why in spec.ignored_prefixes.items():
+        if key.startswith(pre):
+            return ignored(why)
+    return None
 
 
 def _unique(used: list) -> list:
