@@ -249,7 +249,7 @@ def _hf_optim(st: _State, k: str, v: Any) -> None:
         st.set(k, v, "foreach", False)
 
 
-HF_OPTIM = Rule(("optimizer", "foreach"), _hf_optim, "`optimizer` (+ `foreach`), table below")
+HF_OPTIM = Rule(("optimizer",), _hf_optim, "`optimizer` (+ `foreach`), table below")
 
 TORCH_DTYPES = {
     "bfloat16": "bf16", "bf16": "bf16", "torch.bfloat16": "bf16",
@@ -360,7 +360,7 @@ DEEPSPEED: dict[str, Rule] = {
     "zero_optimization.offload_optimizer.device": Rule(("cpu_offload",), _ds_offload, "cpu/nvme: `cpu_offload`"),
     "zero_optimization.offload_param.device": Rule(("cpu_offload",), _ds_offload, "cpu/nvme: `cpu_offload`"),
     "train_micro_batch_size_per_gpu": Rule(("micro_batch",), _ds_micro_batch, "`micro_batch` (auto: the trainer's)"),
-    "optimizer.type": Rule(("optimizer", "foreach"), _ds_optimizer, "Adam/AdamW: `optimizer=adamw`, `foreach=false`"),
+    "optimizer.type": Rule(("optimizer",), _ds_optimizer, "Adam/AdamW: `optimizer=adamw`, `foreach=false`"),
     "bf16.enabled": Rule((), _ds_precision),
     "fp16.enabled": Rule((), _ds_precision),
     "activation_checkpointing.partition_activations": not_modelled("activations partitioned over ranks"),
@@ -444,7 +444,7 @@ def _fsdp_option(st: _State, k: str, v: Any) -> None:
         st.set(k, v, "sharding", "fsdp_full")
 
 
-FSDP_OPTION = Rule(("sharding", "cpu_offload"), _fsdp_option, "`sharding` (+ `cpu_offload` for offload)")
+FSDP_OPTION = Rule(("sharding",), _fsdp_option, "`sharding` (+ `cpu_offload` for offload)")
 
 
 def _reference(kind: str) -> Convert:
@@ -619,13 +619,15 @@ def _precision_axolotl(st: _State) -> None:
     if deciding:
         key, raw = s[deciding[0]]
         st.set(key, raw, "compute_dtype", dtype)
-        st.set(key, raw, "autocast", autocast)
+        if autocast:  # (off is the Job's own rule for weights in the compute dtype)
+            st.set(key, raw, "autocast", True)
         for n in deciding[1:]:
             st.used.append((s[n][0], s[n][1], "compute_dtype", dtype))
     else:
         why = "axolotl's default bf16: auto" if dtype == "bf16" else "bf16 and fp16 are off: axolotl loads and trains in fp32"
         st.default("compute_dtype", dtype, why)
-        st.default("autocast", autocast, why + (" (the Trainer's bf16=True: autocast)" if autocast else ""))
+        if autocast:
+            st.default("autocast", True, why + " (the Trainer's bf16=True: autocast)")
     if "bnb_compute" in s:
         st.used.append((s["bnb_compute"][0], s["bnb_compute"][1], "compute_dtype", dtype))
 
@@ -654,13 +656,20 @@ def _method(st: _State, peft_on: bool | None, peft_key: str | None) -> None:
     four = s.get("load_in_4bit", (None, False))
     eight = s.get("load_in_8bit", (None, False))
     for name, (key, v) in (("load_in_4bit", four), ("load_in_8bit", eight)):
-        if key is not None:
-            _bool(st, key, v)
+        if key is not None and not _bool(st, key, v):
+            st.ignore(key, "false: off")
     if four[1] and eight[1]:
         raise MemplanInputError(f"{st.source}: {four[0]} and {eight[0]} are both true: keep one")
     qtype = s.get("quant_type", (None, "nf4"))
     adapter = s.get("adapter", (None, None))
     lora = peft_on if peft_on is not None else adapter[1] is not None
+    if "method" in st.overridden:
+        # --method decides; the file's quantized base is kept for it (job_fields drops one that does not fit)
+        if four[1]:
+            st.set(four[0], True, "weight_dtype", qtype[1])
+        elif eight[1]:
+            st.set(eight[0], True, "weight_dtype", "int8")
+        return
     src_key = peft_key or adapter[0]
     if four[1]:
         if not lora:
@@ -682,9 +691,6 @@ def _method(st: _State, peft_on: bool | None, peft_key: str | None) -> None:
         raise MemplanInputError(f"{st.source}: {adapter[0]}: qlora needs load_in_4bit: true")
     if lora:
         st.set(src_key, adapter[1] or True, "method", "lora")
-    for name in ("load_in_4bit", "load_in_8bit"):
-        if name in s and s[name][1] is False:
-            st.ignore(s[name][0], "false: off")
 
 
 def _lora_targets(st: _State) -> None:
@@ -707,8 +713,8 @@ def _lora_targets(st: _State) -> None:
 def _drop_unused_lora(st: _State) -> None:
     """LoRA keys of a full fine-tune configure nothing the run uses: listed, not passed on (the Job
     refuses LoRA options with method full)."""
-    if st.fields.get("method", "full") != "full":
-        return
+    if st.fields.get("method", "full") != "full" or "method" in st.overridden:
+        return  # (with --method given, job_fields decides against the command line's method)
     for field in LORA_ONLY + ("dora",):
         if field in st.fields and not st.origin[field].startswith("("):
             key = st.origin[field]
@@ -724,7 +730,8 @@ def _post_axolotl(st: _State) -> None:
     _drop_unused_lora(st)
     # the schema's defaults (utils/schemas/training.py): optimizer adamw_torch_fused; micro_batch_size 1,
     # sequence_len 512 and lora_dropout 0.0 are memplan's own
-    st.default("foreach", False, "axolotl's default optimizer adamw_torch_fused: no foreach temporary")
+    if "optimizer" not in st.fields:
+        st.default("foreach", False, "axolotl's default optimizer adamw_torch_fused: no foreach temporary")
 
 
 # ---------------------------------------------------------------------------------------------
