@@ -191,15 +191,6 @@ def not_modelled(why: str) -> Rule:
     return Rule((), lambda st, k, v: st.ignore(k, f"recognised, not modelled by this memplan ({why})"), "")
 
 
-def choice(field: str, table: dict[Any, Any], what: str | None = None) -> Rule:
-    def convert(st: _State, k: str, v: Any) -> None:
-        key = v.lower() if isinstance(v, str) else v
-        if key not in table:
-            raise st.bad(k, v, what or ", ".join(str(t) for t in table))
-        st.set(k, v, field, table[key])
-    return Rule((field,), convert, f"`{field}`")
-
-
 # --- shared vocabularies -----------------------------------------------------------------------
 
 # HF TrainingArguments `optim` (transformers training_args.py OptimizerNames; axolotl takes the same
@@ -260,8 +251,7 @@ TORCH_DTYPES = {
 
 def _weight_dtype(st: _State, k: str, v: Any) -> None:
     if isinstance(v, str) and v.lower() == "auto":
-        st.ignore(k, "auto: the checkpoint's own dtype, not resolved here; the weights are counted in the compute "
-                     "dtype (give --weight-dtype)")
+        st.keep("weight_dtype", k, "auto")
         return
     if not isinstance(v, str) or v.lower() not in TORCH_DTYPES:
         raise st.bad(k, v, "bfloat16, float16, float32 or auto")
@@ -307,6 +297,8 @@ def _every_n_layers(st: _State, k: str, v: Any) -> None:
 
 
 def _offload(st: _State, k: str, v: Any) -> None:
+    if st.fmt == "axolotl" and v in ("legacy", "disk", "hidden_states"):  # axolotl's offloading variants
+        v = True
     if _bool(st, k, v):
         st.set(k, v, "activation_offloading", True)
     else:
@@ -466,11 +458,11 @@ def _reference(kind: str) -> Convert:
 def _axolotl_gc(st: _State, k: str, v: Any) -> None:
     if isinstance(v, bool):
         st.set(k, v, "gradient_checkpointing", v)
-    elif isinstance(v, str) and v.lower() in ("offload", "unsloth"):
+    elif isinstance(v, str) and v.lower() in ("offload", "offload_disk", "unsloth"):
         st.set(k, v, "gradient_checkpointing", True)
         st.set(k, v, "activation_offloading", True)
     else:
-        raise st.bad(k, v, "true, false, offload or unsloth")
+        raise st.bad(k, v, "true, false, offload or offload_disk")
 
 
 def _axolotl_adapter(st: _State, k: str, v: Any) -> None:
@@ -483,12 +475,6 @@ def _quant_type(st: _State, k: str, v: Any) -> None:
     if not isinstance(v, str) or v.lower() not in ("nf4", "fp4"):
         raise st.bad(k, v, "nf4 or fp4")
     st.keep("quant_type", k, v.lower())
-
-
-def _compute_dtype_key(st: _State, k: str, v: Any) -> None:
-    if not isinstance(v, str) or v.lower() not in TORCH_DTYPES:
-        raise st.bad(k, v, "bfloat16, float16 or float32")
-    st.keep("bnb_compute", k, TORCH_DTYPES[v.lower()])
 
 
 LIGER = on_only("liger")
@@ -506,11 +492,8 @@ AXOLOTL: dict[str, Rule] = {
     "load_in_8bit": stash("load_in_8bit", ("weight_dtype", "method"), "true: `weight_dtype=int8`"),
     "load_in_4bit": stash("load_in_4bit", ("weight_dtype", "method"), "true: `weight_dtype=nf4` (or fp4)"),
     "adapter": Rule(("method",), _axolotl_adapter, "lora: `method=lora`; qlora (or lora over 4-bit): `method=qlora`"),
-    "bnb_4bit_quant_type": Rule(("weight_dtype",), _quant_type, "`weight_dtype` nf4/fp4"),
     "bnb_config_kwargs.bnb_4bit_quant_type": Rule(("weight_dtype",), _quant_type, "`weight_dtype` nf4/fp4"),
-    "bnb_4bit_use_double_quant": flag("double_quant"),
     "bnb_config_kwargs.bnb_4bit_use_double_quant": flag("double_quant"),
-    "bnb_4bit_compute_dtype": Rule(("compute_dtype",), _compute_dtype_key, "`compute_dtype`"),
     "bnb_config_kwargs.llm_int8_has_fp16_weight": ignored("int8 training keeps int8 weights either way"),
     "lora_r": positive("lora_rank"),
     "lora_alpha": positive("lora_alpha"),
@@ -524,7 +507,7 @@ AXOLOTL: dict[str, Rule] = {
     "optimizer": HF_OPTIM,
     "bf16": stash("bf16", ("compute_dtype", "autocast"), "true/auto: bf16 compute under autocast; full: pure bf16"),
     "fp16": stash("fp16", ("compute_dtype", "autocast"), "true: fp16 compute under autocast"),
-    "bfloat16": stash("bfloat16", ("compute_dtype", "autocast"), "true: pure bf16 (no autocast)"),
+    "bfloat16": stash("bfloat16", ("compute_dtype", "autocast"), "true: bf16 (axolotl 0.21 passes it on as the Trainer's bf16)"),
     "float16": stash("float16", ("compute_dtype", "autocast"), "true: pure fp16 (no autocast)"),
     "tf32": ignored("tf32 matmuls: no effect on memory"),
     "flash_attention": on_only("attention", "flash_attention_2"),
@@ -537,6 +520,8 @@ AXOLOTL: dict[str, Rule] = {
     "liger_rms_norm": LIGER,
     "liger_glu_activation": LIGER,
     "liger_layer_norm": LIGER,
+    "liger_swiglu": LIGER,
+    "liger_rms_norm_gated": LIGER,
     "liger_cross_entropy": LIGER,
     "liger_fused_linear_cross_entropy": LIGER,
     "cut_cross_entropy": not_modelled("Apple's cut cross-entropy (no logits tensor)"),
@@ -544,7 +529,8 @@ AXOLOTL: dict[str, Rule] = {
     "fsdp": FSDP_OPTION,
     "fsdp_config": Rule(("sharding", "cpu_offload"), _reference("fsdp"), "inline (or a JSON path): the FSDP table below"),
     "fsdp_version": ignored("FSDP1 and FSDP2 shard the same state"),
-    "torch_compile": flag("compile"),
+    "torch_compile": Rule(("compile",), lambda st, k, v: st.ignore(k, "auto: decided at run time") if v == "auto"
+                          else st.set(k, v, "compile", _bool(st, k, v)), "`compile`"),
     "unfrozen_parameters": not_modelled("a partly frozen full fine-tune"),
 }
 AXOLOTL_IGNORED = {
@@ -667,6 +653,8 @@ def _method(st: _State, peft_on: bool | None, peft_key: str | None) -> None:
         # --method decides; the file's quantized base is kept for it (job_fields drops one that does not fit)
         if four[1]:
             st.set(four[0], True, "weight_dtype", qtype[1])
+            if qtype[0]:
+                st.used.append((qtype[0], qtype[1], "weight_dtype", qtype[1]))
         elif eight[1]:
             st.set(eight[0], True, "weight_dtype", "int8")
         return
@@ -732,6 +720,10 @@ def _post_axolotl(st: _State) -> None:
     # sequence_len 512 and lora_dropout 0.0 are memplan's own
     if "optimizer" not in st.fields:
         st.default("foreach", False, "axolotl's default optimizer adamw_torch_fused: no foreach temporary")
+    if any(entry[0].startswith("fsdp_config.") for entry in st.used + st.ignored):
+        # axolotl 0.21: an fsdp_config runs FSDP2, resharding after forward unless told not to
+        st.default("sharding", "fsdp_full", "axolotl: an fsdp_config runs FSDP (full shard unless "
+                                            "reshard_after_forward: false)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,6 +831,10 @@ def _post_hf(st: _State) -> None:
         key, raw = st.stash["weight_dtype"]
         if method == "qlora" or st.fields.get("weight_dtype") == "int8":
             st.ignore(key, "the quantized base's other parameters: counted by memplan's k-bit rules")
+        elif raw.lower() == "auto":
+            st.ignore(key, "auto: the checkpoint's own dtype, not resolved here")
+            st.notes.append(f"{key}: auto loads the checkpoint's dtype: the weights are counted in the compute dtype "
+                            "(give --weight-dtype for another)")
         else:
             st.set(key, raw, "weight_dtype", TORCH_DTYPES[raw.lower()])
     elif trl and method != "qlora" and st.fields.get("weight_dtype") != "int8":
@@ -1287,6 +1283,20 @@ def _post_deepspeed(st: _State) -> None:
         st.notes.append("DeepSpeed divides the model state over the data-parallel GPUs: give --num-gpus")
 
 
+def _offload_notes(st: _State) -> None:
+    """DeepSpeed offloads optimizer states and parameters separately; memplan's cpu offload moves the
+    optimizer states and whatever is sharded (parameters under ZeRO-3, gradients from ZeRO-2)."""
+    keys = [u[0] for u in st.used if u[2] == "cpu_offload"]
+    opt = any(k.endswith("offload_optimizer.device") for k in keys)
+    par = any(k.endswith("offload_param.device") for k in keys)
+    if opt and not par and st.fields.get("sharding") == "zero3":
+        st.notes.append("offload_optimizer without offload_param: memplan's cpu offload moves the ZeRO-3 parameter "
+                        "shards to the host too, so each GPU's 1/N of the weights is not counted")
+    if par and not opt:
+        st.notes.append("offload_param without offload_optimizer: memplan's cpu offload moves the optimizer states "
+                        "to the host too, so each GPU's share of them is not counted")
+
+
 # ---------------------------------------------------------------------------------------------
 # the formats
 
@@ -1371,6 +1381,7 @@ def read_training_config(data: dict, fmt: str | None, source: str, overridden: C
     _read_keys(st, spec, flatten(data))
     spec.post(st)
     st.used = _unique(st.used)
+    _offload_notes(st)
     return _result(st)
 
 
@@ -1383,13 +1394,15 @@ def merge_reference(fc: FromConfig, kind: str, data: dict, source: str, overridd
                   DEEPSPEED_PREFIX_IGNORED if kind == "deepspeed" else {}, lambda st: None, {})
     st = _State(fc.format, source, overridden)
     st.fields = dict(fc.fields)
-    st.origin = {f: "(main config)" for f in fc.fields}
+    defaults = {d[0] for d in fc.defaults}
+    st.origin = {f: f"{fc.source} ({fc.format}'s default)" if f in defaults else fc.source for f in fc.fields}
+    st.used = list(fc.used)
     _read_keys(st, spec, flatten(data), prefix=f"{source.replace(chr(92), '/').rsplit('/', 1)[-1]}:")
     if kind == "deepspeed" and "sharding" in st.fields and "sharding" not in fc.fields:
         st.notes.append("DeepSpeed divides the model state over the data-parallel GPUs: give --num-gpus")
+    _offload_notes(st)
     return fc.model_copy(update=dict(
-        fields=st.fields, used=fc.used + _unique(st.used), ignored=fc.ignored + st.ignored,
-        notes=fc.notes + st.notes))
+        fields=st.fields, used=_unique(st.used), ignored=fc.ignored + st.ignored, notes=fc.notes + st.notes))
 
 
 def _read_keys(st: _State, spec: Format, items: list[tuple[str, Any]], prefix: str = "") -> None:

@@ -131,6 +131,13 @@ def test_fields_the_lead_adds_light_up():
      {"optimizer": "sgd", "sharding": "zero2", "autocast": True}),  # no adapter: LoRA keys unused
     ({"base_model": "x", "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"fsdp_offload_params": True}},
      {"sharding": "fsdp_full", "cpu_offload": True, "autocast": True, "foreach": False}),
+    # axolotl 0.21: an fsdp_config alone runs FSDP2 (full shard unless reshard_after_forward is false)
+    ({"base_model": "x", "fsdp_config": {"offload_params": True, "version": 2}},
+     {"sharding": "fsdp_full", "cpu_offload": True, "autocast": True, "foreach": False}),
+    ({"base_model": "x", "fsdp_config": {"reshard_after_forward": False}, "activation_offloading": "legacy",
+      "gradient_checkpointing": True},
+     {"sharding": "fsdp_grad_op", "gradient_checkpointing": True, "autocast": True, "foreach": False,
+      **when_modelled("activation_offloading")}),
     ({"base_model": "x", "fsdp_config": {"fsdp_sharding_strategy": "SHARD_GRAD_OP"}},
      {"sharding": "fsdp_grad_op", "autocast": True, "foreach": False}),
 ])
@@ -155,6 +162,9 @@ def test_axolotl_rules(data, expected):
     ({"fsdp": "hybrid_shard offload", "fsdp_config": {"activation_checkpointing": True}, "fp16": True},
      {"sharding": "fsdp_hybrid", "cpu_offload": True, "gradient_checkpointing": True, "compute_dtype": "fp16",
       "autocast": True, "micro_batch": 8, "foreach": False}),
+    # dtype auto: the checkpoint's dtype, not resolved: no fp32 assumption (the weights follow the compute dtype)
+    ({"model_name_or_path": "m", "model_init_kwargs": {"dtype": "auto"}, "bf16": True},
+     {"model": "m", "micro_batch": 8, "foreach": False, "compute_dtype": "bf16", "autocast": True, "seq_len": 1024}),
     ({"deepspeed": {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 2}},
      {"sharding": "zero1", "micro_batch": 2, "compute_dtype": "fp32", "foreach": False}),
 ])
