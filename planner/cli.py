@@ -87,9 +87,11 @@ FROM_HELP = ("your training config (axolotl, HF TrainingArguments / TRL SFTConfi
 FROM_FORMAT_HELP = "the --from file's format when its keys do not tell: axolotl | hf | litgpt | torchtune | deepspeed"
 
 
-def _from_config(path: str | None, fmt: str | None, model: str | None, cli: dict, searched: tuple[str, ...] = ()):
+def _from_config(path: str | None, fmt: str | None, model: str | None, cli: dict, searched: tuple[str, ...] = (),
+                 why: str = "searched by this command"):
     """The Job fields of `--from FILE` with the command line's `cli` on top (and `model`), and the
-    report of how its keys were read (None without --from). `searched`: fields the command sets itself."""
+    report of how its keys were read (None without --from). `searched`: fields the command sets
+    itself (or cannot take), left out of the file's, `why` saying so."""
     if path is None:
         if fmt is not None:
             fail("--from-format applies to a --from FILE: give one")
@@ -104,7 +106,7 @@ def _from_config(path: str | None, fmt: str | None, model: str | None, cli: dict
     fields, dropped = job_fields(fc, given)
     for name in searched:
         if name in fields and name not in given:
-            dropped.append((name, "searched by this command"))
+            dropped.append((name, why))
             del fields[name]
     if "model" not in fields:
         raise MemplanInputError(fc.model_missing)
@@ -143,7 +145,10 @@ def _print_from_config(report: dict | None) -> None:
         lines.append(f"  ignored, {why}: {', '.join(keys)}")
     for note in report["notes"]:
         lines.append(f"  note: {note}")
-    print("\n".join(lines), file=sys.stderr)
+    import textwrap
+
+    print("\n".join(textwrap.fill(line, 110, subsequent_indent="      ", break_on_hyphens=False,
+                                  break_long_words=False) for line in lines), file=sys.stderr)
 
 
 def _typed_options() -> set[str]:
@@ -556,7 +561,9 @@ def gpus() -> None:
 @app.command()
 @job_options(*(n for n in JOB_OPTIONS if n not in PARALLEL_OPTIONS))
 def trace(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
+    from_file: Optional[str] = typer.Option(None, "--from", help=FROM_HELP),
+    from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json"),
     *,
@@ -564,7 +571,11 @@ def trace(
 ) -> None:
     """Run the real transformers step (training, or prefill and decode with --task infer) under fake
     tensors on the CPU and compare with the estimate. One process on the CPU: no --gpu or sharding."""
-    job = _job(model=model, **job_fields)
+    fields, from_config = _from_config(from_file, from_format, model, job_fields, searched=PARALLEL_OPTIONS,
+                                       why="the trace runs one process on the CPU")
+    job = _job(**fields)
+    if not as_json:
+        _print_from_config(from_config)
     if revision is not None and "revision" not in Job.model_fields:
         # validate/trace.py builds the model from the Job alone: a revision outside it would trace
         # the main branch's config against an estimate of another
@@ -585,8 +596,11 @@ def trace(
         result = trace_inference(job) if job.task == "infer" else trace_training(job)
     except ValueError as exc:
         fail(str(exc))
-    if as_json:
+    if as_json and from_config is None:
         typer.echo(result.model_dump_json(indent=2))
+        return
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json") | {"from_config": from_config}, indent=2))
         return
     from .units import gib
 

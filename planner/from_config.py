@@ -1232,9 +1232,9 @@ def _post_torchtune(st: _State) -> None:
         st.default("compute_dtype", "bf16", "torchtune recipes default to dtype bf16")
         dtype = "bf16"
     if method == "qlora":
-        # torchao NF4Tensor (torchtune.modules.peft): 4-bit normal-float in blocks of 64, block scales quantized
-        # to 8 bits in blocks of 256: the same layout as bitsandbytes nf4 with double quantization
-        st.default("double_quant", True, "torchao NF4: scales quantized in blocks of 256, like bitsandbytes double quant")
+        # torchtune modules/low_precision/nf4_linear.py: torchao `to_nf4` (defaults: 4-bit values in blocks of 64,
+        # 8-bit block scales in groups of 256), counted as bitsandbytes nf4 with double quantization (the
+        # per-group constants may differ by a few bytes); double_quant is the Job's default already
         st.default("kbit_prepare", False, "torchtune does not run peft's prepare_model_for_kbit_training")
     if method in ("lora", "qlora"):
         names: list[str] = [TORCHTUNE_LORA_ATTN[m] for m in s.get("attn", (None, []))[1]]
