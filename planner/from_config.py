@@ -532,6 +532,22 @@ AXOLOTL: dict[str, Rule] = {
     "torch_compile": Rule(("compile",), lambda st, k, v: st.ignore(k, "auto: decided at run time") if v == "auto"
                           else st.set(k, v, "compile", _bool(st, k, v)), "`compile`"),
     "unfrozen_parameters": not_modelled("a partly frozen full fine-tune"),
+    "peft_autocast_adapter_dtype": stash("autocast_adapter", ("adapter_dtype",),
+                                         "false: `adapter_dtype` = the compute dtype (peft keeps fp32 otherwise)"),
+    **{k: not_modelled(why) for k, why in {
+        "chunked_cross_entropy": "axolotl's chunked cross-entropy", "chunked_cross_entropy_num_chunks": "its chunks",
+        "sequence_parallel_degree": "sequence parallelism", "context_parallel_size": "context parallelism",
+        "tensor_parallel_size": "tensor parallelism", "dp_shard_size": "an explicit FSDP mesh",
+        "dp_replicate_size": "an explicit FSDP mesh", "layer_offloading": "decoder layers offloaded to the host",
+        "selective_checkpointing": "selective checkpointing", "tiled_mlp_num_shards": "tiled MLP",
+        "fp8": "fp8 training", "fp8_config": "fp8 training", "gptq": "a GPTQ-quantized base",
+        "quantize_moe_experts": "quantized MoE experts", "lora_mlp_kernel": "axolotl's fused LoRA kernels",
+        "lora_qkv_kernel": "axolotl's fused LoRA kernels", "lora_o_kernel": "axolotl's fused LoRA kernels",
+        "lora_embedding_kernel": "axolotl's fused LoRA kernels", "lora_rank_pattern": "per-module ranks",
+        "lora_alpha_pattern": "per-module alphas", "peft_layers_to_transform": "LoRA on some layers only",
+        "batch_flattening": "padding-free batches", "use_kernels": "hub kernels",
+        "flash_attn_cross_entropy": "flash-attn's cross-entropy", "relora": "ReLoRA",
+    }.items()},
 }
 AXOLOTL_IGNORED = {
     "base_model_config", "model_type", "tokenizer_type", "tokenizer_config", "trust_remote_code", "is_llama_derived_model",
@@ -543,7 +559,7 @@ AXOLOTL_IGNORED = {
     "wandb_log_model", "hub_model_id", "resume_from_checkpoint", "local_rank", "early_stopping_patience", "seed",
     "strict", "debug", "special_tokens", "tokens", "plugins", "lora_model_dir", "save_safetensors",
     "auto_resume_from_checkpoints", "xformers_attention_enabled", "loss_watchdog_threshold", "loss_watchdog_patience",
-    "shuffle_merged_datasets", "dataset_processes", "sequence_parallel_degree", "adam_beta1", "adam_beta2",
+    "shuffle_merged_datasets", "dataset_processes", "adam_beta1", "adam_beta2",
     "adam_epsilon", "lr_scheduler_kwargs", "cosine_min_lr_ratio", "save_strategy", "eval_strategy", "bf16_full_eval",
     "chat_template_jinja", "default_system_message", "seed", "gptq", "hub_strategy", "eval_table_size",
     "max_packed_sequence_len", "sample_packing_eff_est", "total_num_tokens", "pretraining_dataset",
@@ -720,6 +736,14 @@ def _post_axolotl(st: _State) -> None:
     # sequence_len 512 and lora_dropout 0.0 are memplan's own
     if "optimizer" not in st.fields:
         st.default("foreach", False, "axolotl's default optimizer adamw_torch_fused: no foreach temporary")
+    if "autocast_adapter" in st.stash:
+        key, v = st.stash["autocast_adapter"]
+        if _bool(st, key, v) or st.fields.get("method", "full") == "full":
+            st.ignore(key, "true: peft's fp32 adapters, memplan's default" if v else "full fine-tuning: unused")
+        elif st.fields.get("method") == "qlora":
+            st.ignore(key, "recognised, not modelled by this memplan (the adapters' dtype over a 4-bit base)")
+        else:  # peft get_peft_model(autocast_adapter_dtype=False): the adapters stay in the base's dtype
+            st.set(key, v, "adapter_dtype", st.fields.get("compute_dtype", "bf16"))
     if any(entry[0].startswith("fsdp_config.") for entry in st.used + st.ignored):
         # axolotl 0.21: an fsdp_config runs FSDP2, resharding after forward unless told not to
         st.default("sharding", "fsdp_full", "axolotl: an fsdp_config runs FSDP (full shard unless "
@@ -788,6 +812,15 @@ HF: dict[str, Rule] = {
     "use_dora": on_only("dora"),
     "use_rslora": ignored("rank-stabilised scaling only"),
     "lora_task_type": ignored("CAUSAL_LM: the head memplan counts"),
+    "liger_kernel_config": not_modelled("a partial set of Liger kernels"),
+    "lora_target_parameters": not_modelled("LoRA on parameters (MoE expert tensors)"),
+    "bnb_4bit_quant_storage": ignored("the storage dtype packs the same 4-bit bytes"),
+    "optim_target_modules": not_modelled("GaLore / APOLLO projected optimizer states"),
+    "torch_empty_cache_steps": not_modelled("emptying the allocator's cache lowers reserved, not allocated, memory"),
+    "auto_find_batch_size": not_modelled("the Trainer halves the batch after an out-of-memory error"),
+    "ddp_bucket_cap_mb": not_modelled("DDP bucket size"),
+    "parallelism_config": not_modelled("tensor, context or sequence parallelism"),
+    "use_cache": ignored("the KV cache is off in training with checkpointing; memplan counts none in training"),
 }
 HF_IGNORED = {
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "eval_strategy", "evaluation_strategy",
@@ -806,6 +839,15 @@ HF_IGNORED = {
     "full_determinism", "torch_compile_backend", "torch_compile_mode", "neftune_noise_alpha", "label_smoothing_factor",
     "skip_memory_metrics", "model_init_kwargs", "gradient_checkpointing_kwargs", "dataset_text_field",
     "shuffle_dataset", "packing_strategy", "pad_to_multiple_of", "loss_type", "average_tokens_across_devices",
+    "activation_checkpointing_kwargs", "log_on_each_node", "logging_nan_inf_filter", "include_num_input_tokens_seen",
+    "log_level_replica", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "eval_delay",
+    "prediction_loss_only", "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object", "include_for_metrics",
+    "batch_eval_metrics", "save_on_each_node", "enable_jit_checkpoint", "hub_token", "hub_always_push", "hub_revision",
+    "ignore_data_skip", "restore_callback_states_from_checkpoint", "accelerator_config", "dataloader_drop_last",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "dataloader_in_order", "train_sampling_strategy", "length_column_name", "ddp_broadcast_buffers",
+    "ddp_static_graph", "ddp_backend", "debug", "do_predict", "truncation_mode", "eval_packing",
+    "router_aux_loss_coef", "script_args", "model_revision",
 }
 
 
