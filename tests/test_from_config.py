@@ -140,7 +140,7 @@ def test_fields_the_lead_adds_light_up():
      {"sharding": "fsdp_full", "cpu_offload": True, "autocast": True, "foreach": False}),
     # peft_autocast_adapter_dtype: false keeps LoRA weights in the base's dtype
     ({"base_model": "x", "adapter": "lora", "peft_autocast_adapter_dtype": False, "bf16": True},
-     {"method": "lora", "adapter_dtype": "bf16", "autocast": True, "foreach": False}),
+     {"method": "lora", "adapter_dtype": "bf16", "compute_dtype": "bf16", "autocast": True, "foreach": False}),
     # axolotl 0.21: an fsdp_config alone runs FSDP2 (full shard unless reshard_after_forward is false)
     ({"base_model": "x", "fsdp_config": {"offload_params": True, "version": 2}},
      {"sharding": "fsdp_full", "cpu_offload": True, "autocast": True, "foreach": False}),
