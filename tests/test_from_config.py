@@ -376,3 +376,10 @@ def test_missing_file_and_no_model():
 def test_yaml_only_on_the_from_path():
     code = "import sys, memplan.cli; print('yaml' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_task_infer_on_the_command_line_keeps_the_model_and_its_base():
+    fc = load_training_config(str(AXOLOTL), overridden={"task"})
+    fields, dropped = job_fields(fc, {"task": "infer"})
+    assert Job(**fields) == Job(model="meta-llama/Llama-2-7b-hf", task="infer", weight_dtype="nf4", seq_len=4096)
+    assert {"method", "optimizer", "lora_rank", "autocast"} <= {d[0] for d in dropped}
