@@ -96,65 +96,24 @@ FROM_FORMAT_HELP = "the --from file's format when its keys do not tell: axolotl 
 def _from_config(path: str | None, fmt: str | None, model: str | None, cli: dict, searched: tuple[str, ...] = (),
                  why: str = "searched by this command"):
     """The Job fields of `--from FILE` with the command line's `cli` on top (and `model`), and the
-    report of how its keys were read (None without --from). `searched`: fields the command sets
-    itself (or cannot take), left out of the file's, `why` saying so."""
+    report of how its keys were read (None without --from); planner/config_files.py does the work."""
     if path is None:
         if fmt is not None:
             fail("--from-format applies to a --from FILE: give one")
         if model is None:
             fail("Missing option '--model' / '-m'")
         return {"model": model, **cli}, None
-    from .config_files import load_training_config
-    from .from_config import job_fields
+    from .config_files import job_from_file
 
-    given = {**cli, **({"model": model} if model is not None else {})}
-    fc = load_training_config(path, fmt, overridden=set(given))
-    fields, dropped = job_fields(fc, given)
-    for name in searched:
-        if name in fields and name not in given:
-            dropped.append((name, why))
-            del fields[name]
-    if "model" not in fields:
-        raise MemplanInputError(fc.model_missing)
-    try:
-        Job(**fields)
-    except MemplanInputError as exc:
-        also = " with the options given here" if given else ""
-        raise MemplanInputError(f"{exc} (the job read from {path}{also})") from None
-    report = {"file": path, "format": fc.format, "used": [list(u) for u in fc.used],
-              "defaults": [list(d) for d in fc.defaults], "overridden": sorted(given),
-              "not_passed": [list(d) for d in dropped], "ignored": [list(i) for i in fc.ignored], "notes": fc.notes}
-    return fields, report
+    return job_from_file(path, fmt, model, cli, searched, why)
 
 
 def _print_from_config(report: dict | None) -> None:
     """How the --from file was read, on stderr (stdout stays the command's own output)."""
-    if report is None:
-        return
-    from .from_config import FORMAT_NAMES
+    if report is not None:
+        from .config_files import describe
 
-    lines = [f"read from {report['file']} ({FORMAT_NAMES[report['format']]}):"]
-    for key, raw, field, value in report["used"]:
-        shown = ",".join(value) if isinstance(value, (list, tuple)) else value
-        lines.append(f"  {key}: {json.dumps(raw) if not isinstance(raw, str) else raw} -> {field}={shown}")
-    for field, value, why in report["defaults"]:
-        shown = ",".join(value) if isinstance(value, (list, tuple)) else value
-        lines.append(f"  (not in the file) {field}={shown}: {why}")
-    if report["overridden"]:
-        lines.append("  given on the command line: " + ", ".join(report["overridden"]))
-    for field, why in report["not_passed"]:
-        lines.append(f"  not passed on: {field} ({why})")
-    by_reason: dict[str, list[str]] = {}
-    for key, why in report["ignored"]:
-        by_reason.setdefault(why, []).append(key)
-    for why, keys in by_reason.items():
-        lines.append(f"  ignored, {why}: {', '.join(keys)}")
-    for note in report["notes"]:
-        lines.append(f"  note: {note}")
-    import textwrap
-
-    print("\n".join(textwrap.fill(line, 110, subsequent_indent="      ", break_on_hyphens=False,
-                                  break_long_words=False) for line in lines), file=sys.stderr)
+        print(describe(report), file=sys.stderr)
 
 
 def _typed_options() -> set[str]:

@@ -1,6 +1,8 @@
 """Reading a training config file for `--from`: YAML or JSON (PyYAML imported only here, only when
 --from is used), the DeepSpeed / FSDP files it references resolved relative to its folder, and one
-line for a file that is missing, unreadable or not a config. The mapping is planner/from_config.py."""
+line for a file that is missing, unreadable or not a config; the command line's options on top
+(`job_from_file`) and the report of how each key was read (`describe`). The mapping itself is
+planner/from_config.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from pathlib import Path
 from typing import Any, Collection
 
 from .errors import MemplanInputError
-from .from_config import FromConfig, merge_reference, read_training_config
+from .from_config import FORMAT_NAMES, FromConfig, job_fields, merge_reference, read_training_config
+from .job import Job
 
 
 def read_file(path: Path, shown: str | None = None) -> Any:
@@ -68,3 +71,56 @@ def load_training_config(path: str, fmt: str | None = None, overridden: Collecti
         ref_data = read_file(ref_path, shown)
         fc = merge_reference(fc, kind, ref_data, shown, overridden)
     return fc
+
+
+def job_from_file(path: str, fmt: str | None, model: str | None, cli: dict, searched: tuple[str, ...] = (),
+                  why: str = "searched by this command") -> tuple[dict, dict]:
+    """`--from FILE` for a command: the file's Job fields with the command line's `cli` (and `model`)
+    on top, less `searched` (fields the command sets itself, `why` saying so), checked as a Job; and
+    the report of how each key was read (the `"from_config"` of --json)."""
+    given = {**cli, **({"model": model} if model is not None else {})}
+    fc = load_training_config(path, fmt, overridden=set(given))
+    fields, dropped = job_fields(fc, given)
+    for name in searched:
+        if name in fields and name not in given:
+            dropped.append((name, why))
+            del fields[name]
+    if "model" not in fields:
+        raise MemplanInputError(fc.model_missing)
+    try:
+        Job(**fields)
+    except MemplanInputError as exc:
+        also = " with the options given here" if given else ""
+        raise MemplanInputError(f"{exc} (the job read from {path}{also})") from None
+    report = {"file": path, "format": fc.format, "used": [list(u) for u in fc.used],
+              "defaults": [list(d) for d in fc.defaults], "overridden": sorted(given),
+              "not_passed": [list(d) for d in dropped], "ignored": [list(i) for i in fc.ignored], "notes": fc.notes}
+    return fields, report
+
+
+def describe(report: dict) -> str:
+    """The report as the lines the CLI prints on stderr: keys used, the format's defaults, the
+    command line's overrides, the ignored keys grouped by why, and the notes."""
+    import textwrap
+
+    def shown(value):
+        return ",".join(value) if isinstance(value, (list, tuple)) else value
+
+    lines = [f"read from {report['file']} ({FORMAT_NAMES[report['format']]}):"]
+    for key, raw, field, value in report["used"]:
+        lines.append(f"  {key}: {raw if isinstance(raw, str) else json.dumps(raw)} -> {field}={shown(value)}")
+    for field, value, why in report["defaults"]:
+        lines.append(f"  (not in the file) {field}={shown(value)}: {why}")
+    if report["overridden"]:
+        lines.append("  given on the command line: " + ", ".join(report["overridden"]))
+    for field, why in report["not_passed"]:
+        lines.append(f"  not passed on: {field} ({why})")
+    by_reason: dict[str, list[str]] = {}
+    for key, why in report["ignored"]:
+        by_reason.setdefault(why, []).append(key)
+    for why, keys in by_reason.items():
+        lines.append(f"  ignored, {why}: {', '.join(keys)}")
+    for note in report["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(textwrap.fill(line, 110, subsequent_indent="      ", break_on_hyphens=False,
+                                   break_long_words=False) for line in lines)
