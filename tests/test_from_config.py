@@ -300,7 +300,7 @@ def test_estimate_from_file_equals_estimate_from_flags():
     flags = _estimate("-m", "meta-llama/Llama-2-7b-hf", "--method", "qlora", "--weight-dtype", "nf4",
                       "--compute-dtype", "bf16", "--autocast", "--optimizer", "paged_adamw", "-b", "1", "-s", "4096",
                       "-r", "32", "--lora-alpha", "16", "--lora-dropout", "0.05", "--lora-targets", "all-linear",
-                      "--gradient-checkpointing")
+                      "--gradient-checkpointing", "--packing", "--attention", "flash_attention_2")
     assert from_file == flags
     assert from_file["peak_allocated_bytes"] == flags["peak_allocated_bytes"] > 0
     assert report["format"] == "axolotl" and ["micro_batch_size", 1, "micro_batch", 1] in report["used"]
@@ -381,5 +381,6 @@ def test_yaml_only_on_the_from_path():
 def test_task_infer_on_the_command_line_keeps_the_model_and_its_base():
     fc = load_training_config(str(AXOLOTL), overridden={"task"})
     fields, dropped = job_fields(fc, {"task": "infer"})
-    assert Job(**fields) == Job(model="meta-llama/Llama-2-7b-hf", task="infer", weight_dtype="nf4", seq_len=4096)
+    assert Job(**fields) == Job(model="meta-llama/Llama-2-7b-hf", task="infer", weight_dtype="nf4", seq_len=4096,
+                                attention="flash_attention_2")
     assert {"method", "optimizer", "lora_rank", "autocast"} <= {d[0] for d in dropped}
