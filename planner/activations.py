@@ -45,6 +45,11 @@ class Ctx:
     lora_autocast: bool  # adapters under autocast: lora_A keeps a 16-bit cast of its input
     stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
     cpu: bool  # follow the CPU kernels the trace runs instead of CUDA's
+    # DoRA (peft use_dora=True): (name, d_out) of each targeted block linear; empty without DoRA
+    dora: tuple[tuple[str, int], ...] = ()
+    dora_d_in: tuple[int, ...] = ()  # their d_in, in the same order
+    dora_weight_copy: bool = False  # the base weight's dtype differs from the adapters': .to() copies it
+    dora_dequant: int = 0  # bytes per element of a 4-bit weight's dequantized copy (0: not quantized)
 
     @property
     def cuda_math(self) -> bool:
@@ -61,6 +66,7 @@ def lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved)
     if name not in ctx.targets:
         return
     t = ctx.tokens
+    dora_saved(ctx, name, d_in, saved)
     if ctx.lora_dropout > 0:
         saved[f"{name}.lora_dropout_out"] = t * d_in * ctx.adapter_bytes
         saved[f"{name}.lora_dropout_mask"] = t * d_in * ctx.dropout_mask(ctx.adapter_bytes)
@@ -78,6 +84,57 @@ def lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved)
     elif ctx.lora_dropout == 0:
         saved[f"{name}.lora_input_cast"] = t * d_in * ctx.adapter_bytes
     saved[f"{name}.lora_A_out"] = t * ctx.rank * ctx.adapter_bytes
+
+
+def _lora_out_bytes(ctx: Ctx) -> int:
+    """dtype of lora_B's output: the adapters', or the compute dtype under autocast."""
+    return ctx.sdpa_bytes if ctx.lora_autocast else ctx.adapter_bytes
+
+
+def dora_saved(ctx: Ctx, name: str, d_in: int, saved: Saved) -> None:
+    """What DoRA adds to a targeted linear's saved tensors (peft tuners/lora/dora.py
+    `DoraLinearLayer.forward`): `result_dora = (m/||W'|| - 1) * base_result + m/||W'|| * lora_result
+    * scaling`. Both products save their tensor operand for the magnitude's gradient: the base
+    layer's output (activation dtype) and lora_B's output (adapter dtype), next to the d_out-wide
+    scale factors (the weight norm kept by the division, m/||W'|| - 1, and m/||W'||). With dropout
+    in training (variants.py `DoraLinearVariant.forward`: base_result=None) the base output is
+    recomputed as `F.linear(dropout(x), W.to(x.dtype))`: that saves the weight in the adapter dtype
+    (a new copy unless the base is already in it) and its output replaces the base layer's."""
+    d_out = dict(ctx.dora).get(name)
+    if d_out is None:
+        return
+    t = ctx.tokens
+    ob = _lora_out_bytes(ctx)
+    saved[f"{name}.dora_scales"] = 3 * d_out * ctx.adapter_bytes
+    saved[f"{name}.dora_lora_out"] = t * d_out * ob
+    if ctx.lora_dropout > 0:
+        saved[f"{name}.dora_base_out"] = t * d_out * ob
+        if ctx.dora_weight_copy:
+            saved[f"{name}.dora_weight"] = d_in * d_out * ob
+    else:
+        saved[f"{name}.dora_base_out"] = t * d_out * ctx.act_bytes
+
+
+def dora_forward_transient(ctx: Ctx, d_in: int, d_out: int) -> int:
+    """Bytes a DoRA linear holds while its forward runs, beyond what it saves (dora.py):
+    `get_lora_weight` runs lora_B(lora_A(eye(d_in))), so the d_in x d_in identity (kept by lora_A
+    for its weight gradient), its r-wide image and the d_in x d_out product live until the forward
+    returns (the product's graph is referenced by the local `lora_weight`); the base weight in the
+    input's dtype (`dequantize_module_weight(...).to(x.dtype)`: a copy unless the base is already
+    in the adapter dtype, a 4-bit base dequantized first); `get_weight_norm` then holds
+    `scaling * lora_weight` and `weight + ...` at once, two more d_out x d_in tensors."""
+    ab = ctx.adapter_bytes
+    held = d_in * d_in * ab + d_in * ctx.rank * ab + d_in * d_out * ab
+    if ctx.dora_weight_copy:
+        held += d_in * d_out * ab
+    held += ctx.dora_dequant * d_in * d_out
+    return held + 2 * d_in * d_out * ab
+
+
+def dora_layer_transient(ctx: Ctx) -> int:
+    """The largest DoRA forward transient of one layer's targeted linears (0 without DoRA)."""
+    return max((dora_forward_transient(ctx, d_in, d_out) for (_, d_out), d_in in
+                zip(ctx.dora, ctx.dora_d_in)), default=0)
 
 
 def linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved: Saved,
@@ -362,4 +419,16 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, 
         lora_autocast=job.uses_lora and job.runs_autocast,
         stats_bytes=act_bytes if stack.cpu else 4,
         cpu=stack.cpu,
+        **dora_fields(job, arch, targets),
     )
+
+
+def dora_fields(job: Job, arch: ModelArch, targets: tuple[str, ...]) -> dict:
+    if not (job.uses_lora and job.dora):
+        return {}
+    lins = [lin for lin in arch.linears if lin.name in targets]
+    # the weight as DoRA reads it: a 4-bit one dequantized to the compute dtype (bitsandbytes)
+    base = float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
+    return dict(dora=tuple((lin.name, lin.d_out) for lin in lins), dora_d_in=tuple(lin.d_in for lin in lins),
+                dora_weight_copy=base != float_bytes(job.adapter_dtype),
+                dora_dequant=float_bytes(job.compute_dtype) if job.quantized else 0)

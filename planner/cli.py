@@ -161,6 +161,7 @@ JOB_OPTIONS: dict[str, _JobOption] = {
     "lora_alpha": _JobOption(Optional[int], ("--lora-alpha",), "LoRA alpha"),
     "lora_dropout": _JobOption(Optional[float], ("--lora-dropout",), "LoRA dropout (> 0 keeps a dropout copy of each input)"),
     "lora_targets": _JobOption(Optional[str], ("--lora-targets",), "default | all-linear | comma-separated module names"),
+    "dora": _JobOption(Optional[bool], ("--dora/--no-dora",), "DoRA (peft use_dora=True): a magnitude vector per target"),
     "adapter_dtype": _JobOption(Optional[str], ("--adapter-dtype",),
                                 "fp32 | fp16 | bf16: LoRA weights (peft keeps fp32 unless autocast_adapter_dtype=False)"),
     "gradient_checkpointing": _JobOption(Optional[bool], ("--gradient-checkpointing/--no-gradient-checkpointing",),

@@ -147,6 +147,7 @@ ROW_CATEGORY: dict[str, Category] = {
     "layer forward transients": _C.transients, "backward transients": _C.transients,
     "dequantized weight": _C.transients, "decode dequantized weight": _C.transients,
     "embedding input gradient": _C.transients, "logits": _C.transients,
+    "DoRA weight-norm transients": _C.transients,
     "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead, "CUDA context": _C.overhead,
 }
 
@@ -324,6 +325,9 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
 
     fwd_layer = stack.layer_forward_transient(arch, ctx, layer_tensors, ckpt)
     walk.row("layer forward transients", "one layer's attention scores while it runs (checkpointed: its attention tensors too)")
+    dora_fwd = act.dora_layer_transient(ctx)
+    walk.row("DoRA weight-norm transients", "the largest DoRA target's eye(d_in), lora_B @ lora_A, the base weight in "
+                                            "the adapter dtype and W + s * BA, alive while its forward runs")
     recompute = layer - act.recompute_input_alias(arch, ctx) if ckpt else 0
     walk.row("recomputed layer", "one checkpointed layer's saved tensors, recomputed for its backward")
     walk.row("backward transients", "one layer's backward: stream gradients + the MLP's or the attention's gradients")
@@ -344,7 +348,9 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                ("states + saved activations + logits, fp32 copy and log-softmax",
                 {**live, **held, "autocast lm_head copy": head_copy, "logits and loss": logits_fwd}),
                ("states + saved activations + one layer's attention transients",
-                {**live, **held, "layer forward transients": fwd_layer}))
+                {**live, **held, "layer forward transients": fwd_layer}),
+               ("states + saved activations + one DoRA linear's weight norm",
+                {**live, **held, "DoRA weight-norm transients": dora_fwd}))
     walk.phase(LOSS, ("states + saved activations + fp32 log-softmax and two vocab-wide gradients",
                       {**live, "activations": kept, "autocast weight copies": casts_bwd,
                        "autocast lm_head copy": head_copy, "logits and loss": logits_bwd}))
@@ -357,6 +363,9 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                ("top of backward: every activation, the last layer recomputed, head and layer gradients",
                 {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
                  "gradients": g_share(st.g_head + st.g_layer), **transients}),
+               ("top of backward: the last layer recomputed, one DoRA linear's weight norm",
+                {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
+                 "gradients": g_share(st.g_head + st.g_layer), "DoRA weight-norm transients": dora_fwd if ckpt else 0}),
                ("bottom of backward: the first layer's activations beside nearly every gradient",
                 {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients}),
                ("end of backward: every gradient, the embedding's last",

@@ -26,10 +26,10 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
-    "packing", "liger", "activation_offloading",
+    "packing", "liger", "activation_offloading", "dora",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
-LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype")
+LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
 # Fields that only inference reads.
 INFERENCE_ONLY: tuple[str, ...] = ("new_tokens",)
 
@@ -75,6 +75,9 @@ class Job(BaseModel):
     lora_targets: str | tuple[str, ...] = "default"
     # peft keeps adapters in fp32 over 16-bit bases (autocast_adapter_dtype=True).
     adapter_dtype: DType = DType.fp32
+    # peft LoraConfig(use_dora=True): a trainable magnitude vector per targeted linear, and the
+    # weight's norm recomputed every forward (peft tuners/lora/dora.py)
+    dora: bool = False
     # peft.prepare_model_for_kbit_training: casts every non-4/8-bit parameter to fp32 and turns
     # gradient checkpointing on. Applies to quantized bases only.
     kbit_prepare: bool = True

@@ -56,10 +56,32 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
     )
 
 
-def lora_params(arch: ModelArch, targets: tuple[str, ...], rank: int) -> int:
-    """Trainable LoRA parameters: r x (d_in + d_out) per targeted linear per layer (peft LoraLayer)."""
-    per_layer = sum(rank * (lin.d_in + lin.d_out) for lin in arch.linears if lin.name in targets)
-    return per_layer * arch.layers
+# Module names of the input embedding per family (transformers modeling files); every shipped
+# family calls its output projection `lm_head`. LoRA may target either (peft tuners/lora/layer.py
+# `Embedding`, and `Linear` for the head).
+EMBEDDING_MODULES = {"falcon": "word_embeddings", "gpt_bigcode": "wte"}
+HEAD_MODULE = "lm_head"
+
+
+def embedding_module(arch: ModelArch) -> str:
+    return EMBEDDING_MODULES.get(arch.family, "embed_tokens")
+
+
+def lora_params(arch: ModelArch, targets: tuple[str, ...], rank: int, dora: bool = False) -> int:
+    """Trainable LoRA parameters: r x (d_in + d_out) per targeted linear per layer (peft LoraLayer:
+    lora_A is r x d_in, lora_B d_out x r), and with DoRA the magnitude vector, d_out values per
+    targeted linear (dora.py `DoraLinearLayer.update_layer`: the weight's norm over each output row).
+    The input embedding takes lora_embedding_A (r x vocab) and lora_embedding_B (hidden x r)
+    (layer.py `Embedding.update_layer`), with DoRA a magnitude of `hidden` values
+    (`DoraEmbeddingLayer`: the norm of the transposed weight); the head is a Linear hidden -> vocab."""
+    per_layer = sum(rank * (lin.d_in + lin.d_out) + (lin.d_out if dora else 0)
+                    for lin in arch.linears if lin.name in targets)
+    total = per_layer * arch.layers
+    if embedding_module(arch) in targets:
+        total += rank * (arch.vocab + arch.hidden) + (arch.hidden if dora else 0)
+    if HEAD_MODULE in targets:
+        total += rank * (arch.hidden + arch.vocab) + (arch.vocab if dora else 0)
+    return total
 
 
 def buffer_bytes(arch: ModelArch) -> int:

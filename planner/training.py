@@ -13,7 +13,7 @@ from .architecture import ModelArch
 from .dtypes import bytes_per_param_formula, float_bytes, linear_weight_bytes
 from .errors import MemplanInputError
 from .job import Job
-from .params import ParamCounts, lora_params
+from .params import HEAD_MODULE, ParamCounts, embedding_module, lora_params
 from .stacks import Stack
 from .units import count
 
@@ -25,13 +25,14 @@ def resolve_targets(job: Job, arch: ModelArch) -> tuple[str, ...]:
         return arch.default_lora_targets
     names = tuple(lin.name for lin in arch.linears if lin.copies == 1)
     if job.lora_targets == "all-linear":
-        return names
+        return names  # peft's all-linear leaves the output layer out (tuners_utils `_maybe_include_all_linear_layers`)
     wanted = (job.lora_targets,) if isinstance(job.lora_targets, str) else tuple(job.lora_targets)
     wanted = tuple(w for part in wanted for w in part.split(",") if w)
-    bad = [w for w in wanted if w not in names]
+    allowed = names + (embedding_module(arch), HEAD_MODULE)
+    bad = [w for w in wanted if w not in allowed]
     if bad:
         raise MemplanInputError(
-            f"LoRA target {bad[0]!r} is not a linear layer of {arch.name}; allowed: default, all-linear, {', '.join(names)}"
+            f"LoRA target {bad[0]!r} is not a linear layer of {arch.name}; allowed: default, all-linear, {', '.join(allowed)}"
         )
     return wanted
 
@@ -61,7 +62,7 @@ def trainable_params(job: Job, arch: ModelArch, params: ParamCounts, targets: tu
         return 0
     if job.method == "full":
         return params.total
-    return lora_params(arch, targets, job.lora_rank)
+    return lora_params(arch, targets, job.lora_rank, job.dora)
 
 
 def trainable_bytes_per_param(job: Job) -> int:
@@ -92,7 +93,12 @@ def largest_trainable_tensor(job: Job, arch: ModelArch, targets: tuple[str, ...]
     (d_out x r) of a targeted linear for LoRA."""
     if job.method == "full":
         return max([arch.vocab * arch.hidden] + [lin.copies * lin.d_in * lin.d_out for lin in arch.linears])
-    return max((job.lora_rank * max(lin.d_in, lin.d_out) for lin in arch.linears if lin.name in targets), default=0)
+    sizes = [job.lora_rank * max(lin.d_in, lin.d_out) for lin in arch.linears if lin.name in targets]
+    if embedding_module(arch) in targets or HEAD_MODULE in targets:
+        sizes.append(job.lora_rank * max(arch.vocab, arch.hidden))
+    if job.dora and HEAD_MODULE in targets:
+        sizes.append(arch.vocab)
+    return max(sizes, default=0)
 
 
 def optimizer_step_temporary(job: Job, n: int, largest: int = 0) -> tuple[int, str]:
@@ -130,8 +136,15 @@ def unpaged_trainable_params(job: Job, arch: ModelArch, targets: tuple[str, ...]
     small = 0
     for lin in arch.linears:
         if lin.name in targets:
-            small += sum(n for n in (job.lora_rank * lin.d_in, job.lora_rank * lin.d_out) if n < BNB_PAGED_MIN_NUMEL)
-    return small * arch.layers
+            sizes = (job.lora_rank * lin.d_in, job.lora_rank * lin.d_out) + ((lin.d_out,) if job.dora else ())
+            small += sum(n for n in sizes if n < BNB_PAGED_MIN_NUMEL)
+    small *= arch.layers
+    outer = []  # the embedding's A and B (and magnitude), the head's
+    if embedding_module(arch) in targets:
+        outer += [job.lora_rank * arch.vocab, job.lora_rank * arch.hidden] + ([arch.hidden] if job.dora else [])
+    if HEAD_MODULE in targets:
+        outer += [job.lora_rank * arch.hidden, job.lora_rank * arch.vocab] + ([arch.vocab] if job.dora else [])
+    return small + sum(n for n in outer if n < BNB_PAGED_MIN_NUMEL)
 
 
 def autocast_caches_weights(job: Job) -> bool:

@@ -66,6 +66,7 @@ def apply_lora(model, job, arch):
         lora_dropout=job.lora_dropout,
         target_modules=list(resolve_targets(job, arch)),
         task_type="CAUSAL_LM",
+        use_dora=job.dora,
     )
     model = get_peft_model(model, cfg)
     # peft makes adapters fp32 over 16-bit bases (autocast_adapter_dtype=True) and in the base
@@ -75,4 +76,10 @@ def apply_lora(model, job, arch):
     for name, module in model.named_modules():
         if name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"]) and isinstance(module, torch.nn.Linear):
             module.to(dtype)
+        elif name.rsplit(".", 2)[-2:-1] == ["lora_magnitude_vector"]:
+            module.to(dtype)  # DoRA's magnitude (peft makes it fp32 with the adapters)
+    for module in model.modules():  # Embedding LoRA keeps its A and B as bare parameters
+        for key in ("lora_embedding_A", "lora_embedding_B"):
+            if isinstance(getattr(module, key, None), torch.nn.ParameterDict):
+                getattr(module, key).to(dtype)
     return model
