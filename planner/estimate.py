@@ -19,7 +19,7 @@ from .gpu import GpuProfile
 from .job import Job
 from .dtypes import float_bytes
 from .parallel import ShardPlan, shard, shard_plan
-from .params import buffer_bytes, count_params
+from .params import HEAD_MODULE, buffer_bytes, count_params, embedding_module, lora_params
 from .results import Category, Component, Estimate, Phase
 from .stacks import Stack, get as get_stack, registered as registered_stacks
 from .units import count, human
@@ -95,8 +95,10 @@ class _State:
             # AccumulateGrad adds them out of place (seen in the trace): two extra vocab x hidden buffers
             self.g_tied_accum = 2 * params.embedding * pb if not params.lm_head else 0
         else:
-            self.g_layer = n_train // arch.layers * pb
-            self.g_head = self.g_embed_late = self.g_tied_accum = 0
+            # LoRA on the head or the embedding: their adapters' gradients arrive first and last
+            head, embed = outer_lora_params(job, arch, targets)
+            self.g_layer = (n_train - head - embed) // arch.layers * pb
+            self.g_head, self.g_embed_late, self.g_tied_accum = head * pb, embed * pb, 0
         self.g_all = self.g_layer * arch.layers + self.g_head + self.g_embed_late
         self.plan = plan
         # per GPU; with offload the optimizer (states and its temporaries) runs on the host, and
@@ -148,6 +150,8 @@ ROW_CATEGORY: dict[str, Category] = {
     "dequantized weight": _C.transients, "decode dequantized weight": _C.transients,
     "embedding input gradient": _C.transients, "logits": _C.transients,
     "DoRA weight-norm transients": _C.transients,
+    "embedding LoRA activations": _C.activations, "lm_head LoRA activations": _C.activations,
+    "lm_head LoRA output": _C.transients,
     "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead, "CUDA context": _C.overhead,
 }
 
@@ -229,6 +233,36 @@ def _workspace_formula(ws: int, task: str) -> str:
             "from torch's caching allocator")
 
 
+def outer_lora_params(job: Job, arch: ModelArch, targets: tuple[str, ...]) -> tuple[int, int]:
+    """Trainable parameters of LoRA on the head and on the input embedding (planner/params.py)."""
+    if job.method == "full":
+        return 0, 0
+    head = lora_params(arch, (HEAD_MODULE,), job.lora_rank, job.dora) if HEAD_MODULE in targets else 0
+    emb = embedding_module(arch)
+    embed = lora_params(arch, (emb,), job.lora_rank, job.dora) if emb in targets else 0
+    return head, embed
+
+
+def _outer_lora(job: Job, arch: ModelArch, targets: tuple[str, ...], ctx: act.Ctx) -> tuple[int, int, int]:
+    """LoRA on the input embedding and on the head: (embedding saved, head saved, head forward transient).
+
+    Embedding (peft tuners/lora/layer.py `Embedding.forward`): `after_A = F.embedding(x, A.T)`, tokens x r
+    in the adapter dtype, saved by `after_A @ B` for B's gradient. The head is a peft `Linear`: its lora_A
+    keeps its input (the final norm's output, cast to the adapter dtype) and lora_B its r-wide input, as in
+    the blocks (activations.lora_inputs); its lora_B output is vocab-wide, and `* scaling` makes a second
+    one before the sum with the logits (`result + lora_B(lora_A(x)) * scaling`, layer.py `Linear.forward`)."""
+    t = job.micro_batch * job.seq_len
+    embed = t * job.lora_rank * ctx.adapter_bytes if embedding_module(arch) in targets else 0
+    head = head_out = 0
+    if HEAD_MODULE in targets:
+        saved: dict[str, int] = {}
+        act.lora_inputs(ctx, HEAD_MODULE, arch.hidden, "final_norm.lora_input", saved)
+        head = _sum(saved)
+        ob = ctx.sdpa_bytes if ctx.lora_autocast else ctx.adapter_bytes
+        head_out = 2 * t * arch.vocab * ob
+    return embed, head, head_out
+
+
 def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     params = count_params(arch, stack)
     targets = resolve_targets(job, arch) if job.uses_lora else ()
@@ -261,7 +295,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     if job.checkpointing and not ckpt:
         notes.append(f"{stack.label} does not checkpoint {arch.decoder_layer}: gradient_checkpointing_enable() "
                      "has no effect there, so every layer's activations are kept (docs/stacks/transformers.md)")
-    grad_in_first = job.method == "full" or ckpt
+    # LoRA on the embedding: gradients flow into the first layer's input
+    grad_in_first = job.method == "full" or ckpt or embedding_module(arch) in targets
     ctx = act.make_ctx(job, arch, targets, stack, grad_in=True)
     ctx0 = act.make_ctx(job, arch, targets, stack, grad_in=grad_in_first)
     layer_tensors = stack.layer_saved(arch, ctx)
@@ -341,7 +376,14 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
               "optimizer states": st.gpu_states, "cuBLAS workspaces": ws, "logits held by the loop": loss.held}
     live = {**static, "gathered parameters": st.gathered}
-    held = {"activations": kept, "autocast weight copies": casts_fwd}
+    embed_lora, head_lora, head_out = _outer_lora(job, arch, targets, ctx)
+    walk.row("embedding LoRA activations", f"F.embedding(ids, lora_embedding_A.T): {count(t)} tokens x r={job.lora_rank}, "
+                                           "kept by the product with lora_embedding_B")
+    walk.row("lm_head LoRA activations", "the head's lora_A input (its cast of the final norm's output) and lora_A's output")
+    walk.row("lm_head LoRA output", f"the head's lora_B output and its scaled copy, {count(t)} tokens x {arch.vocab:,} vocab, "
+                                    "beside the base logits")
+    held = {"activations": kept, "autocast weight copies": casts_fwd,
+            "embedding LoRA activations": embed_lora, "lm_head LoRA activations": head_lora}
     walk.phase(LOAD, ("weights and adapters",
                       {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters}))
     walk.phase(FWD,
@@ -349,11 +391,14 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                 {**live, **held, "autocast lm_head copy": head_copy, "logits and loss": logits_fwd}),
                ("states + saved activations + one layer's attention transients",
                 {**live, **held, "layer forward transients": fwd_layer}),
+               ("states + saved activations + the head's vocab-wide LoRA output",
+                {**live, **held, "lm_head LoRA output": head_out}),
                ("states + saved activations + one DoRA linear's weight norm",
                 {**live, **held, "DoRA weight-norm transients": dora_fwd}))
     walk.phase(LOSS, ("states + saved activations + fp32 log-softmax and two vocab-wide gradients",
                       {**live, "activations": kept, "autocast weight copies": casts_bwd,
-                       "autocast lm_head copy": head_copy, "logits and loss": logits_bwd}))
+                       "autocast lm_head copy": head_copy, "logits and loss": logits_bwd,
+                       "embedding LoRA activations": embed_lora, "lm_head LoRA activations": head_lora}))
     transients = {"backward transients": trans, "dequantized weight": dequant,
                   "unsharded unit gradients": st.unit_grads, "DDP gradient buckets": st.ddp_buckets}
     bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if ckpt else layer0
@@ -362,12 +407,14 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     walk.phase(BWD,
                ("top of backward: every activation, the last layer recomputed, head and layer gradients",
                 {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
-                 "gradients": g_share(st.g_head + st.g_layer), **transients}),
+                 "gradients": g_share(st.g_head + st.g_layer), **transients, "embedding LoRA activations": embed_lora}),
                ("top of backward: the last layer recomputed, one DoRA linear's weight norm",
                 {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
-                 "gradients": g_share(st.g_head + st.g_layer), "DoRA weight-norm transients": dora_fwd if ckpt else 0}),
+                 "gradients": g_share(st.g_head + st.g_layer), "DoRA weight-norm transients": dora_fwd if ckpt else 0,
+                 "embedding LoRA activations": embed_lora}),
                ("bottom of backward: the first layer's activations beside nearly every gradient",
-                {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients}),
+                {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients,
+                 "embedding LoRA activations": embed_lora}),
                ("end of backward: every gradient, the embedding's last",
                 {**static, "gradients": st.gpu_grads, "tied embedding gradient sum": g_share(st.g_tied_accum),
                  "embedding input gradient": t * arch.hidden * ab, "DDP gradient buckets": st.ddp_buckets}))

@@ -34,6 +34,12 @@ def resolve_targets(job: Job, arch: ModelArch) -> tuple[str, ...]:
         raise MemplanInputError(
             f"LoRA target {bad[0]!r} is not a linear layer of {arch.name}; allowed: default, all-linear, {', '.join(allowed)}"
         )
+    outer = [w for w in wanted if w in (embedding_module(arch), HEAD_MODULE)]
+    if job.dora and outer:
+        raise MemplanInputError(
+            f"--dora with LoRA target {outer[0]!r} is not modelled (DoRA there forms a vocab x hidden weight product "
+            "every forward): target the decoder blocks' linears only, or drop --dora"
+        )
     return wanted
 
 
