@@ -115,25 +115,46 @@ def dora_saved(ctx: Ctx, name: str, d_in: int, saved: Saved) -> None:
         saved[f"{name}.dora_base_out"] = t * d_out * ctx.act_bytes
 
 
-def dora_forward_transient(ctx: Ctx, d_in: int, d_out: int) -> int:
+def dora_forward_transient(ctx: Ctx, d_in: int, d_out: int, checkpointed: bool = False) -> int:
     """Bytes a DoRA linear holds while its forward runs, beyond what it saves (dora.py):
     `get_lora_weight` runs lora_B(lora_A(eye(d_in))), so the d_in x d_in identity (kept by lora_A
     for its weight gradient), its r-wide image and the d_in x d_out product live until the forward
     returns (the product's graph is referenced by the local `lora_weight`); the base weight in the
     input's dtype (`dequantize_module_weight(...).to(x.dtype)`: a copy unless the base is already
     in the adapter dtype, a 4-bit base dequantized first); `get_weight_norm` then holds
-    `scaling * lora_weight` and `weight + ...` at once, two more d_out x d_in tensors."""
+    `scaling * lora_weight` and `weight + ...` at once, two more d_out x d_in tensors.
+    A checkpointed forward saves nothing, so the identity and its image die with `get_lora_weight`:
+    there the high point is the larger of lora_B's call (identity, image, product) and the norm."""
     ab = ctx.adapter_bytes
-    held = d_in * d_in * ab + d_in * ctx.rank * ab + d_in * d_out * ab
-    if ctx.dora_weight_copy:
-        held += d_in * d_out * ab
-    held += ctx.dora_dequant * d_in * d_out
-    return held + 2 * d_in * d_out * ab
+    copy = d_in * d_out * ab if ctx.dora_weight_copy else 0
+    copy += ctx.dora_dequant * d_in * d_out
+    eye = d_in * d_in * ab + d_in * ctx.rank * ab
+    product = d_in * d_out * ab
+    norm = product + copy + 2 * d_in * d_out * ab
+    if checkpointed:
+        # nothing of the layer is saved, but the target's input and its cast to the adapter dtype
+        # are still alive while its DoRA forward runs
+        inputs = ctx.tokens * d_in * (ctx.act_bytes + ab)
+        return max(eye + product, norm) + inputs
+    return eye + norm
 
 
-def dora_layer_transient(ctx: Ctx) -> int:
+def dora_recompute_transient(ctx: Ctx) -> int:
+    """A checkpointed DoRA layer's recomputation (backward): the recomputed graph stores every tensor
+    the forward saves, the identity and its image of each target included, and keeps them until the
+    layer's backward is done (nothing unpacks them: the norm is detached); on top, the weight norm
+    of the target being recomputed."""
+    ab = ctx.adapter_bytes
+    eyes = sum(d_in * d_in * ab + d_in * ctx.rank * ab for d_in in ctx.dora_d_in)
+    norm = max((dora_forward_transient(ctx, d_in, d_out, True) - (d_in * d_in * ab + d_in * ctx.rank * ab)
+                - ctx.tokens * d_in * (ctx.act_bytes + ab)
+                for (_, d_out), d_in in zip(ctx.dora, ctx.dora_d_in)), default=0)
+    return eyes + max(norm, 0)
+
+
+def dora_layer_transient(ctx: Ctx, checkpointed: bool = False) -> int:
     """The largest DoRA forward transient of one layer's targeted linears (0 without DoRA)."""
-    return max((dora_forward_transient(ctx, d_in, d_out) for (_, d_out), d_in in
+    return max((dora_forward_transient(ctx, d_in, d_out, checkpointed) for (_, d_out), d_in in
                 zip(ctx.dora, ctx.dora_d_in)), default=0)
 
 

@@ -360,7 +360,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
 
     fwd_layer = stack.layer_forward_transient(arch, ctx, layer_tensors, ckpt)
     walk.row("layer forward transients", "one layer's attention scores while it runs (checkpointed: its attention tensors too)")
-    dora_fwd = act.dora_layer_transient(ctx)
+    dora_fwd = act.dora_layer_transient(ctx, ckpt)
     walk.row("DoRA weight-norm transients", "the largest DoRA target's eye(d_in), lora_B @ lora_A, the base weight in "
                                             "the adapter dtype and W + s * BA, alive while its forward runs")
     recompute = layer - act.recompute_input_alias(arch, ctx) if ckpt else 0
@@ -394,7 +394,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                ("states + saved activations + the head's vocab-wide LoRA output",
                 {**live, **held, "lm_head LoRA output": head_out}),
                ("states + saved activations + one DoRA linear's weight norm",
-                {**live, **held, "DoRA weight-norm transients": dora_fwd}))
+                {**live, **held, "DoRA weight-norm transients": dora_fwd,
+                 "layer forward transients": fwd_layer if ckpt and dora_fwd else 0}))
     walk.phase(LOSS, ("states + saved activations + fp32 log-softmax and two vocab-wide gradients",
                       {**live, "activations": kept, "autocast weight copies": casts_bwd,
                        "autocast lm_head copy": head_copy, "logits and loss": logits_bwd,
@@ -410,7 +411,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                  "gradients": g_share(st.g_head + st.g_layer), **transients, "embedding LoRA activations": embed_lora}),
                ("top of backward: the last layer recomputed, one DoRA linear's weight norm",
                 {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
-                 "gradients": g_share(st.g_head + st.g_layer), "DoRA weight-norm transients": dora_fwd if ckpt else 0,
+                 "gradients": g_share(st.g_head + st.g_layer),
+                 "DoRA weight-norm transients": act.dora_recompute_transient(ctx) if ckpt else 0,
                  "embedding LoRA activations": embed_lora}),
                ("bottom of backward: the first layer's activations beside nearly every gradient",
                 {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients,
