@@ -140,16 +140,17 @@ def dora_forward_transient(ctx: Ctx, d_in: int, d_out: int, checkpointed: bool =
 
 
 def dora_recompute_transient(ctx: Ctx) -> int:
-    """A checkpointed DoRA layer's recomputation (backward): the recomputed graph stores every tensor
-    the forward saves, the identity and its image of each target included, and keeps them until the
-    layer's backward is done (nothing unpacks them: the norm is detached); on top, the weight norm
-    of the target being recomputed."""
-    ab = ctx.adapter_bytes
-    eyes = sum(d_in * d_in * ab + d_in * ctx.rank * ab for d_in in ctx.dora_d_in)
-    norm = max((dora_forward_transient(ctx, d_in, d_out, True) - (d_in * d_in * ab + d_in * ctx.rank * ab)
-                - ctx.tokens * d_in * (ctx.act_bytes + ab)
-                for (_, d_out), d_in in zip(ctx.dora, ctx.dora_d_in)), default=0)
-    return eyes + max(norm, 0)
+    """A checkpointed DoRA layer's recomputation (backward): beside the layer's recomputed tensors
+    ("recomputed layer"), one target's identity, image and product held through its weight norm, as
+    in the uncheckpointed forward (CPU trace), and the target's input itself, alive as its argument
+    but not among the saved tensors when LoRA saves its own cast; lora_A's and lora_B's outputs,
+    computed after the norm (dora.py:155), are not there yet."""
+    def one(d_in: int, d_out: int) -> int:
+        shared = ctx.lora_dropout == 0 and ctx.adapter_bytes == ctx.act_bytes and not ctx.lora_autocast
+        later = ctx.tokens * (ctx.rank + d_out) * _lora_out_bytes(ctx)
+        return dora_forward_transient(ctx, d_in, d_out) + (0 if shared else ctx.tokens * d_in * ctx.act_bytes) - later
+
+    return max((one(d_in, d_out) for (_, d_out), d_in in zip(ctx.dora, ctx.dora_d_in)), default=0)
 
 
 def dora_layer_transient(ctx: Ctx, checkpointed: bool = False) -> int:

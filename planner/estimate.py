@@ -394,8 +394,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                ("states + saved activations + the head's vocab-wide LoRA output",
                 {**live, **held, "lm_head LoRA output": head_out}),
                ("states + saved activations + one DoRA linear's weight norm",
-                {**live, **held, "DoRA weight-norm transients": dora_fwd,
-                 "layer forward transients": fwd_layer if ckpt and dora_fwd else 0}))
+                {**live, **held, "DoRA weight-norm transients": dora_fwd}))
     walk.phase(LOSS, ("states + saved activations + fp32 log-softmax and two vocab-wide gradients",
                       {**live, "activations": kept, "autocast weight copies": casts_bwd,
                        "autocast lm_head copy": head_copy, "logits and loss": logits_bwd,
@@ -412,7 +411,9 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                ("top of backward: the last layer recomputed, one DoRA linear's weight norm",
                 {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
                  "gradients": g_share(st.g_head + st.g_layer),
-                 "DoRA weight-norm transients": act.dora_recompute_transient(ctx) if ckpt else 0,
+                 # the recomputation runs once the layer's output gradient has arrived
+                 "DoRA weight-norm transients": act.dora_recompute_transient(ctx) + 2 * t * arch.hidden * ctx.stream_bytes
+                 if ckpt and ctx.dora else 0,
                  "embedding LoRA activations": embed_lora}),
                ("bottom of backward: the first layer's activations beside nearly every gradient",
                 {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients,

@@ -48,6 +48,11 @@ DORA_ROWS = [
                                                  ((1, 128), (2, 256)))
 ] + [
     dict(model="llama-2-7b", method="lora", dora=True, micro_batch=1, seq_len=512),
+    # every linear targeted, checkpointed: the recomputation's weight norm of the widest input (down_proj, fc2)
+    dict(model=tiny("llama"), method="lora", dora=True, lora_targets="all-linear", gradient_checkpointing=True,
+         micro_batch=1, seq_len=128),
+    dict(model=tiny("phi"), method="lora", dora=True, lora_targets="all-linear", gradient_checkpointing=True,
+         micro_batch=2, seq_len=256),
     # DoRA with dropout: the base output recomputed by F.linear over the fp32 copy of the weight
     dict(model=tiny("llama"), method="lora", dora=True, lora_dropout=0.1, lora_targets="all-linear",
          micro_batch=2, seq_len=256),
