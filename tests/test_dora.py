@@ -63,6 +63,10 @@ OUTER_ROWS = [
                                    (False, True))
 ] + [
     dict(model="llama-2-7b", method="lora", lora_targets="q_proj,v_proj,embed_tokens,lm_head", micro_batch=1, seq_len=512),
+    # tied embeddings: peft wraps both and gives each its own adapter over the one shared weight
+    dict(model=tiny("gemma"), method="lora", lora_targets="q_proj,v_proj,embed_tokens,lm_head", micro_batch=2, seq_len=256),
+    dict(model=tiny("falcon"), method="lora", lora_targets="query_key_value,word_embeddings,lm_head",
+         micro_batch=2, seq_len=256),
 ]
 
 

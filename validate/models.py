@@ -69,6 +69,8 @@ def apply_lora(model, job, arch):
         use_dora=job.dora,
     )
     model = get_peft_model(model, cfg)
+    if arch.tied_embeddings:
+        _tie_wrapped_embeddings(model.get_base_model())
     # peft makes adapters fp32 over 16-bit bases (autocast_adapter_dtype=True) and in the base
     # dtype otherwise; the job names their dtype, so cast lora_A/lora_B to it (the trace and the
     # GPU worker both build through here)
@@ -83,3 +85,17 @@ def apply_lora(model, job, arch):
             if isinstance(getattr(module, key, None), torch.nn.ParameterDict):
                 getattr(module, key).to(dtype)
     return model
+
+
+def _tie_wrapped_embeddings(inner) -> None:
+    """Tied embeddings with LoRA on the embedding or the head: peft wraps them (the base weights stay
+    one tensor), but transformers' tie_weights, which the trace calls again after to_empty, sets
+    `lm_head.weight` on the wrapper and fails. Tie the wrapped base layers instead, as loading did."""
+    emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if not (hasattr(emb, "base_layer") or hasattr(head, "base_layer")):
+        return
+
+    def tie_weights(*args, **kwargs) -> None:
+        getattr(head, "base_layer", head).weight = getattr(emb, "base_layer", emb).weight
+
+    inner.tie_weights = tie_weights
