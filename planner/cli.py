@@ -469,9 +469,10 @@ def trace(
     quiet_libraries()
     _require("trace", "trace", "torch", "transformers", "peft")
     from .estimate import estimate_memory
+    from .stacks import cpu_trace_stack
 
     arch = _load_model(job.model, revision)
-    est = estimate_memory(job, arch, platform="cpu")
+    est = estimate_memory(job, arch, stack=cpu_trace_stack(job))
     from memplan.validate.trace import trace_inference, trace_training
 
     try:
@@ -491,11 +492,7 @@ def trace(
             e = est_phase[snap.phase]
             typer.echo(f"{snap.phase:16s}{gib(snap.peak_bytes):>14s}{gib(e):>14s}{100 * (e - snap.peak_bytes) / snap.peak_bytes:>+8.2f}%")
         return
-    est_by_trace_phase = {
-        "forward": est_phase["forward"],
-        "backward": max(est_phase["loss backward"], est_phase["backward"]),
-        "optimizer step": est_phase["optimizer step"],
-    }
+    est_by_trace_phase = est.measured_phases()
     typer.echo(f"trace of {arch.name} ({result.seconds:.1f} s, CPU, fake tensors); second iteration:")
     typer.echo(f"{'phase':16s}{'traced peak':>14s}{'estimate':>14s}{'error':>9s}")
     for snap in result.timeline:
