@@ -56,6 +56,7 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels)."""
     check_job(job, arch)
     stack = stack or get_stack(job.stack)
+    stack.check(job, arch)
     ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
     if job.task == "infer":
         return _finish(job, arch, gpu, stack, *_inference(job, arch, stack, ws))

@@ -60,6 +60,10 @@ class Stack:
     def cpu(self) -> bool:
         return self.kernels is Kernels.cpu
 
+    def check(self, job: "Job", arch: "ModelArch") -> None:
+        """Refuse, with one line, a job this stack cannot run or memplan does not model for it.
+        transformers runs everything the Job allows."""
+
     # --- loading -------------------------------------------------------------------------------
     def bnb_converts(self, lin: "LinearSpec") -> bool:
         """Whether bitsandbytes loading replaces this linear with a 4/8-bit one. transformers 5.x

@@ -108,7 +108,26 @@ def build(job, base_model: str, layers: int | None, vocab: int | None, flags: di
     return model
 
 
-def trace(job, base_model: str, layers, vocab, flags: dict, iterations: int) -> dict:
+def _add_marks(model, tracker, marks: list) -> None:
+    """Live bytes (and the running phase peak) as each block and the head start and end their
+    forward and backward: where inside a phase its high point lies."""
+    inner = model.module
+    mods = [("lm_head", inner.lm_head), ("ln_f", inner.transformer.ln_f)] + [
+        (f"h.{i}", blk) for i, blk in enumerate(inner.transformer.h)]
+
+    def mark(tag):
+        def hook(*_args, **_kw):
+            marks.append((tag, tracker.phase, tracker.current, tracker.phase_peak))
+        return hook
+
+    for name, m in mods:
+        m.register_forward_pre_hook(mark(f"{name} fwd start"))
+        m.register_forward_hook(mark(f"{name} fwd end"))
+        m.register_full_backward_pre_hook(mark(f"{name} bwd start"))
+        m.register_full_backward_hook(mark(f"{name} bwd end"))
+
+
+def trace(job, base_model: str, layers, vocab, flags: dict, iterations: int, want_marks: bool = False) -> dict:
     import lightning as L
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -140,6 +159,9 @@ def trace(job, base_model: str, layers, vocab, flags: dict, iterations: int) -> 
         for group in opt.param_groups:
             group["foreach"] = job.foreach
         opt = fabric.setup_optimizers(opt)
+        marks: list = []
+        if want_marks:
+            _add_marks(model, tracker, marks)
         input_ids = torch.randint(0, V, (B, T))
         targets = torch.randint(0, V, (B, T))
         with tracker:
@@ -164,7 +186,7 @@ def trace(job, base_model: str, layers, vocab, flags: dict, iterations: int) -> 
     logits_dtype = str((logits[0] if isinstance(logits, list) else logits).dtype)
     return {"timeline": timeline, "base_params": base_params, "lora_params": lora_params,
             "trainable_params": trainable, "precision": precision, "padded_vocab": V,
-            "n_layer": model.config.n_layer, "logits_dtype": logits_dtype}
+            "n_layer": model.config.n_layer, "logits_dtype": logits_dtype, "marks": marks}
 
 
 def _snapshot(tracker, iteration, phase, model, opt) -> dict:
@@ -193,28 +215,38 @@ def lora_flags(job) -> dict:
 
 
 def main() -> None:
-    import litgpt
+    """One request, or {"requests": [...]} for several in one process (litgpt's import takes
+    seconds): {"results": [...]} in the same order."""
+    request = json.loads(sys.stdin.read())
+    if "requests" in request:
+        print(json.dumps({"results": [run_one(r) for r in request["requests"]]}))
+    else:
+        print(json.dumps(run_one(request)))
+
+
+def run_one(request: dict) -> dict:
     import lightning
     import torch
 
     from memplan.job import Job
 
-    request = json.loads(sys.stdin.read())
     job = Job.model_validate(request["job"])
     why = refusal(job)
     if why:
-        raise SystemExit(why)
+        raise ValueError(why)
     base = request.get("base_model") or job.model
     layers, vocab = request.get("layers"), request.get("vocab")
     iterations = int(request.get("iterations", 2))
     flags = lora_flags(job)
     started = time.perf_counter()
-    result = trace(job, base, layers, vocab, flags, iterations)
+    result = trace(job, base, layers, vocab, flags, iterations, bool(request.get("marks")))
     steady = [s for s in result["timeline"] if s["iteration"] == iterations - 1]
     top = max(steady, key=lambda s: s["peak_bytes"])
     out = {"job": request["job"], "peak_allocated_bytes": top["peak_bytes"], "peak_phase": top["phase"],
            "timeline": result["timeline"], "lora_flags": flags,
-           **{k: v for k, v in result.items() if k != "timeline"}}
+           **{k: v for k, v in result.items() if k not in ("timeline", "marks")}}
+    if request.get("marks"):
+        out["marks"] = result["marks"]
     if request.get("layer_delta"):
         n = result["n_layer"]
         more = trace(job, base, n + 1, vocab, flags, iterations)
@@ -227,9 +259,8 @@ def main() -> None:
                                     for s, s2 in zip(steady, [x for x in more["timeline"]
                                                               if x["iteration"] == iterations - 1])}
     out["seconds"] = time.perf_counter() - started
-    out["versions"] = {"litgpt": litgpt.__version__ if hasattr(litgpt, "__version__") else _version("litgpt"),
-                       "lightning": lightning.__version__, "torch": torch.__version__}
-    print(json.dumps(out))
+    out["versions"] = {"litgpt": _version("litgpt"), "lightning": lightning.__version__, "torch": torch.__version__}
+    return out
 
 
 def _version(dist: str) -> str:
