@@ -147,12 +147,15 @@ class Litgpt(Stack):
             if full:
                 saved[f"{name}.input"] = t * d_in * a * (consumers if mixed else 1)
 
-        def lora_plain(name: str, d_in: int, shared: str, fp32_source: bool = False) -> None:
+        def lora_plain(name: str, d_in: int, shared: str, fp32_source: bool = False, grad: bool = True) -> None:
             # LoRALinear: (x @ A.T @ B.T) * scaling keeps x and x @ A.T; under autocast an fp32
-            # input (a norm's output) is cast to bf16 for each adapter, a 16-bit one is kept as is
+            # input (a norm's output) is cast to bf16 for each adapter, a 16-bit one is kept as is.
+            # With dropout, lora_A keeps the dropped copy, and the dropout its mask only where its
+            # input needs a gradient (`grad`)
             if ctx.lora_dropout > 0:
-                saved[f"{name}.lora_dropout_out"] = t * d_in * la
-                saved[f"{name}.lora_dropout_mask"] = t * d_in * ctx.dropout_mask(la)
+                saved[f"{name}.lora_dropout_out"] = t * d_in * (la if fp32_source else a)
+                if grad:
+                    saved[f"{name}.lora_dropout_mask"] = t * d_in * ctx.dropout_mask(la if fp32_source else a)
             elif mixed and fp32_source:
                 saved[f"{name}.lora_input_cast"] = t * d_in * la
             else:
@@ -165,7 +168,7 @@ class Litgpt(Stack):
         enabled = [tg["q"], tg["k"], tg["v"]]
         lora_qkv = any(enabled)
         if lora_qkv:
-            lora_plain("qkv", h, "norm_1.out", fp32_source=True)
+            lora_plain("qkv", h, "norm_1.out", fp32_source=True, grad=ctx.grad_in)
             widths = [qw * tg["q"], kvw * tg["k"], kvw * tg["v"]]
             saved["qkv.lora_A_out"] = t * r * sum(enabled) * la
             if not all(enabled):
@@ -197,8 +200,8 @@ class Litgpt(Stack):
         norm("norm_2", mlp_grad)
         linear_in("mlp.fc", h, consumers=2)
         if tg["mlp"]:
-            lora_plain("mlp.fc_1", h, "norm_2.out", fp32_source=True)
-            lora_plain("mlp.fc_2", h, "norm_2.out", fp32_source=True)
+            lora_plain("mlp.fc_1", h, "norm_2.out", fp32_source=True, grad=mlp_grad)
+            lora_plain("mlp.fc_2", h, "norm_2.out", fp32_source=True, grad=mlp_grad)
         if mlp_grad or tg["mlp"]:
             # F.silu(x_fc_1) * x_fc_2
             saved["mlp.gate_out"] = t * i * a
@@ -207,6 +210,16 @@ class Litgpt(Stack):
         linear_in("mlp.proj", i)
         if tg["mlp"]:
             lora_plain("mlp.proj", i, "mlp.product")
+        if ctx.lora_autocast:
+            # autocast caches a bf16 cast of every fp32 adapter weight (trainable leaves), kept for backward
+            adapters = 0
+            if lora_qkv:
+                adapters += r * sum(enabled) * h + r * sum(widths)
+            if tg["proj"]:
+                adapters += r * (qw + h)
+            if tg["mlp"]:
+                adapters += 2 * r * (h + i) + r * (i + h)
+            saved["lora.autocast_weight_casts"] = adapters * 2
         if ctx.lora_autocast and not ctx.grad_in:
             # bf16-mixed LoRA, layer 0: a frozen linear whose input needs no gradient keeps nothing,
             # so autocast's bf16 cast of its weight (which the core counts for every frozen matmul,
@@ -243,7 +256,9 @@ class Litgpt(Stack):
         head_casts = (chunks - 1) * v * arch.hidden * 2 if (lora and job.mixed_precision) else 0
         # full fine-tuning: for B > 1, `logits[..., :-1, :]` is not contiguous and chunked_cross_entropy's
         # reshape copies it, beside the log-softmax it feeds
-        copy = shifted if (not lora and b > 1) else 0
+        # LoRA: the last chunk, shifted, is copied the same way beside every chunk's log-softmax
+        last = s - HEAD_CHUNK * (chunks - 1)
+        copy = 0 if b == 1 else (b * (last - 1) * v * 4 if lora else shifted)
         fwd = max(convert, shifted + copy) + head_casts
         # loss backward: every chunk's log-softmax, plus one chunk's two fp32 gradients
         rows = b * HEAD_CHUNK if lora else HEAD_CHUNK
