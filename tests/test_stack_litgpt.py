@@ -145,3 +145,43 @@ def test_litgpt_default_precision_is_bf16_mixed():
     """get_default_supported_precision(training=True) -> bf16-mixed: fp32 weights under autocast."""
     job = Job(model=LLAMA2, stack="litgpt", method="lora")
     assert job.base_weight_dtype.value == "fp32" and job.runs_autocast
+
+
+def write_results(path: str) -> None:
+    """`python tests/test_stack_litgpt.py validate/results/stack-traces-litgpt.jsonl`: the matrix's
+    traces beside the litgpt estimate and, as "before", the transformers-5 rules on the same jobs."""
+    import json
+    import platform
+    import sys
+
+    from memplan.validate import stack_envs
+
+    jobs = [(label, base, _job(base, kw)) for label, base, kw in CASES]
+    requests = [{"job": job.model_dump(mode="json"), "base_model": base, "layers": LAYERS} for _, base, job in jobs]
+    reply = stack_envs.run("litgpt", "litgpt_trace", {"requests": requests}, timeout=900)
+    with open(path, "w") as out:
+        for (label, base, job), result in zip(jobs, reply["results"]):
+            arch = load_model(job.model)
+            steady = {s["phase"]: s["peak_bytes"] for s in result["timeline"] if s["iteration"] == 1}
+            after = estimate_memory(job, arch, stack=get("litgpt").on_cpu()).measured_phases()
+            before = estimate_memory(job, arch, stack=get("transformers-5").on_cpu()).measured_phases()
+            row = {
+                "case": label, "base_model": base, "layers": LAYERS,
+                "job": {k: v for k, v in job.model_dump(mode="json").items() if k != "model"},
+                "trace_peak_bytes": steady, "estimate_bytes": after,
+                "error_pct": {p: round(100 * (after[p] - steady[p]) / steady[p], 2) for p in steady},
+                "before_transformers5_rules_bytes": before,
+                "before_error_pct": {p: round(100 * (before[p] - steady[p]) / steady[p], 2) for p in steady},
+                "trace": {k: result[k] for k in ("precision", "lora_flags", "base_params", "trainable_params",
+                                                 "padded_vocab", "logits_dtype", "seconds", "versions")},
+                "timeline": result["timeline"],
+                "command": "python tests/test_stack_litgpt.py validate/results/stack-traces-litgpt.jsonl",
+                "host": f"{platform.machine()} CPU, fake tensors, python {sys.version.split()[0]}",
+            }
+            out.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_results(sys.argv[1])
