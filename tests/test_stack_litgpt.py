@@ -40,7 +40,7 @@ CASES = [
     *[_case(LLAMA2, m, p, b, s) for m in ("lora", "full") for p in PRECISIONS for b in (1, 2) for s in (256, 512)],
     # Mistral-7B (grouped-query, sliding-window mask in every layer; its mask loop is slow under
     # fake tensors, so short sequences)
-    *[_case(MISTRAL, m, p, 2, 128) for m in ("lora", "full") for p in PRECISIONS],
+    *[_case(MISTRAL, m, p, 2, 64) for m in ("lora", "full") for p in PRECISIONS],
     _case(MISTRAL, "lora", "true", 1, 128),
     # Llama-3-8B (grouped-query, 128k vocabulary)
     _case(LLAMA3, "lora", "mixed", 1, 256),
@@ -49,7 +49,7 @@ CASES = [
     _case(LLAMA2, "lora", "true", 2, 256, lora_targets="all-linear"),
     _case(LLAMA2, "lora", "mixed", 2, 256, lora_targets="all-linear"),
     _case(LLAMA2, "lora", "mixed", 2, 256, lora_targets=("o_proj", "gate_proj", "up_proj", "down_proj")),
-    _case(MISTRAL, "lora", "true", 2, 128, lora_targets=("q_proj", "k_proj")),
+    _case(MISTRAL, "lora", "true", 2, 64, lora_targets=("q_proj", "k_proj")),
     _case(LLAMA2, "lora", "true", 2, 256, lora_dropout=0.05),
     # 32-true
     ("Llama-2-7b-hf-full-32true-b2-s256", LLAMA2,
@@ -137,6 +137,10 @@ def test_litgpt_refuses_what_it_cannot_run():
         estimate_memory(Job(model=LLAMA2, stack="litgpt", gradient_checkpointing=True), arch, stack=stack)
     with pytest.raises(MemplanInputError, match="adapter-dtype bf16"):
         estimate_memory(Job(model=LLAMA2, stack="litgpt", method="lora", weight_dtype="bf16"), arch, stack=stack)
+    with pytest.raises(MemplanInputError, match="not modelled: use --num-gpus 1"):
+        estimate_memory(Job(model=LLAMA2, stack="litgpt", num_gpus=2), arch, stack=stack)
+    with pytest.raises(MemplanInputError, match="not inference"):
+        estimate_memory(Job(model=LLAMA2, stack="litgpt", task="infer"), arch, stack=stack)
     with pytest.raises(MemplanInputError, match="models llama, mistral layers"):
         estimate_memory(Job(model="tiiuae/falcon-7b", stack="litgpt"), load_model("tiiuae/falcon-7b"), stack=stack)
 

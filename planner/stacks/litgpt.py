@@ -89,8 +89,16 @@ class Litgpt(Stack):
             raise MemplanInputError(
                 f"the litgpt stack models {', '.join(FAMILIES)} layers so far, not {arch.family} ({arch.name})")
         if job.task != "train":
-            return
-        if job.checkpointing and job.num_gpus == 1:
+            raise MemplanInputError("the litgpt stack models finetuning (litgpt finetune_lora / finetune), not "
+                                    "inference: use --stack transformers-5 for generation")
+        if job.method == "qlora":
+            raise MemplanInputError("litgpt's QLoRA (--quantize bnb.nf4) is not modelled: its bitsandbytes path "
+                                    "cannot be traced under fake tensors; use --method lora or full")
+        if job.num_gpus > 1:
+            raise MemplanInputError(
+                "litgpt on several GPUs (FSDP, with every block checkpointed: finetune/full.py FSDPStrategy, "
+                "finetune/lora.py parallelize_fn) is not modelled: use --num-gpus 1")
+        if job.checkpointing:
             raise MemplanInputError(
                 "litgpt has no activation checkpointing on one device (finetune/full.py and finetune/lora.py "
                 "checkpoint blocks only under their multi-device strategies): drop --gradient-checkpointing")
@@ -261,7 +269,7 @@ class Litgpt(Stack):
         copy = 0 if b == 1 else (b * (last - 1) * v * 4 if lora else shifted)
         fwd = max(convert, shifted + copy) + head_casts
         # loss backward: every chunk's log-softmax, plus one chunk's two fp32 gradients
-        rows = b * HEAD_CHUNK if lora else HEAD_CHUNK
+        rows = b * min(HEAD_CHUNK, s) if lora else min(HEAD_CHUNK, b * (s - 1))
         bwd = shifted + 2 * rows * v * 4 + head_casts
         return LossTerms(
             forward=fwd,
