@@ -145,6 +145,23 @@ def test_litgpt_refuses_what_it_cannot_run():
         estimate_memory(Job(model="tiiuae/falcon-7b", stack="litgpt"), load_model("tiiuae/falcon-7b"), stack=stack)
 
 
+def test_litgpt_attention_never_takes_sdpas_math_kernel():
+    """Grouped fp32 attention on CUDA: transformers (enable_gqa) gets SDPA's math kernel and its
+    score-sized gradients; litgpt repeats k and v itself, so a fused kernel and no scores."""
+    from memplan.activations import make_ctx
+    from memplan.attention import Kernel
+
+    arch = load_model(LLAMA3)
+    job = Job(model=LLAMA3, stack="litgpt", method="full", weight_dtype="fp32", compute_dtype="fp32", seq_len=2048)
+    litgpt, hf = get("litgpt"), get("transformers-5")
+    ctx = make_ctx(job, arch, (), litgpt, grad_in=True)
+    assert ctx.attention is Kernel.math_fp32  # the core's (transformers') kernel choice for this job
+    saved = litgpt.layer_saved(arch, ctx)
+    scores = job.micro_batch * arch.heads * job.seq_len**2 * 4
+    assert hf.layer_backward_transient(arch, ctx, saved) - litgpt.layer_backward_transient(arch, ctx, saved) >= scores
+    assert litgpt.layer_forward_transient(arch, ctx, saved, False) == 0
+
+
 def test_litgpt_default_precision_is_bf16_mixed():
     """get_default_supported_precision(training=True) -> bf16-mixed: fp32 weights under autocast."""
     job = Job(model=LLAMA2, stack="litgpt", method="lora")

@@ -243,6 +243,24 @@ class Litgpt(Stack):
             saved["autocast.unkept_weight_casts"] = -unkept * 2
         return saved
 
+    def _fused(self, ctx: "Ctx") -> "Ctx":
+        import dataclasses
+
+        from ..attention import Kernel
+
+        return dataclasses.replace(ctx, attention=Kernel.fused)
+
+    def layer_backward_transient(self, arch: "ModelArch", ctx: "Ctx", saved: "Saved") -> int:
+        """The core's rule with a fused SDPA kernel always: litgpt repeats grouped keys and values to
+        every head itself (litgpt/model.py:538-539) and never passes enable_gqa, so no dtype sends it to
+        SDPA's math kernel (the core's rule for transformers' grouped fp32 attention on CUDA); with a
+        sliding-window mask CUDA takes the memory-efficient kernel, O(T) state plus the saved mask."""
+        return super().layer_backward_transient(arch, self._fused(ctx), saved)
+
+    def layer_forward_transient(self, arch: "ModelArch", ctx: "Ctx", saved: "Saved", checkpointed: bool) -> int:
+        """As `layer_backward_transient`: a fused kernel, no materialised scores."""
+        return super().layer_forward_transient(arch, self._fused(ctx), saved, checkpointed)
+
     # --- loss ----------------------------------------------------------------------------------
     def loss(self, job: "Job", arch: "ModelArch", tokens: int, logit_bytes: int) -> LossTerms:
         """lm_head, Fabric's output conversion and `chunked_cross_entropy` (litgpt/utils.py), in
@@ -276,7 +294,8 @@ class Litgpt(Stack):
             backward=bwd,
             held=logits,
             formula=(f"{tokens:,} tokens x {v:,} vocab: fp32 logits (Fabric's output conversion) held by fit() "
-                     "through the step, fp32 log-softmax of every 128-row chunk"),
+                     "through the step, fp32 log-softmax of every 128-row chunk"
+                     + (f"; {chunks - 1} more bf16 casts of the frozen head, one per head chunk" if head_casts else "")),
         )
 
 
