@@ -2,10 +2,15 @@
 (memplan.validate.stack_envs): `python -m memplan.validate.stacks.litgpt_trace`, one JSON request on
 stdin, one JSON line on stdout.
 
-Request: {"job": Job JSON, "base_model": memplan model name the litgpt config is found by (default
-job.model; give it when job.model is a cut config file), "layers": n_layer override, "vocab":
-vocabulary override (vocab_size = padded_vocab_size), "iterations": 2, "layer_delta": true to trace
-a second model with one more layer and report what one layer adds}.
+Request: {"job": Job JSON, "base_model": memplan model name the litgpt config is found by
+(`Config.from_name` takes the HF "org/name"; default job.model, give it when job.model is a cut
+config file), "layers": n_layer override, "vocab": vocabulary override (vocab_size =
+padded_vocab_size), "iterations": 2, "layer_delta": true to trace a second model with one more
+layer and report what one layer adds, "marks": true for the live bytes at every block's and the
+head's forward/backward start and end}; or {"requests": [request, ...]} for several in one process
+(reply {"results": [...]}). Reply: the steady-state timeline (validate/trace.py TraceResult's shape),
+litgpt's parameter counts (base, LoRA, trainable), the Fabric precision, the logits' dtype, the LoRA
+switches used and the library versions.
 
 The step is litgpt's, through a real lightning Fabric on the CPU accelerator:
 - model built as `finetune/lora.py main()` / `finetune/full.py main()` do: `fabric.init_module()`
