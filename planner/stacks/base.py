@@ -84,6 +84,12 @@ class Stack:
         return DType.nf4 if job.method == "qlora" else job.compute_dtype
 
     # --- activations ---------------------------------------------------------------------------
+    def checkpoints(self, arch: "ModelArch") -> bool:
+        """Whether `gradient_checkpointing_enable()` really checkpoints this architecture's decoder
+        layers: in transformers 5 every decoder layer is a GradientCheckpointingLayer
+        (modeling_layers.py)."""
+        return True
+
     def layer_saved(self, arch: "ModelArch", ctx: "Ctx") -> "Saved":
         """What one decoder layer saves for backward: the family's transformers modeling file."""
         from ..families import family_of
