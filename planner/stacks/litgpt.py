@@ -15,8 +15,10 @@ What differs from transformers + peft + the HF Trainer, as far as memory goes:
   is `chunked_cross_entropy` (litgpt/utils.py) over 128-row chunks, and `fit()` keeps `logits`
   referenced through backward, the optimizer step and the next forward;
 - the default precision is `bf16-mixed` (litgpt/utils.py `get_default_supported_precision`): fp32
-  weights and adapters under torch.autocast; `bf16-true` puts everything in bf16;
-- no activation checkpointing on one device (only the multi-device strategies wrap blocks).
+  weights and adapters under torch.autocast (a Job: weight_dtype=fp32); `bf16-true` puts everything
+  in bf16 (weight_dtype=bf16, adapter_dtype=bf16);
+- no activation checkpointing on one device (only the multi-device strategies wrap blocks):
+  `checkpoints` is False, so asking for it changes nothing.
 
 LoRA targets: a Job names them in memplan's (transformers) vocabulary and `lora_flags` maps them
 onto litgpt's `lora_query/key/value/projection/mlp/head` (docs/stacks/litgpt.md, "LoRA targets").
@@ -94,33 +96,15 @@ class Litgpt(Stack):
         if job.method == "qlora":
             raise MemplanInputError("litgpt's QLoRA (--quantize bnb.nf4) is not modelled: its bitsandbytes path "
                                     "cannot be traced under fake tensors; use --method lora or full")
-        if job.num_gpus > 1:
-            raise MemplanInputError(
-                "litgpt on several GPUs (FSDP, with every block checkpointed: finetune/full.py FSDPStrategy, "
-                "finetune/lora.py parallelize_fn) is not modelled: use --num-gpus 1")
-        if job.checkpointing:
-            raise MemplanInputError(
-                "litgpt has no activation checkpointing on one device (finetune/full.py and finetune/lora.py "
-                "checkpoint blocks only under their multi-device strategies): drop --gradient-checkpointing")
         if job.attention != "sdpa":
             raise MemplanInputError("litgpt's attention is always SDPA: drop --attention eager")
-        if job.uses_lora:
-            lora_flags(job, arch)
-            weights = job.base_weight_dtype if job.base_weight_dtype.is_float else job.compute_dtype
-            if job.adapter_dtype is not weights:
-                raise MemplanInputError(
-                    f"litgpt builds its adapters in the weights' dtype ({weights.value}, fabric.init_module): "
-                    f"use --adapter-dtype {weights.value}")
 
-    def default_weight_dtype(self, job: "Job"):
-        """bf16-mixed, litgpt's default training precision (litgpt/utils.py
-        `get_default_supported_precision(training=True)`): fp32 weights under bf16 autocast; NF4
-        for QLoRA (`--quantize bnb.nf4`, which needs a "-true" precision)."""
-        from ..dtypes import DType
-
-        if job.method == "qlora":
-            return DType.nf4
-        return DType.fp32 if job.task == "train" else job.compute_dtype
+    def checkpoints(self, arch: "ModelArch") -> bool:
+        """litgpt checkpoints no block on one device: finetune/full.py:107-116 and finetune/lora.py:152-164
+        build a checkpointing strategy only for devices * num_nodes > 1 (FSDPStrategy's
+        activation_checkpointing_policy={Block}; parallelize_fn's checkpoint_wrapper), else
+        strategy="auto". A one-GPU job asking for checkpointing is estimated without it (as it runs)."""
+        return False
 
     # --- activations ---------------------------------------------------------------------------
     def layer_saved(self, arch: "ModelArch", ctx: "Ctx") -> "Saved":
