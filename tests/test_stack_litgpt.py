@@ -51,6 +51,9 @@ CASES = [
     _case(LLAMA2, "lora", "mixed", 2, 256, lora_targets=("o_proj", "gate_proj", "up_proj", "down_proj")),
     _case(MISTRAL, "lora", "true", 2, 64, lora_targets=("q_proj", "k_proj")),
     _case(LLAMA2, "lora", "true", 2, 256, lora_dropout=0.05),
+    # litgpt's finetune_lora defaults (bf16-mixed, lora_dropout 0.05)
+    _case(LLAMA2, "lora", "mixed", 2, 256, lora_dropout=0.05),
+    _case(LLAMA2, "lora", "mixed", 2, 256, lora_dropout=0.05, lora_targets="all-linear"),
     # 32-true
     ("Llama-2-7b-hf-full-32true-b2-s256", LLAMA2,
      dict(method="full", weight_dtype="fp32", compute_dtype="fp32", micro_batch=2, seq_len=256)),

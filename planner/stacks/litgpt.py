@@ -145,9 +145,12 @@ class Litgpt(Stack):
             # With dropout, lora_A keeps the dropped copy, and the dropout its mask only where its
             # input needs a gradient (`grad`)
             if ctx.lora_dropout > 0:
-                saved[f"{name}.lora_dropout_out"] = t * d_in * (la if fp32_source else a)
+                # under autocast lora_A keeps its bf16 cast of the fp32 dropped copy, and the
+                # dropout's mask is in its input's dtype (fp32) on the CPU, a bool on CUDA
+                upcast = mixed and fp32_source
+                saved[f"{name}.lora_dropout_out"] = t * d_in * (la if upcast else a)
                 if grad:
-                    saved[f"{name}.lora_dropout_mask"] = t * d_in * ctx.dropout_mask(la if fp32_source else a)
+                    saved[f"{name}.lora_dropout_mask"] = t * d_in * ctx.dropout_mask(4 if upcast else a)
             elif mixed and fp32_source:
                 saved[f"{name}.lora_input_cast"] = t * d_in * la
             else:
