@@ -165,6 +165,8 @@ JOB_OPTIONS: dict[str, _JobOption] = {
                                 "fp32 | fp16 | bf16: LoRA weights (peft keeps fp32 unless autocast_adapter_dtype=False)"),
     "gradient_checkpointing": _JobOption(Optional[bool], ("--gradient-checkpointing/--no-gradient-checkpointing",),
                                          "HF gradient checkpointing", "on for qlora, off otherwise"),
+    "checkpoint_reentrant": _JobOption(Optional[bool], ("--checkpoint-reentrant/--no-checkpoint-reentrant",),
+                                       "gradient_checkpointing_kwargs use_reentrant", "the stack's: 4.x on, 5.x off"),
     "attention": _JobOption(Optional[str], ("--attention",), "sdpa | eager | flash_attention_2 (attn_implementation)"),
     "liger": _JobOption(Optional[bool], ("--liger/--no-liger",),
                         "Liger kernels (use_liger_kernel=True): fused linear cross-entropy, RMSNorm, SwiGLU, RoPE"),
