@@ -562,6 +562,12 @@ def trace(
         # the main branch's config against an estimate of another
         fail(f"trace --revision {revision}: the Job carries no revision yet, so the trace would build main's config; "
              "pass a local config.json of that revision instead")
+    from .stacks.installed import default_stack
+
+    if job.stack != default_stack():
+        # the trace runs the libraries installed here; another stack's step is traced in its own venv
+        fail(f"trace --stack {job.stack}: this environment runs {default_stack()}; {job.stack}'s real step is traced "
+             f"in its own venv (memplan.validate.stack_envs, tests/test_stack_*.py)")
     # before torch, transformers and peft are first imported: their warnings are set up at import
     from memplan.validate.quiet import quiet_libraries
 
