@@ -165,6 +165,8 @@ JOB_OPTIONS: dict[str, _JobOption] = {
                                 "fp32 | fp16 | bf16: LoRA weights (peft keeps fp32 unless autocast_adapter_dtype=False)"),
     "gradient_checkpointing": _JobOption(Optional[bool], ("--gradient-checkpointing/--no-gradient-checkpointing",),
                                          "HF gradient checkpointing", "on for qlora, off otherwise"),
+    "checkpoint_reentrant": _JobOption(Optional[bool], ("--checkpoint-reentrant/--no-checkpoint-reentrant",),
+                                       "gradient_checkpointing_kwargs use_reentrant", "the stack's: 4.x on, 5.x off"),
     "attention": _JobOption(Optional[str], ("--attention",), "sdpa | eager | flash_attention_2 (attn_implementation)"),
     "liger": _JobOption(Optional[bool], ("--liger/--no-liger",),
                         "Liger kernels (use_liger_kernel=True): fused linear cross-entropy, RMSNorm, SwiGLU, RoPE"),
@@ -560,6 +562,12 @@ def trace(
         # the main branch's config against an estimate of another
         fail(f"trace --revision {revision}: the Job carries no revision yet, so the trace would build main's config; "
              "pass a local config.json of that revision instead")
+    from .stacks.installed import default_stack
+
+    if job.stack != default_stack():
+        # the trace runs the libraries installed here; another stack's step is traced in its own venv
+        fail(f"trace --stack {job.stack}: this environment runs {default_stack()}; {job.stack}'s real step is traced "
+             f"in its own venv (memplan.validate.stack_envs, tests/test_stack_*.py)")
     # before torch, transformers and peft are first imported: their warnings are set up at import
     from memplan.validate.quiet import quiet_libraries
 

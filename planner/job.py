@@ -26,7 +26,7 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
-    "packing", "liger", "activation_offloading",
+    "packing", "liger", "activation_offloading", "checkpoint_reentrant",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype")
@@ -80,6 +80,9 @@ class Job(BaseModel):
     kbit_prepare: bool = True
     # None: on for qlora (prepare_model_for_kbit_training enables it), off otherwise.
     gradient_checkpointing: bool | None = None
+    # gradient_checkpointing_kwargs={"use_reentrant": ...}; None: the stack's default
+    # (Stack.default_reentrant). The same bytes either way, as traced (docs/stacks/transformers.md).
+    checkpoint_reentrant: bool | None = None
     # attn_implementation: "sdpa" (torch's scaled_dot_product_attention), "eager" (the model's own),
     # "flash_attention_2" (the flash-attn package: fp16/bf16 only)
     attention: Attention = "sdpa"
@@ -271,6 +274,15 @@ class Job(BaseModel):
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
         return self.quantized and self.kbit_prepare and self.uses_lora
+
+    @property
+    def reentrant(self) -> bool:
+        """Whether checkpointing re-enters autograd (torch.utils.checkpoint use_reentrant)."""
+        if self.checkpoint_reentrant is not None:
+            return self.checkpoint_reentrant
+        from .stacks import get
+
+        return get(self.stack).default_reentrant
 
     @property
     def kbit_upcast(self) -> bool:

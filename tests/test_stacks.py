@@ -112,3 +112,28 @@ def test_cli_names_the_stack_and_refuses_an_unknown_one():
                          timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "'tx4'" in bad.stderr and "transformers-4" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("model, method", [("tiny-llama", "lora"), ("tiny-llama", "full"), ("tiny-phi", "lora")])
+def test_reentrant_and_non_reentrant_checkpointing_trace_alike(model, method):
+    """transformers 4.57 checkpoints reentrant by default, 5.23 not (modeling_utils.py); the estimate
+    is the same for both, and so is the trace of the real step, phase by phase, to 1%."""
+    pytest.importorskip("torch")
+    from memplan.validate.trace import trace_training
+
+    from .conftest import DATA
+
+    peaks = {}
+    for reentrant in (True, False):
+        job = Job(model=str(DATA / f"{model}.json"), method=method, gradient_checkpointing=True, micro_batch=2,
+                  seq_len=256, checkpoint_reentrant=reentrant, stack="transformers-5")
+        traced = trace_training(job)
+        peaks[reentrant] = {s.phase: s.peak_bytes for s in traced.timeline if s.iteration == 1}
+        est = estimate_memory(job, load_model(job.model), stack=get("transformers-5").on_cpu())
+        assert est.peak_allocated_bytes == estimate_memory(
+            job.model_copy(update={"checkpoint_reentrant": not reentrant}), load_model(job.model),
+            stack=get("transformers-5").on_cpu()).peak_allocated_bytes
+    for phase, peak in peaks[True].items():
+        assert abs(peak - peaks[False][phase]) <= 0.01 * peak, phase
+    assert Job(model="llama-2-7b", stack="transformers-4").reentrant is True
+    assert Job(model="llama-2-7b", stack="transformers-5").reentrant is False

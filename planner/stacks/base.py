@@ -51,6 +51,9 @@ class Stack:
     kernels: Kernels = Kernels.cuda
     # what its bitsandbytes loading converts, in words, for notes
     bnb_rule: str = "only modules whose type is exactly nn.Linear (integrations/bitsandbytes.py)"
+    # gradient_checkpointing_enable()'s default: transformers 5.23 modeling_utils.py:3149
+    # {"use_reentrant": False}
+    default_reentrant: bool = False
 
     def on_cpu(self) -> "Stack":
         """The same stack on the CPU trace's kernels."""
