@@ -1,6 +1,7 @@
-"""What autograd keeps for backward, per decoder layer, per family.
+"""What autograd keeps for backward: the building blocks of a decoder layer.
 
-Each function lists the tensors a transformers 5.x decoder layer saves in its forward (read off
+Each family module (planner/families) assembles its layer from these; each function lists the
+tensors a transformers 5.x decoder layer saves in its forward (read off
 the modeling files and confirmed op by op with `memplan trace`, docs/activations.md), in bytes
 for `tokens = micro_batch x seq_len`. Whether a tensor is saved depends on who needs it:
 a linear saves its input only when its weight trains; LoRA saves its own cast of the input;
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .architecture import LLAMA_LIKE, ModelArch
+from .architecture import ModelArch
+from .attention import Kernel, attention_kernel
 from .dtypes import float_bytes
 from .job import Job
+from .stacks import Stack
 
 Saved = dict[str, int]
 
@@ -34,7 +37,7 @@ class Ctx:
     rank: int
     lora_dropout: float
     grad_in: bool  # gradients flow into the layer's input (not so for layer 0 of frozen-embedding LoRA)
-    attention: str  # "flash" (O(s) state), "math" (materialised scores, CUDA dtype) or "math_fp32" (CPU upcast)
+    attention: Kernel  # planner/attention.py
     sdpa_bytes: int  # dtype SDPA sees: the compute dtype under autocast, else the activations'
     lora_autocast: bool  # adapters under autocast: lora_A keeps a 16-bit cast of its input
     stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
@@ -43,14 +46,14 @@ class Ctx:
     @property
     def cuda_math(self) -> bool:
         """SDPA's math kernel on CUDA, where the allocator sees more than the CPU trace can."""
-        return self.attention == "math_fp32" and not self.cpu
+        return self.attention is Kernel.math_fp32 and not self.cpu
 
     def dropout_mask(self, elem_bytes: int) -> int:
         """CUDA's fused native_dropout keeps a bool mask; the CPU keeps the scaled noise tensor."""
         return elem_bytes if self.cpu else 1
 
 
-def _lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved) -> None:
+def lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved) -> None:
     """peft LoraLayer.forward: x.to(adapter dtype) -> dropout -> lora_A -> lora_B."""
     if name not in ctx.targets:
         return
@@ -74,7 +77,7 @@ def _lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved
     saved[f"{name}.lora_A_out"] = t * ctx.rank * ctx.adapter_bytes
 
 
-def _linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved: Saved,
+def linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved: Saved,
                   fp32_source: bool = False) -> None:
     """A tensor consumed by `names` is kept if any base linear trains or LoRA keeps it. Under
     autocast an fp32 tensor (a norm's output) is cast separately by each consuming linear, and
@@ -85,10 +88,10 @@ def _linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, save
     elif ctx.base_trains:
         saved[tensor] = ctx.tokens * d_in * ctx.act_bytes
     for n in names:
-        _lora_inputs(ctx, n, d_in, tensor, saved)
+        lora_inputs(ctx, n, d_in, tensor, saved)
 
 
-def _rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
+def rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
     t, h = ctx.tokens, arch.hidden
     if ctx.grad_in:
         saved[f"{prefix}.fp32_input"] = 4 * t * h  # LlamaRMSNorm: x.to(float32), saved by pow and mul
@@ -97,10 +100,10 @@ def _rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...]
             # weight * x_normed: Llama saves the cast-back copy, Gemma the fp32 product before (1 + w)
             # (with an fp32 stream the cast back is a no-op: the fp32 product is kept)
             saved[f"{prefix}.normed"] = t * h * (4 if arch.norm == "rms_gemma" else ctx.stream_bytes)
-    _linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
+    linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
 
 
-def _head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+def head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     """Qwen3's q_norm and k_norm: an RMSNorm over each head of the projection's output, saved as
     the hidden-size norm saves (fp32 input, rsqrt per head, the cast-back copy when the weight
     trains) wherever a gradient flows through it: its projection trains or the layer input needs one."""
@@ -114,21 +117,21 @@ def _head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
             saved[f"{name}_norm.normed"] = t * width * ctx.act_bytes
 
 
-def _layer_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
+def layer_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
     """aten native_layer_norm saves input, mean and rstd (fp32 on CUDA)."""
     t, h = ctx.tokens, arch.hidden
     if ctx.grad_in:
         saved[f"{prefix}.input"] = t * h * ctx.stream_bytes
         saved[f"{prefix}.mean_rstd"] = 2 * t * ctx.stats_bytes
-    _linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
+    linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
 
 
-def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -> str:
+def attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -> str:
     """Scaled dot-product attention for one layer: what it saves, and the name of the tensor the
     output projection consumes (saved only if that projection trains or LoRA keeps it)."""
     t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
     q, kv = arch.q_width, arch.kv_width
-    if ctx.attention == "flash":
+    if ctx.attention is Kernel.fused:
         ab = ctx.sdpa_bytes  # under autocast the kernel saves its 16-bit casts
         # q and k are new tensors after RoPE; v is the projection output itself.
         saved["attn.q"] = t * q * ab
@@ -137,14 +140,14 @@ def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) 
         saved["attn.out"] = t * q * ab
         saved["attn.logsumexp"] = 4 * t * a
         return "attn.out_contiguous" if rope_copies else "attn.out"
-    if ctx.attention == "eager":
+    if ctx.attention is Kernel.eager:
         # LlamaAttention eager: repeat_kv copies, fp32 softmax and its cast back
         saved["attn.softmax_fp32"] = 4 * t * a * s
         saved["attn.probs"] = ab * t * a * s
         md = ab
     else:
         # the math kernel (and Falcon's eager path): scores and probabilities in one tensor
-        md = 4 if ctx.attention == "math_fp32" else ab
+        md = materialised_bytes(ctx)
         saved["attn.probs"] = md * t * a * s
         if arch.attn_dropout > 0:  # dropout on the probabilities: its mask and the dropped copy
             saved["attn.dropout_mask"] = t * a * s * ctx.dropout_mask(md)
@@ -152,32 +155,31 @@ def _attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) 
     # scaled q, and k and v broadcast to every head for the batched matmuls: folding (batch, heads)
     # into one dimension copies the broadcast keys unless the batch is 1 (then it stays a view)
     # (enable_gqa's repeat_interleave always copies)
-    broadcast = arch.family in ("falcon", "gpt_bigcode")
-    expanded = q if ctx.batch > 1 or ctx.attention == "eager" or not broadcast else kv
+    expanded = q if ctx.batch > 1 or ctx.attention is Kernel.eager or not arch.sdpa_broadcast_kv else kv
     saved["attn.q_scaled"] = t * q * md
     saved["attn.k_expanded"] = t * expanded * md
     saved["attn.v_expanded"] = t * expanded * md
-    if arch.family == "gpt_bigcode" and ctx.batch == 1 and ctx.attention != "eager":
-        # GPT-BigCode hands SDPA an expanded key: scaling it materialises every head, and with a
-        # batch of one the query is kept twice, as its contiguous copy and scaled (seen in the trace)
-        saved["attn.k_expanded"] = t * q * md
-        saved["attn.q_contiguous"] = t * q * md
     return "attn.out_contiguous"
 
 
-def _o_proj(ctx: Ctx, arch: ModelArch, name: str, consumed: str, saved: Saved) -> None:
-    _linear_input(ctx, (name,), arch.q_width, consumed, saved)
+def materialised_bytes(ctx: Ctx) -> int:
+    """Element size of materialised scores: fp32 for SDPA's math kernel, else the activations'."""
+    return 4 if ctx.attention is Kernel.math_fp32 else ctx.act_bytes
 
 
-def _gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+def o_proj(ctx: Ctx, arch: ModelArch, name: str, consumed: str, saved: Saved) -> None:
+    linear_input(ctx, (name,), arch.q_width, consumed, saved)
+
+
+def gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
     saved["mlp.gate_out"] = t * i * ab  # saved by the activation function
     saved["mlp.act_out"] = t * i * ab  # saved by act * up
     saved["mlp.up_out"] = t * i * ab
-    _linear_input(ctx, ("down_proj",), i, "mlp.product", saved)
+    linear_input(ctx, ("down_proj",), i, "mlp.product", saved)
 
 
-def _moe_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+def moe_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     """MixtralSparseMoeBlock (fused experts, grouped_mm): router state plus k routed copies per token."""
     t, h, i, ab = ctx.tokens, arch.hidden, arch.intermediate, ctx.act_bytes
     k, e = arch.experts_per_token, arch.experts
@@ -190,66 +192,26 @@ def _moe_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     saved["moe.expert_out"] = t * k * h * ab
 
 
-def _plain_mlp(ctx: Ctx, arch: ModelArch, fc1: str, fc2: str, gelu_new: bool, saved: Saved) -> None:
+def plain_mlp(ctx: Ctx, arch: ModelArch, fc1: str, fc2: str, saved: Saved) -> None:
     t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
     # In a parallel block the MLP reads the layer input directly: where no gradient flows into it
     # (layer 0 of frozen-embedding LoRA) and fc1 is frozen, the activation has nothing to save.
     if not (ctx.grad_in or ctx.base_trains or fc1 in ctx.targets or not arch.parallel_attn):
-        _lora_inputs(ctx, fc2, i, "mlp.act_out", saved)
+        lora_inputs(ctx, fc2, i, "mlp.act_out", saved)
         return
     saved["mlp.fc1_out"] = t * i * ab
-    if gelu_new:
+    if arch.activation == "gelu_new":
         # NewGELUActivation in Python: 0.5*x, tanh(...), 1+tanh and the product are kept. CUDA
         # autocast runs pow in fp32 (its fp32 op list; the CPU's does not), so under autocast on
         # the GPU the rest of the GELU is fp32 too (allocator trace of Phi-2, H200)
         parts = 4 if ctx.autocast and not ctx.cpu else ab
         saved["mlp.gelu_parts"] = 3 * t * i * parts
-    _linear_input(ctx, (fc2,), i, "mlp.act_out", saved)
+    linear_input(ctx, (fc2,), i, "mlp.act_out", saved)
 
 
-def _dropout_masks(ctx: Ctx, arch: ModelArch, p: float, sites: int, saved: Saved) -> None:
+def dropout_masks(ctx: Ctx, arch: ModelArch, p: float, sites: int, saved: Saved) -> None:
     if p > 0:
         saved["dropout_masks"] = sites * ctx.tokens * arch.hidden * ctx.dropout_mask(ctx.act_bytes)
-
-
-def layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
-    """Bytes each saved tensor of one decoder layer takes, by name."""
-    saved: Saved = {}
-    fam = arch.family
-    if fam in LLAMA_LIKE:
-        _rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
-        if arch.qk_norm:
-            _head_norms(ctx, arch, saved)
-        _o_proj(ctx, arch, "o_proj", _attention_core(ctx, arch, False, saved), saved)
-        mlp_in = ("gate_proj", "up_proj") if fam != "mixtral" else ()
-        _rms_norm(ctx, arch, "post_attn_norm", mlp_in, saved)
-        if fam == "mixtral":
-            _moe_mlp(ctx, arch, saved)
-        else:
-            _gated_mlp(ctx, arch, saved)
-    elif fam == "falcon":
-        _layer_norm(ctx, arch, "input_norm", ("query_key_value", "dense_h_to_4h"), saved)
-        _o_proj(ctx, arch, "dense", _attention_core(ctx, arch, False, saved), saved)
-        _plain_mlp(ctx, arch, "dense_h_to_4h", "dense_4h_to_h", False, saved)
-        _dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
-    elif fam == "phi":
-        _layer_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj", "fc1"), saved)
-        # partial rotary: q and k are rebuilt by torch.cat, so the sdpa output is not in (b, s, h, d)
-        # layout on the CPU and dense consumes a contiguous copy
-        _o_proj(ctx, arch, "dense", _attention_core(ctx, arch, True, saved), saved)
-        _plain_mlp(ctx, arch, "fc1", "fc2", True, saved)
-        _dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
-    else:  # gpt_bigcode
-        _layer_norm(ctx, arch, "ln_1", ("c_attn",), saved)
-        _o_proj(ctx, arch, "attn.c_proj", _attention_core(ctx, arch, False, saved), saved)
-        t, h = ctx.tokens, arch.hidden
-        if ctx.grad_in:
-            saved["post_attn_norm.input"] = t * h * ctx.stream_bytes
-            saved["post_attn_norm.mean_rstd"] = 2 * t * ctx.stats_bytes
-        _linear_input(ctx, ("c_fc",), h, "post_attn_norm.out", saved, fp32_source=True)
-        _plain_mlp(ctx, arch, "c_fc", "mlp.c_proj", False, saved)
-        _dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
-    return saved
 
 
 def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
@@ -266,12 +228,12 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
     # gradients of act * up appear (allocator trace of an all-linear QLoRA layer, H200)
     mlp = (3 if arch.gated_mlp else 2) * t * width * ab - saved.get("mlp.product", 0)
     attn = 0
-    if ctx.attention != "flash":
+    if ctx.attention is not Kernel.fused:
         # eager softmax runs in fp32; the math kernel in its own dtype (fp32 on the CPU)
-        score = 4 if ctx.attention in ("eager", "math_fp32") else ab
+        score = 4 if ctx.attention in (Kernel.eager, Kernel.math_fp32) else ab
         after = ("mlp.", "moe.", "post_attn_norm.", "attn.out_contiguous", "attn.v_expanded")
         dropout = ("attn.probs_dropped", "attn.dropout_mask")
-        eager_probs = ("attn.probs",) if ctx.attention == "eager" else ()
+        eager_probs = ("attn.probs",) if ctx.attention is Kernel.eager else ()
         freed = sum(v for k, v in saved.items() if k.startswith(after + dropout + eager_probs))
         scores = t * arch.heads * ctx.seq * score
         # CUDA's math-kernel backward holds three score-sized gradients next to the saved
@@ -289,9 +251,9 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
     """Bytes above what is kept at the high point of one layer's forward: materialised attention
     holds its raw scores next to the probabilities, and a checkpointed layer (which keeps nothing)
     still holds its attention tensors while it runs."""
-    if ctx.attention == "flash":
+    if ctx.attention is Kernel.fused:
         return 0
-    score = 4 if ctx.attention in ("eager", "math_fp32") else ctx.act_bytes
+    score = 4 if ctx.attention in (Kernel.eager, Kernel.math_fp32) else ctx.act_bytes
     # the raw scores live until the softmax has produced the probabilities; with dropout the
     # high point comes later, at the dropped copy, when the scores are already gone
     scores = 0 if "attn.dropout_mask" in saved else ctx.tokens * arch.heads * ctx.seq * score
@@ -304,7 +266,7 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
 
 def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
     """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward."""
-    if ctx.attention == "eager":
+    if ctx.attention is Kernel.eager:
         return batch * ctx.seq * ctx.seq * ctx.act_bytes
     return 0
 
@@ -335,42 +297,19 @@ def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
 def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     saved: Saved = {}
     if arch.norm == "layer":
-        _layer_norm(ctx, arch, "final_norm", (), saved)
+        layer_norm(ctx, arch, "final_norm", (), saved)
     else:
-        _rms_norm(ctx, arch, "final_norm", (), saved)
+        rms_norm(ctx, arch, "final_norm", (), saved)
     if ctx.base_trains:  # lm_head weight trains: it keeps the normed hidden states (its own cast under autocast)
         saved["final_norm.out"] = ctx.tokens * arch.hidden * ctx.act_bytes
     return saved
 
 
-def _attention_kernel(job: Job, arch: ModelArch, platform: str, sdpa_bytes: int) -> str:
-    """Which attention runs, as far as memory goes: "flash" for any fused SDPA kernel (flash,
-    memory-efficient, cuDNN: O(s) state), "math_fp32" for SDPA's math kernel, which materialises
-    the scores in fp32, and "eager"/"math" for the models' own eager paths.
-
-    Read off the probes (validate/probes.py, results in validate/results/probes-*.jsonl):
-    - Falcon hands SDPA keys broadcast over heads: the math kernel, in every dtype, CPU and CUDA;
-      GPT-BigCode does the same on the CPU (upcast to fp32 there);
-    - on CUDA, transformers passes enable_gqa=True, which the flash and cuDNN kernels take only in
-      16 bits and the memory-efficient kernel not at all: grouped- or multi-query attention in fp32
-      (QLoRA's upcast stream without autocast) runs the math kernel, multi-head attention in fp32
-      the memory-efficient one."""
-    if job.attention == "eager":
-        return "math" if arch.family in ("falcon", "gpt_bigcode") else "eager"
-    if platform == "cpu":
-        broadcast_kv = arch.family in ("falcon", "gpt_bigcode") and arch.kv_heads != arch.heads
-        return "math_fp32" if broadcast_kv else "flash"
-    # the math kernel computes in fp32 on CUDA too (torch's allow_fp16_bf16_reduction_math_sdp is
-    # off by default): a bf16 Falcon layer's scores are fp32 on the H200 (validate/results/timelines-*)
-    grouped = arch.kv_heads != arch.heads
-    return "math_fp32" if grouped and (arch.family == "falcon" or sdpa_bytes == 4) else "flash"
-
-
-def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str, grad_in: bool) -> Ctx:
+def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, grad_in: bool) -> Ctx:
     act_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype)
     autocast = job.task == "train" and job.method == "full" and job.mixed_precision
     sdpa_bytes = float_bytes(job.compute_dtype) if job.runs_autocast else act_bytes
-    attention = _attention_kernel(job, arch, platform, sdpa_bytes)
+    attention = attention_kernel(job, arch, stack, grad=True, sdpa_bytes=sdpa_bytes)
     return Ctx(
         tokens=job.micro_batch * job.seq_len,
         batch=job.micro_batch,
@@ -387,6 +326,6 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], platform: str,
         attention=attention,
         sdpa_bytes=sdpa_bytes,
         lora_autocast=job.uses_lora and job.runs_autocast,
-        stats_bytes=act_bytes if platform == "cpu" else 4,
-        cpu=platform == "cpu",
+        stats_bytes=act_bytes if stack.cpu else 4,
+        cpu=stack.cpu,
     )

@@ -14,7 +14,8 @@ def estimate(model: str | None = None, *, job: Job | None = None, **fields: Any)
     """`memplan.estimate("falcon-7b", method="qlora", micro_batch=4)` or `memplan.estimate(job=Job(...))`.
 
     Give either a model name with Job fields, or a Job alone: a model or fields beside a Job would
-    be silently dropped, so they are refused. Bad input of any kind (an unknown model or GPU, a field
+    be silently dropped, so they are refused. Without a `stack` field the installed transformers'
+    major version is modelled (a Job keeps its own `stack`, default transformers-5). Bad input of any kind (an unknown model or GPU, a field
     out of range, an option the job never reads) raises `memplan.MemplanInputError`, a ValueError
     whose message is the line the CLI prints.
     """
@@ -23,6 +24,10 @@ def estimate(model: str | None = None, *, job: Job | None = None, **fields: Any)
     if job is None:
         if model is None:
             raise MemplanInputError("estimate() needs a model name or a Job (job=memplan.Job(model=...))")
+        if fields.get("stack") is None:
+            from .stacks.installed import default_stack  # the installed transformers, read from its metadata
+
+            fields["stack"] = default_stack()
         job = Job(model=model, **fields)
     elif model is not None or fields:
         given = ", ".join([*(["model"] if model is not None else []), *fields])

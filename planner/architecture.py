@@ -1,9 +1,9 @@
 """A model's shape, normalised from a Hugging Face `config.json` into what the memory model needs.
 
-Each supported family maps its config keys here; `linears` lists the linear layers of one
-decoder block with their peft/transformers module names, so LoRA targets and 4-bit quantization
-can be counted per module. Families follow the transformers 5.x modeling files
-(`models/<family>/modeling_<family>.py`).
+Each family (planner/families, one module per family) maps its config keys into a ModelArch;
+`linears` lists the linear layers of one decoder block with their peft/transformers module names
+and module class, so LoRA targets and 4-bit quantization (which the stack decides) can be counted
+per module. Families follow the transformers 5.x modeling files (`models/<family>/modeling_<family>.py`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import MemplanInputError
 
-Family = Literal["llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode"]
 NormKind = Literal["rms", "rms_gemma", "layer"]
-# decoder layers built like LlamaDecoderLayer: RMSNorm, q/k/v/o projections, gated (or MoE) MLP
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3")
+# The module class a projection is built as, which decides whether bitsandbytes loading converts it
+# (Stack.bnb_converts): an exact nn.Linear, a subclass of it (FalconLinear), a fused 3-D expert
+# tensor (transformers 5 Mixtral), or an MoE router.
+LinearModule = Literal["Linear", "Linear subclass", "fused experts", "router"]
 
 
 class LinearSpec(BaseModel):
@@ -29,10 +30,7 @@ class LinearSpec(BaseModel):
     d_in: int
     d_out: int
     bias: bool = False
-    # transformers' bitsandbytes integration converts only modules whose type is exactly
-    # nn.Linear (integrations/bitsandbytes.py, `type(module) is nn.Linear`): Falcon's
-    # FalconLinear subclass and Mixtral's fused expert tensors stay in the compute dtype.
-    quantizable: bool = True
+    module: LinearModule = "Linear"
     # Fused MoE experts: `copies` stacked weights of this shape; each token visits experts_per_token.
     copies: int = 1
 
@@ -45,7 +43,8 @@ class ModelArch(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str
-    family: Family
+    family: str  # the config's model_type, a key of planner.families.FAMILIES
+    decoder_layer: str  # the decoder layer's class in the modeling file (FSDP wrap, checkpointing unit)
     hidden: int
     layers: int
     heads: int
@@ -69,7 +68,15 @@ class ModelArch(BaseModel):
     sliding_window: int | None = None
     rotary_fraction: float = 1.0
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k
+    activation: str = "silu"  # the MLP's activation function (config hidden_act)
+    # The attention hands SDPA keys and values broadcast over the query heads (Falcon, GPT-BigCode)
+    # instead of grouped ones with enable_gqa.
+    sdpa_broadcast_kv: bool = False
+    # ... and with an explicit mask, so that SDPA takes its math kernel in every dtype on CUDA and in
+    # generation (Falcon: validate/results/probes-*).
+    sdpa_always_math: bool = False
     linears: tuple[LinearSpec, ...]
+    router: LinearSpec | None = None  # MoE: the router's projection (hidden -> experts)
     default_lora_targets: tuple[str, ...]
 
     @property
@@ -85,9 +92,9 @@ class ModelArch(BaseModel):
         return int(self.head_dim * self.rotary_fraction)
 
     @property
-    def largest_quantizable_linear(self) -> int:
-        """Elements of the biggest 4/8-bit weight: bitsandbytes dequantizes one at a time."""
-        return max((lin.d_in * lin.d_out for lin in self.linears if lin.quantizable), default=0)
+    def projections(self) -> tuple[LinearSpec, ...]:
+        """Every projection of a block that bitsandbytes loading might convert: linears and router."""
+        return self.linears + ((self.router,) if self.router else ())
 
     @property
     def norms_per_layer(self) -> int:
@@ -96,20 +103,6 @@ class ModelArch(BaseModel):
     @property
     def norm_params(self) -> int:
         return self.hidden * (2 if self.norm_bias else 1)
-
-
-# peft utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (peft 0.21)
-_PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "mixtral": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "falcon": ("query_key_value",),
-    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
-    "gpt_bigcode": ("c_attn",),
-}
 
 
 # The largest count a config may state: an int32, the width torch and transformers index shapes with.
@@ -204,7 +197,8 @@ class ConfigReader:
         return kv
 
 
-def _attention_linears(h: int, q: int, kv: int, bias: bool, o_bias: bool | None = None) -> list[LinearSpec]:
+def attention_linears(h: int, q: int, kv: int, bias: bool, o_bias: bool | None = None) -> list[LinearSpec]:
+    """q, k, v and o projections as LlamaAttention builds them (nn.Linear each)."""
     return [
         LinearSpec(name="q_proj", d_in=h, d_out=q, bias=bias),
         LinearSpec(name="k_proj", d_in=h, d_out=kv, bias=bias),
@@ -213,200 +207,17 @@ def _attention_linears(h: int, q: int, kv: int, bias: bool, o_bias: bool | None 
     ]
 
 
-def _sliding_window(r: ConfigReader, family: str) -> int | None:
-    """Mistral slides every layer. Qwen2 and Qwen3 slide only with `use_sliding_window`, and then
-    only the layers from `max_window_layers` on (transformers Qwen2Config.layer_types); with some
-    layers full, the cache is counted at full length (an upper bound)."""
-    if family not in ("qwen2", "qwen3"):
-        return r.int("sliding_window", default=None)
-    if r.bool("use_sliding_window", False) and r.int("max_window_layers", default=0, minimum=0) == 0:
-        return r.int("sliding_window", default=None)
-    return None
-
-
-def _llama_like(r: ConfigReader, name: str, family: str) -> ModelArch:
-    h = r.int("hidden_size")
-    heads, hd = r.heads(h)
-    kv = r.kv_heads(heads)
-    inter = r.int("intermediate_size")
-    attn_bias = r.bool("attention_bias", False)
-    mlp_bias = r.bool("mlp_bias", False)
-    if family == "qwen2":  # Qwen2Attention: q, k and v carry a bias, o does not
-        linears = _attention_linears(h, heads * hd, kv * hd, True, o_bias=False)
-    else:
-        linears = _attention_linears(h, heads * hd, kv * hd, attn_bias)
-    experts = 0
-    per_tok = 0
-    if family == "mixtral":
-        experts = r.int("num_local_experts")
-        per_tok = r.int("num_experts_per_tok")
-        if per_tok > experts:
-            r.fail(f"num_experts_per_tok must be at most num_local_experts ({experts}), got {per_tok}")
-        linears += [
-            LinearSpec(name="experts.gate_up_proj", d_in=h, d_out=2 * inter, quantizable=False, copies=experts),
-            LinearSpec(name="experts.down_proj", d_in=inter, d_out=h, quantizable=False, copies=experts),
-        ]
-    else:
-        linears += [
-            LinearSpec(name="gate_proj", d_in=h, d_out=inter, bias=mlp_bias),
-            LinearSpec(name="up_proj", d_in=h, d_out=inter, bias=mlp_bias),
-            LinearSpec(name="down_proj", d_in=inter, d_out=h, bias=mlp_bias),
-        ]
-    default_tied = family == "gemma"
-    return ModelArch(
-        name=name,
-        family=family,
-        hidden=h,
-        layers=r.int("num_hidden_layers"),
-        heads=heads,
-        kv_heads=kv,
-        head_dim=hd,
-        intermediate=inter,
-        vocab=r.int("vocab_size"),
-        max_positions=r.int("max_position_embeddings", default=2048),
-        tied_embeddings=r.bool("tie_word_embeddings", default_tied),
-        norm="rms_gemma" if family == "gemma" else "rms",
-        norm_bias=False,
-        gated_mlp=True,
-        parallel_attn=False,
-        experts=experts,
-        experts_per_token=per_tok,
-        attn_dropout=r.fraction("attention_dropout", 0.0, zero=True),
-        sliding_window=_sliding_window(r, family),
-        qk_norm=family == "qwen3",
-        linears=tuple(linears),
-        default_lora_targets=_PEFT_DEFAULT_TARGETS[family],
-    )
-
-
-def _falcon(r: ConfigReader, name: str) -> ModelArch:
-    if r.bool("new_decoder_architecture", False):
-        r.fail("Falcon's new_decoder_architecture (40B/180B) is not supported yet; "
-               "supported Falcon configs use multi_query or multi-head attention")
-    h = r.int("hidden_size")
-    heads, hd = r.heads(h, ("num_attention_heads", "n_head"), stated_head_dim=False)  # FalconAttention: head_dim is always hidden / heads
-    kv = 1 if r.bool("multi_query", True) else heads
-    bias = r.bool("bias", False)
-    ffn = r.int("ffn_hidden_size", default=4 * h)
-    # All four projections are FalconLinear (modeling_falcon.py), a subclass bnb loading skips.
-    linears = (
-        LinearSpec(name="query_key_value", d_in=h, d_out=(heads + 2 * kv) * hd, bias=bias, quantizable=False),
-        LinearSpec(name="dense", d_in=h, d_out=h, bias=bias, quantizable=False),
-        LinearSpec(name="dense_h_to_4h", d_in=h, d_out=ffn, bias=bias, quantizable=False),
-        LinearSpec(name="dense_4h_to_h", d_in=ffn, d_out=h, bias=bias, quantizable=False),
-    )
-    return ModelArch(
-        name=name,
-        family="falcon",
-        hidden=h,
-        layers=r.int("num_hidden_layers", "n_layer"),
-        heads=heads,
-        kv_heads=kv,
-        head_dim=hd,
-        intermediate=ffn,
-        vocab=r.int("vocab_size"),
-        max_positions=r.int("max_position_embeddings", default=2048),
-        tied_embeddings=r.bool("tie_word_embeddings", True),
-        norm="layer",
-        norm_bias=True,
-        gated_mlp=False,
-        parallel_attn=r.bool("parallel_attn", True),
-        attn_dropout=r.fraction("attention_dropout", 0.0, zero=True),
-        resid_dropout=r.fraction("hidden_dropout", 0.0, zero=True),
-        linears=linears,
-        default_lora_targets=_PEFT_DEFAULT_TARGETS["falcon"],
-    )
-
-
-def _phi(r: ConfigReader, name: str) -> ModelArch:
-    h = r.int("hidden_size")
-    heads, hd = r.heads(h, stated_head_dim=False)  # PhiAttention: head_dim is always hidden / heads
-    kv = r.kv_heads(heads)
-    inter = r.int("intermediate_size")
-    linears = _attention_linears(h, heads * hd, kv * hd, True)
-    linears[3] = LinearSpec(name="dense", d_in=heads * hd, d_out=h, bias=True)
-    linears += [
-        LinearSpec(name="fc1", d_in=h, d_out=inter, bias=True),
-        LinearSpec(name="fc2", d_in=inter, d_out=h, bias=True),
-    ]
-    return ModelArch(
-        name=name,
-        family="phi",
-        hidden=h,
-        layers=r.int("num_hidden_layers"),
-        heads=heads,
-        kv_heads=kv,
-        head_dim=hd,
-        intermediate=inter,
-        vocab=r.int("vocab_size"),
-        max_positions=r.int("max_position_embeddings", default=2048),
-        tied_embeddings=r.bool("tie_word_embeddings", False),
-        norm="layer",
-        norm_bias=True,
-        gated_mlp=False,
-        parallel_attn=True,
-        lm_head_bias=True,
-        rotary_fraction=r.fraction("partial_rotary_factor", 0.5, zero=False),
-        attn_dropout=r.fraction("attention_dropout", 0.0, zero=True),
-        resid_dropout=r.fraction("resid_pdrop", 0.0, zero=True),
-        embd_dropout=r.fraction("embd_pdrop", 0.0, zero=True),
-        linears=tuple(linears),
-        default_lora_targets=_PEFT_DEFAULT_TARGETS["phi"],
-    )
-
-
-def _gpt_bigcode(r: ConfigReader, name: str) -> ModelArch:
-    h = r.int("n_embd", "hidden_size")
-    heads, hd = r.heads(h, ("n_head", "num_attention_heads"), stated_head_dim=False)  # GPTBigCodeAttention: head_dim is always hidden / heads
-    kv = 1 if r.bool("multi_query", True) else heads
-    inter = r.int("n_inner", default=4 * h)
-    linears = (
-        LinearSpec(name="c_attn", d_in=h, d_out=h + 2 * kv * hd, bias=True),
-        LinearSpec(name="attn.c_proj", d_in=h, d_out=h, bias=True),
-        LinearSpec(name="c_fc", d_in=h, d_out=inter, bias=True),
-        LinearSpec(name="mlp.c_proj", d_in=inter, d_out=h, bias=True),
-    )
-    return ModelArch(
-        name=name,
-        family="gpt_bigcode",
-        hidden=h,
-        layers=r.int("n_layer", "num_hidden_layers"),
-        heads=heads,
-        kv_heads=kv,
-        head_dim=hd,
-        intermediate=inter,
-        vocab=r.int("vocab_size"),
-        max_positions=r.int("n_positions", "max_position_embeddings", default=2048),
-        tied_embeddings=r.bool("tie_word_embeddings", True),
-        norm="layer",
-        norm_bias=True,
-        gated_mlp=False,
-        parallel_attn=False,
-        learned_positions=True,
-        attn_dropout=r.fraction("attn_pdrop", 0.0, zero=True),
-        resid_dropout=r.fraction("resid_pdrop", 0.0, zero=True),
-        embd_dropout=r.fraction("embd_pdrop", 0.0, zero=True),
-        linears=linears,
-        default_lora_targets=_PEFT_DEFAULT_TARGETS["gpt_bigcode"],
-    )
-
-
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "falcon", "phi", "gpt_bigcode")
-
-
 def arch_from_hf_config(cfg: dict, name: str) -> ModelArch:
-    """Normalise a transformers `config.json` dict (already parsed) into a ModelArch; a config that
-    is not one memplan can estimate raises MemplanInputError naming the key."""
+    """Normalise a transformers `config.json` dict (already parsed) into a ModelArch through its
+    family's parser (planner/families); a config that is not one memplan can estimate raises
+    MemplanInputError naming the key."""
+    from .families import FAMILIES, supported_model_types
+
     r = ConfigReader(cfg, name)
     model_type = r.cfg.get("model_type")
-    if model_type in LLAMA_LIKE:
-        return _llama_like(r, name, model_type)
-    if model_type == "falcon":
-        return _falcon(r, name)
-    if model_type == "phi":
-        return _phi(r, name)
-    if model_type == "gpt_bigcode":
-        return _gpt_bigcode(r, name)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type].parse(r, name, model_type)
+    supported = ", ".join(supported_model_types())
     if model_type is None:
-        r.fail(f"model_type is missing; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    r.fail(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        r.fail(f"model_type is missing; supported: {supported}")
+    r.fail(f"model_type {model_type!r} is not supported; supported: {supported}")

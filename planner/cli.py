@@ -72,6 +72,12 @@ def _print_error(message: str) -> None:
 
 
 def _job(**fields):
+    """The Job of the options given; the stack, when not given, is the installed one (resolved here,
+    never in the core)."""
+    if fields.get("stack") is None:
+        from .stacks.installed import default_stack
+
+        fields["stack"] = default_stack()
     return Job(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -96,6 +102,8 @@ class _JobOption:
 # fields): the Job refuses an option its task or method never reads, which it could not do if the
 # CLI passed its defaults.
 JOB_OPTIONS: dict[str, _JobOption] = {
+    "stack": _JobOption(Optional[str], ("--stack",), "transformers-5 | transformers-4 | litgpt | torchtune: the software "
+                        "the job runs on", "the installed transformers' major version, else transformers-5"),
     "method": _JobOption(Optional[str], ("--method",), "full | lora | qlora"),
     "task": _JobOption(Optional[str], ("--task",), "train | infer"),
     "weight_dtype": _JobOption(Optional[str], ("--weight-dtype",), "fp32 | fp16 | bf16 | int8 | nf4 | fp4",
@@ -283,6 +291,7 @@ def recommend(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     method: Optional[str] = job_option("method"),
+    stack: Optional[str] = job_option("stack"),
     seq_len: int = job_option("seq_len", 2048),
     global_batch: int = typer.Option(32, help="sequences per optimizer step, across GPUs and accumulation"),
     gpus: Optional[str] = typer.Option(None, help="comma-separated GPU profiles to consider (default: all)"),
@@ -318,7 +327,7 @@ def recommend(
     if emit not in (None, "accelerate"):
         fail(f"unknown --emit target {emit!r}: allowed: accelerate")
     _check_top_and_emit_path(top, emit, emit_path)
-    base = _job(model=model, method=method, seq_len=seq_len, optimizer=optimizer, weight_dtype=weight_dtype,
+    base = _job(model=model, method=method, stack=stack, seq_len=seq_len, optimizer=optimizer, weight_dtype=weight_dtype,
                 lora_rank=lora_rank, lora_targets=lora_targets, autocast=autocast)
     arch = _load_model(base.model, revision)
     from .estimate import check_job
@@ -366,6 +375,7 @@ def fit(
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     task: str = job_option("task", "train"),
     method: str = job_option("method", "full"),
+    stack: Optional[str] = job_option("stack"),
     seq_len: int = job_option("seq_len", 2048, help="sequence (prompt) length for the batch search"),
     micro_batch: int = job_option("micro_batch", 1, help="micro-batch for the sequence search"),
     new_tokens: Optional[int] = job_option("new_tokens"),
@@ -387,7 +397,11 @@ def fit(
     from .units import gib
 
     check_safety_margin(safety_margin)
-    fields = dict(model=model, task=task, method=method, optimizer=optimizer, weight_dtype=weight_dtype,
+    if stack is None:
+        from .stacks.installed import default_stack
+
+        stack = default_stack()
+    fields = dict(model=model, task=task, method=method, stack=stack, optimizer=optimizer, weight_dtype=weight_dtype,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                   new_tokens=new_tokens, autocast=autocast)
     arch = _load_model(model, revision)
@@ -469,9 +483,10 @@ def trace(
     quiet_libraries()
     _require("trace", "trace", "torch", "transformers", "peft")
     from .estimate import estimate_memory
+    from .stacks import cpu_trace_stack
 
     arch = _load_model(job.model, revision)
-    est = estimate_memory(job, arch, platform="cpu")
+    est = estimate_memory(job, arch, stack=cpu_trace_stack(job))
     from memplan.validate.trace import trace_inference, trace_training
 
     try:
@@ -491,11 +506,7 @@ def trace(
             e = est_phase[snap.phase]
             typer.echo(f"{snap.phase:16s}{gib(snap.peak_bytes):>14s}{gib(e):>14s}{100 * (e - snap.peak_bytes) / snap.peak_bytes:>+8.2f}%")
         return
-    est_by_trace_phase = {
-        "forward": est_phase["forward"],
-        "backward": max(est_phase["loss backward"], est_phase["backward"]),
-        "optimizer step": est_phase["optimizer step"],
-    }
+    est_by_trace_phase = est.measured_phases()
     typer.echo(f"trace of {arch.name} ({result.seconds:.1f} s, CPU, fake tensors); second iteration:")
     typer.echo(f"{'phase':16s}{'traced peak':>14s}{'estimate':>14s}{'error':>9s}")
     for snap in result.timeline:

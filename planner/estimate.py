@@ -11,6 +11,8 @@ from __future__ import annotations
 from . import activations as act
 from . import inference as inf
 from . import overhead
+from .attention import Kernel
+from .phases import PhaseName
 from .architecture import ModelArch
 from .errors import MemplanInputError
 from .gpu import GpuProfile
@@ -19,6 +21,7 @@ from .dtypes import float_bytes
 from .parallel import ShardPlan, shard, shard_plan
 from .params import buffer_bytes, count_params
 from .results import Component, Estimate, Phase
+from .stacks import Stack, get as get_stack, registered as registered_stacks
 from .units import count, human
 from .training import (
     autocast_caches_weights,
@@ -32,12 +35,13 @@ from .training import (
     resolve_targets,
     trainable_bytes_per_param,
     trainable_params,
-    unquantized_note,
+    unquantized_linears,
     weight_bytes,
 )
 
-FWD, LOSS, BWD, OPT, LOAD = "forward", "loss backward", "backward", "optimizer step", "loaded"
-PREFILL, DECODE = "prefill", "decode"
+FWD, LOSS, BWD, OPT, LOAD = (PhaseName.forward.value, PhaseName.loss_backward.value, PhaseName.backward.value,
+                             PhaseName.optimizer_step.value, PhaseName.loaded.value)
+PREFILL, DECODE = PhaseName.prefill.value, PhaseName.decode.value
 
 
 def check_job(job: Job, arch: ModelArch) -> None:
@@ -47,13 +51,15 @@ def check_job(job: Job, arch: ModelArch) -> None:
         raise MemplanInputError(f"{what} {total} exceeds {arch.name}'s maximum of {arch.max_positions} positions")
 
 
-def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, platform: str = "cuda") -> Estimate:
-    """Estimate one job's per-GPU memory. `platform="cpu"` follows the CPU kernels the trace runs."""
+def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, stack: Stack | None = None) -> Estimate:
+    """Estimate one job's per-GPU memory under `stack` (default: the job's, on CUDA; the CPU trace
+    compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels)."""
     check_job(job, arch)
-    ws = overhead.cublas_workspaces(gpu, job.task) if platform == "cuda" else 0
+    stack = stack or get_stack(job.stack)
+    ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
     if job.task == "infer":
-        return _finish(job, arch, gpu, *_inference(job, arch, platform, ws))
-    return _finish(job, arch, gpu, *_training(job, arch, platform, ws))
+        return _finish(job, arch, gpu, stack, *_inference(job, arch, stack, ws))
+    return _finish(job, arch, gpu, stack, *_training(job, arch, stack, ws))
 
 
 def _sum(saved: dict[str, int]) -> int:
@@ -63,9 +69,10 @@ def _sum(saved: dict[str, int]) -> int:
 class _State:
     """Per-GPU bytes of the step-long state, after sharding and offload."""
 
-    def __init__(self, job: Job, arch: ModelArch, params, n_train: int, plan: ShardPlan, targets: tuple[str, ...]):
+    def __init__(self, job: Job, arch: ModelArch, params, n_train: int, plan: ShardPlan, targets: tuple[str, ...],
+                 stack: Stack):
         pb = trainable_bytes_per_param(job)
-        self.weights, self.weights_formula = weight_bytes(job, arch, params)
+        self.weights, self.weights_formula = weight_bytes(job, arch, params, stack)
         root_params = params.embedding + params.lm_head + params.final_norm
         # embeddings, final norm and lm_head are never quantized
         root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
@@ -203,12 +210,12 @@ def _workspace_formula(ws: int, task: str) -> str:
             "from torch's caching allocator")
 
 
-def _training(job: Job, arch: ModelArch, platform: str, ws: int):
-    params = count_params(arch)
+def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
+    params = count_params(arch, stack)
     targets = resolve_targets(job, arch) if job.uses_lora else ()
     n_train = trainable_params(job, arch, params, targets)
     plan = shard_plan(job.sharding, job.num_gpus, job.gpus_per_node, job.cpu_offload)
-    st = _State(job, arch, params, n_train, plan, targets)
+    st = _State(job, arch, params, n_train, plan, targets, stack)
     t = job.micro_batch * job.seq_len
     walk = _Walk()
     _state_rows(walk, job, arch, st, targets, n_train)
@@ -231,21 +238,19 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
 
     # activations (per GPU: each data-parallel rank runs its own micro-batch)
     grad_in_first = job.method == "full" or job.checkpointing
-    ctx = act.make_ctx(job, arch, targets, platform, grad_in=True)
-    ctx0 = act.make_ctx(job, arch, targets, platform, grad_in=grad_in_first)
-    layer_tensors = act.layer_saved(arch, ctx)
+    ctx = act.make_ctx(job, arch, targets, stack, grad_in=True)
+    ctx0 = act.make_ctx(job, arch, targets, stack, grad_in=grad_in_first)
+    layer_tensors = stack.layer_saved(arch, ctx)
     layer = _sum(layer_tensors)
-    layer0 = _sum(act.layer_saved(arch, ctx0))
+    layer0 = _sum(stack.layer_saved(arch, ctx0))
     shared = act.rotary_tables(arch, ctx) + _sum(act.final_norm_saved(arch, ctx))
     if arch.embd_dropout > 0:
         shared += t * arch.hidden * ctx.dropout_mask(ctx.act_bytes)
     shared += act.attention_mask_bytes(arch, ctx, job.micro_batch)
-    trans = act.layer_backward_transient(arch, ctx, layer_tensors)
-    dequant = 0
-    if job.quantized:
-        # bitsandbytes dequantizes one weight at a time for the input gradient: into the compute
-        # dtype on CUDA (MatMul4Bit.backward), into the activation dtype on the CPU
-        dequant = arch.largest_quantizable_linear * (ctx.act_bytes if platform == "cpu" else float_bytes(job.compute_dtype))
+    trans = stack.layer_backward_transient(arch, ctx, layer_tensors)
+    # bitsandbytes dequantizes one weight at a time for the input gradient: into the compute dtype
+    # on CUDA (MatMul4Bit.backward), into the activation dtype on the CPU
+    dequant = inf.dequant_bytes(job, arch, stack, t, ctx.act_bytes if stack.cpu else None)
     if job.checkpointing:
         kept = act.checkpoint_saved(arch, ctx) * arch.layers + shared
         a_formula = (f"{arch.layers} checkpointed layer inputs x {human(act.checkpoint_saved(arch, ctx))}; "
@@ -273,14 +278,12 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
         ab = float_bytes(job.compute_dtype)
         head_copy = (params.lm_head or params.embedding) * ab
     walk.row("autocast lm_head copy", f"{v:,} x {arch.hidden:,} head weight cast to {ab} B, kept for backward")
-    logits_fwd = t * v * (ab + (4 if ab != 4 else 0) + 4)
-    logits_bwd = t * v * 12
-    fwd_parts = f"{ab} B logits + an fp32 copy + fp32 log-softmax" if ab != 4 else "fp32 logits + fp32 log-softmax"
-    walk.row("logits and loss",
-             f"{count(t)} tokens x {v:,} vocab x {ab + (4 if ab != 4 else 0) + 4} B in forward ({fwd_parts}), "
-             "x 12 B in loss backward (fp32 log-softmax + 2 fp32 gradients)")
+    loss = stack.loss(job, arch, t, ab)
+    logits_fwd, logits_bwd = loss.forward, loss.backward
+    walk.row("logits and loss", loss.formula)
+    walk.row("logits held by the loop", "the training loop still references the logits through backward and the step")
 
-    fwd_layer = act.layer_forward_transient(arch, ctx, layer_tensors, job.checkpointing)
+    fwd_layer = stack.layer_forward_transient(arch, ctx, layer_tensors, job.checkpointing)
     walk.row("layer forward transients", "one layer's attention scores while it runs (checkpointed: its attention tensors too)")
     recompute = layer - act.recompute_input_alias(arch, ctx) if job.checkpointing else 0
     walk.row("recomputed layer", "one checkpointed layer's saved tensors, recomputed for its backward")
@@ -293,7 +296,7 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     casts_bwd = casts // arch.layers if job.checkpointing else casts
     g_share = st.grads_share
     static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
-              "optimizer states": st.gpu_states, "cuBLAS workspaces": ws}
+              "optimizer states": st.gpu_states, "cuBLAS workspaces": ws, "logits held by the loop": loss.held}
     live = {**static, "gathered parameters": st.gathered}
     held = {"activations": kept, "autocast weight copies": casts_fwd}
     walk.phase(LOAD, ("weights and adapters",
@@ -321,13 +324,11 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     walk.phase(OPT, ("states + gradients + update temporaries",
                      {**static, "gradients": st.gpu_grads, "optimizer step temporary": st.gpu_temp,
                       "DDP gradient buckets": st.ddp_buckets}))
-    if ctx.attention == "math_fp32" and arch.family != "falcon" and job.attention == "sdpa" and platform == "cuda":
+    if ctx.attention is Kernel.math_fp32 and not arch.sdpa_always_math and job.attention == "sdpa" and not stack.cpu:
         notes.append("fp32 attention on a grouped-query model runs SDPA's math kernel on CUDA (transformers passes "
                      "enable_gqa, which only the 16-bit kernels take): the scores are materialised, quadratic in the "
                      "sequence; under the Trainer's bf16 autocast (--autocast) a fused kernel runs instead")
-    n = unquantized_note(job, arch)
-    if n:
-        notes.append(n)
+    notes += _unconverted_notes(job, arch, stack)
     if head_autocast:
         c = job.compute_dtype.value
         notes.append(f"prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32, so the residual "
@@ -343,11 +344,31 @@ def _training(job: Job, arch: ModelArch, platform: str, ws: int):
     return walk, params, n_train, notes, unified, st.host
 
 
-def _inference(job: Job, arch: ModelArch, platform: str, ws: int):
-    params = count_params(arch)
+def _unconverted_notes(job: Job, arch: ModelArch, stack: Stack) -> list[str]:
+    """A quantized job whose stack leaves some projections in 16 bits says which, and what a stack
+    that converts them would give (a pure re-estimate under that stack)."""
+    skipped = unquantized_linears(job, arch, stack)
+    if not skipped:
+        return []
+    kept = "fp32 (kbit upcast)" if job.kbit_upcast else job.compute_dtype.value
+    kinds = sorted({lin.module for lin in arch.projections if lin.name in skipped})
+    note = (f"{arch.name}: {', '.join(skipped)} ({', '.join(kinds)}: not plain nn.Linear) stay unquantized, as "
+            f"{stack.label}'s bitsandbytes loading converts {stack.bnb_rule}; they are counted in {kept}")
+    for other in registered_stacks():
+        other = other.on_cpu() if stack.cpu else other
+        if other.name != stack.name and not unquantized_linears(job, arch, other):
+            alt = estimate_memory(job.model_copy(update={"stack": other.name}), arch, None, other)
+            note += (f"; under {other.label} (--stack {other.name}) every projection is {job.base_weight_dtype.value}: "
+                     f"peak {human(alt.peak_allocated_bytes)} allocated")
+            break
+    return [note]
+
+
+def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
+    params = count_params(arch, stack)
     walk = _Walk()
-    notes: list[str] = []
-    w, w_formula = weight_bytes(job, arch, params)
+    notes: list[str] = _unconverted_notes(job, arch, stack)
+    w, w_formula = weight_bytes(job, arch, params, stack)
     walk.row("weights", w_formula)
     walk.row("buffers", _buffers_formula(arch))
     kv = inf.kv_cache_bytes(job, arch)
@@ -358,9 +379,9 @@ def _inference(job: Job, arch: ModelArch, platform: str, ws: int):
                          "(the prompt's positions during the prefill)")
     if arch.sliding_window and job.seq_len + job.new_tokens > arch.sliding_window:
         notes.append(f"sliding window: the cache keeps the last {arch.sliding_window} positions per layer")
-    pre = inf.prefill_transient_bytes(job, arch, platform)
+    pre = inf.prefill_transient_bytes(job, arch, stack)
     # the prefill's high point inside a layer includes one dequantized 4-bit weight: its own row
-    pre_dequant = inf.dequant_bytes(job, arch, job.micro_batch * job.seq_len)
+    pre_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch * job.seq_len)
     walk.row("activations", "one layer's no-grad intermediates during prefill")
     walk.row("dequantized weight", "bitsandbytes dequantizes the largest 4-bit weight to the compute dtype "
                                    f"for more than {inf.BNB_FUSED_MAX_ROWS} rows")
@@ -370,7 +391,7 @@ def _inference(job: Job, arch: ModelArch, platform: str, ws: int):
                         "in decode, one step's logits" if job.new_tokens
                         else "final norm output + logits for every position (plain forward)"))
     append = inf.cache_append_bytes(job, arch)
-    decode_dequant = inf.dequant_bytes(job, arch, job.micro_batch) if job.new_tokens else 0
+    decode_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch) if job.new_tokens else 0
     walk.row("decode dequantized weight", f"bitsandbytes dequantizes the largest 4-bit weight for {job.micro_batch} "
                                           f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")
     walk.row("KV cache append", "DynamicCache torch.cat: one layer's old and new keys alive at once")
@@ -389,7 +410,7 @@ def _inference(job: Job, arch: ModelArch, platform: str, ws: int):
     return walk, params, 0, notes, 0, 0
 
 
-def _finish(job, arch, gpu, walk: _Walk, params, n_train, notes, unified, host) -> Estimate:
+def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, unified, host) -> Estimate:
     phases = walk.phases
     peak = max(phases, key=lambda p: p.allocated_bytes)
     slack = overhead.allocator_slack(peak.allocated_bytes)
@@ -403,6 +424,7 @@ def _finish(job, arch, gpu, walk: _Walk, params, n_train, notes, unified, host) 
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(
         job=job,
+        stack=stack.label,
         model_name=arch.name,
         params=params,
         trainable_params=n_train,

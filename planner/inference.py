@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from .architecture import ModelArch
+from .attention import Kernel, attention_kernel
 from .dtypes import float_bytes
+from .families import family_of
 from .job import Job
+from .stacks import Stack
 
 
 def kv_tokens(job: Job, arch: ModelArch, generated: bool = True) -> int:
@@ -30,29 +33,15 @@ def cache_append_bytes(job: Job, arch: ModelArch) -> int:
     return kv_cache_bytes(job, arch) // (2 * arch.layers)
 
 
-def prefill_kernel(job: Job, arch: ModelArch, platform: str) -> str:
-    """The attention a no-grad prefill runs: "eager" (the model's own matmul-softmax), "math_fp32"
-    (SDPA's math kernel, scores in fp32) or "fused" (flash, memory-efficient or cuDNN: O(s)).
-    Falcon hands SDPA keys broadcast over heads and an explicit mask: the math kernel, CPU trace and
-    H100 probe alike. GPT-BigCode's broadcast keys take the fused CPU kernel once no gradient is
-    needed (CPU trace). On CUDA, grouped-query attention in fp32 needs the math kernel
-    (enable_gqa is taken by the 16-bit kernels only, validate/results/probes-*)."""
-    if job.attention == "eager":
-        return "eager"
-    if arch.family == "falcon":
-        return "math_fp32"
-    if platform == "cuda" and job.compute_dtype.value == "fp32" and arch.kv_heads != arch.heads:
-        return "math_fp32"
-    return "fused"
-
-
-def prefill_transient_bytes(job: Job, arch: ModelArch, platform: str = "cuda") -> int:
+def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
     """Intermediates alive at the high point of one layer's no-grad forward during the prefill,
     read op by op off `memplan.validate.trace.trace_inference` (docs/activations.md). The larger of
     two moments:
     - attention: the stream, norm output and q/k/v of the layer, plus what the kernel materialises
-      per score (eager: the scores in the compute dtype, their fp32 copy and the fp32 softmax; the
-      math kernel: the fp32 scores and their masked copy, with fp32 q and the explicit mask);
+      per score (eager: the scores in the compute dtype, their fp32 copy and the fp32 softmax;
+      Falcon's eager "math" path: scores, their masked sum and the probabilities in the compute
+      dtype; the math kernel: the fp32 scores and their masked copy, with fp32 q and the explicit
+      mask);
     - MLP: four hidden-sized tensors (embedding output, residual, norm output, and the attention
       output or sum) beside the MLP's widest moment: act, up and product for a gated MLP; the
       input, 0.5x, x^3 and its scaled copy for Phi's gelu_new; the routed inputs and the fused
@@ -62,15 +51,16 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, platform: str = "cuda") -
     t, s, b = job.micro_batch * job.seq_len, job.seq_len, job.micro_batch
     ab = float_bytes(job.compute_dtype)
     h, i, a = arch.hidden, arch.intermediate, arch.heads
-    kernel = prefill_kernel(job, arch, platform)
-    mask = b * s * s * ab if kernel != "fused" else 0  # explicit additive (b, 1, s, s) mask
-    if kernel == "eager":
+    kernel = attention_kernel(job, arch, stack, grad=False, sdpa_bytes=ab)
+    own = kernel in (Kernel.eager, Kernel.math)  # the model's own matmul-softmax
+    mask = b * s * s * ab if kernel is not Kernel.fused else 0  # explicit additive (b, 1, s, s) mask
+    if own:
         # keys and values repeated to every head (repeat_kv, or Falcon's broadcast) are copies
         repeat_kv = 2 * arch.q_width * ab if arch.kv_heads != arch.heads else 0
-        # Falcon's eager softmax stays in the compute dtype: scores (scaled in place), their masked
-        # sum and the probabilities, and the previous layer's probabilities, which FalconModel's
-        # loop still holds in that layer's outputs; the others add an fp32 copy and an fp32 softmax
-        per_score = 4 * ab if arch.family == "falcon" else ab + 4 + 4
+        # Falcon's softmax stays in the compute dtype: scores (scaled in place), their masked sum
+        # and the probabilities, and the previous layer's probabilities, which FalconModel's loop
+        # still holds in that layer's outputs; eager adds an fp32 copy and an fp32 softmax
+        per_score = 4 * ab if kernel is Kernel.math else ab + 4 + 4
         attention = t * (4 * h * ab + repeat_kv) + t * a * s * per_score + mask
         if arch.rotary_fraction < 1:
             # partial rotary (Phi): the rotated slices of q and k live beside the concatenated q and k
@@ -79,41 +69,35 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, platform: str = "cuda") -
             attention += t * (arch.q_width + arch.kv_width + rotated) * ab
     else:
         attention = t * (3 * h * ab + 4 * h + ab * (2 * arch.q_width + 2 * arch.kv_width))
-    if kernel == "math_fp32":
+    if kernel is Kernel.math_fp32:
         # CUDA's _safe_softmax also builds a bool mask of the -inf scores inside one op (allocator
         # trace of a training layer, H200): the CPU's dispatch mode cannot see it
-        inside = 1 if platform == "cuda" else 0
+        inside = 0 if stack.cpu else 1
         upcast_q = t * arch.q_width * 4 if ab != 4 else 0
         attention += t * a * s * (8 + inside) + upcast_q + mask
-    if arch.experts_per_token:
-        k = arch.experts_per_token
-        mlp = t * k * (4 * i + h) * ab
-    elif arch.gated_mlp:
-        mlp = 3 * t * i * ab
-    elif arch.family == "phi":
-        mlp = 4 * t * i * ab
-    else:
-        mlp = 2 * t * i * ab
-    mlp += 4 * t * h * ab
-    if kernel == "eager":
+    mlp = t * family_of(arch).prefill_mlp_per_token(arch, ab) + 4 * t * h * ab
+    if own:
         mlp += t * a * s * ab + mask
     if arch.learned_positions:  # the token embeddings, and the position embeddings of one sequence
         mlp += (t + s) * h * ab
-    return max(attention, mlp) + dequant_bytes(job, arch, t)
+    return max(attention, mlp) + dequant_bytes(job, arch, stack, t)
 
 
 # bitsandbytes backends/cuda/ops.py: at most this many rows always take the fused 4-bit kernel
 BNB_FUSED_MAX_ROWS = 4
 
 
-def dequant_bytes(job: Job, arch: ModelArch, rows: int) -> int:
-    """A 4-bit matmul over more than a few rows dequantizes its weight into the compute dtype
-    first (bitsandbytes `_dequant_linear_fallback`), one linear at a time: the largest one counts.
+def dequant_bytes(job: Job, arch: ModelArch, stack: Stack, rows: int, into_bytes: int | None = None) -> int:
+    """The one dequantized 4/8-bit weight. A 4-bit matmul over more than a few rows dequantizes its
+    weight into the compute dtype first (bitsandbytes `_dequant_linear_fallback`, and
+    MatMul4Bit.backward for the input gradient), one linear at a time: the largest one counts.
     Up to 4 rows always run the fused kernel; between 5 and 1,536 rows bitsandbytes picks per GPU
-    architecture, and the estimate assumes the dequantizing path (the larger)."""
+    architecture, and the estimate assumes the dequantizing path (the larger). `into_bytes`: the
+    dtype it is dequantized into, when not the compute dtype (the CPU trace's activation dtype)."""
     if not job.quantized or rows <= BNB_FUSED_MAX_ROWS:
         return 0
-    return arch.largest_quantizable_linear * float_bytes(job.compute_dtype)
+    largest = max((d_in * d_out for d_in, d_out, _ in stack.quantized_linears(arch)), default=0)
+    return largest * (into_bytes or float_bytes(job.compute_dtype))
 
 
 def logits_bytes(job: Job, arch: ModelArch) -> int:

@@ -232,7 +232,9 @@ class Job(BaseModel):
     def base_weight_dtype(self) -> DType:
         if self.weight_dtype is not None:
             return self.weight_dtype
-        return DType.nf4 if self.method == "qlora" else self.compute_dtype
+        from .stacks import get  # the stack's precision recipe (planner/stacks)
+
+        return get(self.stack).default_weight_dtype(self)
 
     @property
     def quantized(self) -> bool:

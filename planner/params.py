@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from .architecture import ModelArch
+from .stacks import Stack
 
 
 class ParamCounts(BaseModel):
@@ -17,7 +18,7 @@ class ParamCounts(BaseModel):
     layers: int
     final_norm: int
     lm_head: int
-    # Weights of the linear layers transformers' bnb integration replaces (exact nn.Linear in blocks).
+    # Weights of the linear layers the stack's bitsandbytes loading replaces (Stack.bnb_converts).
     quantizable_linear: int
     # Largest single block, for FSDP units and checkpointed recomputation.
     total: int
@@ -31,14 +32,18 @@ class ParamCounts(BaseModel):
         return self.total - self.quantizable_linear
 
 
-def count_params(arch: ModelArch) -> ParamCounts:
-    linear_params = sum(lin.params for lin in arch.linears)
-    router = arch.experts * arch.hidden
+def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
+    """`stack` decides which linears count as quantizable (default: transformers 5's rule)."""
+    if stack is None:
+        from .stacks import get
+
+        stack = get("transformers-5")
+    linear_params = sum(lin.params for lin in arch.projections)
     head_norms = 2 * arch.head_dim if arch.qk_norm else 0
-    per_layer = linear_params + arch.norms_per_layer * arch.norm_params + head_norms + router
+    per_layer = linear_params + arch.norms_per_layer * arch.norm_params + head_norms
     embedding = arch.vocab * arch.hidden + (arch.max_positions * arch.hidden if arch.learned_positions else 0)
     lm_head = 0 if arch.tied_embeddings else arch.vocab * arch.hidden + (arch.vocab if arch.lm_head_bias else 0)
-    quantizable = arch.layers * sum(lin.d_in * lin.d_out * lin.copies for lin in arch.linears if lin.quantizable)
+    quantizable = arch.layers * sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(arch))
     total = embedding + per_layer * arch.layers + arch.norm_params + lm_head
     return ParamCounts(
         embedding=embedding,

@@ -31,7 +31,8 @@ def _title(est: Estimate) -> str:
         what = f"{job.method} training, micro-batch {job.micro_batch}, seq {job.seq_len}, {job.optimizer}{ck}{par}{off}"
     # under autocast the matmuls run in the compute dtype whatever the weights' dtype: say so
     compute = f"{job.compute_dtype.value} autocast" if job.runs_autocast else f"{job.compute_dtype.value} compute"
-    return f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {compute}, {job.attention}"
+    return (f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {compute}, {job.attention}; "
+            f"on {est.stack} (--stack {job.stack})")
 
 
 def _live_in(c) -> str:

@@ -35,6 +35,7 @@ class Phase(BaseModel):
 
 class Estimate(BaseModel):
     job: Job
+    stack: str = ""  # the software modelled (Stack.label)
     model_name: str
     params: ParamCounts
     trainable_params: int
@@ -59,6 +60,12 @@ class Estimate(BaseModel):
     def bytes_of(self, name: str) -> int:
         """A component's bytes, 0 when the job has none (zero-byte rows are not listed)."""
         return next((c.bytes for c in self.components if c.name == name), 0)
+
+    def measured_phases(self) -> dict[str, int]:
+        """Allocated bytes per phase under the names a trace or a GPU run measures (planner/phases.py)."""
+        from .phases import measured_view
+
+        return measured_view({p.name: p.allocated_bytes for p in self.phases})
 
     def at_phase(self, phase: str) -> list[tuple[Component, int]]:
         """The torch-pool components live at the high point of `phase`, with their bytes there:

@@ -14,6 +14,7 @@ from .dtypes import bytes_per_param_formula, float_bytes, linear_weight_bytes
 from .errors import MemplanInputError
 from .job import Job
 from .params import ParamCounts, lora_params
+from .stacks import Stack
 from .units import count
 
 BNB_OPTIM_BLOCK = 256
@@ -35,16 +36,13 @@ def resolve_targets(job: Job, arch: ModelArch) -> tuple[str, ...]:
     return wanted
 
 
-def weight_bytes(job: Job, arch: ModelArch, params: ParamCounts) -> tuple[int, str]:
+def weight_bytes(job: Job, arch: ModelArch, params: ParamCounts, stack: Stack) -> tuple[int, str]:
     """Base-model weights as loaded (and, for k-bit training, after peft's fp32 upcast)."""
     w = job.base_weight_dtype
     if w.is_float:
         return params.total * float_bytes(w), f"{count(params.total)} params x {float_bytes(w)} B ({w.value})"
     quant = sum(
-        linear_weight_bytes(lin.d_out, lin.d_in, w, job.double_quant)
-        for lin in arch.linears
-        if lin.quantizable
-        for _ in range(lin.copies)
+        n * linear_weight_bytes(d_out, d_in, w, job.double_quant) for d_in, d_out, n in stack.quantized_linears(arch)
     ) * arch.layers
     rest_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype)
     rest = params.unquantized * rest_bytes
@@ -154,15 +152,9 @@ def autocast_weight_copies(job: Job, arch: ModelArch, params: ParamCounts) -> in
     return matmul_params * float_bytes(job.compute_dtype)
 
 
-def unquantized_note(job: Job, arch: ModelArch) -> str | None:
+def unquantized_linears(job: Job, arch: ModelArch, stack: Stack) -> list[str]:
+    """Names of the block projections the stack's bitsandbytes loading leaves in 16 bits."""
     if not job.quantized:
-        return None
-    skipped = sorted({lin.name for lin in arch.linears if not lin.quantizable})
-    if not skipped:
-        return None
-    return (
-        f"{arch.name}: {', '.join(skipped)} are not plain nn.Linear, so transformers' bitsandbytes loading "
-        f"leaves them unquantized (integrations/bitsandbytes.py); they are counted in "
-        f"{'fp32 (kbit upcast)' if job.kbit_upcast else job.compute_dtype.value}"
-    )
+        return []
+    return sorted({lin.name for lin in arch.projections if not stack.bnb_converts(lin)})
 

@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 
+from memplan.stacks import get
+
 from memplan import Job, estimate_memory
 from memplan.errors import MemplanInputError
 from memplan.profiles import load_gpu, load_model
@@ -38,7 +40,7 @@ def test_rows_at_every_phase_sum_to_the_phase(platform):
     checked = 0
     gpu = load_gpu("H100-80GB")
     for job in _jobs():
-        est = estimate_memory(job, load_model(job.model), gpu, platform=platform)
+        est = estimate_memory(job, load_model(job.model), gpu, get(job.stack).on_cpu() if platform == "cpu" else None)
         for phase in est.phases:
             rows = est.at_phase(phase.name)
             assert sum(b for _, b in rows) == phase.allocated_bytes, (job, phase.name)

@@ -4,7 +4,7 @@ Jobs are drawn across everything the trace runs (memplan.validate.differential.d
 family's tiny config and a few real-size models at short sequences; training and inference; full
 and LoRA; weight, compute and adapter dtypes; autocast; AdamW and SGD with foreach on and off;
 batch, sequence, LoRA rank, targets and dropout; checkpointing; SDPA and eager; new tokens. Each
-is traced and the estimate (platform="cpu") must be within 3% of the trace at the step's peak
+is traced and the estimate (the CPU trace stack) must be within 3% of the trace at the step's peak
 and in every phase. Jobs the Job or the tracer refuses are not drawn; the known gaps are not drawn
 either and are held as strict xfails below, so a fix shows.
 

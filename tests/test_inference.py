@@ -9,6 +9,8 @@ the two residuals docs/activations.md names bounded on their own.
 
 import pytest
 
+from memplan.stacks import get
+
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
@@ -36,7 +38,7 @@ WHOLE = [
 
 
 def _phases(job: Job) -> dict[str, int]:
-    return {p.name: p.allocated_bytes for p in estimate_memory(job, load_model(job.model), platform="cpu").phases}
+    return {p.name: p.allocated_bytes for p in estimate_memory(job, load_model(job.model), stack=get(job.stack).on_cpu()).phases}
 
 
 @pytest.mark.parametrize("row", WHOLE, ids=[f"{r['model']}-b{r['micro_batch']}-s{r['seq_len']}-n{r['new_tokens']}" for r in WHOLE])
@@ -73,7 +75,7 @@ def test_plain_forward_peak_is_the_head_by_hand():
     the MLP's high point, t x (3 x 14,336 + 4 x 4,096) x 2 B, is smaller. The cache holds the
     prompt: 2 x 32 layers x 1,024 (8 kv heads x 128) x 2,048 x 2 x 2 B."""
     job = Job(model="llama-3-8b", task="infer", micro_batch=2, seq_len=2048)
-    est = estimate_memory(job, load_model("llama-3-8b"), platform="cpu")
+    est = estimate_memory(job, load_model("llama-3-8b"), stack=get(job.stack).on_cpu())
     t = 4096
     head = t * 4096 * 2 + t * 128_256 * 2
     assert t * (3 * 14_336 + 4 * 4_096) * 2 < head

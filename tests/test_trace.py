@@ -2,7 +2,7 @@
 
 Tolerance: the step's peak allocated bytes within 3% of the trace on every row, and each phase's
 peak (forward, backward, optimizer step) within 5%, so a drifting activation formula fails even
-where the optimizer step is the overall peak. The estimate runs with platform="cpu", which follows
+where the optimizer step is the overall peak. The estimate runs on the stack's CPU kernels (cpu_trace_stack), which follow
 the CPU kernels the trace takes (docs/activations.md says where they differ from CUDA).
 """
 
@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from memplan import Job, estimate_memory  # noqa: E402
+from memplan.stacks import cpu_trace_stack  # noqa: E402
 from memplan.profiles import load_model  # noqa: E402
 from memplan.validate.trace import trace_training  # noqa: E402
 
@@ -63,15 +64,6 @@ def _id(row):
     return f"{name}-{rest}"
 
 
-def _estimate_by_trace_phase(est):
-    phase = {p.name: p.allocated_bytes for p in est.phases}
-    return {
-        "forward": phase["forward"],
-        "backward": max(phase["loss backward"], phase["backward"]),
-        "optimizer step": phase["optimizer step"],
-    }
-
-
 # Known gaps, kept visible: checkpointed layers whose attention goes through the math kernel
 # (multi-query Falcon and GPT-BigCode on the CPU) hold transients during recomputation that the
 # model does not yet follow to 5% per phase (docs/activations.md). strict: a fix makes them fail.
@@ -92,10 +84,10 @@ params = [
 def test_estimate_matches_trace(row):
     job = Job(**row)
     traced = trace_training(job)
-    est = estimate_memory(job, load_model(job.model), platform="cpu")
+    est = estimate_memory(job, load_model(job.model), stack=cpu_trace_stack(job))
     err = (est.peak_allocated_bytes - traced.peak_allocated_bytes) / traced.peak_allocated_bytes
     assert abs(err) <= PEAK_TOLERANCE, f"peak {err:+.2%}"
-    by_phase = _estimate_by_trace_phase(est)
+    by_phase = est.measured_phases()
     for snap in traced.timeline:
         if snap.iteration == 1:
             e = by_phase[snap.phase]

@@ -22,7 +22,7 @@ from memplan.validate.worker import Measurement  # noqa: E402
 from .conftest import DATA  # noqa: E402
 
 TINY = str(DATA / "tiny-llama.json")
-# Real CPU steps against the estimate's platform="cpu" figure.
+# Real CPU steps against the estimate's the CPU trace stack figure.
 TOLERANCE = 0.05
 
 

@@ -146,18 +146,6 @@ def make_job(fields: dict) -> tuple[Job | None, str]:
     return job, ""
 
 
-def estimate_by_trace_phase(est) -> dict[str, int]:
-    """The estimate's phases under the trace's names (the trace's backward spans the loss gradient)."""
-    phase = {p.name: p.allocated_bytes for p in est.phases}
-    if "prefill" in phase:
-        return {k: phase[k] for k in ("prefill", "decode") if k in phase}
-    return {
-        "forward": phase["forward"],
-        "backward": max(phase["loss backward"], phase["backward"]),
-        "optimizer step": phase["optimizer step"],
-    }
-
-
 def compare(job: Job) -> dict:
     """Trace the job and return the relative errors of the estimate: peak and each phase."""
     from memplan import estimate_memory
@@ -166,8 +154,10 @@ def compare(job: Job) -> dict:
     from .trace import trace_inference, trace_training
 
     traced = trace_inference(job) if job.task == "infer" else trace_training(job)
-    est = estimate_memory(job, load_model(job.model), platform="cpu")
-    by_phase = estimate_by_trace_phase(est)
+    from memplan.stacks import cpu_trace_stack
+
+    est = estimate_memory(job, load_model(job.model), stack=cpu_trace_stack(job))
+    by_phase = est.measured_phases()
     last = max(s.iteration for s in traced.timeline)
     phases = {s.phase: (by_phase[s.phase] - s.peak_bytes) / s.peak_bytes
               for s in traced.timeline if s.iteration == last}

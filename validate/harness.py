@@ -45,7 +45,10 @@ def run_one(job: Job, device: str, steps: int = 2, timeout_s: float = 900, capac
 def predict(job: Job, gpu: GpuProfile | None, device: str) -> results.Predicted:
     from memplan.profiles import load_model
 
-    est = estimate_memory(job, load_model(job.model), gpu, platform="cpu" if device == "cpu" else "cuda")
+    from memplan.stacks import get
+
+    stack = get(job.stack)
+    est = estimate_memory(job, load_model(job.model), gpu, stack.on_cpu() if device == "cpu" else stack)
     return results.Predicted(
         peak_allocated_bytes=est.peak_allocated_bytes,
         peak_reserved_bytes=est.peak_reserved_bytes,

@@ -1,0 +1,92 @@
+"""The decoder layer most families share, built like transformers' LlamaDecoderLayer: RMSNorm,
+q/k/v/o projections, a gated (or routed) MLP. Llama, Mistral, Gemma, Qwen2/3 and Mixtral parse and
+save through these, each family module naming its own differences."""
+
+from __future__ import annotations
+
+from .. import activations as act
+from ..architecture import ConfigReader, LinearSpec, ModelArch, attention_linears
+
+
+def llama_like(r: ConfigReader, name: str, family: str, *, decoder_layer: str, default_targets: tuple[str, ...],
+               qkv_bias: bool | None = None, tied_default: bool = False, norm: str = "rms",
+               sliding_window: int | None = None, qk_norm: bool = False, experts: tuple[int, int] | None = None) -> ModelArch:
+    """`qkv_bias`: q, k and v carry a bias and o does not (Qwen2Attention); None reads attention_bias.
+    `experts`: (num_local_experts, num_experts_per_tok) of a routed MLP of fused experts."""
+    h = r.int("hidden_size")
+    heads, hd = r.heads(h)
+    kv = r.kv_heads(heads)
+    inter = r.int("intermediate_size")
+    mlp_bias = r.bool("mlp_bias", False)
+    if qkv_bias is None:
+        linears = attention_linears(h, heads * hd, kv * hd, r.bool("attention_bias", False))
+    else:
+        linears = attention_linears(h, heads * hd, kv * hd, qkv_bias, o_bias=False)
+    router = None
+    n_experts = per_tok = 0
+    if experts:
+        n_experts, per_tok = experts
+        linears += [
+            LinearSpec(name="experts.gate_up_proj", d_in=h, d_out=2 * inter, module="fused experts", copies=n_experts),
+            LinearSpec(name="experts.down_proj", d_in=inter, d_out=h, module="fused experts", copies=n_experts),
+        ]
+        router = LinearSpec(name="gate", d_in=h, d_out=n_experts, module="router")
+    else:
+        linears += [
+            LinearSpec(name="gate_proj", d_in=h, d_out=inter, bias=mlp_bias),
+            LinearSpec(name="up_proj", d_in=h, d_out=inter, bias=mlp_bias),
+            LinearSpec(name="down_proj", d_in=inter, d_out=h, bias=mlp_bias),
+        ]
+    return ModelArch(
+        name=name,
+        family=family,
+        decoder_layer=decoder_layer,
+        hidden=h,
+        layers=r.int("num_hidden_layers"),
+        heads=heads,
+        kv_heads=kv,
+        head_dim=hd,
+        intermediate=inter,
+        vocab=r.int("vocab_size"),
+        max_positions=r.int("max_position_embeddings", default=2048),
+        tied_embeddings=r.bool("tie_word_embeddings", tied_default),
+        norm=norm,
+        norm_bias=False,
+        gated_mlp=True,
+        parallel_attn=False,
+        experts=n_experts,
+        experts_per_token=per_tok,
+        attn_dropout=r.fraction("attention_dropout", 0.0, zero=True),
+        sliding_window=sliding_window,
+        qk_norm=qk_norm,
+        linears=tuple(linears),
+        router=router,
+        default_lora_targets=default_targets,
+    )
+
+
+def llama_layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
+    """LlamaDecoderLayer: input RMSNorm, attention (q/k norms for Qwen3), post-attention RMSNorm,
+    gated MLP or routed experts."""
+    saved: act.Saved = {}
+    act.rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
+    if arch.qk_norm:
+        act.head_norms(ctx, arch, saved)
+    act.o_proj(ctx, arch, "o_proj", act.attention_core(ctx, arch, False, saved), saved)
+    routed = bool(arch.experts)
+    act.rms_norm(ctx, arch, "post_attn_norm", () if routed else ("gate_proj", "up_proj"), saved)
+    if routed:
+        act.moe_mlp(ctx, arch, saved)
+    else:
+        act.gated_mlp(ctx, arch, saved)
+    return saved
+
+
+def gated_prefill_mlp(arch: ModelArch, ab: int) -> int:
+    """act(gate) x up: act, up and their product alive together."""
+    return 3 * arch.intermediate * ab
+
+
+def routed_prefill_mlp(arch: ModelArch, ab: int) -> int:
+    """k routed copies per token: the routed inputs, fused gate-up, act and product."""
+    return arch.experts_per_token * (4 * arch.intermediate + arch.hidden) * ab

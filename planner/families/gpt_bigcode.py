@@ -1,0 +1,72 @@
+"""GPT-BigCode / StarCoder (models/gpt_bigcode/modeling_gpt_bigcode.py): learned positions, two
+LayerNorms, fused c_attn with multi-query keys, a bool causal-mask buffer."""
+
+from .. import activations as act
+from ..architecture import LinearSpec, ModelArch
+from .base import Family
+
+PEFT_TARGETS = ("c_attn",)  # peft 0.21 utils/constants.py
+
+
+def _parse(r, name, mt) -> ModelArch:
+    h = r.int("n_embd", "hidden_size")
+    heads, hd = r.heads(h, ("n_head", "num_attention_heads"), stated_head_dim=False)  # GPTBigCodeAttention: head_dim is always hidden / heads
+    kv = 1 if r.bool("multi_query", True) else heads
+    inter = r.int("n_inner", default=4 * h)
+    linears = (
+        LinearSpec(name="c_attn", d_in=h, d_out=h + 2 * kv * hd, bias=True),
+        LinearSpec(name="attn.c_proj", d_in=h, d_out=h, bias=True),
+        LinearSpec(name="c_fc", d_in=h, d_out=inter, bias=True),
+        LinearSpec(name="mlp.c_proj", d_in=inter, d_out=h, bias=True),
+    )
+    return ModelArch(
+        name=name,
+        family=mt,
+        decoder_layer="GPTBigCodeBlock",
+        hidden=h,
+        layers=r.int("n_layer", "num_hidden_layers"),
+        heads=heads,
+        kv_heads=kv,
+        head_dim=hd,
+        intermediate=inter,
+        vocab=r.int("vocab_size"),
+        max_positions=r.int("n_positions", "max_position_embeddings", default=2048),
+        tied_embeddings=r.bool("tie_word_embeddings", True),
+        norm="layer",
+        norm_bias=True,
+        gated_mlp=False,
+        parallel_attn=False,
+        learned_positions=True,
+        attn_dropout=r.fraction("attn_pdrop", 0.0, zero=True),
+        resid_dropout=r.fraction("resid_pdrop", 0.0, zero=True),
+        embd_dropout=r.fraction("embd_pdrop", 0.0, zero=True),
+        activation="gelu_pytorch_tanh",
+        sdpa_broadcast_kv=True,
+        linears=linears,
+        default_lora_targets=PEFT_TARGETS,
+    )
+
+
+def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
+    saved: act.Saved = {}
+    act.layer_norm(ctx, arch, "ln_1", ("c_attn",), saved)
+    act.o_proj(ctx, arch, "attn.c_proj", act.attention_core(ctx, arch, False, saved), saved)
+    if ctx.batch == 1 and ctx.attention is not act.Kernel.eager and ctx.attention is not act.Kernel.fused:
+        # GPTBigCodeAttention hands SDPA an expanded key: scaling it materialises every head, and
+        # with a batch of one the query is kept twice, as its contiguous copy and scaled (seen in
+        # the CPU trace)
+        t, q, md = ctx.tokens, arch.q_width, act.materialised_bytes(ctx)
+        saved["attn.k_expanded"] = t * q * md
+        saved["attn.q_contiguous"] = t * q * md
+    t, h = ctx.tokens, arch.hidden
+    if ctx.grad_in:
+        saved["post_attn_norm.input"] = t * h * ctx.stream_bytes
+        saved["post_attn_norm.mean_rstd"] = 2 * t * ctx.stats_bytes
+    act.linear_input(ctx, ("c_fc",), h, "post_attn_norm.out", saved, fp32_source=True)
+    act.plain_mlp(ctx, arch, "c_fc", "mlp.c_proj", saved)
+    act.dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
+    return saved
+
+
+FAMILY = Family(model_types=("gpt_bigcode",), parse=_parse, layer_saved=_layer_saved,
+                prefill_mlp_per_token=lambda arch, ab: 2 * arch.intermediate * ab)

@@ -1,0 +1,113 @@
+"""What a Stack is: the rules of one software stack, with the transformers 5.x rules as defaults.
+
+A stack (framework + version) decides which linears bitsandbytes converts, which attention kernel
+runs, what the loss materialises, the default precision recipe and what a decoder layer saves. The
+analytic core asks the job's Stack (`memplan.stacks.get(job.stack)`) and never branches on a
+library's name or version. `kernels` says where the step runs: on CUDA, or on the CPU under fake
+tensors (`memplan trace`), whose kernels save different tensors (docs/architecture.md).
+
+A new stack is a subclass that overrides only the hooks whose behaviour differs, each citing the
+library file it follows (docs/stacks/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..activations import Ctx, Saved
+    from ..architecture import LinearSpec, ModelArch
+    from ..dtypes import DType
+    from ..job import Job
+
+
+class Kernels(str, Enum):
+    """Where the step's kernels run: the GPU, or the CPU of the fake-tensor trace."""
+
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Bytes of the head and loss beyond the saved activations: live at the forward's high point
+    at the head, live in the loss's backward, and still referenced by the training loop through
+    backward and the optimizer step (litgpt's `fit()` keeps `logits`)."""
+
+    forward: int
+    backward: int
+    held: int
+    formula: str
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    label: str  # the software, as the header names it
+    sources: str  # the library versions its rules were read off
+    kernels: Kernels = Kernels.cuda
+    # what its bitsandbytes loading converts, in words, for notes
+    bnb_rule: str = "only modules whose type is exactly nn.Linear (integrations/bitsandbytes.py)"
+
+    def on_cpu(self) -> "Stack":
+        """The same stack on the CPU trace's kernels."""
+        return dataclasses.replace(self, kernels=Kernels.cpu)
+
+    @property
+    def cpu(self) -> bool:
+        return self.kernels is Kernels.cpu
+
+    # --- loading -------------------------------------------------------------------------------
+    def bnb_converts(self, lin: "LinearSpec") -> bool:
+        """Whether bitsandbytes loading replaces this linear with a 4/8-bit one. transformers 5.x
+        (integrations/bitsandbytes.py `_replace_with_bnb_linear`: `type(module) is nn.Linear`)
+        converts exact nn.Linear only: Falcon's FalconLinear subclass, fused 3-D expert tensors and
+        Mixtral's router (a bare Parameter) stay in the compute dtype."""
+        return lin.module == "Linear"
+
+    def quantized_linears(self, arch: "ModelArch") -> list[tuple[int, int, int]]:
+        """(d_in, d_out, tensors per layer) of every weight bitsandbytes loading converts."""
+        return [(lin.d_in, lin.d_out, lin.copies) for lin in arch.projections if self.bnb_converts(lin)]
+
+    def default_weight_dtype(self, job: "Job") -> "DType":
+        """The base weights' dtype when the job does not name one: NF4 for QLoRA, else the compute
+        dtype (from_pretrained(torch_dtype=...) with the Trainer's bf16/fp16)."""
+        from ..dtypes import DType
+
+        return DType.nf4 if job.method == "qlora" else job.compute_dtype
+
+    # --- activations ---------------------------------------------------------------------------
+    def layer_saved(self, arch: "ModelArch", ctx: "Ctx") -> "Saved":
+        """What one decoder layer saves for backward: the family's transformers modeling file."""
+        from ..families import family_of
+
+        return family_of(arch).layer_saved(arch, ctx)
+
+    def layer_backward_transient(self, arch: "ModelArch", ctx: "Ctx", saved: "Saved") -> int:
+        from .. import activations
+
+        return activations.layer_backward_transient(arch, ctx, saved)
+
+    def layer_forward_transient(self, arch: "ModelArch", ctx: "Ctx", saved: "Saved", checkpointed: bool) -> int:
+        from .. import activations
+
+        return activations.layer_forward_transient(arch, ctx, saved, checkpointed)
+
+    # --- loss ----------------------------------------------------------------------------------
+    def loss(self, job: "Job", arch: "ModelArch", tokens: int, logit_bytes: int) -> LossTerms:
+        """transformers' ForCausalLMLoss (loss/loss_utils.py): `logits.float()` then cross-entropy,
+        whose forward keeps the fp32 log-softmax; its backward holds the log-softmax and two fp32
+        vocab-wide gradients. Logits come out of lm_head in `logit_bytes`."""
+        v = arch.vocab
+        upcast = 4 if logit_bytes != 4 else 0
+        parts = f"{logit_bytes} B logits + an fp32 copy + fp32 log-softmax" if upcast else "fp32 logits + fp32 log-softmax"
+        return LossTerms(
+            forward=tokens * v * (logit_bytes + upcast + 4),
+            backward=tokens * v * 12,
+            held=0,
+            formula=(f"{tokens:,} tokens x {v:,} vocab x {logit_bytes + upcast + 4} B in forward ({parts}), "
+                     "x 12 B in loss backward (fp32 log-softmax + 2 fp32 gradients)"),
+        )
