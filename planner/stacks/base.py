@@ -79,6 +79,27 @@ class Stack:
 
         return DType.nf4 if job.method == "qlora" else job.compute_dtype
 
+    def buffer_bytes(self, job: "Job", arch: "ModelArch") -> int:
+        """Non-parameter tensors the model registers (params.py `buffer_bytes`: transformers'
+        rotary inverse frequencies, or GPT-BigCode's causal mask)."""
+        from ..params import buffer_bytes
+
+        return buffer_bytes(arch)
+
+    # --- optimizer -----------------------------------------------------------------------------
+    def optimizer_step_temporary(self, job: "Job", n_train: int, largest: int) -> tuple[int, str]:
+        """The optimizer step's temporaries: torch.optim's AdamW with the job's `foreach`
+        (training.py `optimizer_step_temporary`)."""
+        from ..training import optimizer_step_temporary
+
+        return optimizer_step_temporary(job, n_train, largest)
+
+    def gradients_held(self, job: "Job", produced: int, in_flight: int) -> int:
+        """Gradient bytes live once `produced` bytes of gradients have been produced; `in_flight`
+        is the largest single gradient that may still be awaiting its update (0 once backward is
+        over). The HF Trainer keeps every gradient until the optimizer step."""
+        return produced
+
     # --- activations ---------------------------------------------------------------------------
     def layer_saved(self, arch: "ModelArch", ctx: "Ctx") -> "Saved":
         """What one decoder layer saves for backward: the family's transformers modeling file."""
