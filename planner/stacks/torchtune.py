@@ -62,6 +62,22 @@ class Torchtune(Stack):
             return min(produced, in_flight)
         return produced
 
+    def layer_forward_transient(self, arch, ctx, saved, checkpointed: bool) -> int:
+        """A checkpointed layer (training/_activation_checkpointing.py, non-reentrant
+        `checkpoint_wrapper` around each TransformerSelfAttentionLayer) keeps none of its
+        intermediates, so its forward's high point is the MLP's (modules/feed_forward.py
+        `FeedForward.forward`: `h = activation(w1(x))`, then `h * w3(x)`) over the new residual
+        stream and its norm: `h` alive while `w3(x)` runs, and inside a LoRA `w3`
+        (modules/peft/lora.py `LoRALinear.forward`: `out + (alpha / rank) * lora_b(...)`) the base
+        output, the scaled adapter output and their sum: 4 x tokens x intermediate with LoRA on the
+        up projection, else 3 (h, w3(x), their product)."""
+        base = super().layer_forward_transient(arch, ctx, saved, checkpointed)
+        if not checkpointed or not arch.gated_mlp:
+            return base
+        t, ab = ctx.tokens, ctx.act_bytes
+        mlp = (4 if "up_proj" in ctx.targets else 3) * t * arch.intermediate * ab
+        return max(base, 2 * t * arch.hidden * ab + mlp)
+
     def loss(self, job, arch, tokens: int, logit_bytes: int) -> LossTerms:
         """Unchunked (`chunked_loss=0`): modules/transformer.py `unembed` returns
         `self.output(h).float()`, so the 16-bit head output dies at once and the fp32 logits and

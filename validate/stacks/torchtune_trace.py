@@ -120,6 +120,86 @@ def trace_jobs(jobs, iterations: int = 2) -> list[dict]:
     return reply["results"]
 
 
+LORA_ALL = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the recipes' LoRA targets
+
+
+def matrix(real_size: bool = False) -> list:
+    """The jobs tests/test_stack_torchtune.py traces: Llama-2-7B (real vocabulary and a 4k one),
+    Mistral-7B and Qwen2.5-7B cut to 2 layers, one real-size Llama-2-7B; full and LoRA (the
+    configs' rank 8, alpha 16, q/v/output_proj + MLP, and peft's q/v default), checkpointing on and
+    off, micro-batch 1 and 2, sequence 256 and 512, bf16 (torchtune's default) and fp32, the chunked
+    loss (8) and the unchunked one, optimizer in backward. `real_size` adds the real-size job (~50 s
+    on a loaded 2-core machine: kept out of CI)."""
+    from memplan.job import Job
+    from memplan.validate.models import cut_config
+
+    def cut(model: str, layers: int, vocab: int | None = None) -> str:
+        path = cut_config(model, layers, vocab)
+        _NAMES[path] = f"{model.split('/')[-1]}-L{layers}" + (f"-V{vocab}" if vocab else "")
+        return path
+
+    l2 = cut("meta-llama/Llama-2-7b-hf", 2)
+    l2v = cut("meta-llama/Llama-2-7b-hf", 2, 4096)
+    m2 = cut("mistralai/Mistral-7B-v0.1", 2)
+    q2 = cut("Qwen/Qwen2.5-7B", 2, 8192)
+    lora = dict(method="lora", adapter_dtype="bf16", lora_targets=LORA_ALL, lora_rank=8, lora_alpha=16)
+    lora32 = {**lora, "adapter_dtype": "fp32"}
+    full = dict(method="full")
+    rows = [
+        (l2, full, 1, 256, dict(chunked_loss=8)),
+        (l2, full, 2, 512, dict(chunked_loss=0, gradient_checkpointing=True)),
+        (l2, lora, 2, 256, dict(chunked_loss=8)),
+        (l2, lora, 1, 512, dict(chunked_loss=0, gradient_checkpointing=True)),
+        (l2, lora, 2, 512, dict(chunked_loss=8, gradient_checkpointing=True)),
+        (l2, {**lora, "lora_targets": "default"}, 2, 256, dict(chunked_loss=8)),
+        (l2v, full, 2, 256, dict(chunked_loss=0, compute_dtype="fp32")),
+        (l2v, lora32, 1, 512, dict(chunked_loss=8, compute_dtype="fp32")),
+        (l2v, lora, 2, 256, dict(chunked_loss=8, gradient_checkpointing=True)),
+        (l2v, full, 2, 256, dict(chunked_loss=8, optimizer_in_backward=True)),
+        (l2v, full, 1, 512, dict(chunked_loss=0, optimizer_in_backward=True, gradient_checkpointing=True)),
+        (m2, lora, 2, 256, dict(chunked_loss=8)),
+        (m2, full, 1, 512, dict(chunked_loss=8, gradient_checkpointing=True)),
+        (q2, lora, 2, 256, dict(chunked_loss=8)),
+        (q2, full, 1, 256, dict(chunked_loss=0)),
+    ]
+    if real_size:
+        rows.append(("meta-llama/Llama-2-7b-hf", lora, 2, 512, dict(chunked_loss=8, gradient_checkpointing=True)))
+    return [Job(model=m, stack="torchtune", micro_batch=b, seq_len=s, **meth, **kw) for m, meth, b, s, kw in rows]
+
+
+_NAMES: dict[str, str] = {}  # cut config path -> readable name
+
+
+def label(job) -> str:
+    name = _NAMES.get(job.model, job.model.split("/")[-1])
+    return (f"{name} {job.method} {job.base_weight_dtype.value} b{job.micro_batch} "
+            f"s{job.seq_len} ck{int(job.checkpointing)} k{job.chunked_loss}" + (" inbwd" if job.optimizer_in_backward else "")
+            + (f" {job.lora_targets}" if job.uses_lora and isinstance(job.lora_targets, str) else ""))
+
+
+def compare(job, result: dict) -> dict[str, tuple[int, int]]:
+    """(estimate, trace) bytes per measured phase of the steady iteration."""
+    from memplan import stacks
+    from memplan.estimate import estimate_memory
+    from memplan.profiles import load_model
+
+    est = estimate_memory(job, load_model(job.model), stack=stacks.get(job.stack).on_cpu()).measured_phases()
+    last = max(p["iteration"] for p in result["timeline"])
+    trace = {p["phase"]: p["peak_bytes"] for p in result["timeline"] if p["iteration"] == last}
+    return {ph: (est[ph], trace[ph]) for ph in PHASES}
+
+
+def record(path: str) -> None:
+    """Trace the matrix (with the real-size job) and append one JSON line per job (trace, estimate
+    per phase) to `path`."""
+    jobs = matrix(real_size=True)
+    for job, r in zip(jobs, trace_jobs(jobs)):
+        row = {**r, "label": label(job), "estimate_vs_trace": compare(job, r)}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(row["label"], " ".join(f"{ph} {100 * (e - t) / t:+.2f}%" for ph, (e, t) in row["estimate_vs_trace"].items()))
+
+
 # ---- inside the torchtune venv ------------------------------------------------------------------
 
 def _builder_kwargs(req: dict) -> tuple[object, dict]:
