@@ -62,6 +62,29 @@ class Torchtune(Stack):
             return min(produced, in_flight)
         return produced
 
+    def layer_saved(self, arch, ctx):
+        """The family's saved tensors (the transformers defaults), with two torchtune differences
+        the trace measured per layer (middle layer of a 3-layer model, exact to the byte):
+
+        - modules/rms_norm.py `RMSNorm.forward` (line 38): `F.rms_norm(x.float(), ..., weight=self.scale)
+          .to(x.dtype)`: with the scale training (full fine-tuning) the normalised tensor kept for
+          its gradient is fp32, where transformers keeps it in the model dtype (+2 x T x hidden
+          per layer in bf16; nothing in fp32).
+        - modules/attention.py `MultiHeadAttention.forward`: grouped-query k and v are expanded to
+          every query head (`k.unsqueeze(2).expand(...).flatten(1, 2)`, a copy) before SDPA, which
+          saves the expanded copies: k and v of heads x head_dim, not kv_heads x head_dim."""
+        saved = dict(super().layer_saved(arch, ctx))
+        t = ctx.tokens
+        if ctx.base_trains:
+            for norm in ("input_norm", "post_attn_norm"):
+                if f"{norm}.normed" in saved:
+                    saved[f"{norm}.normed"] = t * arch.hidden * 4
+        if arch.kv_heads != arch.heads:
+            for key in ("attn.k", "attn.v"):
+                if key in saved:
+                    saved[key] = t * arch.heads * arch.head_dim * ctx.act_bytes
+        return saved
+
     def layer_forward_transient(self, arch, ctx, saved, checkpointed: bool) -> int:
         """A checkpointed layer (training/_activation_checkpointing.py, non-reentrant
         `checkpoint_wrapper` around each TransformerSelfAttentionLayer) keeps none of its
