@@ -77,6 +77,7 @@ class _State:
         root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
         self.root_weights = root_params * root_bytes
         self.buffers = stack.buffer_bytes(job, arch)
+        self.buffers_formula = stack.buffers_formula(job, arch)
         self.layer_weights = (self.weights - self.root_weights) // arch.layers
         self.adapters = n_train * pb if job.uses_lora else 0
         self.states, self.states_formula = optimizer_state_bytes(job, n_train)
@@ -175,16 +176,11 @@ class _Walk:
         return out
 
 
-def _buffers_formula(arch: ModelArch) -> str:
-    return (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
-            else "rotary inverse frequencies, fp32")
-
-
 def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_train: int) -> None:
     plan = st.plan
     split = f" / {plan.params_div} ({plan.describe})" if plan.params_div > 1 else ""
     walk.row("weights", st.weights_formula + split)
-    walk.row("buffers", _buffers_formula(arch))
+    walk.row("buffers", st.buffers_formula)
     pb = trainable_bytes_per_param(job)
     walk.row("adapters", f"r={job.lora_rank} x (d_in + d_out) on {'/'.join(targets)}: {count(n_train)} x {pb} B{split}")
     walk.row("gathered parameters",
@@ -373,7 +369,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     notes: list[str] = _unconverted_notes(job, arch, stack)
     w, w_formula = weight_bytes(job, arch, params, stack)
     walk.row("weights", w_formula)
-    walk.row("buffers", _buffers_formula(arch))
+    walk.row("buffers", stack.buffers_formula(job, arch))
     kv = inf.kv_cache_bytes(job, arch)
     kv_prompt = inf.kv_cache_bytes(job, arch, generated=False)
     positions = inf.kv_tokens(job, arch)

@@ -86,6 +86,11 @@ class Stack:
 
         return buffer_bytes(arch)
 
+    def buffers_formula(self, job: "Job", arch: "ModelArch") -> str:
+        """How `buffer_bytes` counts, for the breakdown."""
+        return (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
+                else "rotary inverse frequencies, fp32")
+
     # --- optimizer -----------------------------------------------------------------------------
     def optimizer_step_temporary(self, job: "Job", n_train: int, largest: int) -> tuple[int, str]:
         """The optimizer step's temporaries: torch.optim's AdamW with the job's `foreach`

@@ -44,6 +44,11 @@ class Torchtune(Stack):
         one = _rounded(half * 4) + _rounded(arch.max_positions * per_position * 4)
         return one * (arch.layers if job.uses_lora else 1)
 
+    def buffers_formula(self, job, arch) -> str:
+        shape = "max_seq_len x head_dim x 2" if arch.family == "qwen2" else "max_seq_len x head_dim/2 x 2"
+        where = f"one per layer ({arch.layers}: the LoRA builders)" if job.uses_lora else "one, shared by every layer"
+        return f"RoPE theta + cache ({arch.max_positions:,} positions; {shape}), fp32, {where}"
+
     def optimizer_step_temporary(self, job, n_train: int, largest: int) -> tuple[int, str]:
         """The recipes' configs take `torch.optim.AdamW` with `fused: True`
         (recipes/configs/llama2/7B_lora_single_device.yaml, 7B_full.yaml): `_fused_adamw_` updates
