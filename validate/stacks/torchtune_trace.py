@@ -128,8 +128,8 @@ def matrix(real_size: bool = False) -> list:
     Mistral-7B and Qwen2.5-7B cut to 2 layers, one real-size Llama-2-7B; full and LoRA (the
     configs' rank 8, alpha 16, q/v/output_proj + MLP, and peft's q/v default), checkpointing on and
     off, micro-batch 1 and 2, sequence 256 and 512, bf16 (torchtune's default) and fp32, the chunked
-    loss (8) and the unchunked one, optimizer in backward. `real_size` adds the real-size job (~50 s
-    on a loaded 2-core machine: kept out of CI)."""
+    loss (8) and the unchunked one, optimizer in backward. `real_size` adds four real-size jobs (~50 s
+    each on a loaded 2-core machine: kept out of CI)."""
     from memplan.job import Job
     from memplan.validate.models import cut_config
 
@@ -163,7 +163,13 @@ def matrix(real_size: bool = False) -> list:
         (q2, full, 1, 256, dict(chunked_loss=0)),
     ]
     if real_size:
-        rows.append(("meta-llama/Llama-2-7b-hf", lora, 2, 512, dict(chunked_loss=8, gradient_checkpointing=True)))
+        rows += [
+            ("meta-llama/Llama-2-7b-hf", lora, 2, 512, dict(chunked_loss=8, gradient_checkpointing=True)),
+            ("meta-llama/Llama-2-7b-hf", full, 2, 512,
+             dict(chunked_loss=8, gradient_checkpointing=True, optimizer_in_backward=True)),
+            ("mistralai/Mistral-7B-v0.1", full, 1, 512, dict(chunked_loss=8)),
+            ("Qwen/Qwen2.5-7B", lora, 1, 512, dict(chunked_loss=8)),
+        ]
     return [Job(model=m, stack="torchtune", micro_batch=b, seq_len=s, **meth, **kw) for m, meth, b, s, kw in rows]
 
 
