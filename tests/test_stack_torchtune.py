@@ -11,8 +11,14 @@ from memplan.validate.stacks import torchtune_trace as tt
 
 TOLERANCE = 0.03
 JOBS = tt.matrix()
-# Known outliers: none at present. A strict xfail names why: {index in JOBS: reason}.
-OUTLIERS: dict[int, str] = {}
+# Known outliers, strict xfails: {label: why}.
+OUTLIERS: dict[str, str] = {
+    "gemma-2b-L2-V8192 full bf16 b1 s512 ck0 k0": (
+        "tied embedding (TiedLinear) full fine-tuning: the estimate's bottom of backward is 64 MiB (2 x vocab x "
+        "hidden x 2 B) over the trace's backward peak (+3.4%); torchtune's handling of the tied gradient is not "
+        "modelled yet"
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +26,15 @@ def traces() -> list[dict]:
     return tt.trace_jobs(JOBS)  # one venv process for the whole matrix
 
 
+def test_every_outlier_is_in_the_matrix():
+    assert set(OUTLIERS) <= {tt.label(j) for j in JOBS}
+
+
 @pytest.mark.parametrize("i", range(len(JOBS)), ids=[tt.label(j) for j in JOBS])
 def test_estimate_within_3_percent_of_the_trace(i, traces, request):
-    if i in OUTLIERS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=OUTLIERS[i]))
+    why = OUTLIERS.get(tt.label(JOBS[i]))
+    if why:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=why))
     job, result = JOBS[i], traces[i]
     assert result["versions"]["torchtune"].startswith("0.6.1") and result["versions"]["torchao"].startswith("0.11.0")
     errors = {ph: (e - t) / t for ph, (e, t) in tt.compare(job, result).items()}

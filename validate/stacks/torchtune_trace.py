@@ -35,7 +35,7 @@ DTYPES = ("bf16", "fp32")
 # {"q_proj", "k_proj", "v_proj", "output_proj"}; the MLP's w1/w2/w3 only all together, apply_lora_to_mlp)
 ATTN_NAMES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma")
 
 
 # ---- main environment side ---------------------------------------------------------------------
@@ -125,7 +125,7 @@ LORA_ALL = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  
 
 def matrix(real_size: bool = False) -> list:
     """The jobs tests/test_stack_torchtune.py traces: Llama-2-7B (real vocabulary and a 4k one),
-    Mistral-7B and Qwen2.5-7B cut to 2 layers, one real-size Llama-2-7B; full and LoRA (the
+    Mistral-7B, Qwen2.5-7B and Gemma-2B cut to 2 layers, one real-size Llama-2-7B; full and LoRA (the
     configs' rank 8, alpha 16, q/v/output_proj + MLP, and peft's q/v default), checkpointing on and
     off, micro-batch 1 and 2, sequence 256 and 512, bf16 (torchtune's default) and fp32, the chunked
     loss (8) and the unchunked one, optimizer in backward. `real_size` adds four real-size jobs (~50 s
@@ -142,6 +142,7 @@ def matrix(real_size: bool = False) -> list:
     l2v = cut("meta-llama/Llama-2-7b-hf", 2, 4096)
     m2 = cut("mistralai/Mistral-7B-v0.1", 2)
     q2 = cut("Qwen/Qwen2.5-7B", 2, 8192)
+    g2 = cut("google/gemma-2b", 2, 8192)
     lora = dict(method="lora", adapter_dtype="bf16", lora_targets=LORA_ALL, lora_rank=8, lora_alpha=16)
     lora32 = {**lora, "adapter_dtype": "fp32"}
     full = dict(method="full")
@@ -161,6 +162,8 @@ def matrix(real_size: bool = False) -> list:
         (m2, full, 1, 512, dict(chunked_loss=8, gradient_checkpointing=True)),
         (q2, lora, 2, 256, dict(chunked_loss=8)),
         (q2, full, 1, 256, dict(chunked_loss=0)),
+        (g2, lora, 2, 256, dict(chunked_loss=8)),
+        (g2, full, 1, 512, dict(chunked_loss=0)),
     ]
     if real_size:
         rows += [
@@ -235,6 +238,10 @@ def _builder_kwargs(req: dict) -> tuple[object, dict]:
         from torchtune.models.qwen2 import qwen2 as base, lora_qwen2 as with_lora
 
         kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
+    elif family == "gemma":  # models/gemma/_component_builders.py: head_dim stated, output tied (TiedLinear)
+        from torchtune.models.gemma import gemma as base, lora_gemma as with_lora
+
+        kw["head_dim"] = cfg["head_dim"]
     else:
         raise ValueError(f"family {family!r}: the torchtune trace builds {', '.join(FAMILIES)}")
     if family == "llama" and cfg.get("tie_word_embeddings"):
@@ -249,6 +256,8 @@ def _builder_kwargs(req: dict) -> tuple[object, dict]:
         lora_alpha=job["lora_alpha"],
         lora_dropout=job["lora_dropout"],
     )
+    if family == "gemma":  # lora_gemma: the output is tied to the embedding, no LoRA on it
+        del kw["apply_lora_to_output"]
     return with_lora, kw
 
 
