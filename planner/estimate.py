@@ -31,7 +31,6 @@ from .training import (
     largest_trainable_tensor,
     unpaged_trainable_params,
     optimizer_state_bytes,
-    resolve_targets,
     trainable_bytes_per_param,
     trainable_params,
     unquantized_linears,
@@ -209,7 +208,7 @@ def _workspace_formula(ws: int, task: str) -> str:
 
 def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     params = count_params(arch, stack)
-    targets = resolve_targets(job, arch) if job.uses_lora else ()
+    targets = stack.lora_targets(job, arch) if job.uses_lora else ()
     n_train = trainable_params(job, arch, params, targets)
     plan = shard_plan(job.sharding, job.num_gpus, job.gpus_per_node, job.cpu_offload)
     st = _State(job, arch, params, n_train, plan, targets, stack)

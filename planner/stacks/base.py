@@ -105,6 +105,14 @@ class Stack:
         over). The HF Trainer keeps every gradient until the optimizer step."""
         return produced
 
+    def lora_targets(self, job: "Job", arch: "ModelArch") -> tuple[str, ...]:
+        """The linears LoRA adapts: the job's names, or for "default" peft's per-family default
+        (utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; training.py
+        `resolve_targets`)."""
+        from ..training import resolve_targets
+
+        return resolve_targets(job, arch)
+
     # --- activations ---------------------------------------------------------------------------
     def layer_saved(self, arch: "ModelArch", ctx: "Ctx") -> "Saved":
         """What one decoder layer saves for backward: the family's transformers modeling file."""

@@ -30,6 +30,17 @@ class Torchtune(Stack):
     label: str = "torchtune 0.6.1 single-device recipes"
     sources: str = "torchtune 0.6.1, torchao 0.11.0"
 
+    def lora_targets(self, job, arch) -> tuple[str, ...]:
+        """"default" is what the recipes' configs adapt, not peft's q/v: `lora_attn_modules:
+        ['q_proj', 'v_proj', 'output_proj']` and `apply_lora_to_mlp: True`
+        (recipes/configs/llama2/7B_lora_single_device.yaml; the same in mistral, qwen2_5, gemma
+        configs), in memplan's (HF) names. Explicit names are the job's."""
+        if job.lora_targets != "default":
+            return super().lora_targets(job, arch)
+        names = {lin.name for lin in arch.linears}
+        wanted = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        return tuple(n for n in wanted if n in names)
+
     def buffer_bytes(self, job, arch) -> int:
         """RoPE tables for `max_seq_len` positions, fp32 (modules/position_embeddings.py
         `RotaryPositionalEmbeddings.rope_init`/`build_rope_cache`: `theta` of head_dim/2 and

@@ -71,9 +71,9 @@ def refusal(job) -> str | None:
 
 def torchtune_targets(job, arch) -> tuple[list[str], bool]:
     """(lora_attn_modules, apply_lora_to_mlp) for the job's resolved HF target names."""
-    from memplan.training import resolve_targets
+    from memplan import stacks
 
-    targets = set(resolve_targets(job, arch))
+    targets = set(stacks.get("torchtune").lora_targets(job, arch))
     attn = [ATTN_NAMES[n] for n in ATTN_NAMES if n in targets]
     mlp = [n for n in MLP_NAMES if n in targets]
     rest = targets - set(ATTN_NAMES) - set(MLP_NAMES)
@@ -152,13 +152,13 @@ def matrix(real_size: bool = False) -> list:
         (l2, lora, 2, 256, dict(chunked_loss=8)),
         (l2, lora, 1, 512, dict(chunked_loss=0, gradient_checkpointing=True)),
         (l2, lora, 2, 512, dict(chunked_loss=8, gradient_checkpointing=True)),
-        (l2, {**lora, "lora_targets": "default"}, 2, 256, dict(chunked_loss=8)),
+        (l2, {**lora, "lora_targets": ("q_proj", "v_proj")}, 2, 256, dict(chunked_loss=8)),
         (l2v, full, 2, 256, dict(chunked_loss=0, compute_dtype="fp32")),
         (l2v, lora32, 1, 512, dict(chunked_loss=8, compute_dtype="fp32")),
         (l2v, lora, 2, 256, dict(chunked_loss=8, gradient_checkpointing=True)),
         (l2v, full, 2, 256, dict(chunked_loss=8, optimizer_in_backward=True)),
         (l2v, full, 1, 512, dict(chunked_loss=0, optimizer_in_backward=True, gradient_checkpointing=True)),
-        (m2, lora, 2, 256, dict(chunked_loss=8)),
+        (m2, {**lora, "lora_targets": "default"}, 2, 256, dict(chunked_loss=8)),  # the configs' targets
         (m2, full, 1, 512, dict(chunked_loss=8, gradient_checkpointing=True)),
         (q2, lora, 2, 256, dict(chunked_loss=8)),
         (q2, full, 1, 256, dict(chunked_loss=0)),
@@ -183,7 +183,8 @@ def label(job) -> str:
     name = _NAMES.get(job.model, job.model.split("/")[-1])
     return (f"{name} {job.method} {job.base_weight_dtype.value} b{job.micro_batch} "
             f"s{job.seq_len} ck{int(job.checkpointing)} k{job.chunked_loss}" + (" inbwd" if job.optimizer_in_backward else "")
-            + (f" {job.lora_targets}" if job.uses_lora and isinstance(job.lora_targets, str) else ""))
+            + (f" {'+'.join(job.lora_targets) if isinstance(job.lora_targets, tuple) else job.lora_targets}"
+               if job.uses_lora and job.lora_targets != LORA_ALL else ""))
 
 
 def compare(job, result: dict) -> dict[str, tuple[int, int]]:
