@@ -39,6 +39,9 @@ class Ctx:
     grad_in: bool  # gradients flow into the layer's input (not so for layer 0 of frozen-embedding LoRA)
     attention: Kernel  # planner/attention.py
     sdpa_bytes: int  # dtype SDPA sees: the compute dtype under autocast, else the activations'
+    kernel_bytes: int  # dtype the fused attention kernel saves its inputs in (flash-attn casts fp32 to 16 bits)
+    packed_mask: bool  # packed rows under SDPA: a block-diagonal mask, so no enable_gqa (keys repeated)
+    liger: bool  # Liger's RMSNorm and SwiGLU/GeGLU kernels replace the model's (planner/liger.py)
     lora_autocast: bool  # adapters under autocast: lora_A keeps a 16-bit cast of its input
     stats_bytes: int  # LayerNorm mean/rstd dtype: fp32 on CUDA, the input dtype on CPU
     cpu: bool  # follow the CPU kernels the trace runs instead of CUDA's
@@ -93,7 +96,12 @@ def linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved
 
 def rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
     t, h = ctx.tokens, arch.hidden
-    if ctx.grad_in:
+    if ctx.grad_in and ctx.liger:
+        # LigerRMSNormFunction saves X as it comes (the stream itself, no fp32 copy) and one fp32
+        # rstd per row; the weight's gradient is computed from them (ops/rms_norm.py:674)
+        saved[f"{prefix}.input"] = t * h * ctx.stream_bytes
+        saved[f"{prefix}.rstd"] = 4 * t
+    elif ctx.grad_in:
         saved[f"{prefix}.fp32_input"] = 4 * t * h  # LlamaRMSNorm: x.to(float32), saved by pow and mul
         saved[f"{prefix}.rsqrt"] = 4 * t
         if ctx.base_trains:
@@ -110,6 +118,10 @@ def head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     t = ctx.tokens
     for name, width, heads in (("q", arch.q_width, arch.heads), ("k", arch.kv_width, arch.kv_heads)):
         if not (ctx.grad_in or ctx.base_trains or f"{name}_proj" in ctx.targets):
+            continue
+        if ctx.liger:  # the same module class, patched as the hidden-size norms
+            saved[f"{name}_norm.input"] = t * width * ctx.act_bytes
+            saved[f"{name}_norm.rstd"] = 4 * t * heads
             continue
         saved[f"{name}_norm.fp32_input"] = 4 * t * width
         saved[f"{name}_norm.rsqrt"] = 4 * t * heads
@@ -132,11 +144,18 @@ def attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -
     t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
     q, kv = arch.q_width, arch.kv_width
     if ctx.attention is Kernel.fused:
-        ab = ctx.sdpa_bytes  # under autocast the kernel saves its 16-bit casts
-        # q and k are new tensors after RoPE; v is the projection output itself.
+        ab = ctx.kernel_bytes  # under autocast the kernel saves its 16-bit casts
+        # q and k are new tensors after RoPE; v is the projection output itself. With a packed
+        # row's mask transformers does not pass enable_gqa (integrations/sdpa_attention.py
+        # `use_gqa_in_sdpa`: only without a mask on CUDA) and repeat_kv copies keys and values to
+        # every head; SDPA turns the bool mask into an additive one per call
+        # (attention.cpp `convert_boolean_attn_mask`), which the memory-efficient kernel saves
+        kv_saved = q if ctx.packed_mask else kv
         saved["attn.q"] = t * q * ab
-        saved["attn.k"] = t * kv * ab
-        saved["attn.v"] = t * kv * ab
+        saved["attn.k"] = t * kv_saved * ab
+        saved["attn.v"] = t * kv_saved * ab
+        if ctx.packed_mask:
+            saved["attn.packed_mask"] = ctx.batch * ctx.seq * ctx.seq * ab
         saved["attn.out"] = t * q * ab
         saved["attn.logsumexp"] = 4 * t * a
         return "attn.out_contiguous" if rope_copies else "attn.out"
@@ -174,7 +193,8 @@ def o_proj(ctx: Ctx, arch: ModelArch, name: str, consumed: str, saved: Saved) ->
 def gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
     saved["mlp.gate_out"] = t * i * ab  # saved by the activation function
-    saved["mlp.act_out"] = t * i * ab  # saved by act * up
+    if not ctx.liger:  # LigerSiLUMulFunction / LigerGELUMulFunction save only gate and up (swiglu.py:272)
+        saved["mlp.act_out"] = t * i * ab  # saved by act * up
     saved["mlp.up_out"] = t * i * ab
     linear_input(ctx, ("down_proj",), i, "mlp.product", saved)
 
@@ -226,7 +246,9 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
     stream = 2 * t * arch.hidden * ctx.stream_bytes
     # the down projection's input is released once its backward has run, before the intermediate
     # gradients of act * up appear (allocator trace of an all-linear QLoRA layer, H200)
-    mlp = (3 if arch.gated_mlp else 2) * t * width * ab - saved.get("mlp.product", 0)
+    # Liger's SwiGLU backward writes the gate and up gradients into its saved inputs (swiglu.py
+    # `swiglu_backward`): only the product's gradient is new
+    mlp = (1 if ctx.liger else 3 if arch.gated_mlp else 2) * t * width * ab - saved.get("mlp.product", 0)
     attn = 0
     if ctx.attention is not Kernel.fused:
         # eager softmax runs in fp32; the math kernel in its own dtype (fp32 on the CPU)
@@ -265,9 +287,12 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
 
 
 def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
-    """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward."""
+    """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward; packed
+    rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
         return batch * ctx.seq * ctx.seq * ctx.act_bytes
+    if ctx.packed_mask:
+        return batch * ctx.seq * ctx.seq
     return 0
 
 
@@ -300,7 +325,9 @@ def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
         layer_norm(ctx, arch, "final_norm", (), saved)
     else:
         rms_norm(ctx, arch, "final_norm", (), saved)
-    if ctx.base_trains:  # lm_head weight trains: it keeps the normed hidden states (its own cast under autocast)
+    if ctx.base_trains and not ctx.liger:
+        # lm_head weight trains: it keeps the normed hidden states (its own cast under autocast);
+        # Liger's fused linear cross-entropy computes the head's gradients in the forward instead
         saved["final_norm.out"] = ctx.tokens * arch.hidden * ctx.act_bytes
     return saved
 
@@ -310,6 +337,10 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, 
     autocast = job.task == "train" and job.method == "full" and job.mixed_precision
     sdpa_bytes = float_bytes(job.compute_dtype) if job.runs_autocast else act_bytes
     attention = attention_kernel(job, arch, stack, grad=True, sdpa_bytes=sdpa_bytes)
+    # flash-attn casts fp32 inputs to the 16-bit dtype of the model's linears
+    # (integrations/flash_attention.py `get_target_dtype`)
+    fa2 = job.attention == "flash_attention_2"
+    kernel_bytes = float_bytes(job.compute_dtype) if fa2 else sdpa_bytes
     return Ctx(
         tokens=job.micro_batch * job.seq_len,
         batch=job.micro_batch,
@@ -325,6 +356,9 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, 
         grad_in=grad_in,
         attention=attention,
         sdpa_bytes=sdpa_bytes,
+        kernel_bytes=kernel_bytes,
+        packed_mask=job.packing and job.attention == "sdpa",
+        liger=job.task == "train" and job.liger,
         lora_autocast=job.uses_lora and job.runs_autocast,
         stats_bytes=act_bytes if stack.cpu else 4,
         cpu=stack.cpu,

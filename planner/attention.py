@@ -5,6 +5,10 @@ state), SDPA's math kernel (scores materialised in fp32), and the models' own ea
 softmax in the compute dtype ("math": Falcon) or upcast to fp32 beside it ("eager": LlamaAttention's
 `softmax(..., dtype=float32)`).
 
+flash_attention_2 (the flash-attn package) is always the fused kind: its forward saves q, k, v, the
+output and the fp32 log-sum-exp (flash_attn_interface.py `FlashAttnFunc.forward`,
+`ctx.save_for_backward(q, k, v, out_padded, softmax_lse, rng_state)`), grouped keys taken natively.
+
 Read off the probes (validate/probes.py, results in validate/results/probes-*.jsonl):
 - Falcon hands SDPA keys broadcast over heads with an explicit mask: the math kernel, in every dtype,
   on the CPU and on CUDA, in training and in generation (`ModelArch.sdpa_always_math`);
@@ -39,6 +43,10 @@ class Kernel(str, Enum):
 def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: bool, sdpa_bytes: int) -> Kernel:
     """`grad`: the forward records for backward (training); `sdpa_bytes`: the dtype SDPA sees."""
     grouped = arch.kv_heads != arch.heads
+    if job.attention == "flash_attention_2":
+        # flash-attn takes grouped keys natively and never materialises scores, in every family
+        # (flash_attn_interface.py FlashAttnFunc / FlashAttnVarlenFunc)
+        return Kernel.fused
     if job.attention == "eager":
         # Falcon's eager softmax stays in the compute dtype; GPT-BigCode's training path is counted
         # the same way (docs/activations.md, Known gaps)

@@ -88,6 +88,45 @@ def _load_model(name: str, revision: str | None = None):
     return load_model(name, revision=revision) if revision else load_model(name)
 
 
+FROM_HELP = ("your training config (axolotl, HF TrainingArguments / TRL SFTConfig, litgpt, torchtune; YAML or JSON, "
+             "or a DeepSpeed JSON): the job is read from it, options given here override it")
+FROM_FORMAT_HELP = "the --from file's format when its keys do not tell: axolotl | hf | litgpt | torchtune | deepspeed"
+
+
+def _from_config(path: str | None, fmt: str | None, model: str | None, cli: dict, searched: tuple[str, ...] = (),
+                 why: str = "searched by this command"):
+    """The Job fields of `--from FILE` with the command line's `cli` on top (and `model`), and the
+    report of how its keys were read (None without --from); planner/config_files.py does the work."""
+    if path is None:
+        if fmt is not None:
+            fail("--from-format applies to a --from FILE: give one")
+        if model is None:
+            fail("Missing option '--model' / '-m'")
+        return {"model": model, **cli}, None
+    from .config_files import job_from_file
+
+    return job_from_file(path, fmt, model, cli, searched, why)
+
+
+def _print_from_config(report: dict | None) -> None:
+    """How the --from file was read, on stderr (stdout stays the command's own output)."""
+    if report is not None:
+        from .config_files import describe
+
+        print(describe(report), file=sys.stderr)
+
+
+def _typed_options() -> set[str]:
+    """The parameters of the running command given on the command line (not left at their defaults)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # a typer that uses click itself
+        from click import get_current_context
+    ctx = get_current_context()
+    return {name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
 @dataclass(frozen=True)
 class _JobOption:
     annotation: Any
@@ -126,7 +165,15 @@ JOB_OPTIONS: dict[str, _JobOption] = {
                                 "fp32 | fp16 | bf16: LoRA weights (peft keeps fp32 unless autocast_adapter_dtype=False)"),
     "gradient_checkpointing": _JobOption(Optional[bool], ("--gradient-checkpointing/--no-gradient-checkpointing",),
                                          "HF gradient checkpointing", "on for qlora, off otherwise"),
-    "attention": _JobOption(Optional[str], ("--attention",), "sdpa | eager"),
+    "checkpoint_reentrant": _JobOption(Optional[bool], ("--checkpoint-reentrant/--no-checkpoint-reentrant",),
+                                       "gradient_checkpointing_kwargs use_reentrant", "the stack's: 4.x on, 5.x off"),
+    "attention": _JobOption(Optional[str], ("--attention",), "sdpa | eager | flash_attention_2 (attn_implementation)"),
+    "liger": _JobOption(Optional[bool], ("--liger/--no-liger",),
+                        "Liger kernels (use_liger_kernel=True): fused linear cross-entropy, RMSNorm, SwiGLU, RoPE"),
+    "activation_offloading": _JobOption(Optional[bool], ("--activation-offloading/--no-activation-offloading",),
+                                        "saved activations offloaded to pinned host RAM (TRL, torchtune)"),
+    "packing": _JobOption(Optional[bool], ("--packing/--no-packing",),
+                          "several sequences packed per row (TRL packing/padding_free, axolotl sample_packing)"),
     "kbit_prepare": _JobOption(Optional[bool], ("--kbit-prepare/--no-kbit-prepare",),
                                "peft prepare_model_for_kbit_training (fp32 upcast) for k-bit bases"),
     "autocast": _JobOption(Optional[bool], ("--autocast/--no-autocast",),
@@ -218,7 +265,9 @@ def _root(
 @app.command()
 @job_options(*JOB_OPTIONS)
 def estimate(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
+    from_file: Optional[str] = typer.Option(None, "--from", help=FROM_HELP),
+    from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the Estimate as JSON"),
     explain: bool = typer.Option(False, "--explain", help="list the changes that would save the most memory, each "
@@ -232,24 +281,27 @@ def estimate(
     from .estimate import estimate_memory
     from memplan.profiles import load_gpu
 
-    job = _job(model=model, **job_fields)
+    fields, from_config = _from_config(from_file, from_format, model, job_fields)
+    job = _job(**fields)
     arch = _load_model(job.model, revision)
     g = load_gpu(job.gpu) if job.gpu else None
     est = estimate_memory(job, arch, g)
+    extra = {"from_config": from_config} if from_config else {}
     # --json stays an Estimate; the advice is an extra key only when asked for
     savings = None
     if explain or (est.fits is False and not as_json):
         from .advice import what_if  # (the search modules stay off the plain estimate's path)
 
         savings = what_if(job, arch, g)
-    if as_json and savings is None:
+    if as_json and savings is None and not extra:
         typer.echo(est.model_dump_json(indent=2))
     elif as_json:
-        data = est.model_dump(mode="json") | {"what_if": [s.model_dump(mode="json") for s in savings]}
-        typer.echo(json.dumps(data, indent=2))
+        what_if = {"what_if": [s.model_dump(mode="json") for s in savings]} if savings is not None else {}
+        typer.echo(json.dumps(est.model_dump(mode="json") | what_if | extra, indent=2))
     else:
         from .report import render, savings_table
 
+        _print_from_config(from_config)
         typer.echo(render(est))
         if savings is not None:
             typer.echo(savings_table(savings, est))
@@ -288,7 +340,9 @@ def _check_top_and_emit_path(top: int, emit: str | None, emit_path: str) -> None
 
 @app.command()
 def recommend(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
+    from_file: Optional[str] = typer.Option(None, "--from", help=FROM_HELP),
+    from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     method: Optional[str] = job_option("method"),
     stack: Optional[str] = job_option("stack"),
@@ -327,8 +381,15 @@ def recommend(
     if emit not in (None, "accelerate"):
         fail(f"unknown --emit target {emit!r}: allowed: accelerate")
     _check_top_and_emit_path(top, emit, emit_path)
-    base = _job(model=model, method=method, stack=stack, seq_len=seq_len, optimizer=optimizer, weight_dtype=weight_dtype,
-                lora_rank=lora_rank, lora_targets=lora_targets, autocast=autocast)
+    given = dict(method=method, stack=stack, seq_len=seq_len, optimizer=optimizer, weight_dtype=weight_dtype,
+                 lora_rank=lora_rank, lora_targets=lora_targets, autocast=autocast)
+    if from_file is not None:  # the file's seq_len unless --seq-len is typed
+        given = {k: v for k, v in given.items() if v is not None and (k != "seq_len" or k in _typed_options())}
+    fields, from_config = _from_config(from_file, from_format, model, given, searched=(
+        "num_gpus", "sharding", "cpu_offload", "gpus_per_node", "micro_batch", "gradient_checkpointing", "gpu"))
+    if from_config is not None:
+        fields.setdefault("seq_len", seq_len)
+    base = _job(**fields)
     arch = _load_model(base.model, revision)
     from .estimate import check_job
 
@@ -349,13 +410,16 @@ def recommend(
         from pathlib import Path
 
         Path(emit_path).write_text(accelerate_config(best.job, arch, best.grad_accum))
-    if as_json and advice is None:
+    extra = {"from_config": from_config} if from_config else {}
+    if as_json and advice is None and not extra:
         typer.echo(result.model_dump_json(indent=2))
     elif as_json:
-        typer.echo(json.dumps(result.model_dump(mode="json") | {"nothing_fits": advice.model_dump(mode="json")}, indent=2))
+        nothing = {"nothing_fits": advice.model_dump(mode="json")} if advice is not None else {}
+        typer.echo(json.dumps(result.model_dump(mode="json") | nothing | extra, indent=2))
     else:
         from .report import nothing_fits_text, recommend_table
 
+        _print_from_config(from_config)
         if advice is None:
             typer.echo(recommend_table(result, arch.name, top))
             if emit:
@@ -370,8 +434,10 @@ def recommend(
 
 @app.command()
 def fit(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
     gpu: str = typer.Option(..., "--gpu", "-g"),
+    from_file: Optional[str] = typer.Option(None, "--from", help=FROM_HELP),
+    from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     task: str = job_option("task", "train"),
     method: str = job_option("method", "full"),
@@ -397,13 +463,25 @@ def fit(
     from .units import gib
 
     check_safety_margin(safety_margin)
-    if stack is None:
+    if stack is None and from_file is None:  # (with --from, the file's stack, else the installed one in _job)
         from .stacks.installed import default_stack
 
         stack = default_stack()
-    fields = dict(model=model, task=task, method=method, stack=stack, optimizer=optimizer, weight_dtype=weight_dtype,
+    fields = dict(task=task, method=method, stack=stack, optimizer=optimizer, weight_dtype=weight_dtype,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                   new_tokens=new_tokens, autocast=autocast)
+    from_config = None
+    if from_file is not None:  # the file's values, unless an option is typed (fit's own defaults do not override)
+        typed = _typed_options()
+        given = {k: v for k, v in {**fields, "seq_len": seq_len, "micro_batch": micro_batch}.items()
+                 if v is not None and (k in typed or k not in ("task", "method", "seq_len", "micro_batch"))}
+        fields, from_config = _from_config(from_file, from_format, model, given, searched=("gpu",))
+        task, method = fields.setdefault("task", task), fields.setdefault("method", method)
+        seq_len, micro_batch = fields.pop("seq_len", seq_len), fields.pop("micro_batch", micro_batch)
+        model = fields["model"]
+        _print_from_config(None if as_json else from_config)
+    else:
+        fields, _ = _from_config(None, from_format, model, fields)
     arch = _load_model(model, revision)
     g = load_gpu(gpu)
     by_batch = largest(_job(**fields, seq_len=min(seq_len, arch.max_positions), micro_batch=1), arch, g, "micro_batch",
@@ -411,7 +489,8 @@ def fit(
     by_seq = largest(_job(**fields, seq_len=1, micro_batch=micro_batch), arch, g, "seq_len", margin=safety_margin)
     nothing = not by_batch.largest or not by_seq.largest
     if as_json:
-        typer.echo(json.dumps({"micro_batch": by_batch.model_dump(), "seq_len": by_seq.model_dump()}, indent=2))
+        extra = {"from_config": from_config} if from_config else {}
+        typer.echo(json.dumps({"micro_batch": by_batch.model_dump(), "seq_len": by_seq.model_dump()} | extra, indent=2))
         if nothing:
             raise typer.Exit(code=EXIT_DOES_NOT_FIT)
         return
@@ -463,7 +542,9 @@ def gpus() -> None:
 @app.command()
 @job_options(*(n for n in JOB_OPTIONS if n not in PARALLEL_OPTIONS))
 def trace(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
+    from_file: Optional[str] = typer.Option(None, "--from", help=FROM_HELP),
+    from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json"),
     *,
@@ -471,12 +552,22 @@ def trace(
 ) -> None:
     """Run the real transformers step (training, or prefill and decode with --task infer) under fake
     tensors on the CPU and compare with the estimate. One process on the CPU: no --gpu or sharding."""
-    job = _job(model=model, **job_fields)
+    fields, from_config = _from_config(from_file, from_format, model, job_fields, searched=PARALLEL_OPTIONS,
+                                       why="the trace runs one process on the CPU")
+    job = _job(**fields)
+    if not as_json:
+        _print_from_config(from_config)
     if revision is not None and "revision" not in Job.model_fields:
         # validate/trace.py builds the model from the Job alone: a revision outside it would trace
         # the main branch's config against an estimate of another
         fail(f"trace --revision {revision}: the Job carries no revision yet, so the trace would build main's config; "
              "pass a local config.json of that revision instead")
+    from .stacks.installed import default_stack
+
+    if job.stack != default_stack():
+        # the trace runs the libraries installed here; another stack's step is traced in its own venv
+        fail(f"trace --stack {job.stack}: this environment runs {default_stack()}; {job.stack}'s real step is traced "
+             f"in its own venv (memplan.validate.stack_envs, tests/test_stack_*.py)")
     # before torch, transformers and peft are first imported: their warnings are set up at import
     from memplan.validate.quiet import quiet_libraries
 
@@ -493,8 +584,11 @@ def trace(
         result = trace_inference(job) if job.task == "infer" else trace_training(job)
     except ValueError as exc:
         fail(str(exc))
-    if as_json:
+    if as_json and from_config is None:
         typer.echo(result.model_dump_json(indent=2))
+        return
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json") | {"from_config": from_config}, indent=2))
         return
     from .units import gib
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import activations as act
 from . import inference as inf
-from . import overhead
+from . import liger, offload, overhead
 from .attention import Kernel
 from .phases import PhaseName
 from .architecture import ModelArch
@@ -20,7 +20,7 @@ from .job import Job
 from .dtypes import float_bytes
 from .parallel import ShardPlan, shard, shard_plan
 from .params import count_params
-from .results import Component, Estimate, Phase
+from .results import Category, Component, Estimate, Phase
 from .stacks import Stack, get as get_stack, registered as registered_stacks
 from .units import count, human
 from .training import (
@@ -53,6 +53,7 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     """Estimate one job's per-GPU memory under `stack` (default: the job's, on CUDA; the CPU trace
     compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels)."""
     check_job(job, arch)
+    liger.check(job, arch)
     stack = stack or get_stack(job.stack)
     ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
     if job.task == "infer":
@@ -134,6 +135,23 @@ class _State:
         return self.gpu_weights + self.buffers + self.gpu_adapters + self.gpu_states
 
 
+_C = Category
+# Every row of the breakdown and its category (a row missing here fails at once: KeyError)
+ROW_CATEGORY: dict[str, Category] = {
+    "weights": _C.weights, "buffers": _C.weights, "adapters": _C.weights, "gathered parameters": _C.weights,
+    "gradients": _C.gradients, "DDP gradient buckets": _C.gradients, "unsharded unit gradients": _C.gradients,
+    "tied embedding gradient sum": _C.gradients,
+    "optimizer states": _C.optimizer, "paged optimizer states": _C.optimizer, "optimizer step temporary": _C.optimizer,
+    "activations": _C.activations, "autocast weight copies": _C.activations, "recomputed layer": _C.activations,
+    "KV cache": _C.kv_cache, "KV cache append": _C.kv_cache,
+    "logits and loss": _C.transients, "logits held by the loop": _C.transients, "autocast lm_head copy": _C.transients,
+    "layer forward transients": _C.transients, "backward transients": _C.transients,
+    "dequantized weight": _C.transients, "decode dequantized weight": _C.transients,
+    "embedding input gradient": _C.transients, "logits": _C.transients,
+    "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead, "CUDA context": _C.overhead,
+}
+
+
 class _Walk:
     """The rows of the breakdown and the phases they fill.
 
@@ -170,7 +188,7 @@ class _Walk:
                 by_phase = r["phase_bytes"]
                 nbytes, phases = max(by_phase.values(), default=0), list(by_phase)
             if nbytes:  # a row of zero bytes says nothing: the job has no such term
-                out.append(Component(name=name, bytes=nbytes, formula=r["formula"], phases=phases,
+                out.append(Component(name=name, category=ROW_CATEGORY[name], bytes=nbytes, formula=r["formula"], phases=phases,
                                      phase_bytes=by_phase, pool=r["pool"]))
         return out
 
@@ -233,7 +251,12 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         notes.append(f"{job.num_gpus} GPUs without --sharding: plain DDP, every GPU holds a full replica")
 
     # activations (per GPU: each data-parallel rank runs its own micro-batch)
-    grad_in_first = job.method == "full" or job.checkpointing
+    # checkpointing as asked for, and as the stack really runs it for this architecture
+    ckpt = job.checkpointing and stack.checkpoints(arch)
+    if job.checkpointing and not ckpt:
+        notes.append(f"{stack.label} does not checkpoint {arch.decoder_layer}: gradient_checkpointing_enable() "
+                     "has no effect there, so every layer's activations are kept (docs/stacks/transformers.md)")
+    grad_in_first = job.method == "full" or ckpt
     ctx = act.make_ctx(job, arch, targets, stack, grad_in=True)
     ctx0 = act.make_ctx(job, arch, targets, stack, grad_in=grad_in_first)
     layer_tensors = stack.layer_saved(arch, ctx)
@@ -247,19 +270,31 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     # bitsandbytes dequantizes one weight at a time for the input gradient: into the compute dtype
     # on CUDA (MatMul4Bit.backward), into the activation dtype on the CPU
     dequant = inf.dequant_bytes(job, arch, stack, t, ctx.act_bytes if stack.cpu else None)
-    if job.checkpointing:
+    if ckpt:
         kept = act.checkpoint_saved(arch, ctx) * arch.layers + shared
         a_formula = (f"{arch.layers} checkpointed layer inputs x {human(act.checkpoint_saved(arch, ctx))}; "
                      f"backward recomputes one layer ({human(layer)})")
     else:
         kept = layer0 + layer * (arch.layers - 1) + shared
         a_formula = f"{arch.layers} layers x {human(layer)} saved for backward"
+    offloaded = 0
+    kept_bwd, bottom_extra = kept, None
+    if job.activation_offloading:
+        # every saved tensor goes to pinned host memory; the GPU keeps the forward stash and, in the
+        # backward, the tensors of the nodes running (planner/offload.py)
+        largest = act.checkpoint_saved(arch, ctx) if ckpt else max([*layer_tensors.values(), shared // 2, 1])
+        offloaded = kept
+        kept, kept_bwd = offload.on_gpu(kept, largest)
+        bottom_extra = kept_bwd
+        a_formula += (f"; offloaded to host RAM ({human(offloaded)}): on the GPU the last {offload.MAX_FWD_STASH} "
+                      f"saved tensors (forward) and {offload.BACKWARD_NODES} nodes' tensors more (backward), "
+                      f"the largest {human(largest)}")
     walk.row("activations", a_formula)
     casts = autocast_weight_copies(job, arch, params)
     # a checkpointed forward over frozen weights keeps only the head's cast (lm_head runs outside
     # the checkpointed layers); autocast's cache keeps every trainable weight's (training.py)
     casts_fwd = casts
-    if casts and job.checkpointing and not autocast_caches_weights(job):
+    if casts and ckpt and not autocast_caches_weights(job):
         casts_fwd = (params.lm_head or params.embedding) * float_bytes(job.compute_dtype)
     walk.row("autocast weight copies", f"matmul weights cast to {ctx.act_bytes} B, kept for backward")
 
@@ -274,14 +309,18 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         ab = float_bytes(job.compute_dtype)
         head_copy = (params.lm_head or params.embedding) * ab
     walk.row("autocast lm_head copy", f"{v:,} x {arch.hidden:,} head weight cast to {ab} B, kept for backward")
-    loss = stack.loss(job, arch, t, ab)
+    if job.liger:
+        loss = liger.fused_linear_cross_entropy(arch, t, ctx.stream_bytes, ab, trainable_bytes_per_param(job),
+                                                head_trains=job.method == "full")
+    else:
+        loss = stack.loss(job, arch, t, ab)
     logits_fwd, logits_bwd = loss.forward, loss.backward
     walk.row("logits and loss", loss.formula)
     walk.row("logits held by the loop", "the training loop still references the logits through backward and the step")
 
-    fwd_layer = stack.layer_forward_transient(arch, ctx, layer_tensors, job.checkpointing)
+    fwd_layer = stack.layer_forward_transient(arch, ctx, layer_tensors, ckpt)
     walk.row("layer forward transients", "one layer's attention scores while it runs (checkpointed: its attention tensors too)")
-    recompute = layer - act.recompute_input_alias(arch, ctx) if job.checkpointing else 0
+    recompute = layer - act.recompute_input_alias(arch, ctx) if ckpt else 0
     walk.row("recomputed layer", "one checkpointed layer's saved tensors, recomputed for its backward")
     walk.row("backward transients", "one layer's backward: stream gradients + the MLP's or the attention's gradients")
     walk.row("dequantized weight", "the largest 4/8-bit weight, dequantized for the input gradient (bitsandbytes)")
@@ -289,7 +328,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     walk.row("embedding input gradient", f"{count(t)} tokens x {arch.hidden:,} x {ab} B into the embedding's backward")
     # autocast's cache of cast weights dies with the autocast region; only tensors saved for
     # backward keep them, and a checkpointed forward saves none (the recomputation re-casts one layer)
-    casts_bwd = casts // arch.layers if job.checkpointing else casts
+    casts_bwd = casts // arch.layers if ckpt else casts
+
     def g_share(produced: int) -> int:
         return st.grads_share(stack.gradients_held(job, produced, st.g_largest))
     static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
@@ -308,10 +348,12 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                        "autocast lm_head copy": head_copy, "logits and loss": logits_bwd}))
     transients = {"backward transients": trans, "dequantized weight": dequant,
                   "unsharded unit gradients": st.unit_grads, "DDP gradient buckets": st.ddp_buckets}
-    bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if job.checkpointing else layer0
+    bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if ckpt else layer0
+    if bottom_extra is not None:
+        bottom_acts = min(bottom_acts, bottom_extra)
     walk.phase(BWD,
                ("top of backward: every activation, the last layer recomputed, head and layer gradients",
-                {**live, "activations": kept, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
+                {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
                  "gradients": g_share(st.g_head + st.g_layer), **transients}),
                ("bottom of backward: the first layer's activations beside nearly every gradient",
                 {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients}),
@@ -338,8 +380,11 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                      "the Trainer's bf16=True)")
     if st.host:
         notes.append(f"cpu offload: {human(st.host)} of host RAM per GPU")
+    if offloaded:
+        notes.append(f"activation offloading: {human(offloaded)} of saved activations in pinned host RAM per GPU "
+                     "(autocast weight casts and the recomputed layer stay on the GPU as counted)")
     unified = st.gpu_paged_states
-    return walk, params, n_train, notes, unified, st.host
+    return walk, params, n_train, notes, unified, st.host + offloaded
 
 
 def _unconverted_notes(job: Job, arch: ModelArch, stack: Stack) -> list[str]:

@@ -14,7 +14,7 @@ from .parallel import Sharding
 Method = Literal["full", "lora", "qlora"]
 Task = Literal["train", "infer"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd", "sgd_momentum"]
-Attention = Literal["sdpa", "eager"]
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
 # The software the job runs on (planner/stacks): each owns the rules that depend on it. The core never
 # guesses it from the environment: the CLI and memplan.estimate resolve the installed one.
 StackName = Literal["transformers-5", "transformers-4", "litgpt", "torchtune"]
@@ -26,7 +26,7 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
-    "optimizer_in_backward", "chunked_loss",
+    "packing", "liger", "activation_offloading", "checkpoint_reentrant", "optimizer_in_backward", "chunked_loss",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype")
@@ -80,7 +80,22 @@ class Job(BaseModel):
     kbit_prepare: bool = True
     # None: on for qlora (prepare_model_for_kbit_training enables it), off otherwise.
     gradient_checkpointing: bool | None = None
+    # gradient_checkpointing_kwargs={"use_reentrant": ...}; None: the stack's default
+    # (Stack.default_reentrant). The same bytes either way, as traced (docs/stacks/transformers.md).
+    checkpoint_reentrant: bool | None = None
+    # attn_implementation: "sdpa" (torch's scaled_dot_product_attention), "eager" (the model's own),
+    # "flash_attention_2" (the flash-attn package: fp16/bf16 only)
     attention: Attention = "sdpa"
+    # Sequences packed into each row (TRL packing / padding_free, axolotl sample_packing): several
+    # documents share a row of seq_len tokens, told apart by position_ids. flash_attention_2 runs them
+    # varlen (no mask); SDPA and eager need a block-diagonal causal mask.
+    packing: bool = False
+    # Liger kernels (TrainingArguments/TRL use_liger_kernel=True): fused linear cross-entropy, RMSNorm,
+    # SwiGLU/GeGLU and RoPE replace the model's (planner/liger.py)
+    liger: bool = False
+    # TRL activation_offloading / torchtune enable_activation_offloading: saved activations in pinned
+    # host memory (planner/offload.py)
+    activation_offloading: bool = False
     # HF Trainer's bf16=True / fp16=True: the forward runs under torch.autocast in the compute
     # dtype. None: on for mixed precision (fp32 weights, 16-bit compute), off otherwise.
     autocast: bool | None = None
@@ -154,6 +169,11 @@ class Job(BaseModel):
             )
         if self.autocast and self.compute_dtype is DType.fp32:
             raise MemplanInputError("autocast needs a 16-bit compute dtype (bf16 or fp16), got fp32")
+        if self.attention == "flash_attention_2" and self.compute_dtype is DType.fp32:
+            raise MemplanInputError(
+                "--attention flash_attention_2 runs in fp16 or bf16 only (flash-attn has no fp32 kernel): "
+                "use --compute-dtype bf16, or --attention sdpa"
+            )
         if not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
         return self
@@ -260,6 +280,15 @@ class Job(BaseModel):
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
         return self.quantized and self.kbit_prepare and self.uses_lora
+
+    @property
+    def reentrant(self) -> bool:
+        """Whether checkpointing re-enters autograd (torch.utils.checkpoint use_reentrant)."""
+        if self.checkpoint_reentrant is not None:
+            return self.checkpoint_reentrant
+        from .stacks import get
+
+        return get(self.stack).default_reentrant
 
     @property
     def kbit_upcast(self) -> bool:

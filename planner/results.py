@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from pydantic import BaseModel
 
 from .job import Job
+from .phases import PhaseName
 from .params import ParamCounts
+
+
+class Category(str, Enum):
+    """What a row of the breakdown is, in the terms a trace and a GPU run can also attribute bytes
+    to (the CPU trace reports parameters, gradients and optimizer states by these names)."""
+
+    weights = "weights"  # parameters and buffers, gathered ones included
+    gradients = "gradients"
+    optimizer = "optimizer"  # optimizer states and the step's temporaries
+    activations = "activations"  # saved for backward (or, in inference, one layer's intermediates)
+    kv_cache = "kv cache"
+    transients = "transients"  # short-lived: logits and loss, per-layer backward, dequantized weights
+    overhead = "overhead"  # workspaces, allocator slack, CUDA context
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Component(BaseModel):
@@ -16,6 +35,7 @@ class Component(BaseModel):
     rows live at the peak add up to the peak. `bytes` is the largest of them."""
 
     name: str
+    category: Category
     bytes: int
     formula: str
     phases: list[str]
@@ -28,7 +48,7 @@ class Component(BaseModel):
 class Phase(BaseModel):
     """torch-allocated bytes at the high point of one phase of the step."""
 
-    name: str
+    name: PhaseName
     allocated_bytes: int
     detail: str
 
@@ -41,7 +61,7 @@ class Estimate(BaseModel):
     trainable_params: int
     components: list[Component]
     phases: list[Phase]
-    peak_phase: str
+    peak_phase: PhaseName
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     device_used_bytes: int

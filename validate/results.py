@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from memplan.job import Job
+from memplan.phases import PhaseName
 
 from .worker import Measurement
 
@@ -17,7 +18,7 @@ class Predicted(BaseModel):
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     device_used_bytes: int
-    peak_phase: str
+    peak_phase: PhaseName
 
 
 class ResultRow(BaseModel):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from memplan.job import Job
 
-PHASES = ("forward", "backward", "optimizer step")
+from memplan.phases import MEASURED_TRAINING
+
+PHASES = tuple(p.value for p in MEASURED_TRAINING)
 LR = 1e-5
 
 

@@ -13,23 +13,29 @@ import time
 from pydantic import BaseModel
 
 from memplan.job import Job
-
+from memplan.phases import PhaseName
+from memplan.results import Category
 
 
 class PhaseSnapshot(BaseModel):
     iteration: int
-    phase: str
+    phase: PhaseName
     peak_bytes: int
     end_bytes: int
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
 
+    def bytes_by_category(self) -> dict[Category, int]:
+        """What the trace attributes at the phase's end, in the estimate's categories."""
+        return {Category.weights: self.params_bytes, Category.gradients: self.grads_bytes,
+                Category.optimizer: self.optimizer_bytes}
+
 
 class TraceResult(BaseModel):
     job: Job
     peak_allocated_bytes: int
-    peak_phase: str
+    peak_phase: PhaseName
     timeline: list[PhaseSnapshot]
     seconds: float
 
@@ -62,6 +68,14 @@ def refusal(job: Job, arch) -> str | None:
         return f"{arch.name}'s grouped_mm experts run in bf16 only (torch meta_grouped_mm): trace it with bf16 weights"
     if job.quantized:
         return "4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors"
+    if job.attention == "flash_attention_2":
+        return "flash_attention_2 cannot be traced: flash-attn has no CPU build (its memory is derived, docs/activations.md)"
+    if job.liger:
+        return "Liger kernels cannot be traced: they are Triton-only, with no CPU path (derived instead, docs/liger.md)"
+    if job.activation_offloading:
+        return "activation offloading cannot be traced: it needs CUDA streams (derived instead, docs/offload.md)"
+    if job.packing:
+        return "packed rows are not traced: the trace runs one unpacked sequence per row"
     if job.task == "train" and job.optimizer not in ("adamw", "sgd", "sgd_momentum"):
         return f"optimizer {job.optimizer!r} cannot be traced: bitsandbytes optimizers need real tensors"
     return None
@@ -91,7 +105,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     cfg = hf_config(job.model, job.attention)
     model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
     if job.checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": job.reentrant})
     if job.uses_lora:
         model = apply_lora(model, job, arch)
     tracker = LiveBytes()

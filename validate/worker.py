@@ -20,6 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from memplan.phases import PhaseName
+
 from memplan.job import Job
 
 
@@ -33,7 +35,8 @@ class Measurement(BaseModel):
     cuda_context_bytes: int | None = None
     model_bytes: int | None = None  # allocated right after the model is built
     state_bytes: int | None = None  # allocated between steps: weights, adapters, optimizer states
-    phase_peak_allocated_bytes: dict[str, int] = {}  # highest allocated in each phase, over the measured steps
+    # highest allocated in each measured phase (memplan.phases.MEASURED_*), over the measured steps
+    phase_peak_allocated_bytes: dict[PhaseName, int] = {}
     step_seconds: float | None = None  # median wall time of a measured step (synchronised)
     seconds: float = 0.0
     error: str | None = None

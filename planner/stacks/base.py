@@ -51,6 +51,9 @@ class Stack:
     kernels: Kernels = Kernels.cuda
     # what its bitsandbytes loading converts, in words, for notes
     bnb_rule: str = "only modules whose type is exactly nn.Linear (integrations/bitsandbytes.py)"
+    # gradient_checkpointing_enable()'s default: transformers 5.23 modeling_utils.py:3149
+    # {"use_reentrant": False}
+    default_reentrant: bool = False
 
     def on_cpu(self) -> "Stack":
         """The same stack on the CPU trace's kernels."""
@@ -114,6 +117,12 @@ class Stack:
         return resolve_targets(job, arch)
 
     # --- activations ---------------------------------------------------------------------------
+    def checkpoints(self, arch: "ModelArch") -> bool:
+        """Whether `gradient_checkpointing_enable()` really checkpoints this architecture's decoder
+        layers: in transformers 5 every decoder layer is a GradientCheckpointingLayer
+        (modeling_layers.py)."""
+        return True
+
     def layer_saved(self, arch: "ModelArch", ctx: "Ctx") -> "Saved":
         """What one decoder layer saves for backward: the family's transformers modeling file."""
         from ..families import family_of

@@ -62,6 +62,12 @@ def refusal(job) -> str | None:
         return "torchtune's attention is SDPA only"
     if job.num_gpus != 1 or job.sharding != "none":
         return "the torchtune trace covers the single-device recipes"
+    if job.activation_offloading:
+        return "torchtune's OffloadActivations needs torch.cuda.default_stream(): it cannot run on the CPU trace"
+    if job.packing or job.liger:
+        return "the torchtune trace runs unpacked rows with torchtune's own modules (no packing, no Liger kernels)"
+    if job.checkpoint_reentrant:
+        return "torchtune checkpoints non-reentrant (checkpoint_wrapper NO_REENTRANT), not reentrant"
     if job.optimizer_in_backward and job.uses_lora:
         return "optimizer_in_bwd is a full_finetune_single_device.py option, not a LoRA recipe's"
     if job.uses_lora:
