@@ -19,7 +19,7 @@ from .gpu import GpuProfile
 from .job import Job
 from .dtypes import float_bytes
 from .parallel import ShardPlan, shard, shard_plan
-from .params import buffer_bytes, count_params
+from .params import count_params
 from .results import Category, Component, Estimate, Phase
 from .stacks import Stack, get as get_stack, registered as registered_stacks
 from .units import count, human
@@ -31,8 +31,6 @@ from .training import (
     largest_trainable_tensor,
     unpaged_trainable_params,
     optimizer_state_bytes,
-    optimizer_step_temporary,
-    resolve_targets,
     trainable_bytes_per_param,
     trainable_params,
     unquantized_linears,
@@ -79,7 +77,8 @@ class _State:
         # embeddings, final norm and lm_head are never quantized
         root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
         self.root_weights = root_params * root_bytes
-        self.buffers = buffer_bytes(arch)
+        self.buffers = stack.buffer_bytes(job, arch)
+        self.buffers_formula = stack.buffers_formula(job, arch)
         self.layer_weights = (self.weights - self.root_weights) // arch.layers
         self.adapters = n_train * pb if job.uses_lora else 0
         self.states, self.states_formula = optimizer_state_bytes(job, n_train)
@@ -87,7 +86,8 @@ class _State:
         n_unpaged = unpaged_trainable_params(job, arch, targets) if is_paged(job) else n_train
         self.unpaged_states = optimizer_state_bytes(job, n_unpaged)[0] if n_unpaged < n_train else self.states
         self.paged_states = self.states - self.unpaged_states
-        self.temp, self.temp_formula = optimizer_step_temporary(job, n_train, largest_trainable_tensor(job, arch, targets))
+        largest = largest_trainable_tensor(job, arch, targets)
+        self.temp, self.temp_formula = stack.optimizer_step_temporary(job, n_train, largest)
         if job.method == "full":
             self.g_layer = params.per_layer * pb
             self.g_head = (params.lm_head or params.embedding) * pb + params.final_norm * pb
@@ -99,6 +99,7 @@ class _State:
             self.g_layer = n_train // arch.layers * pb
             self.g_head = self.g_embed_late = self.g_tied_accum = 0
         self.g_all = self.g_layer * arch.layers + self.g_head + self.g_embed_late
+        self.g_largest = largest * pb
         self.plan = plan
         # per GPU; with offload the optimizer (states and its temporaries) runs on the host, and
         # parameters and gradients follow it there where they are sharded
@@ -193,16 +194,11 @@ class _Walk:
         return out
 
 
-def _buffers_formula(arch: ModelArch) -> str:
-    return (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
-            else "rotary inverse frequencies, fp32")
-
-
 def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_train: int) -> None:
     plan = st.plan
     split = f" / {plan.params_div} ({plan.describe})" if plan.params_div > 1 else ""
     walk.row("weights", st.weights_formula + split)
-    walk.row("buffers", _buffers_formula(arch))
+    walk.row("buffers", st.buffers_formula)
     pb = trainable_bytes_per_param(job)
     walk.row("adapters", f"r={job.lora_rank} x (d_in + d_out) on {'/'.join(targets)}: {count(n_train)} x {pb} B{split}")
     walk.row("gathered parameters",
@@ -231,7 +227,7 @@ def _workspace_formula(ws: int, task: str) -> str:
 
 def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     params = count_params(arch, stack)
-    targets = resolve_targets(job, arch) if job.uses_lora else ()
+    targets = stack.lora_targets(job, arch) if job.uses_lora else ()
     n_train = trainable_params(job, arch, params, targets)
     plan = shard_plan(job.sharding, job.num_gpus, job.gpus_per_node, job.cpu_offload)
     st = _State(job, arch, params, n_train, plan, targets, stack)
@@ -334,7 +330,9 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     # autocast's cache of cast weights dies with the autocast region; only tensors saved for
     # backward keep them, and a checkpointed forward saves none (the recomputation re-casts one layer)
     casts_bwd = casts // arch.layers if ckpt else casts
-    g_share = st.grads_share
+
+    def g_share(produced: int) -> int:
+        return st.grads_share(stack.gradients_held(job, produced, st.g_largest))
     static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
               "optimizer states": st.gpu_states, "cuBLAS workspaces": ws, "logits held by the loop": loss.held}
     live = {**static, "gathered parameters": st.gathered}
@@ -361,10 +359,11 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                ("bottom of backward: the first layer's activations beside nearly every gradient",
                 {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients}),
                ("end of backward: every gradient, the embedding's last",
-                {**static, "gradients": st.gpu_grads, "tied embedding gradient sum": g_share(st.g_tied_accum),
+                {**static, "gradients": g_share(st.g_all), "tied embedding gradient sum": g_share(st.g_tied_accum),
                  "embedding input gradient": t * arch.hidden * ab, "DDP gradient buckets": st.ddp_buckets}))
     walk.phase(OPT, ("states + gradients + update temporaries",
-                     {**static, "gradients": st.gpu_grads, "optimizer step temporary": st.gpu_temp,
+                     {**static, "gradients": st.grads_share(stack.gradients_held(job, st.g_all, 0)),
+                      "optimizer step temporary": st.gpu_temp,
                       "DDP gradient buckets": st.ddp_buckets}))
     if ctx.attention is Kernel.math_fp32 and not arch.sdpa_always_math and job.attention == "sdpa" and not stack.cpu:
         notes.append("fp32 attention on a grouped-query model runs SDPA's math kernel on CUDA (transformers passes "
@@ -415,7 +414,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     notes: list[str] = _unconverted_notes(job, arch, stack)
     w, w_formula = weight_bytes(job, arch, params, stack)
     walk.row("weights", w_formula)
-    walk.row("buffers", _buffers_formula(arch))
+    walk.row("buffers", stack.buffers_formula(job, arch))
     kv = inf.kv_cache_bytes(job, arch)
     kv_prompt = inf.kv_cache_bytes(job, arch, generated=False)
     positions = inf.kv_tokens(job, arch)
@@ -441,8 +440,8 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
                                           f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")
     walk.row("KV cache append", "DynamicCache torch.cat: one layer's old and new keys alive at once")
     walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
-    base = {"weights": w, "buffers": buffer_bytes(arch), "cuBLAS workspaces": ws}
-    walk.phase(LOAD, ("weights", {"weights": w, "buffers": buffer_bytes(arch)}))
+    base = {"weights": w, "buffers": stack.buffer_bytes(job, arch), "cuBLAS workspaces": ws}
+    walk.phase(LOAD, ("weights", {"weights": w, "buffers": stack.buffer_bytes(job, arch)}))
     walk.phase(PREFILL,
                ("weights + the prompt's KV cache + one layer's intermediates",
                 {**base, "KV cache": kv_prompt, "activations": pre - pre_dequant, "dequantized weight": pre_dequant}),

@@ -26,7 +26,7 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
-    "packing", "liger", "activation_offloading", "checkpoint_reentrant",
+    "packing", "liger", "activation_offloading", "checkpoint_reentrant", "optimizer_in_backward", "chunked_loss",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype")
@@ -105,6 +105,12 @@ class Job(BaseModel):
     sharding: Sharding = "none"
     cpu_offload: bool = False
     gpus_per_node: int = 8
+    # torchtune's optimizer_in_bwd: one optimizer per parameter, stepped by a post-accumulate-grad
+    # hook as soon as that parameter's gradient is ready (training/memory.py register_optim_in_bwd_hooks)
+    optimizer_in_backward: bool = False
+    # torchtune's CEWithChunkedOutputLoss: the output projection and the loss run over this many
+    # chunks of the sequence (its recipes use 8); 0 = one unchunked loss
+    chunked_loss: int = 0
 
     def __init__(self, **fields) -> None:
         # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
@@ -121,11 +127,11 @@ class Job(BaseModel):
             raise MemplanInputError(f"{info.field_name.replace('_', '-')} must be a positive integer, got {v}")
         return v
 
-    @field_validator("new_tokens")
+    @field_validator("new_tokens", "chunked_loss")
     @classmethod
-    def _non_negative(cls, v: int) -> int:
+    def _non_negative(cls, v: int, info) -> int:
         if v < 0:
-            raise MemplanInputError(f"new-tokens must be zero or a positive integer, got {v}")
+            raise MemplanInputError(f"{info.field_name.replace('_', '-')} must be zero or a positive integer, got {v}")
         return v
 
     @field_validator("compute_dtype")

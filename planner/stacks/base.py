@@ -86,6 +86,40 @@ class Stack:
 
         return DType.nf4 if job.method == "qlora" else job.compute_dtype
 
+    def buffer_bytes(self, job: "Job", arch: "ModelArch") -> int:
+        """Non-parameter tensors the model registers (params.py `buffer_bytes`: transformers'
+        rotary inverse frequencies, or GPT-BigCode's causal mask)."""
+        from ..params import buffer_bytes
+
+        return buffer_bytes(arch)
+
+    def buffers_formula(self, job: "Job", arch: "ModelArch") -> str:
+        """How `buffer_bytes` counts, for the breakdown."""
+        return (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
+                else "rotary inverse frequencies, fp32")
+
+    # --- optimizer -----------------------------------------------------------------------------
+    def optimizer_step_temporary(self, job: "Job", n_train: int, largest: int) -> tuple[int, str]:
+        """The optimizer step's temporaries: torch.optim's AdamW with the job's `foreach`
+        (training.py `optimizer_step_temporary`)."""
+        from ..training import optimizer_step_temporary
+
+        return optimizer_step_temporary(job, n_train, largest)
+
+    def gradients_held(self, job: "Job", produced: int, in_flight: int) -> int:
+        """Gradient bytes live once `produced` bytes of gradients have been produced; `in_flight`
+        is the largest single gradient that may still be awaiting its update (0 once backward is
+        over). The HF Trainer keeps every gradient until the optimizer step."""
+        return produced
+
+    def lora_targets(self, job: "Job", arch: "ModelArch") -> tuple[str, ...]:
+        """The linears LoRA adapts: the job's names, or for "default" peft's per-family default
+        (utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; training.py
+        `resolve_targets`)."""
+        from ..training import resolve_targets
+
+        return resolve_targets(job, arch)
+
     # --- activations ---------------------------------------------------------------------------
     def checkpoints(self, arch: "ModelArch") -> bool:
         """Whether `gradient_checkpointing_enable()` really checkpoints this architecture's decoder
