@@ -73,8 +73,9 @@ class Job(BaseModel):
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # "default" = peft's per-family default, "all-linear" = every linear in the blocks, or names.
     lora_targets: str | tuple[str, ...] = "default"
-    # peft keeps adapters in fp32 over 16-bit bases (autocast_adapter_dtype=True).
-    adapter_dtype: DType = DType.fp32
+    # LoRA weights' dtype. None: the stack's (Stack.default_adapter_dtype): peft keeps adapters in
+    # fp32 over 16-bit bases (autocast_adapter_dtype=True); litgpt and torchtune in the model's dtype.
+    adapter_dtype: DType | None = None
     # peft.prepare_model_for_kbit_training: casts every non-4/8-bit parameter to fp32 and turns
     # gradient checkpointing on. Applies to quantized bases only.
     kbit_prepare: bool = True
@@ -174,7 +175,7 @@ class Job(BaseModel):
                 "--attention flash_attention_2 runs in fp16 or bf16 only (flash-attn has no fp32 kernel): "
                 "use --compute-dtype bf16, or --attention sdpa"
             )
-        if not self.adapter_dtype.is_float:
+        if self.adapter_dtype is not None and not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
         return self
 
@@ -184,7 +185,13 @@ class Job(BaseModel):
         means "differs from the default": a Job read back from JSON has every field set, and the
         default is what an unread field holds anyway."""
         def given(field: str) -> bool:
-            return getattr(self, field) != type(self).model_fields[field].default
+            value = getattr(self, field)
+            if field == "adapter_dtype" and value is not None:
+                # a Job read back from JSON names the dtype its stack would have chosen anyway
+                from .stacks import get
+
+                return value is not get(self.stack).default_adapter_dtype(self)
+            return value != type(self).model_fields[field].default
 
         if self.task == "infer":
             if self.method != "full":
@@ -280,6 +287,15 @@ class Job(BaseModel):
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
         return self.quantized and self.kbit_prepare and self.uses_lora
+
+    @property
+    def lora_dtype(self) -> DType:
+        """The adapters' dtype: as given, else the stack's default."""
+        if self.adapter_dtype is not None:
+            return self.adapter_dtype
+        from .stacks import get
+
+        return get(self.stack).default_adapter_dtype(self)
 
     @property
     def reentrant(self) -> bool:

@@ -63,9 +63,26 @@ class Stack:
     def cpu(self) -> bool:
         return self.kernels is Kernels.cpu
 
+    # the optional training features (Job fields) this stack runs and memplan models for it
+    features: tuple[str, ...] = ("liger", "packing", "activation_offloading", "flash_attention_2")
+
     def check(self, job: "Job", arch: "ModelArch") -> None:
         """Refuse, with one line, a job this stack cannot run or memplan does not model for it.
         transformers runs everything the Job allows."""
+
+    def check_features(self, job: "Job") -> None:
+        """A feature the job asks for that this stack does not run is refused, never ignored."""
+        asked = {"liger": job.liger, "packing": job.packing, "activation_offloading": job.activation_offloading,
+                 "flash_attention_2": job.attention == "flash_attention_2",
+                 "optimizer_in_backward": job.optimizer_in_backward, "chunked_loss": bool(job.chunked_loss)}
+        for feature, on in asked.items():
+            if on and feature not in self.features:
+                from ..errors import MemplanInputError
+
+                flag = "--attention flash_attention_2" if feature == "flash_attention_2" else "--" + feature.replace("_", "-")
+                runs = ", ".join(self.features) or "none of the optional features"
+                raise MemplanInputError(f"{flag} is not something --stack {self.name} runs (memplan models it for other "
+                                        f"stacks); {self.name} runs: {runs}")
 
     # --- loading -------------------------------------------------------------------------------
     def bnb_converts(self, lin: "LinearSpec") -> bool:
@@ -119,6 +136,13 @@ class Stack:
         from ..training import resolve_targets
 
         return resolve_targets(job, arch)
+
+    def default_adapter_dtype(self, job: "Job") -> "DType":
+        """peft's get_peft_model(autocast_adapter_dtype=True) (peft tuners_utils.py
+        `_cast_adapter_dtype`): fp16/bf16 adapters are upcast to fp32."""
+        from ..dtypes import DType
+
+        return DType.fp32
 
     # --- activations ---------------------------------------------------------------------------
     def checkpoints(self, arch: "ModelArch") -> bool:

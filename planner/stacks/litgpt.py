@@ -84,6 +84,24 @@ class Litgpt(Stack):
     label: str = "litgpt 0.5.13 + lightning Fabric"
     sources: str = "litgpt 0.5.13, lightning 2.6.6"
     bnb_rule: str = "every nn.Linear of the blocks (lightning BitsandbytesPrecision); not traced"
+    features: tuple[str, ...] = ()
+
+    def default_weight_dtype(self, job: "Job") -> "DType":
+        """litgpt's default training precision is `bf16-mixed` (litgpt/utils.py
+        `get_default_supported_precision(training=True)`): fp32 weights under autocast in the
+        16-bit compute dtype. `--weight-dtype bf16` is `--precision bf16-true`."""
+        from ..dtypes import DType
+
+        if job.method == "qlora":
+            return DType.nf4
+        if job.task != "train":  # (refused by check: litgpt's generation is not modelled)
+            return job.compute_dtype
+        return DType.fp32 if job.compute_dtype is not DType.fp32 else job.compute_dtype
+
+    def default_adapter_dtype(self, job: "Job") -> "DType":
+        """The adapters are built with the model and converted with it: the weights' dtype."""
+        w = job.base_weight_dtype
+        return w if w.is_float else job.compute_dtype
 
     def check(self, job: "Job", arch: "ModelArch") -> None:
         """What litgpt cannot run, or memplan does not model for it, refused in one line each."""

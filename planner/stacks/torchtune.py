@@ -29,6 +29,15 @@ class Torchtune(Stack):
     name: str = "torchtune"
     label: str = "torchtune 0.6.1 single-device recipes"
     sources: str = "torchtune 0.6.1, torchao 0.11.0"
+    # optimizer_in_bwd, CEWithChunkedOutputLoss, enable_activation_offloading (the OffloadActivations
+    # TRL copied: planner/offload.py)
+    features: tuple[str, ...] = ("optimizer_in_backward", "chunked_loss", "activation_offloading")
+
+    def default_adapter_dtype(self, job):
+        """The LoRA builders run under `training.set_default_dtype(dtype)` (recipes'
+        `_setup_model`): adapters in the recipe's dtype, the weights'."""
+        w = job.base_weight_dtype
+        return w if w.is_float else job.compute_dtype
 
     def lora_targets(self, job, arch) -> tuple[str, ...]:
         """"default" is what the recipes' configs adapt, not peft's q/v: `lora_attn_modules:

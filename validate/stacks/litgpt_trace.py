@@ -76,9 +76,9 @@ def refusal(job) -> str | None:
     if job.uses_lora:
         weights = {"bf16-mixed": "fp32", "32-true": "fp32", "16-mixed": "fp32"}.get(precision_of(job),
                                                                                   job.base_weight_dtype.value)
-        if job.adapter_dtype.value != weights:
+        if job.lora_dtype.value != weights:
             return (f"litgpt builds the adapters in the weights' dtype ({weights}), "
-                    f"got adapter dtype {job.adapter_dtype.value}")
+                    f"got adapter dtype {job.lora_dtype.value}")
     return None
 
 

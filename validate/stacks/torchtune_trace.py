@@ -54,8 +54,8 @@ def refusal(job) -> str | None:
     w, c = job.base_weight_dtype.value, job.compute_dtype.value
     if w not in DTYPES or w != c or job.runs_autocast:
         return f"torchtune recipes run one dtype (bf16 or fp32) with no autocast, got {w} weights and {c} compute"
-    if job.uses_lora and job.adapter_dtype.value != w:
-        return f"torchtune builds LoRA adapters in the model dtype {w} (set_default_dtype), not {job.adapter_dtype.value}"
+    if job.uses_lora and job.lora_dtype.value != w:
+        return f"torchtune builds LoRA adapters in the model dtype {w} (set_default_dtype), not {job.lora_dtype.value}"
     if job.optimizer != "adamw":
         return f"the torchtune trace runs torch.optim.AdamW, not {job.optimizer}"
     if job.attention != "sdpa":
