@@ -521,6 +521,37 @@ def fit(
 
 
 @app.command()
+@job_options(*(n for n in JOB_OPTIONS if n not in ("stack", "gpu")))
+def stacks(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
+    only: Optional[str] = typer.Option(None, "--stacks", help="comma-separated stacks to compare (default: all)"),
+    *,
+    job_fields: dict,
+) -> None:
+    """The same job estimated on each software stack, side by side (a stack that cannot run it says why)."""
+    from .errors import MemplanInputError
+    from .estimate import estimate_memory
+    from .report import stacks_table
+    from .stacks import names
+
+    chosen = [s.strip() for s in only.split(",")] if only else names()
+    for s in chosen:
+        if s not in names():
+            fail(f"unknown stack {s!r}; allowed: {', '.join(names())}")
+    arch = _load_model(model, revision)
+    estimates = {}
+    for s in chosen:
+        try:
+            estimates[s] = estimate_memory(_job(model=model, stack=s, **job_fields), arch)
+        except MemplanInputError as exc:
+            estimates[s] = str(exc)
+    if all(isinstance(e, str) for e in estimates.values()):
+        fail(next(iter(estimates.values())))
+    typer.echo(stacks_table(estimates))
+
+
+@app.command()
 def models() -> None:
     """Shipped model profiles and their aliases."""
     from memplan.profiles import ALIASES, load_model

@@ -341,11 +341,11 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     walk.phase(LOAD, ("weights and adapters",
                       {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters}))
     walk.phase(FWD,
-               ("states + saved activations + logits, fp32 copy and log-softmax",
+               ("states + saved activations + the head's logits and loss",
                 {**live, **held, "autocast lm_head copy": head_copy, "logits and loss": logits_fwd}),
                ("states + saved activations + one layer's attention transients",
                 {**live, **held, "layer forward transients": fwd_layer}))
-    walk.phase(LOSS, ("states + saved activations + fp32 log-softmax and two vocab-wide gradients",
+    walk.phase(LOSS, ("states + saved activations + the loss's backward (its saved tensors and gradients)",
                       {**live, "activations": kept, "autocast weight copies": casts_bwd,
                        "autocast lm_head copy": head_copy, "logits and loss": logits_bwd}))
     transients = {"backward transients": trans, "dequantized weight": dequant,

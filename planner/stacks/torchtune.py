@@ -33,6 +33,26 @@ class Torchtune(Stack):
     # TRL copied: planner/offload.py)
     features: tuple[str, ...] = ("optimizer_in_backward", "chunked_loss", "activation_offloading")
 
+    # torchtune's model builders memplan models (models/llama2, llama3, mistral, qwen2_5, gemma)
+    families: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma")
+
+    def check(self, job, arch) -> None:
+        """What the single-device recipes cannot run, or memplan does not model for them."""
+        from ..errors import MemplanInputError
+
+        if arch.family not in self.families:
+            raise MemplanInputError(f"the torchtune stack models {', '.join(self.families)} builders, not "
+                                    f"{arch.family} ({arch.name})")
+        if job.task != "train":
+            raise MemplanInputError("the torchtune stack models the finetuning recipes, not generation: use "
+                                    "--stack transformers-5 for inference")
+        if job.num_gpus > 1 or job.sharding != "none":
+            raise MemplanInputError("the torchtune stack models the single-device recipes (lora_finetune_single_device, "
+                                    "full_finetune_single_device): use --num-gpus 1 --sharding none")
+        if job.method == "qlora":
+            raise MemplanInputError("torchtune's QLoRA (torchao NF4Tensor, qlora_* builders) is not modelled: use "
+                                    "--method lora or full, or --stack transformers-5")
+
     def default_adapter_dtype(self, job):
         """The LoRA builders run under `training.set_default_dtype(dtype)` (recipes'
         `_setup_model`): adapters in the recipe's dtype, the weights'."""
