@@ -137,3 +137,26 @@ def test_reentrant_and_non_reentrant_checkpointing_trace_alike(model, method):
         assert abs(peak - peaks[False][phase]) <= 0.01 * peak, phase
     assert Job(model="llama-2-7b", stack="transformers-4").reentrant is True
     assert Job(model="llama-2-7b", stack="transformers-5").reentrant is False
+
+
+def test_stacks_command_shows_one_job_on_each_stack():
+    out = subprocess.run([*MEMPLAN, "stacks", "-m", "falcon-7b", "--method", "qlora"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("transformers-5", "transformers-4", "litgpt", "torchtune"):
+        assert name in out.stdout
+    e4 = memplan.estimate("falcon-7b", method="qlora", stack="transformers-4")
+    e5 = memplan.estimate("falcon-7b", method="qlora", stack="transformers-5")
+    row = next(line for line in out.stdout.splitlines() if line.startswith("│ peak allocated"))
+    assert f"{e5.peak_allocated_bytes / 2**30:.2f} GiB" in row and f"{e4.peak_allocated_bytes / 2**30:.2f} GiB" in row
+    assert "not run: litgpt:" in out.stdout and "not run: torchtune:" in out.stdout
+    bad = subprocess.run([*MEMPLAN, "stacks", "-m", "falcon-7b", "--stacks", "tx9"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "unknown stack 'tx9'" in bad.stderr
+
+
+def test_a_stack_refuses_a_feature_it_does_not_run():
+    with pytest.raises(memplan.MemplanInputError, match="--optimizer-in-backward is not something --stack transformers-5"):
+        memplan.estimate("llama-2-7b", method="full", optimizer_in_backward=True, stack="transformers-5")
+    with pytest.raises(memplan.MemplanInputError, match="--liger is not something --stack torchtune"):
+        memplan.estimate("llama-2-7b", method="lora", liger=True, stack="torchtune")
