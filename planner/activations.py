@@ -429,7 +429,7 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, 
         autocast=autocast,
         base_trains=job.task == "train" and job.method == "full",
         targets=frozenset(targets) if job.uses_lora else frozenset(),
-        adapter_bytes=float_bytes(job.adapter_dtype),
+        adapter_bytes=float_bytes(job.lora_dtype),
         rank=job.lora_rank,
         lora_dropout=job.lora_dropout,
         grad_in=grad_in,
@@ -452,5 +452,5 @@ def dora_fields(job: Job, arch: ModelArch, targets: tuple[str, ...]) -> dict:
     # the weight as DoRA reads it: a 4-bit one dequantized to the compute dtype (bitsandbytes)
     base = float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
     return dict(dora=tuple((lin.name, lin.d_out) for lin in lins), dora_d_in=tuple(lin.d_in for lin in lins),
-                dora_weight_copy=base != float_bytes(job.adapter_dtype),
+                dora_weight_copy=base != float_bytes(job.lora_dtype),
                 dora_dequant=float_bytes(job.compute_dtype) if job.quantized else 0)

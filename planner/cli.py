@@ -166,11 +166,17 @@ JOB_OPTIONS: dict[str, _JobOption] = {
                                 "fp32 | fp16 | bf16: LoRA weights (peft keeps fp32 unless autocast_adapter_dtype=False)"),
     "gradient_checkpointing": _JobOption(Optional[bool], ("--gradient-checkpointing/--no-gradient-checkpointing",),
                                          "HF gradient checkpointing", "on for qlora, off otherwise"),
+    "checkpoint_reentrant": _JobOption(Optional[bool], ("--checkpoint-reentrant/--no-checkpoint-reentrant",),
+                                       "gradient_checkpointing_kwargs use_reentrant", "the stack's: 4.x on, 5.x off"),
     "attention": _JobOption(Optional[str], ("--attention",), "sdpa | eager | flash_attention_2 (attn_implementation)"),
     "liger": _JobOption(Optional[bool], ("--liger/--no-liger",),
                         "Liger kernels (use_liger_kernel=True): fused linear cross-entropy, RMSNorm, SwiGLU, RoPE"),
     "activation_offloading": _JobOption(Optional[bool], ("--activation-offloading/--no-activation-offloading",),
                                         "saved activations offloaded to pinned host RAM (TRL, torchtune)"),
+    "optimizer_in_backward": _JobOption(Optional[bool], ("--optimizer-in-backward/--no-optimizer-in-backward",),
+                                        "torchtune optimizer_in_bwd: each parameter stepped as its gradient arrives"),
+    "chunked_loss": _JobOption(Optional[int], ("--chunked-loss",),
+                               "output chunks of a chunked cross-entropy (torchtune CEWithChunkedOutputLoss: 8); 0 off"),
     "packing": _JobOption(Optional[bool], ("--packing/--no-packing",),
                           "several sequences packed per row (TRL packing/padding_free, axolotl sample_packing)"),
     "kbit_prepare": _JobOption(Optional[bool], ("--kbit-prepare/--no-kbit-prepare",),
@@ -516,6 +522,37 @@ def fit(
 
 
 @app.command()
+@job_options(*(n for n in JOB_OPTIONS if n not in ("stack", "gpu")))
+def stacks(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
+    only: Optional[str] = typer.Option(None, "--stacks", help="comma-separated stacks to compare (default: all)"),
+    *,
+    job_fields: dict,
+) -> None:
+    """The same job estimated on each software stack, side by side (a stack that cannot run it says why)."""
+    from .errors import MemplanInputError
+    from .estimate import estimate_memory
+    from .report import stacks_table
+    from .stacks import names
+
+    chosen = [s.strip() for s in only.split(",")] if only else names()
+    for s in chosen:
+        if s not in names():
+            fail(f"unknown stack {s!r}; allowed: {', '.join(names())}")
+    arch = _load_model(model, revision)
+    estimates = {}
+    for s in chosen:
+        try:
+            estimates[s] = estimate_memory(_job(model=model, stack=s, **job_fields), arch)
+        except MemplanInputError as exc:
+            estimates[s] = str(exc)
+    if all(isinstance(e, str) for e in estimates.values()):
+        fail(next(iter(estimates.values())))
+    typer.echo(stacks_table(estimates))
+
+
+@app.command()
 def models() -> None:
     """Shipped model profiles and their aliases."""
     from memplan.profiles import ALIASES, load_model
@@ -561,6 +598,12 @@ def trace(
         # the main branch's config against an estimate of another
         fail(f"trace --revision {revision}: the Job carries no revision yet, so the trace would build main's config; "
              "pass a local config.json of that revision instead")
+    from .stacks.installed import default_stack
+
+    if job.stack != default_stack():
+        # the trace runs the libraries installed here; another stack's step is traced in its own venv
+        fail(f"trace --stack {job.stack}: this environment runs {default_stack()}; {job.stack}'s real step is traced "
+             f"in its own venv (memplan.validate.stack_envs, tests/test_stack_*.py)")
     # before torch, transformers and peft are first imported: their warnings are set up at import
     from memplan.validate.quiet import quiet_libraries
 

@@ -8,17 +8,6 @@ from __future__ import annotations
 from .architecture import ModelArch
 from .job import Job
 
-DECODER_LAYER = {
-    "llama": "LlamaDecoderLayer",
-    "mistral": "MistralDecoderLayer",
-    "mixtral": "MixtralDecoderLayer",
-    "gemma": "GemmaDecoderLayer",
-    "qwen2": "Qwen2DecoderLayer",
-    "qwen3": "Qwen3DecoderLayer",
-    "falcon": "FalconDecoderLayer",
-    "phi": "PhiDecoderLayer",
-    "gpt_bigcode": "GPTBigCodeBlock",
-}
 
 
 def _yaml(value, indent: int = 0) -> str:
@@ -87,7 +76,7 @@ def accelerate_config(job: Job, arch: ModelArch, grad_accum: int) -> str:
                                        "fsdp_hybrid": "HYBRID_SHARD"}[s],
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",
             "fsdp_sync_module_states": True,
-            "fsdp_transformer_layer_cls_to_wrap": DECODER_LAYER[arch.family],
+            "fsdp_transformer_layer_cls_to_wrap": arch.decoder_layer,
             "fsdp_use_orig_params": True,
         }
     header = (

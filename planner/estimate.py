@@ -19,7 +19,7 @@ from .gpu import GpuProfile
 from .job import Job
 from .dtypes import float_bytes
 from .parallel import ShardPlan, shard, shard_plan
-from .params import HEAD_MODULE, buffer_bytes, count_params, embedding_module, lora_params
+from .params import HEAD_MODULE, count_params, embedding_module, lora_params
 from .results import Category, Component, Estimate, Phase
 from .stacks import Stack, get as get_stack, registered as registered_stacks
 from .units import count, human
@@ -31,8 +31,6 @@ from .training import (
     largest_trainable_tensor,
     unpaged_trainable_params,
     optimizer_state_bytes,
-    optimizer_step_temporary,
-    resolve_targets,
     trainable_bytes_per_param,
     trainable_params,
     unquantized_linears,
@@ -57,6 +55,8 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     check_job(job, arch)
     liger.check(job, arch)
     stack = stack or get_stack(job.stack)
+    stack.check_features(job)
+    stack.check(job, arch)
     ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
     if job.task == "infer":
         return _finish(job, arch, gpu, stack, *_inference(job, arch, stack, ws))
@@ -78,7 +78,8 @@ class _State:
         # embeddings, final norm and lm_head are never quantized
         root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
         self.root_weights = root_params * root_bytes
-        self.buffers = buffer_bytes(arch)
+        self.buffers = stack.buffer_bytes(job, arch)
+        self.buffers_formula = stack.buffers_formula(job, arch)
         self.layer_weights = (self.weights - self.root_weights) // arch.layers
         self.adapters = n_train * pb if job.uses_lora else 0
         self.states, self.states_formula = optimizer_state_bytes(job, n_train)
@@ -86,7 +87,8 @@ class _State:
         n_unpaged = unpaged_trainable_params(job, arch, targets) if is_paged(job) else n_train
         self.unpaged_states = optimizer_state_bytes(job, n_unpaged)[0] if n_unpaged < n_train else self.states
         self.paged_states = self.states - self.unpaged_states
-        self.temp, self.temp_formula = optimizer_step_temporary(job, n_train, largest_trainable_tensor(job, arch, targets))
+        largest = largest_trainable_tensor(job, arch, targets)
+        self.temp, self.temp_formula = stack.optimizer_step_temporary(job, n_train, largest)
         if job.method == "full":
             self.g_layer = params.per_layer * pb
             self.g_head = (params.lm_head or params.embedding) * pb + params.final_norm * pb
@@ -100,6 +102,7 @@ class _State:
             self.g_layer = (n_train - head - embed) // arch.layers * pb
             self.g_head, self.g_embed_late, self.g_tied_accum = head * pb, embed * pb, 0
         self.g_all = self.g_layer * arch.layers + self.g_head + self.g_embed_late
+        self.g_largest = largest * pb
         self.plan = plan
         # per GPU; with offload the optimizer (states and its temporaries) runs on the host, and
         # parameters and gradients follow it there where they are sharded
@@ -197,16 +200,11 @@ class _Walk:
         return out
 
 
-def _buffers_formula(arch: ModelArch) -> str:
-    return (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
-            else "rotary inverse frequencies, fp32")
-
-
 def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_train: int) -> None:
     plan = st.plan
     split = f" / {plan.params_div} ({plan.describe})" if plan.params_div > 1 else ""
     walk.row("weights", st.weights_formula + split)
-    walk.row("buffers", _buffers_formula(arch))
+    walk.row("buffers", st.buffers_formula)
     pb = trainable_bytes_per_param(job)
     walk.row("adapters", f"r={job.lora_rank} x (d_in + d_out) on {'/'.join(targets)}: {count(n_train)} x {pb} B{split}")
     walk.row("gathered parameters",
@@ -265,7 +263,7 @@ def _outer_lora(job: Job, arch: ModelArch, targets: tuple[str, ...], ctx: act.Ct
 
 def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     params = count_params(arch, stack)
-    targets = resolve_targets(job, arch) if job.uses_lora else ()
+    targets = stack.lora_targets(job, arch) if job.uses_lora else ()
     n_train = trainable_params(job, arch, params, targets)
     plan = shard_plan(job.sharding, job.num_gpus, job.gpus_per_node, job.cpu_offload)
     st = _State(job, arch, params, n_train, plan, targets, stack)
@@ -372,7 +370,9 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     # autocast's cache of cast weights dies with the autocast region; only tensors saved for
     # backward keep them, and a checkpointed forward saves none (the recomputation re-casts one layer)
     casts_bwd = casts // arch.layers if ckpt else casts
-    g_share = st.grads_share
+
+    def g_share(produced: int) -> int:
+        return st.grads_share(stack.gradients_held(job, produced, st.g_largest))
     static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
               "optimizer states": st.gpu_states, "cuBLAS workspaces": ws, "logits held by the loop": loss.held}
     live = {**static, "gathered parameters": st.gathered}
@@ -387,7 +387,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     walk.phase(LOAD, ("weights and adapters",
                       {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters}))
     walk.phase(FWD,
-               ("states + saved activations + logits, fp32 copy and log-softmax",
+               ("states + saved activations + the head's logits and loss",
                 {**live, **held, "autocast lm_head copy": head_copy, "logits and loss": logits_fwd}),
                ("states + saved activations + one layer's attention transients",
                 {**live, **held, "layer forward transients": fwd_layer}),
@@ -395,7 +395,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                 {**live, **held, "lm_head LoRA output": head_out}),
                ("states + saved activations + one DoRA linear's weight norm",
                 {**live, **held, "DoRA weight-norm transients": dora_fwd}))
-    walk.phase(LOSS, ("states + saved activations + fp32 log-softmax and two vocab-wide gradients",
+    walk.phase(LOSS, ("states + saved activations + the loss's backward (its saved tensors and gradients)",
                       {**live, "activations": kept, "autocast weight copies": casts_bwd,
                        "autocast lm_head copy": head_copy, "logits and loss": logits_bwd,
                        "embedding LoRA activations": embed_lora, "lm_head LoRA activations": head_lora}))
@@ -419,10 +419,11 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                 {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients,
                  "embedding LoRA activations": embed_lora}),
                ("end of backward: every gradient, the embedding's last",
-                {**static, "gradients": st.gpu_grads, "tied embedding gradient sum": g_share(st.g_tied_accum),
+                {**static, "gradients": g_share(st.g_all), "tied embedding gradient sum": g_share(st.g_tied_accum),
                  "embedding input gradient": t * arch.hidden * ab, "DDP gradient buckets": st.ddp_buckets}))
     walk.phase(OPT, ("states + gradients + update temporaries",
-                     {**static, "gradients": st.gpu_grads, "optimizer step temporary": st.gpu_temp,
+                     {**static, "gradients": st.grads_share(stack.gradients_held(job, st.g_all, 0)),
+                      "optimizer step temporary": st.gpu_temp,
                       "DDP gradient buckets": st.ddp_buckets}))
     if ctx.attention is Kernel.math_fp32 and not arch.sdpa_always_math and job.attention == "sdpa" and not stack.cpu:
         notes.append("fp32 attention on a grouped-query model runs SDPA's math kernel on CUDA (transformers passes "
@@ -473,7 +474,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     notes: list[str] = _unconverted_notes(job, arch, stack)
     w, w_formula = weight_bytes(job, arch, params, stack)
     walk.row("weights", w_formula)
-    walk.row("buffers", _buffers_formula(arch))
+    walk.row("buffers", stack.buffers_formula(job, arch))
     kv = inf.kv_cache_bytes(job, arch)
     kv_prompt = inf.kv_cache_bytes(job, arch, generated=False)
     positions = inf.kv_tokens(job, arch)
@@ -499,8 +500,8 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
                                           f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")
     walk.row("KV cache append", "DynamicCache torch.cat: one layer's old and new keys alive at once")
     walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
-    base = {"weights": w, "buffers": buffer_bytes(arch), "cuBLAS workspaces": ws}
-    walk.phase(LOAD, ("weights", {"weights": w, "buffers": buffer_bytes(arch)}))
+    base = {"weights": w, "buffers": stack.buffer_bytes(job, arch), "cuBLAS workspaces": ws}
+    walk.phase(LOAD, ("weights", {"weights": w, "buffers": stack.buffer_bytes(job, arch)}))
     walk.phase(PREFILL,
                ("weights + the prompt's KV cache + one layer's intermediates",
                 {**base, "KV cache": kv_prompt, "activations": pre - pre_dequant, "dequantized weight": pre_dequant}),

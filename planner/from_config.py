@@ -1040,11 +1040,11 @@ def _post_litgpt(st: _State) -> None:
         # the base's other weights are in the precision's dtype (BitsandbytesPrecision(mode, dtype)); no
         # peft prepare_model_for_kbit_training, so no fp32 upcast and no automatic checkpointing
         st.default("kbit_prepare", False, "litgpt does not run peft's prepare_model_for_kbit_training")
+    elif prec_key:
+        # stated always: the litgpt stack's own default weight dtype is bf16-mixed's fp32
+        st.set(prec_key, prec, "weight_dtype", weights)
     elif weights != compute:
-        if prec_key:
-            st.set(prec_key, prec, "weight_dtype", weights)
-        else:
-            st.default("weight_dtype", weights, "litgpt's default precision bf16-mixed keeps fp32 weights")
+        st.default("weight_dtype", weights, "litgpt's default precision bf16-mixed keeps fp32 weights")
     if lora and not quant:
         key = next((k for k in ("lora_r", "lora_alpha", "lora_dropout", *LITGPT_LORA_ROLES) if k in st.origin.values()
                     or k in s), "lora_r")

@@ -26,7 +26,8 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
-    "packing", "liger", "activation_offloading", "dora",
+    "packing", "liger", "activation_offloading", "checkpoint_reentrant", "optimizer_in_backward", "chunked_loss",
+    "dora",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
@@ -73,8 +74,9 @@ class Job(BaseModel):
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # "default" = peft's per-family default, "all-linear" = every linear in the blocks, or names.
     lora_targets: str | tuple[str, ...] = "default"
-    # peft keeps adapters in fp32 over 16-bit bases (autocast_adapter_dtype=True).
-    adapter_dtype: DType = DType.fp32
+    # LoRA weights' dtype. None: the stack's (Stack.default_adapter_dtype): peft keeps adapters in
+    # fp32 over 16-bit bases (autocast_adapter_dtype=True); litgpt and torchtune in the model's dtype.
+    adapter_dtype: DType | None = None
     # peft LoraConfig(use_dora=True): a trainable magnitude vector per targeted linear, and the
     # weight's norm recomputed every forward (peft tuners/lora/dora.py)
     dora: bool = False
@@ -83,6 +85,9 @@ class Job(BaseModel):
     kbit_prepare: bool = True
     # None: on for qlora (prepare_model_for_kbit_training enables it), off otherwise.
     gradient_checkpointing: bool | None = None
+    # gradient_checkpointing_kwargs={"use_reentrant": ...}; None: the stack's default
+    # (Stack.default_reentrant). The same bytes either way, as traced (docs/stacks/transformers.md).
+    checkpoint_reentrant: bool | None = None
     # attn_implementation: "sdpa" (torch's scaled_dot_product_attention), "eager" (the model's own),
     # "flash_attention_2" (the flash-attn package: fp16/bf16 only)
     attention: Attention = "sdpa"
@@ -105,6 +110,12 @@ class Job(BaseModel):
     sharding: Sharding = "none"
     cpu_offload: bool = False
     gpus_per_node: int = 8
+    # torchtune's optimizer_in_bwd: one optimizer per parameter, stepped by a post-accumulate-grad
+    # hook as soon as that parameter's gradient is ready (training/memory.py register_optim_in_bwd_hooks)
+    optimizer_in_backward: bool = False
+    # torchtune's CEWithChunkedOutputLoss: the output projection and the loss run over this many
+    # chunks of the sequence (its recipes use 8); 0 = one unchunked loss
+    chunked_loss: int = 0
 
     def __init__(self, **fields) -> None:
         # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
@@ -121,11 +132,11 @@ class Job(BaseModel):
             raise MemplanInputError(f"{info.field_name.replace('_', '-')} must be a positive integer, got {v}")
         return v
 
-    @field_validator("new_tokens")
+    @field_validator("new_tokens", "chunked_loss")
     @classmethod
-    def _non_negative(cls, v: int) -> int:
+    def _non_negative(cls, v: int, info) -> int:
         if v < 0:
-            raise MemplanInputError(f"new-tokens must be zero or a positive integer, got {v}")
+            raise MemplanInputError(f"{info.field_name.replace('_', '-')} must be zero or a positive integer, got {v}")
         return v
 
     @field_validator("compute_dtype")
@@ -168,7 +179,7 @@ class Job(BaseModel):
                 "--attention flash_attention_2 runs in fp16 or bf16 only (flash-attn has no fp32 kernel): "
                 "use --compute-dtype bf16, or --attention sdpa"
             )
-        if not self.adapter_dtype.is_float:
+        if self.adapter_dtype is not None and not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
         return self
 
@@ -178,7 +189,13 @@ class Job(BaseModel):
         means "differs from the default": a Job read back from JSON has every field set, and the
         default is what an unread field holds anyway."""
         def given(field: str) -> bool:
-            return getattr(self, field) != type(self).model_fields[field].default
+            value = getattr(self, field)
+            if field == "adapter_dtype" and value is not None:
+                # a Job read back from JSON names the dtype its stack would have chosen anyway
+                from .stacks import get
+
+                return value is not get(self.stack).default_adapter_dtype(self)
+            return value != type(self).model_fields[field].default
 
         if self.task == "infer":
             if self.method != "full":
@@ -274,6 +291,24 @@ class Job(BaseModel):
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
         return self.quantized and self.kbit_prepare and self.uses_lora
+
+    @property
+    def lora_dtype(self) -> DType:
+        """The adapters' dtype: as given, else the stack's default."""
+        if self.adapter_dtype is not None:
+            return self.adapter_dtype
+        from .stacks import get
+
+        return get(self.stack).default_adapter_dtype(self)
+
+    @property
+    def reentrant(self) -> bool:
+        """Whether checkpointing re-enters autograd (torch.utils.checkpoint use_reentrant)."""
+        if self.checkpoint_reentrant is not None:
+            return self.checkpoint_reentrant
+        from .stacks import get
+
+        return get(self.stack).default_reentrant
 
     @property
     def kbit_upcast(self) -> bool:

@@ -152,3 +152,25 @@ def nothing_fits_text(advice, gpu_names: list[str], max_gpus: int, budget: float
     else:
         text += "; would fit: " + ", or ".join(f"{f.flags} ({_plan_brief(f.plan)})" for f in advice.fixes)
     return paragraph(text)
+
+
+def stacks_table(estimates: dict[str, "Estimate | str"]) -> str:
+    """One job under several stacks, side by side: allocated bytes per phase, the peak and the
+    device figure; a stack that cannot run the job shows why."""
+    names = list(estimates)
+    ok = [e for e in estimates.values() if not isinstance(e, str)]
+    phases = list(dict.fromkeys(p.name for e in ok for p in e.phases))
+    rows: list[list[str] | None] = []
+    for ph in phases:
+        rows.append([ph] + [gib(next(p.allocated_bytes for p in e.phases if p.name == ph))
+                            if not isinstance(e, str) else "-" for e in estimates.values()])
+    rows += [SECTION, ["peak allocated"] + [gib(e.peak_allocated_bytes) if not isinstance(e, str) else "-"
+                                            for e in estimates.values()],
+             ["device used (pynvml)"] + [gib(e.device_used_bytes) if not isinstance(e, str) else "-"
+                                         for e in estimates.values()]]
+    first = ok[0] if ok else None
+    title = f"{first.model_name}: the same job on each stack" if first else "the same job on each stack"
+    out = table([Column("phase")] + [Column(n, right=True) for n in names], rows, title=title)
+    why = [f"{n}: {e}" for n, e in estimates.items() if isinstance(e, str)]
+    labels = [f"{n}: {e.stack}" for n, e in estimates.items() if not isinstance(e, str)]
+    return "\n".join([out, *labels, *(f"not run: {w}" for w in why)])

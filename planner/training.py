@@ -75,7 +75,7 @@ def trainable_bytes_per_param(job: Job) -> int:
     """dtype of the trainable parameters, hence of their gradients and torch optimizer states."""
     if job.method == "full":
         return float_bytes(job.base_weight_dtype)
-    return float_bytes(job.adapter_dtype)
+    return float_bytes(job.lora_dtype)
 
 
 def optimizer_state_bytes(job: Job, n: int) -> tuple[int, str]:

@@ -66,7 +66,7 @@ def test_trl_sft_example_with_its_deepspeed_file():
 def test_litgpt_lora_example():
     assert job_from(LITGPT) == Job(
         model="meta-llama/Llama-2-7b-hf", **when_stack("litgpt"), method="lora", compute_dtype="bf16", micro_batch=2,
-        seq_len=512, lora_rank=32, lora_alpha=16, lora_dropout=0.05, lora_targets=("q_proj", "v_proj"),
+        weight_dtype="bf16", seq_len=512, lora_rank=32, lora_alpha=16, lora_dropout=0.05, lora_targets=("q_proj", "v_proj"),
         adapter_dtype="bf16", gradient_checkpointing=False)
 
 
@@ -196,7 +196,7 @@ def test_hf_rules(data, expected):
     ({"checkpoint_dir": "checkpoints/x/y", "precision": "bf16-true", "devices": 4, "num_nodes": 2, "lora_mlp": True,
       "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}}},
      {"method": "lora", "num_gpus": 8, "gpus_per_node": 4, "sharding": "fsdp_full", "gradient_checkpointing": True,
-      "compute_dtype": "bf16",
+      "compute_dtype": "bf16", "weight_dtype": "bf16",
       "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "adapter_dtype": "bf16", "optimizer": "sgd_momentum",
       "lora_targets": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}),
 ])
@@ -311,7 +311,7 @@ def test_estimate_from_trl_file_equals_flags():
     from_file.pop("from_config")
     flags = _estimate("-m", "mistral-7b", "-n", "8", "-b", "4", "-s", "2048", "--gradient-checkpointing",
                       "--no-foreach", "--compute-dtype", "bf16", "--autocast", "--weight-dtype", "bf16",
-                      "--sharding", "zero3", "--cpu-offload")
+                      "--sharding", "zero3", "--cpu-offload", "--no-checkpoint-reentrant")
     assert from_file == flags
 
 

@@ -76,7 +76,21 @@ def test_count_equals_meta_model(model):
     from memplan.validate.models import hf_config, meta_model
 
     real = meta_model(hf_config(model, "sdpa"), torch.bfloat16)
-    assert count_params(load_model(model)).total == sum(p.numel() for p in real.parameters())
+    arch = load_model(model)
+    assert count_params(arch).total == sum(p.numel() for p in real.parameters())
+    # the family's decoder-layer class (what FSDP wraps and checkpointing recomputes) is the real one
+    decoder = real.base_model.layers if hasattr(real.base_model, "layers") else real.base_model.h
+    assert {type(m).__name__ for m in decoder} == {arch.decoder_layer}
+    # and the linears it lists exist under those names with those module classes
+    modules = {n: type(m) for n, m in real.named_modules()}
+    for lin in arch.linears:
+        found = [c for n, c in modules.items() if n.endswith("." + lin.name)]
+        if lin.module == "fused experts":
+            assert not found or not issubclass(found[0], torch.nn.Linear), lin.name
+            continue
+        assert found, lin.name
+        exact = found[0] is torch.nn.Linear
+        assert exact == (lin.module == "Linear") and issubclass(found[0], torch.nn.Linear), lin.name
 
 
 def test_quantizable_linears_follow_transformers_bnb_rule():

@@ -112,3 +112,51 @@ def test_cli_names_the_stack_and_refuses_an_unknown_one():
                          timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "'tx4'" in bad.stderr and "transformers-4" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("model, method", [("tiny-llama", "lora"), ("tiny-llama", "full"), ("tiny-phi", "lora")])
+def test_reentrant_and_non_reentrant_checkpointing_trace_alike(model, method):
+    """transformers 4.57 checkpoints reentrant by default, 5.23 not (modeling_utils.py); the estimate
+    is the same for both, and so is the trace of the real step, phase by phase, to 1%."""
+    pytest.importorskip("torch")
+    from memplan.validate.trace import trace_training
+
+    from .conftest import DATA
+
+    peaks = {}
+    for reentrant in (True, False):
+        job = Job(model=str(DATA / f"{model}.json"), method=method, gradient_checkpointing=True, micro_batch=2,
+                  seq_len=256, checkpoint_reentrant=reentrant, stack="transformers-5")
+        traced = trace_training(job)
+        peaks[reentrant] = {s.phase: s.peak_bytes for s in traced.timeline if s.iteration == 1}
+        est = estimate_memory(job, load_model(job.model), stack=get("transformers-5").on_cpu())
+        assert est.peak_allocated_bytes == estimate_memory(
+            job.model_copy(update={"checkpoint_reentrant": not reentrant}), load_model(job.model),
+            stack=get("transformers-5").on_cpu()).peak_allocated_bytes
+    for phase, peak in peaks[True].items():
+        assert abs(peak - peaks[False][phase]) <= 0.01 * peak, phase
+    assert Job(model="llama-2-7b", stack="transformers-4").reentrant is True
+    assert Job(model="llama-2-7b", stack="transformers-5").reentrant is False
+
+
+def test_stacks_command_shows_one_job_on_each_stack():
+    out = subprocess.run([*MEMPLAN, "stacks", "-m", "falcon-7b", "--method", "qlora"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("transformers-5", "transformers-4", "litgpt", "torchtune"):
+        assert name in out.stdout
+    e4 = memplan.estimate("falcon-7b", method="qlora", stack="transformers-4")
+    e5 = memplan.estimate("falcon-7b", method="qlora", stack="transformers-5")
+    row = next(line for line in out.stdout.splitlines() if line.startswith("│ peak allocated"))
+    assert f"{e5.peak_allocated_bytes / 2**30:.2f} GiB" in row and f"{e4.peak_allocated_bytes / 2**30:.2f} GiB" in row
+    assert "not run: litgpt:" in out.stdout and "not run: torchtune:" in out.stdout
+    bad = subprocess.run([*MEMPLAN, "stacks", "-m", "falcon-7b", "--stacks", "tx9"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "unknown stack 'tx9'" in bad.stderr
+
+
+def test_a_stack_refuses_a_feature_it_does_not_run():
+    with pytest.raises(memplan.MemplanInputError, match="--optimizer-in-backward is not something --stack transformers-5"):
+        memplan.estimate("llama-2-7b", method="full", optimizer_in_backward=True, stack="transformers-5")
+    with pytest.raises(memplan.MemplanInputError, match="--liger is not something --stack torchtune"):
+        memplan.estimate("llama-2-7b", method="lora", liger=True, stack="torchtune")

@@ -85,9 +85,10 @@ def build(job: Job, arch, device: str):
     if job.quantized and job.kbit_prepare and job.uses_lora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": job.reentrant})
     elif job.checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": job.reentrant})
     if job.uses_lora:
         model = apply_lora(model, job, arch)
     model.train(job.task == "train")

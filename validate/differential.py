@@ -60,9 +60,9 @@ def known_gap(job: Job, family: str) -> str | None:
         if not targets & ATTENTION_INPUTS:
             return ("LoRA targets that skip the attention's input projections: what the frozen attention still "
                     "saves is over-counted (4-23%)")
-    if job.uses_lora and job.adapter_dtype.value != "fp32" and job.adapter_dtype is not c:
+    if job.uses_lora and job.lora_dtype.value != "fp32" and job.lora_dtype is not c:
         return "16-bit adapters over the other 16-bit compute dtype: the mixed casts are not followed (-4 to -9%)"
-    if job.uses_lora and job.autocast and w is c and job.adapter_dtype.value == "fp32":
+    if job.uses_lora and job.autocast and w is c and job.lora_dtype.value == "fp32":
         return ("fp32 adapters under an explicit autocast over same-dtype weights: the adapters' casts are "
                 "not followed (forward -4%)")
     if job.uses_lora and job.mixed_precision and (job.lora_dropout > 0 or job.attention == "eager"):

@@ -74,7 +74,7 @@ def apply_lora(model, job, arch):
     # peft makes adapters fp32 over 16-bit bases (autocast_adapter_dtype=True) and in the base
     # dtype otherwise; the job names their dtype, so cast lora_A/lora_B to it (the trace and the
     # GPU worker both build through here)
-    dtype = DTYPES[job.adapter_dtype.value]
+    dtype = DTYPES[job.lora_dtype.value]
     for name, module in model.named_modules():
         if name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"]) and isinstance(module, torch.nn.Linear):
             module.to(dtype)

@@ -49,7 +49,8 @@ def ensure(stack: str) -> Path:
     if py.exists() and stamp.is_file() and stamp.read_text() == stamp_value:
         return py
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # --no-compile: the venv runs a few trace scripts once; byte-compiling every module costs a minute
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
     subprocess.run([*pip, TORCH, "-r", str(pins)], check=True)
     subprocess.run([*pip, "--no-deps", "-e", str(REPO)], check=True)
     stamp.write_text(stamp_value)

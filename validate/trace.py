@@ -105,7 +105,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     cfg = hf_config(job.model, job.attention)
     model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
     if job.checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": job.reentrant})
     if job.uses_lora:
         model = apply_lora(model, job, arch)
     tracker = LiveBytes()

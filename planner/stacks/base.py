@@ -51,6 +51,9 @@ class Stack:
     kernels: Kernels = Kernels.cuda
     # what its bitsandbytes loading converts, in words, for notes
     bnb_rule: str = "only modules whose type is exactly nn.Linear (integrations/bitsandbytes.py)"
+    # gradient_checkpointing_enable()'s default: transformers 5.23 modeling_utils.py:3149
+    # {"use_reentrant": False}
+    default_reentrant: bool = False
 
     def on_cpu(self) -> "Stack":
         """The same stack on the CPU trace's kernels."""
@@ -59,6 +62,27 @@ class Stack:
     @property
     def cpu(self) -> bool:
         return self.kernels is Kernels.cpu
+
+    # the optional training features (Job fields) this stack runs and memplan models for it
+    features: tuple[str, ...] = ("liger", "packing", "activation_offloading", "flash_attention_2")
+
+    def check(self, job: "Job", arch: "ModelArch") -> None:
+        """Refuse, with one line, a job this stack cannot run or memplan does not model for it.
+        transformers runs everything the Job allows."""
+
+    def check_features(self, job: "Job") -> None:
+        """A feature the job asks for that this stack does not run is refused, never ignored."""
+        asked = {"liger": job.liger, "packing": job.packing, "activation_offloading": job.activation_offloading,
+                 "flash_attention_2": job.attention == "flash_attention_2",
+                 "optimizer_in_backward": job.optimizer_in_backward, "chunked_loss": bool(job.chunked_loss)}
+        for feature, on in asked.items():
+            if on and feature not in self.features:
+                from ..errors import MemplanInputError
+
+                flag = "--attention flash_attention_2" if feature == "flash_attention_2" else "--" + feature.replace("_", "-")
+                runs = ", ".join(self.features) or "none of the optional features"
+                raise MemplanInputError(f"{flag} is not something --stack {self.name} runs (memplan models it for other "
+                                        f"stacks); {self.name} runs: {runs}")
 
     # --- loading -------------------------------------------------------------------------------
     def bnb_converts(self, lin: "LinearSpec") -> bool:
@@ -78,6 +102,47 @@ class Stack:
         from ..dtypes import DType
 
         return DType.nf4 if job.method == "qlora" else job.compute_dtype
+
+    def buffer_bytes(self, job: "Job", arch: "ModelArch") -> int:
+        """Non-parameter tensors the model registers (params.py `buffer_bytes`: transformers'
+        rotary inverse frequencies, or GPT-BigCode's causal mask)."""
+        from ..params import buffer_bytes
+
+        return buffer_bytes(arch)
+
+    def buffers_formula(self, job: "Job", arch: "ModelArch") -> str:
+        """How `buffer_bytes` counts, for the breakdown."""
+        return (f"causal mask buffer {arch.max_positions:,}^2 x 1 B (bool)" if arch.learned_positions
+                else "rotary inverse frequencies, fp32")
+
+    # --- optimizer -----------------------------------------------------------------------------
+    def optimizer_step_temporary(self, job: "Job", n_train: int, largest: int) -> tuple[int, str]:
+        """The optimizer step's temporaries: torch.optim's AdamW with the job's `foreach`
+        (training.py `optimizer_step_temporary`)."""
+        from ..training import optimizer_step_temporary
+
+        return optimizer_step_temporary(job, n_train, largest)
+
+    def gradients_held(self, job: "Job", produced: int, in_flight: int) -> int:
+        """Gradient bytes live once `produced` bytes of gradients have been produced; `in_flight`
+        is the largest single gradient that may still be awaiting its update (0 once backward is
+        over). The HF Trainer keeps every gradient until the optimizer step."""
+        return produced
+
+    def lora_targets(self, job: "Job", arch: "ModelArch") -> tuple[str, ...]:
+        """The linears LoRA adapts: the job's names, or for "default" peft's per-family default
+        (utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; training.py
+        `resolve_targets`)."""
+        from ..training import resolve_targets
+
+        return resolve_targets(job, arch)
+
+    def default_adapter_dtype(self, job: "Job") -> "DType":
+        """peft's get_peft_model(autocast_adapter_dtype=True) (peft tuners_utils.py
+        `_cast_adapter_dtype`): fp16/bf16 adapters are upcast to fp32."""
+        from ..dtypes import DType
+
+        return DType.fp32
 
     # --- activations ---------------------------------------------------------------------------
     def checkpoints(self, arch: "ModelArch") -> bool:

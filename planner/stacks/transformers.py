@@ -26,6 +26,8 @@ class Transformers4(Stack):
     label: str = "transformers 4.x + peft + HF Trainer"
     sources: str = "transformers 4.57.1, peft 0.17.1"
     bnb_rule: str = "every nn.Linear and Conv1D, subclasses included (integrations/bitsandbytes.py)"
+    # 4.57.1 modeling_utils.py:3692: gradient_checkpointing_kwargs defaults to {"use_reentrant": True}
+    default_reentrant: bool = True
     # decoder layers 4.57.1 never checkpoints: GPTBigCodeBlock is a plain nn.Module there (not a
     # GradientCheckpointingLayer, as in 5.x) and GPTBigCodeModel.forward never calls the
     # checkpoint function (models/gpt_bigcode/modeling_gpt_bigcode.py:274, 419), so
