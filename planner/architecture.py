@@ -45,6 +45,7 @@ class ModelArch(BaseModel):
     name: str
     family: str  # the config's model_type, a key of planner.families.FAMILIES
     decoder_layer: str  # the decoder layer's class in the modeling file (FSDP wrap, checkpointing unit)
+    embedding_module: str = "embed_tokens"  # the token embedding's module name (a peft LoRA target)
     hidden: int
     layers: int
     heads: int

@@ -55,7 +55,7 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     check_job(job, arch)
     liger.check(job, arch)
     stack = stack or get_stack(job.stack)
-    stack.check_features(job)
+    stack.check_features(job, arch)
     stack.check(job, arch)
     ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
     if job.task == "infer":

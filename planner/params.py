@@ -58,13 +58,12 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
 
 # Module names of the input embedding per family (transformers modeling files); every shipped
 # family calls its output projection `lm_head`. LoRA may target either (peft tuners/lora/layer.py
-# `Embedding`, and `Linear` for the head).
-EMBEDDING_MODULES = {"falcon": "word_embeddings", "gpt_bigcode": "wte"}
+# `Embedding`, and `Linear` for the head). The embedding's name is the family's (ModelArch.embedding_module).
 HEAD_MODULE = "lm_head"
 
 
 def embedding_module(arch: ModelArch) -> str:
-    return EMBEDDING_MODULES.get(arch.family, "embed_tokens")
+    return arch.embedding_module
 
 
 def lora_params(arch: ModelArch, targets: tuple[str, ...], rank: int, dora: bool = False) -> int:

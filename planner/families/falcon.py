@@ -28,6 +28,7 @@ def _parse(r, name, mt) -> ModelArch:
     return ModelArch(
         name=name,
         family=mt,
+        embedding_module="word_embeddings",
         decoder_layer="FalconDecoderLayer",
         hidden=h,
         layers=r.int("num_hidden_layers", "n_layer"),

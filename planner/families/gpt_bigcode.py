@@ -22,6 +22,7 @@ def _parse(r, name, mt) -> ModelArch:
     return ModelArch(
         name=name,
         family=mt,
+        embedding_module="wte",
         decoder_layer="GPTBigCodeBlock",
         hidden=h,
         layers=r.int("n_layer", "num_hidden_layers"),

@@ -64,22 +64,32 @@ class Stack:
         return self.kernels is Kernels.cpu
 
     # the optional training features (Job fields) this stack runs and memplan models for it
-    features: tuple[str, ...] = ("liger", "packing", "activation_offloading", "flash_attention_2")
+    features: tuple[str, ...] = ("liger", "packing", "activation_offloading", "flash_attention_2", "dora",
+                                 "lora_on_embeddings_or_head")
 
     def check(self, job: "Job", arch: "ModelArch") -> None:
         """Refuse, with one line, a job this stack cannot run or memplan does not model for it.
         transformers runs everything the Job allows."""
 
-    def check_features(self, job: "Job") -> None:
+    def check_features(self, job: "Job", arch: "ModelArch") -> None:
         """A feature the job asks for that this stack does not run is refused, never ignored."""
-        asked = {"liger": job.liger, "packing": job.packing, "activation_offloading": job.activation_offloading,
+        from ..params import HEAD_MODULE, embedding_module
+
+        targets = () if isinstance(job.lora_targets, str) and job.lora_targets in ("default", "all-linear") else (
+            (job.lora_targets,) if isinstance(job.lora_targets, str) else job.lora_targets)
+        targets = {t for part in targets for t in part.split(",")}
+        outer = job.uses_lora and bool(targets & {HEAD_MODULE, embedding_module(arch)})
+        asked = {"lora_on_embeddings_or_head": outer,"liger": job.liger, "packing": job.packing, "activation_offloading": job.activation_offloading,
                  "flash_attention_2": job.attention == "flash_attention_2",
-                 "optimizer_in_backward": job.optimizer_in_backward, "chunked_loss": bool(job.chunked_loss)}
+                 "optimizer_in_backward": job.optimizer_in_backward, "chunked_loss": bool(job.chunked_loss),
+                 "dora": job.dora}
         for feature, on in asked.items():
             if on and feature not in self.features:
                 from ..errors import MemplanInputError
 
-                flag = "--attention flash_attention_2" if feature == "flash_attention_2" else "--" + feature.replace("_", "-")
+                flag = {"flash_attention_2": "--attention flash_attention_2",
+                        "lora_on_embeddings_or_head": "--lora-targets with the embedding or lm_head"}.get(
+                            feature, "--" + feature.replace("_", "-"))
                 runs = ", ".join(self.features) or "none of the optional features"
                 raise MemplanInputError(f"{flag} is not something --stack {self.name} runs (memplan models it for other "
                                         f"stacks); {self.name} runs: {runs}")
