@@ -468,10 +468,6 @@ def fit(
     from .units import gib
 
     check_safety_margin(safety_margin)
-    if stack is None and from_file is None:  # (with --from, the file's stack, else the installed one in _job)
-        from .stacks.installed import default_stack
-
-        stack = default_stack()
     fields = dict(task=task, method=method, stack=stack, optimizer=optimizer, weight_dtype=weight_dtype,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                   new_tokens=new_tokens, autocast=autocast)

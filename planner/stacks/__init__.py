@@ -8,30 +8,15 @@ from __future__ import annotations
 
 from ..errors import MemplanInputError
 from .base import Kernels, LossTerms, Stack
+from .litgpt import Litgpt
+from .torchtune import Torchtune
 from .transformers import Transformers4, Transformers5
 
-_STACKS: dict[str, Stack] = {s.name: s for s in (Transformers5(), Transformers4())}
-
-
-def register(stack: Stack) -> None:
-    _STACKS[stack.name] = stack
-
-
-def _load_optional() -> None:
-    """Stacks with modules of their own register themselves on import."""
-    import importlib
-
-    for module in ("litgpt", "torchtune"):
-        try:
-            importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{module}":
-                raise
+# every stack memplan models (job.StackName lists their names)
+_STACKS: dict[str, Stack] = {s.name: s for s in (Transformers5(), Transformers4(), Litgpt(), Torchtune())}
 
 
 def get(name: str) -> Stack:
-    if name not in _STACKS:
-        _load_optional()
     try:
         return _STACKS[name]
     except KeyError:
@@ -45,7 +30,6 @@ def cpu_trace_stack(job) -> Stack:
 
 def registered() -> list[Stack]:
     """Every stack with rules of its own, on CUDA's kernels."""
-    _load_optional()
     return list(_STACKS.values())
 
 
@@ -55,4 +39,4 @@ def names() -> list[str]:
     return list(STACK_NAMES)
 
 
-__all__ = ["Kernels", "LossTerms", "Stack", "cpu_trace_stack", "get", "names", "register"]
+__all__ = ["Kernels", "LossTerms", "Stack", "cpu_trace_stack", "get", "names", "registered"]

@@ -302,8 +302,3 @@ class Litgpt(Stack):
                      "through the step, fp32 log-softmax of every 128-row chunk"
                      + (f"; {chunks - 1} more bf16 casts of the frozen head, one per head chunk" if head_casts else "")),
         )
-
-
-from . import register  # noqa: E402
-
-register(Litgpt())

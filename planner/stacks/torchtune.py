@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import register
 from .base import LossTerms, Stack
 
 ROUND = 512  # the CUDA caching allocator's (and the trace's) block
@@ -179,6 +178,3 @@ class Torchtune(Stack):
                      + (f" + one chunk's fp32 copy ({chunk:,} x {v:,} x 4 B)" if upcast else "")
                      + f"; in loss backward every chunk's log-softmax + one chunk's 2 fp32 gradients"),
         )
-
-
-register(Torchtune())
