@@ -191,9 +191,14 @@ JOB_OPTIONS: dict[str, _JobOption] = {
     "cpu_offload": _JobOption(Optional[bool], ("--cpu-offload/--no-cpu-offload",),
                               "offload sharded parameters, gradients and optimizer states to host RAM"),
     "gpus_per_node": _JobOption(Optional[int], ("--gpus-per-node",), "GPUs per node (fsdp_hybrid shards within a node)"),
+    "fsdp_version": _JobOption(Optional[int], ("--fsdp-version",),
+                               "2 (fully_shard) | 1 (FullyShardedDataParallel), as accelerate's fsdp_version"),
+    "fsdp_mixed_precision": _JobOption(Optional[str], ("--fsdp-mixed-precision",),
+                                       "accelerate (mixed_precision bf16: param and reduce bf16, autocast) | policy "
+                                       "(MixedPrecisionPolicy param bf16, reduce fp32, no autocast): fp32 weights under FSDP"),
 }
 # One process, one device: the CPU trace runs no data-parallel job and checks no GPU's fit.
-PARALLEL_OPTIONS = ("gpu", "num_gpus", "sharding", "cpu_offload", "gpus_per_node")
+PARALLEL_OPTIONS = ("gpu", "num_gpus", "sharding", "cpu_offload", "gpus_per_node", "fsdp_version", "fsdp_mixed_precision")
 
 
 def _default_text(name: str) -> str:

@@ -27,7 +27,7 @@ TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
     "packing", "liger", "activation_offloading", "checkpoint_reentrant", "optimizer_in_backward", "chunked_loss",
-    "dora",
+    "dora", "fsdp_version", "fsdp_mixed_precision",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
@@ -110,6 +110,16 @@ class Job(BaseModel):
     sharding: Sharding = "none"
     cpu_offload: bool = False
     gpus_per_node: int = 8
+    # FSDP's implementation, as accelerate's `fsdp_version` names it: 2 = `fully_shard` (per-parameter
+    # DTensor shards, torch.distributed.fsdp._fully_shard), 1 = `FullyShardedDataParallel` (flat parameters)
+    fsdp_version: Literal[1, 2] = 2
+    # FSDP mixed precision over fp32 weights with 16-bit compute (fp32 sharded master weights and states):
+    # "accelerate": accelerate's `mixed_precision: bf16|fp16` with FSDP: param_dtype = reduce_dtype = the
+    #   compute dtype, the forward also under autocast, outputs converted to fp32 (accelerate
+    #   dataclasses.py `set_mixed_precision`, accelerator.py `prepare_model`);
+    # "policy": an explicit `MixedPrecisionPolicy(param_dtype=<compute>, reduce_dtype=fp32)` as torchtitan
+    #   and torchtune set it: no autocast
+    fsdp_mixed_precision: Literal["accelerate", "policy"] = "accelerate"
     # torchtune's optimizer_in_bwd: one optimizer per parameter, stepped by a post-accumulate-grad
     # hook as soon as that parameter's gradient is ready (training/memory.py register_optim_in_bwd_hooks)
     optimizer_in_backward: bool = False
@@ -167,7 +177,23 @@ class Job(BaseModel):
             raise MemplanInputError(
                 f"cpu offload needs a sharded strategy (zero1, zero2, zero3, fsdp_full, fsdp_hybrid), got {self.sharding}"
             )
-        if self.autocast is False and self.mixed_precision:
+        fsdp = self.sharding.startswith("fsdp")
+        if self.fsdp_version != 2 and not fsdp:
+            raise MemplanInputError(
+                f"--fsdp-version {self.fsdp_version} applies to FSDP sharding (fsdp_full, fsdp_grad_op, fsdp_hybrid), "
+                f"not to --sharding {self.sharding}: drop it"
+            )
+        if self.fsdp_mixed_precision != "accelerate" and not (fsdp and self.mixed_precision):
+            raise MemplanInputError(
+                f"--fsdp-mixed-precision {self.fsdp_mixed_precision} applies to FSDP sharding over fp32 weights with "
+                "16-bit compute (--weight-dtype fp32 --compute-dtype bf16|fp16 --sharding fsdp_*): drop it"
+            )
+        if self.fsdp_mixed_precision == "policy" and self.autocast:
+            raise MemplanInputError(
+                "--fsdp-mixed-precision policy runs the forward in the policy's param_dtype, without autocast: "
+                "drop --autocast, or use --fsdp-mixed-precision accelerate"
+            )
+        if self.autocast is False and self.mixed_precision and not self.fsdp_policy:
             raise MemplanInputError(
                 f"fp32 weights with {self.compute_dtype.value} compute run under autocast: drop autocast=False, "
                 "or use compute dtype fp32"
@@ -281,10 +307,24 @@ class Job(BaseModel):
         return self.base_weight_dtype is DType.fp32 and self.compute_dtype is not DType.fp32
 
     @property
+    def fsdp(self) -> bool:
+        return self.task == "train" and self.sharding.startswith("fsdp") and self.num_gpus > 1
+
+    @property
+    def fsdp_mp(self) -> bool:
+        """FSDP's own mixed precision: fp32 sharded weights gathered in the compute dtype."""
+        return self.fsdp and self.mixed_precision
+
+    @property
+    def fsdp_policy(self) -> bool:
+        """An explicit MixedPrecisionPolicy: the forward runs in param_dtype with no autocast."""
+        return self.sharding.startswith("fsdp") and self.mixed_precision and self.fsdp_mixed_precision == "policy"
+
+    @property
     def runs_autocast(self) -> bool:
         if self.autocast is not None:
             return self.autocast
-        return self.task == "train" and self.mixed_precision
+        return self.task == "train" and self.mixed_precision and not self.fsdp_policy
 
     @property
     def checkpointing(self) -> bool:
