@@ -8,6 +8,8 @@ sum of every component.
 
 from __future__ import annotations
 
+from enum import Enum
+
 from . import activations as act
 from . import inference as inf
 from . import liger, offload, overhead
@@ -67,6 +69,16 @@ def _sum(saved: dict[str, int]) -> int:
     return sum(saved.values())
 
 
+class Moment(Enum):
+    """The moments of the training walk at which a sharding strategy adds buffers of its own."""
+
+    forward = "forward"  # inside the forward (a layer running, or the head and the loss)
+    loss = "loss"  # the loss's backward
+    backward = "backward"  # a decoder layer's backward
+    backward_end = "backward_end"  # the embedding's backward, every gradient produced
+    optimizer = "optimizer"
+
+
 class _State:
     """Per-GPU bytes of the step-long state, after sharding and offload."""
 
@@ -119,6 +131,15 @@ class _State:
         # gradients of the unit in backward, unsharded until their reduce-scatter
         self.unit_grads = self.g_layer if plan.grads_div > 1 else 0
         self.ddp_buckets = self.g_all if plan.ddp_buckets else 0
+
+    def shard_rows(self, moment: "Moment") -> dict[str, int]:
+        """The sharding strategy's own buffers live at `moment` of the walk (row name -> bytes)."""
+        rows = {"gathered parameters": self.gathered} if moment in (Moment.forward, Moment.loss, Moment.backward) else {}
+        if moment is Moment.backward:
+            rows["unsharded unit gradients"] = self.unit_grads
+        if moment in (Moment.backward, Moment.backward_end, Moment.optimizer):
+            rows["DDP gradient buckets"] = self.ddp_buckets
+        return rows
 
     def _place(self, nbytes: int, div: int, movable: bool) -> int:
         """This rank's share of `nbytes`: on the GPU, or counted as host RAM when offloaded."""
@@ -375,7 +396,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         return st.grads_share(stack.gradients_held(job, produced, st.g_largest))
     static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
               "optimizer states": st.gpu_states, "cuBLAS workspaces": ws, "logits held by the loop": loss.held}
-    live = {**static, "gathered parameters": st.gathered}
+    live = {**static, **st.shard_rows(Moment.forward)}
     embed_lora, head_lora, head_out = _outer_lora(job, arch, targets, ctx)
     walk.row("embedding LoRA activations", f"F.embedding(ids, lora_embedding_A.T): {count(t)} tokens x r={job.lora_rank}, "
                                            "kept by the product with lora_embedding_B")
@@ -396,11 +417,10 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                ("states + saved activations + one DoRA linear's weight norm",
                 {**live, **held, "DoRA weight-norm transients": dora_fwd}))
     walk.phase(LOSS, ("states + saved activations + the loss's backward (its saved tensors and gradients)",
-                      {**live, "activations": kept, "autocast weight copies": casts_bwd,
+                      {**static, **st.shard_rows(Moment.loss), "activations": kept, "autocast weight copies": casts_bwd,
                        "autocast lm_head copy": head_copy, "logits and loss": logits_bwd,
                        "embedding LoRA activations": embed_lora, "lm_head LoRA activations": head_lora}))
-    transients = {"backward transients": trans, "dequantized weight": dequant,
-                  "unsharded unit gradients": st.unit_grads, "DDP gradient buckets": st.ddp_buckets}
+    transients = {"backward transients": trans, "dequantized weight": dequant, **st.shard_rows(Moment.backward)}
     bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if ckpt else layer0
     if bottom_extra is not None:
         bottom_acts = min(bottom_acts, bottom_extra)
@@ -420,11 +440,10 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                  "embedding LoRA activations": embed_lora}),
                ("end of backward: every gradient, the embedding's last",
                 {**static, "gradients": g_share(st.g_all), "tied embedding gradient sum": g_share(st.g_tied_accum),
-                 "embedding input gradient": t * arch.hidden * ab, "DDP gradient buckets": st.ddp_buckets}))
+                 "embedding input gradient": t * arch.hidden * ab, **st.shard_rows(Moment.backward_end)}))
     walk.phase(OPT, ("states + gradients + update temporaries",
                      {**static, "gradients": st.grads_share(stack.gradients_held(job, st.g_all, 0)),
-                      "optimizer step temporary": st.gpu_temp,
-                      "DDP gradient buckets": st.ddp_buckets}))
+                      "optimizer step temporary": st.gpu_temp, **st.shard_rows(Moment.optimizer)}))
     if ctx.attention is Kernel.math_fp32 and not arch.sdpa_always_math and job.attention == "sdpa" and not stack.cpu:
         notes.append("fp32 attention on a grouped-query model runs SDPA's math kernel on CUDA (transformers passes "
                      "enable_gqa, which only the 16-bit kernels take): the scores are materialised, quadratic in the "
