@@ -122,13 +122,13 @@ class _State:
         self.unit_grads = self.g_layer if plan.grads_div > 1 else 0
         self.ddp_buckets = self.g_all if plan.ddp_buckets else 0
         self.fsdp: FsdpRank | None = None
-        if job.fsdp and not job.quantized:
-            self._fsdp(job, arch, targets)
+        if job.fsdp:
+            self._fsdp(job, arch, targets, stack)
 
-    def _fsdp(self, job: Job, arch: ModelArch, targets: tuple[str, ...]) -> None:
+    def _fsdp(self, job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack) -> None:
         """FSDP's own per-tensor account (planner/fsdp.py) replaces the proportional one."""
         copies = {"adamw": 2, "sgd_momentum": 1, "sgd": 0}.get(job.optimizer)
-        f = self.fsdp = FsdpRank(job, arch, targets, self.plan.group, copies or 0, self.plan.offload)
+        f = self.fsdp = FsdpRank(job, arch, targets, self.plan.group, copies or 0, self.plan.offload, stack)
         self.gathered = self.unit_grads = 0
         self.host = 0
         self.gpu_weights = self._place(f.weights, 1, True)

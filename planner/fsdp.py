@@ -29,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .architecture import ModelArch
-from .dtypes import float_bytes
+from .dtypes import float_bytes, linear_weight_bytes
+from .errors import MemplanInputError
 from .job import Job
 from .params import HEAD_MODULE, embedding_module
 
@@ -58,14 +59,20 @@ class Param:
         return self.padded_rows(world) * (self.numel // self.dim0)
 
 
-def layer_params(job: Job, arch: ModelArch, targets: tuple[str, ...], wb: int, ab: int) -> list[Param]:
+def layer_params(job: Job, arch: ModelArch, targets: tuple[str, ...], wb: int, ab: int,
+                 quantized=lambda lin: False) -> list[Param]:
     """The parameters of one decoder layer: every projection's weight (a fused expert stack is one
     3-D tensor, sharded along the experts), its bias, the norms, and the LoRA adapters of the
-    targets (lora_A r x d_in, lora_B d_out x r, DoRA's magnitude d_out)."""
+    targets (lora_A r x d_in, lora_B d_out x r, DoRA's magnitude d_out). A 4-bit weight
+    (`quantized(lin)`) is its packed data, half a byte per value, stored as a flat `(n, 1)` tensor of
+    the quant-storage dtype (bitsandbytes functional.py `quantize_4bit(quant_storage=...)`)."""
     full = job.method == "full"
     out: list[Param] = []
     for lin in arch.projections:
-        if lin.module == "fused experts":
+        if quantized(lin):
+            rows = lin.d_in * lin.d_out // (2 * wb)
+            out += [Param(rows, rows, wb, False)] * lin.copies
+        elif lin.module == "fused experts":
             out.append(Param(lin.copies, lin.copies * lin.d_in * lin.d_out, wb, full))
         else:
             out += [Param(lin.d_out, lin.d_in * lin.d_out, wb, full)] * lin.copies
@@ -146,7 +153,14 @@ def unit_bytes(params: list[Param], world: int, version: int, param_bytes: int |
     else:
         # one flat parameter per unit (FSDP1 flattens the unit; use_orig_params keeps each
         # parameter's view): flat sizes padded to a multiple of the world size
-        numel = sum(p.numel for p in params)
+        # `_init_flat_param_and_metadata`: each parameter starts at a 16-byte boundary of the
+        # forward dtype (`_get_aligned_numel`), and the flat parameter is padded to the world size
+        align = 16 // (param_bytes or params[0].nbytes)
+        numel, starts = 0, []
+        for p in params:
+            numel += -numel % align
+            starts.append(numel)
+            numel += p.numel
         per_rank = -(-numel // world)
         b = params[0].nbytes
         shard = rounded(per_rank * b)
@@ -163,12 +177,11 @@ def unit_bytes(params: list[Param], world: int, version: int, param_bytes: int |
         sharded_grads = rounded(per_rank * b) if train else 0
         # use_orig_params: rank 0's parameters are the pieces of the first `per_rank` flat elements
         # (`_use_sharded_views`), and AdamW's states are zeros_like each piece
-        states, offset = 0, 0
-        for p in params:
+        states = 0
+        for p, offset in zip(params, starts):
             piece = max(0, min(offset + p.numel, per_rank) - offset)
             if p.trains and piece:
                 states += rounded(piece * (state_bytes or p.nbytes))
-            offset += p.numel
     return Unit(shard=shard, trainable_shard=tshard, gathered=gathered, ag_buffer=ag, grads=grads, rs_input=rs_in,
                 rs_output=rs_out, sharded_grads=sharded_grads, states_per_copy=states, grad_cast=cast)
 
@@ -194,16 +207,31 @@ class FsdpRank:
     parameters, communication buffers and unsharded gradients live at each moment of the walk."""
 
     def __init__(self, job: Job, arch: ModelArch, targets: tuple[str, ...], world: int, state_copies: int,
-                 offload: bool) -> None:
+                 offload: bool, stack) -> None:
         self.offload = offload  # sharded parameters, gradients and states in host RAM (CPUOffloadPolicy / cpu_offload)
         self.version = job.fsdp_version
         self.layers = arch.layers
         self.reshard = job.sharding != "fsdp_grad_op"  # fsdp_full, fsdp_hybrid: reshard_after_forward=True
-        wb = float_bytes(job.base_weight_dtype)
+        # sharded QLoRA keeps every parameter that is not 4-bit in the model's dtype, which is also
+        # the 4-bit weights' quant storage (planner/stacks/base.py `sharded_qlora`)
+        wb = float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
         ab = float_bytes(job.lora_dtype) if job.uses_lora else wb
         pbytes, rbytes = param_dtype_bytes(job), reduce_dtype_bytes(job)
-        lp = layer_params(job, arch, targets, wb, ab)
+        if self.version == 1 and job.uses_lora and ab != wb:
+            # _flat_param.py `_validate_tensors_to_flatten`: one FlatParameter per unit, one dtype
+            raise MemplanInputError(
+                f"FSDP1 flattens each unit into one FlatParameter of one dtype, so {job.lora_dtype.value} adapters over "
+                f"{job.base_weight_dtype.value} weights do not wrap: use --adapter-dtype {job.base_weight_dtype.value}, "
+                "fp32 weights (FSDP mixed precision), or --fsdp-version 2"
+            )
+        converts = (lambda lin: stack.bnb_converts(lin)) if job.quantized else (lambda lin: False)
+        lp = layer_params(job, arch, targets, wb, ab, converts)
         rp = root_params(job, arch, targets, wb, ab)
+        # the quantization statistics (absmax, nested absmax, code) are QuantState attributes of each
+        # Params4bit, not parameters: every rank keeps all of them (bitsandbytes nn/modules.py)
+        self.quant_stats = arch.layers * sum(
+            n * (linear_weight_bytes(d_out, d_in, job.base_weight_dtype, job.double_quant) - d_in * d_out // 2)
+            for d_in, d_out, n in stack.quantized_linears(arch)) if job.quantized else 0
         self.layer = unit_bytes(lp, world, self.version, pbytes, rbytes, None)
         self.root = unit_bytes(rp, world, self.version, pbytes, rbytes, None)
         L = arch.layers
@@ -219,6 +247,7 @@ class FsdpRank:
             self.adapters = shard - self.weights
         else:
             self.weights, self.adapters = shard, 0
+        self.weights += self.quant_stats
         self.states = state_copies * (L * self.layer.states_per_copy + self.root.states_per_copy)
         self.grads = L * self.layer.sharded_grads + self.root.sharded_grads
         self.largest_state = max((rounded(p.shard_numel(world) * p.nbytes) for p in lp + rp if p.trains), default=0)
@@ -233,6 +262,12 @@ class FsdpRank:
         else:
             self.root_grads_head = self.root_grads_all = self.root.grads
         self.param_bytes = pb
+        # HSDP (FSDP2 over a replicate x shard mesh): each layer's reduce-dtype output, all-reduced
+        # across replicas, stays referenced in `_all_reduce_state` until `finalize_backward` when
+        # the cast to the parameters' dtype made it a copy (`foreach_reduce`, `post_backward`)
+        hsdp = job.sharding == "fsdp_hybrid" and job.num_gpus > world
+        casts = rbytes is not None and any(rbytes != p.nbytes for p in lp if p.trains)
+        self.held_all_reduce = self.layer.rs_output if hsdp and self.version == 2 and casts else 0
 
     def _kept(self, sharded_grads: int) -> int:
         """Sharded gradients on the GPU: none under CPU offload (copied to host as they are reduced)."""
@@ -287,15 +322,16 @@ class FsdpRank:
             held_rs = lay.rs_input if (v2 and i < L - 1) else 0
             unit = lay.grads  # this layer's gradients as autograd produces them, in param_dtype
             return {"gathered parameters": gathered, "all-gather buffers": buffers,
-                    "reduce-scatter buffers": held_rs, "unsharded unit gradients": unit,
+                    "reduce-scatter buffers": held_rs + (L - 1 - i) * self.held_all_reduce,
+                    "unsharded unit gradients": unit,
                     "unsharded root gradients": self.root_grads_head, "gradients": self._kept((L - 1 - i) * lay.sharded_grads)}
         if moment is Moment.backward_end:
-            return {"gathered parameters": root.gathered, "all-gather buffers": 0, "reduce-scatter buffers": 0,
-                    "unsharded unit gradients": 0, "unsharded root gradients": self.root_grads_all,
+            return {"gathered parameters": root.gathered, "all-gather buffers": 0,
+                    "reduce-scatter buffers": L * self.held_all_reduce, "unsharded unit gradients": 0, "unsharded root gradients": self.root_grads_all,
                     "gradients": self._kept(L * lay.sharded_grads)}
         if moment is Moment.backward_root:
             # post_backward reshards the root, then reduce-scatters its gradients
-            rs = (root.rs_input if v2 else root.grad_cast + root.rs_output)
+            rs = (root.rs_input if v2 else root.grad_cast + root.rs_output) + L * self.held_all_reduce
             return {"gathered parameters": 0, "all-gather buffers": 0, "reduce-scatter buffers": rs,
                     "unsharded unit gradients": 0, "unsharded root gradients": self.root_grads_all,
                     "gradients": self._kept(L * lay.sharded_grads)}

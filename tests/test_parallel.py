@@ -68,13 +68,6 @@ def test_ddp_replicas_hold_everything_plus_buckets():
     assert ddp.component("DDP gradient buckets").bytes == one.component("gradients").bytes
 
 
-def test_qlora_with_fsdp_shards_the_quantized_base():
-    one = estimate("llama-2-70b", method="qlora")
-    fsdp = estimate("llama-2-70b", method="qlora", num_gpus=2, sharding="fsdp_full")
-    assert fsdp.component("weights").bytes == math.ceil(one.component("weights").bytes / 2)
-    assert fsdp.peak_allocated_bytes < one.peak_allocated_bytes
-
-
 def test_bad_parallel_input():
     with pytest.raises((MemplanInputError, ValidationError), match="offload"):
         estimate("phi-2", cpu_offload=True)
