@@ -260,16 +260,19 @@ def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_t
     f = st.fsdp
     if f is not None:
         v = f"FSDP{f.version}"
-        walk.row("gathered parameters", f"{v}: the root unit (embeddings, final norm, lm_head) {human(f.root.gathered)} "
-                                        f"gathered through forward and backward, + decoder layers x "
-                                        f"{human(f.layer.gathered)} unsharded in param_dtype"
-                                        + ("" if f.reshard else " (reshard_after_forward=False: every layer run so far)"))
+        outer = (f"the root unit (embeddings, final norm, lm_head) {human(f.tail.gathered)}" if f.version == 1 else
+                 f"the final norm and lm_head{' (and the tied embedding)' if f.tied else ''} {human(f.tail.gathered)} "
+                 "from their forward to their backward"
+                 + ("" if f.tied else f", the embedding {human(f.embed.gathered)} in its forward and backward"))
+        walk.row("gathered parameters", f"{v}: {outer}, + decoder layers x {human(f.layer.gathered)} unsharded in "
+                                        "param_dtype" + ("" if f.reshard else
+                                                         " (reshard_after_forward=False: every layer run so far)"))
         walk.row("all-gather buffers", f"{v}: one layer's flat all-gather buffer {human(f.layer.ag_buffer)}, two while "
                                        "the next layer is copied out in forward, one prefetched in backward")
         walk.row("reduce-scatter buffers", f"{v}: the previous layer's reduce-scatter input {human(f.layer.rs_input)} "
                                            "(reduce dtype), kept while the next layer runs backward; the root's at the end")
-        walk.row("unsharded root gradients", f"{v}: the root unit's gradients, unsharded from the loss's backward "
-                                             "until its post-backward reduce-scatter at the end")
+        walk.row("unsharded root gradients", f"{v}: the gradients of the embedding (and of the head, when it is in "
+                                             "the same unit) unsharded until their unit's post-backward reduce-scatter")
     walk.row("optimizer step temporary", st.temp_formula + s_split)
 
 
@@ -282,11 +285,22 @@ def _fsdp_backward_layers(st: _State, static, top_acts: int, bottom_acts: int, r
         return []
     out = []
     L = f.layers
+    per_layer = (top_acts - bottom_acts) // max(L - 1, 1)
     for i in f.backward_layers():
-        acts = bottom_acts + (top_acts - bottom_acts) * i // max(L - 1, 1)
-        rows = {**static, "activations": acts, "autocast weight copies": casts, "recomputed layer": recompute if i else 0,
-                **transients, "embedding LoRA activations": embed_lora, **f.rows(Moment.backward, layer=i)}
-        out.append((f"backward of decoder layer {i}: its gathered parameters and gradients, FSDP's buffers", rows))
+        acts = bottom_acts + per_layer * i
+        below = max(acts - per_layer, 0) if L > 1 else 0
+        # the start of its backward: every saved tensor (and the recomputed layer), its gradients not yet made
+        start = {**static, "activations": acts, "autocast weight copies": casts, "recomputed layer": recompute,
+                 **transients, "embedding LoRA activations": embed_lora,
+                 **f.rows(Moment.backward, layer=i, produced=False)}
+        out.append((f"backward of decoder layer {i} starting: its saved tensors and FSDP's buffers", start))
+        # its end: the layer's own saved tensors and transients are gone, its gradients made
+        end = {**static, "activations": below, "autocast weight copies": casts,
+               "embedding LoRA activations": embed_lora, **f.rows(Moment.backward, layer=i)}
+        out.append((f"backward of decoder layer {i} done: its unsharded gradients beside FSDP's buffers", end))
+        post = {**static, "activations": below, "autocast weight copies": casts,
+                "embedding LoRA activations": embed_lora, **f.rows(Moment.backward_post, layer=i)}
+        out.append((f"post-backward of decoder layer {i}: its gradients flattened for the reduce-scatter", post))
     return out
 
 
@@ -479,8 +493,12 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         ("states + saved activations + one DoRA linear's weight norm",
          at(Moment.forward, {**held, "DoRA weight-norm transients": dora_fwd}))]
     if st.fsdp is not None:
+        # the last layer's own saved tensors do not exist yet when its parameters are copied out
+        before_last = {**held, "activations": max(kept - (act.checkpoint_saved(arch, ctx) if ckpt else layer), 0)}
         fwd_moments.append(("states + saved activations + the last layer's all-gather copied out",
-                            at(Moment.forward_copy_out, held)))
+                            at(Moment.forward_copy_out, before_last)))
+        fwd_moments.append(("states + saved activations + the head's all-gather copied out",
+                            at(Moment.forward_tail_copy_out, held)))
     walk.phase(FWD, *fwd_moments)
     walk.phase(LOSS, ("states + saved activations + the loss's backward (its saved tensors and gradients)",
                       at(Moment.loss, {**static, "activations": kept, "autocast weight copies": casts_bwd,
@@ -511,6 +529,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                                   "tied embedding gradient sum": g_share(st.g_tied_accum),
                                   "embedding input gradient": t * arch.hidden * ab}))]
     if st.fsdp is not None:
+        # FSDP walks the layers itself (`_fsdp_backward_layers`); the DoRA and end moments stay
+        bwd_moments = [m for m in bwd_moments if not m[0].startswith(("top of backward", "bottom of backward"))]
         bwd_moments.append(("end of backward: the root unit's gradients reduce-scattered",
                             at(Moment.backward_root, dict(static))))
     walk.phase(BWD, *bwd_moments)

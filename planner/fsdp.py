@@ -198,32 +198,29 @@ def reduce_dtype_bytes(job: Job) -> int | None:
     return 4 if job.fsdp_mixed_precision == "policy" else float_bytes(job.compute_dtype)
 
 
-def _split(params: list[Param], keep) -> list[Param]:
-    return [p for p in params if keep(p)]
-
-
 class FsdpRank:
     """Rank 0 of an FSDP job: the sharded state it keeps through the step, and the unsharded
-    parameters, communication buffers and unsharded gradients live at each moment of the walk."""
+    parameters, communication buffers and unsharded gradients live at each moment of the walk.
+
+    The units are accelerate's. FSDP2 (`utils/fsdp_utils.py` `fsdp2_prepare_model`): every decoder
+    layer; the input embedding alone; the final norm with lm_head as one group with
+    reshard_after_forward=False (with tied embeddings the embedding joins it and has no unit of its
+    own); then the root, which holds nothing else. FSDP1 (`Accelerator.prepare_model`): the decoder
+    layers and the root (embedding, final norm, lm_head); with peft every LoRA leaf is a unit of its
+    own (transformers `distributed/fsdp.py` `update_fsdp_plugin_peft`, peft `fsdp_auto_wrap_policy`)."""
 
     def __init__(self, job: Job, arch: ModelArch, targets: tuple[str, ...], world: int, state_copies: int,
                  offload: bool, stack) -> None:
         self.offload = offload  # sharded parameters, gradients and states in host RAM (CPUOffloadPolicy / cpu_offload)
-        self.version = job.fsdp_version
-        self.layers = arch.layers
+        self.version = v = job.fsdp_version
+        self.layers = L = arch.layers
         self.reshard = job.sharding != "fsdp_grad_op"  # fsdp_full, fsdp_hybrid: reshard_after_forward=True
+        self.tied = arch.tied_embeddings
         # sharded QLoRA keeps every parameter that is not 4-bit in the model's dtype, which is also
         # the 4-bit weights' quant storage (planner/stacks/base.py `sharded_qlora`)
         wb = float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
         ab = float_bytes(job.lora_dtype) if job.uses_lora else wb
         pbytes, rbytes = param_dtype_bytes(job), reduce_dtype_bytes(job)
-        if self.version == 1 and job.uses_lora and ab != wb:
-            # _flat_param.py `_validate_tensors_to_flatten`: one FlatParameter per unit, one dtype
-            raise MemplanInputError(
-                f"FSDP1 flattens each unit into one FlatParameter of one dtype, so {job.lora_dtype.value} adapters over "
-                f"{job.base_weight_dtype.value} weights do not wrap: use --adapter-dtype {job.base_weight_dtype.value}, "
-                "fp32 weights (FSDP mixed precision), or --fsdp-version 2"
-            )
         converts = (lambda lin: stack.bnb_converts(lin)) if job.quantized else (lambda lin: False)
         lp = layer_params(job, arch, targets, wb, ab, converts)
         rp = root_params(job, arch, targets, wb, ab)
@@ -232,42 +229,46 @@ class FsdpRank:
         self.quant_stats = arch.layers * sum(
             n * (linear_weight_bytes(d_out, d_in, job.base_weight_dtype, job.double_quant) - d_in * d_out // 2)
             for d_in, d_out, n in stack.quantized_linears(arch)) if job.quantized else 0
-        self.layer = unit_bytes(lp, world, self.version, pbytes, rbytes, None)
-        self.root = unit_bytes(rp, world, self.version, pbytes, rbytes, None)
-        L = arch.layers
+
+        def unit(params: list[Param]) -> Unit:
+            return unit_bytes(params, world, v, pbytes, rbytes, None) if params else EMPTY
+
+        n_embed = 2 if arch.learned_positions else 1
+        embed, tail = rp[:n_embed], rp[n_embed:]  # tail: the final norm, lm_head, LoRA on them
+        self.adapter_units: list[Unit] = []
+        if v == 1 and job.uses_lora:
+            # each LoRA leaf its own flat parameter; the layer unit keeps the frozen base
+            self.adapter_units = [unit([p]) for p in lp if p.trains] * L + [unit([p]) for p in rp if p.trains]
+            lp = [p for p in lp if not p.trains]
+            rp = [p for p in rp if not p.trains]
+            embed, tail = rp[:n_embed], rp[n_embed:]
+        self.layer = unit(lp)
+        if v == 2:
+            self.embed = EMPTY if self.tied else unit(embed)
+            self.tail = unit(tail + (embed if self.tied else []))
+        else:
+            self.embed, self.tail = EMPTY, unit(rp)  # FSDP1's root: embedding, final norm, lm_head
+        units = [self.layer] * L + [self.embed, self.tail] + self.adapter_units
+        # autograd's per-parameter gradients of the embedding and of the tail (final norm, lm_head),
+        # in param_dtype: FSDP1 concatenates them into the root's flat gradient only at its end
+        def grads(params: list[Param]) -> int:
+            return sum(rounded(p.numel * (pbytes or p.nbytes)) for p in params if p.trains)
+        self.tail_grads = grads(tail + (embed if self.tied else []))
+        self.embed_grads = 0 if self.tied else grads(embed)
         # the step-long state: sharded parameters (split into base weights and adapters), states, gradients
-        shard = L * self.layer.shard + self.root.shard
-        if job.uses_lora:
-            if self.version == 2:
-                frozen = [p for p in lp if not p.trains], [p for p in rp if not p.trains]
-                self.weights = (L * unit_bytes(frozen[0], world, 2, pbytes, rbytes, None).shard
-                                + (unit_bytes(frozen[1], world, 2, pbytes, rbytes, None).shard if frozen[1] else 0))
-            else:  # the adapters are views into the flat shard
-                self.weights = shard - L * self.layer.states_per_copy - self.root.states_per_copy
-            self.adapters = shard - self.weights
-        else:
-            self.weights, self.adapters = shard, 0
-        self.weights += self.quant_stats
-        self.states = state_copies * (L * self.layer.states_per_copy + self.root.states_per_copy)
-        self.grads = L * self.layer.sharded_grads + self.root.sharded_grads
+        shard = sum(u.shard for u in units)
+        self.adapters = sum(u.trainable_shard for u in units) if job.uses_lora else 0
+        self.weights = shard - self.adapters + self.quant_stats
+        self.states = state_copies * sum(u.states_per_copy for u in units)
+        self.temp_foreach = sum(u.states_per_copy for u in units)
+        self.grads = sum(u.sharded_grads for u in units)
         self.largest_state = max((rounded(p.shard_numel(world) * p.nbytes) for p in lp + rp if p.trains), default=0)
-        self.temp_foreach = L * self.layer.states_per_copy + self.root.states_per_copy
-        # the root's unsharded gradients: the head's (and the final norm's) arrive in the loss's
-        # backward, an untied embedding's last; FSDP1 accumulates into one flat gradient of the whole root
-        pb = pbytes or wb
-        head = [p for p in rp if p.trains and not (not arch.tied_embeddings and p is rp[0])]
-        if self.version == 2:
-            self.root_grads_head = sum(rounded(p.numel * (pbytes or p.nbytes)) for p in head)
-            self.root_grads_all = self.root.grads
-        else:
-            self.root_grads_head = self.root_grads_all = self.root.grads
-        self.param_bytes = pb
         # HSDP (FSDP2 over a replicate x shard mesh): each layer's reduce-dtype output, all-reduced
         # across replicas, stays referenced in `_all_reduce_state` until `finalize_backward` when
         # the cast to the parameters' dtype made it a copy (`foreach_reduce`, `post_backward`)
         hsdp = job.sharding == "fsdp_hybrid" and job.num_gpus > world
         casts = rbytes is not None and any(rbytes != p.nbytes for p in lp if p.trains)
-        self.held_all_reduce = self.layer.rs_output if hsdp and self.version == 2 and casts else 0
+        self.held_all_reduce = self.layer.rs_output if hsdp and v == 2 and casts else 0
 
     def _kept(self, sharded_grads: int) -> int:
         """Sharded gradients on the GPU: none under CPU offload (copied to host as they are reduced)."""
@@ -279,62 +280,109 @@ class FsdpRank:
         L = self.layers
         return sorted({L - 1, max(L - 2, 0), min(1, L - 1), 0}, reverse=True)
 
-    def rows(self, moment, layer: int | None = None) -> dict[str, int]:
-        """Rows at `moment`; in the backward, `layer` is the decoder layer running (0 = the first)."""
+    def _rows(self, gathered=0, ag=0, rs=0, unit_grads=0, outer_grads=0, grads=0) -> dict[str, int]:
+        return {"gathered parameters": gathered, "all-gather buffers": ag, "reduce-scatter buffers": rs,
+                "unsharded unit gradients": unit_grads, "unsharded root gradients": outer_grads,
+                "gradients": self._kept(grads)}
+
+    def rows(self, moment, layer: int | None = None, produced: bool = True) -> dict[str, int]:
+        """Rows at `moment`; in the backward, `layer` is the decoder layer running (0 = the first)
+        and `produced` whether its gradients exist yet (the start or the end of its backward)."""
+        rows = self._rows2(moment, layer) if self.version == 2 else self._rows1(moment, layer)
+        if not produced and "unsharded unit gradients" in rows:
+            rows["unsharded unit gradients"] = 0
+        return rows
+
+    def _rows2(self, moment, layer):
         from .phases import Moment
 
-        L, lay, root = self.layers, self.layer, self.root
-        v2 = self.version == 2
-        ag = lay.ag_buffer
-        # decoder layers unsharded: with reshard_after_forward=False every layer run so far stays gathered
-        if moment in (Moment.forward, Moment.forward_copy_out, Moment.forward_head):
-            units = 1 if self.reshard else L
-            if moment is Moment.forward_head:
-                units = 0 if self.reshard else L
-            if moment is Moment.forward_copy_out and not v2:
-                return {}
-            # FSDP2: the running layer's all-gather buffer is kept until the next one's is copied out;
-            # the last one until the root's post-forward (after the loss)
-            buffers = (2 * ag if moment is Moment.forward_copy_out else ag) if v2 else 0
-            return {"gathered parameters": root.gathered + units * lay.gathered, "all-gather buffers": buffers,
-                    "unsharded root gradients": 0, "reduce-scatter buffers": 0, "unsharded unit gradients": 0,
-                    "gradients": 0}
-        if moment is Moment.loss:
-            # the root's pre-backward prefetches the last layer (FSDP2: its all-gather buffer; FSDP1
-            # BACKWARD_PRE: the unsharded flat parameter)
-            units = 0 if self.reshard else L
-            prefetch = (ag if v2 else lay.gathered) if self.reshard else 0
-            return {"gathered parameters": root.gathered + units * lay.gathered + (0 if v2 else prefetch),
-                    "all-gather buffers": prefetch if v2 else 0, "unsharded root gradients": self.root_grads_head,
-                    "reduce-scatter buffers": 0, "unsharded unit gradients": 0, "gradients": 0}
+        L, lay, E, T = self.layers, self.layer, self.embed, self.tail
+        R = self.reshard
+        # the embedding unit stays gathered after its forward only without resharding; the tail
+        # (final norm, lm_head; the tied embedding) is never resharded after forward
+        e_fwd = 0 if R else E.gathered
+        t_early = T.gathered if self.tied else 0  # the tied tail is gathered by the embedding lookup
+        if moment is Moment.forward:  # a layer's forward (the last for fsdp_grad_op), its buffer kept
+            return self._rows(gathered=e_fwd + t_early + (1 if R else L) * lay.gathered, ag=lay.ag_buffer)
+        if moment is Moment.forward_copy_out:
+            # the last layer's all-gather copied out while the layer before's buffer is still held
+            # (the local `prev_all_gather_state` in `wait_for_unshard`)
+            return self._rows(gathered=e_fwd + t_early + (1 if R else L) * lay.gathered, ag=2 * lay.ag_buffer)
+        if moment is Moment.forward_tail_copy_out:  # the tail's, beside the last layer's buffer
+            return self._rows(gathered=e_fwd + (0 if R else L) * lay.gathered + T.gathered,
+                              ag=lay.ag_buffer + T.ag_buffer)
+        if moment is Moment.forward_head:  # the tail's buffer is kept until the root's post-forward
+            return self._rows(gathered=e_fwd + (0 if R else L) * lay.gathered + T.gathered, ag=T.ag_buffer)
+        if moment is Moment.loss:  # the loss's backward runs before the tail's pre-backward prefetch
+            return self._rows(gathered=e_fwd + (0 if R else L) * lay.gathered + T.gathered)
         if moment in (Moment.backward_top, Moment.backward):
             i = L - 1 if layer is None and moment is Moment.backward_top else (0 if layer is None else layer)
-            units = 1 if self.reshard else i + 1
-            prefetched = self.reshard and i > 0
-            gathered = root.gathered + units * lay.gathered
-            buffers = 0
-            if prefetched:
-                if v2:
-                    buffers = ag
-                else:
-                    gathered += lay.gathered
-            # FSDP2 keeps the previous layer's reduce-scatter input until this one's post-backward
-            held_rs = lay.rs_input if (v2 and i < L - 1) else 0
-            unit = lay.grads  # this layer's gradients as autograd produces them, in param_dtype
-            return {"gathered parameters": gathered, "all-gather buffers": buffers,
-                    "reduce-scatter buffers": held_rs + (L - 1 - i) * self.held_all_reduce,
-                    "unsharded unit gradients": unit,
-                    "unsharded root gradients": self.root_grads_head, "gradients": self._kept((L - 1 - i) * lay.sharded_grads)}
-        if moment is Moment.backward_end:
-            return {"gathered parameters": root.gathered, "all-gather buffers": 0,
-                    "reduce-scatter buffers": L * self.held_all_reduce, "unsharded unit gradients": 0, "unsharded root gradients": self.root_grads_all,
-                    "gradients": self._kept(L * lay.sharded_grads)}
-        if moment is Moment.backward_root:
-            # post_backward reshards the root, then reduce-scatters its gradients
-            rs = (root.rs_input if v2 else root.grad_cast + root.rs_output) + L * self.held_all_reduce
-            return {"gathered parameters": 0, "all-gather buffers": 0, "reduce-scatter buffers": rs,
-                    "unsharded unit gradients": 0, "unsharded root gradients": self.root_grads_all,
-                    "gradients": self._kept(L * lay.sharded_grads)}
+            units = 1 if R else i + 1
+            # prefetch of the unit before: layer i-1, or for the first layer the embedding
+            ag = (lay.ag_buffer if i > 0 else E.ag_buffer) if R else 0
+            # the reduce-scatter input of the unit reduced before (layer i+1, or the tail) is kept
+            rs = lay.rs_input if i < L - 1 else (0 if self.tied else T.rs_input)
+            rs += (L - 1 - i) * self.held_all_reduce
+            reduced = (L - 1 - i) * lay.sharded_grads + (0 if self.tied else T.sharded_grads)
+            return self._rows(gathered=e_fwd + t_early + units * lay.gathered, ag=ag, rs=rs, unit_grads=lay.grads,
+                              outer_grads=T.grads if self.tied else 0, grads=reduced)
+        if moment is Moment.backward_post:
+            # layer i's post-backward: resharded, the previous reduce-scatter input released, then
+            # its gradients copied into its own reduce-scatter input (`foreach_reduce` chunk_cat)
+            i = layer
+            ag = (lay.ag_buffer if i > 0 else E.ag_buffer) if R else 0
+            reduced = (L - 1 - i) * lay.sharded_grads + (0 if self.tied else T.sharded_grads)
+            return self._rows(gathered=e_fwd + t_early + (0 if R else i) * lay.gathered, ag=ag,
+                              rs=lay.rs_input + (L - 1 - i) * self.held_all_reduce, unit_grads=lay.grads,
+                              outer_grads=T.grads if self.tied else 0, grads=reduced)
+        if moment is Moment.backward_end:  # the embedding's backward
+            outer = T if self.tied else E
+            return self._rows(gathered=outer.gathered, rs=lay.rs_input + L * self.held_all_reduce,
+                              outer_grads=outer.grads,
+                              grads=L * lay.sharded_grads + (0 if self.tied else T.sharded_grads))
+        if moment is Moment.backward_root:  # its post-backward: resharded, then reduce-scattered
+            outer = T if self.tied else E
+            return self._rows(rs=outer.rs_input + L * self.held_all_reduce, outer_grads=outer.grads,
+                              grads=L * lay.sharded_grads + (0 if self.tied else T.sharded_grads))
         if moment is Moment.optimizer:
-            return {"gradients": 0 if self.offload else self.grads}
+            return self._rows(grads=self.grads)
         return {}
+
+    def _rows1(self, moment, layer):
+        from .phases import Moment
+
+        L, lay, root = self.layers, self.layer, self.tail
+        R = self.reshard
+        head = self.tail_grads  # autograd holds the head's and final norm's gradients until the root's end
+        if moment in (Moment.forward, Moment.forward_copy_out, Moment.forward_tail_copy_out):
+            return self._rows(gathered=root.gathered + (1 if R else L) * lay.gathered)
+        if moment is Moment.forward_head:
+            return self._rows(gathered=root.gathered + (0 if R else L) * lay.gathered)
+        if moment is Moment.loss:
+            # the root's pre-backward hook runs on the loss's gradient, before the loss's backward,
+            # and BACKWARD_PRE unshards the last layer then (`_pre_backward_hook`, `_prefetch_handle`)
+            return self._rows(gathered=root.gathered + (1 if R else L) * lay.gathered)
+        if moment in (Moment.backward_top, Moment.backward, Moment.backward_post):
+            i = L - 1 if layer is None and moment is Moment.backward_top else (0 if layer is None else layer)
+            # BACKWARD_PRE: the next unit is unsharded before this one's gradients are computed
+            units = (1 + (i > 0)) if R else i + 1
+            # use_orig_params: autograd makes one gradient per parameter view; the flat parameter's
+            # split backward concatenates them (a second copy) before its post-backward reshards
+            # and reduce-scatters (`_post_backward_hook`)
+            unit = 2 * lay.grads if moment is Moment.backward_post else lay.grads
+            return self._rows(gathered=root.gathered + units * lay.gathered, unit_grads=unit,
+                              outer_grads=head, grads=(L - 1 - i) * lay.sharded_grads)
+        if moment is Moment.backward_end:
+            return self._rows(gathered=root.gathered, outer_grads=head + self.embed_grads,
+                              grads=L * lay.sharded_grads)
+        if moment is Moment.backward_root:
+            # the root's gradients concatenated into its flat gradient, then reduce-scattered
+            return self._rows(gathered=root.gathered, rs=root.grad_cast + root.rs_output,
+                              outer_grads=head + self.embed_grads + root.grads, grads=L * lay.sharded_grads)
+        if moment is Moment.optimizer:
+            return self._rows(grads=self.grads)
+        return {}
+
+
+EMPTY = Unit(shard=0, trainable_shard=0, gathered=0, ag_buffer=0, grads=0, rs_input=0, rs_output=0, sharded_grads=0,
+             states_per_copy=0, grad_cast=0)

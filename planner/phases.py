@@ -46,10 +46,12 @@ class Moment(Enum):
 
     forward = "forward"  # inside a decoder layer's forward
     forward_copy_out = "forward_copy_out"  # the last layer's all-gather copied out (FSDP2)
+    forward_tail_copy_out = "forward_tail_copy_out"  # the final norm and head's all-gather copied out (FSDP2)
     forward_head = "forward_head"  # the head and the loss, inside the model's forward
     loss = "loss"  # the loss's backward
     backward_top = "backward_top"  # the last decoder layer's backward
     backward = "backward"  # the first decoder layer's backward (the bottom)
+    backward_post = "backward_post"  # a layer's post-backward: its gradients flattened for the reduce-scatter (FSDP)
     backward_end = "backward_end"  # the embedding's backward, every gradient produced
     backward_root = "backward_root"  # the root unit's gradients reduced, after the embedding's backward
     optimizer = "optimizer"

@@ -60,6 +60,12 @@ def refusal(job: Job, arch) -> str | None:
         return "no fake-tensor trace for DeepSpeed/DDP, its estimate is held by hand-derived tests"
     if job.sharding not in SHARDINGS:
         return f"sharding {job.sharding!r} is not traced sharded: use one of {', '.join(SHARDINGS)}"
+    if job.fsdp_version == 1 and job.sharding == "fsdp_grad_op":
+        # SHARD_GRAD_OP keeps the unsharded flat parameter between forward and backward; under fake
+        # tensors `_writeback_orig_params` asserts it is allocated and fails (torch 2.13
+        # _flat_param.py), so this one is derived, as FSDP2's reshard_after_forward=False is traced
+        return ("FSDP1 SHARD_GRAD_OP does not run under fake tensors (_flat_param.py _writeback_orig_params asserts "
+                "on the kept unsharded parameter): trace --fsdp-version 2, whose fsdp_grad_op holds the same layers")
     if job.num_gpus < 2:
         return f"a sharded trace needs --num-gpus 2 or more, got {job.num_gpus}"
     if job.cpu_offload:
@@ -97,6 +103,10 @@ def _plugin(job: Job, model, arch):
                   transformer_cls_names_to_wrap=[arch.decoder_layer], cpu_ram_efficient_loading=False,
                   state_dict_type="SHARDED_STATE_DICT")
     if v == 1:
+        # FSDP1 takes the strategy from `sharding_strategy`, which the plugin always fills (FULL_SHARD
+        # unless FSDP_SHARDING_STRATEGY says otherwise: dataclasses.py __post_init__) and which
+        # Accelerator.prepare_model prefers over reshard_after_forward (accelerator.py)
+        kwargs.update(sharding_strategy=reshard)
         kwargs.update(use_orig_params=True, backward_prefetch="BACKWARD_PRE", forward_prefetch=False,
                       sync_module_states=False)
     plugin = FullyShardedDataParallelPlugin(**kwargs)
