@@ -19,7 +19,7 @@ from .errors import MemplanInputError
 
 # accelerate/commands/config/config_args.py:75-217 (BaseConfig + ClusterConfig fields); `fp16` and
 # `dynamo_backend` are older names `process_config` converts (config_args.py:113-118). Any other key
-# makes `ClusterConfig.from_yaml_file` raise (config_args.py:152-157).
+# makes `ClusterConfig.from_yaml_file` raise (config_args.py:154-158).
 CLUSTER_KEYS = frozenset({
     "compute_environment", "distributed_type", "mixed_precision", "use_cpu", "debug", "num_processes",
     "machine_rank", "num_machines", "gpu_ids", "main_process_ip", "main_process_port", "rdzv_backend",
@@ -37,7 +37,7 @@ FSDP_KEYS = frozenset({
     "fsdp_cpu_ram_efficient_loading", "fsdp_sync_module_states", "fsdp_activation_checkpointing",
     "fsdp_activation_checkpointing_offload", "fsdp_ignored_modules",
 })
-# what `accelerate config` writes under parallelism_config (commands/config/cluster.py:522-556); launch
+# what `accelerate config` writes under parallelism_config (commands/config/cluster.py:521-556); launch
 # copies these keys as they are (no prefix added), so `dp_shard_size` without it would set nothing
 PARALLELISM_KEYS = frozenset({
     "parallelism_config_dp_replicate_size", "parallelism_config_dp_shard_size", "parallelism_config_tp_size",
@@ -45,7 +45,7 @@ PARALLELISM_KEYS = frozenset({
     "parallelism_config_sp_size", "parallelism_config_sp_backend", "parallelism_config_sp_seq_length",
     "parallelism_config_sp_seq_length_is_variable", "parallelism_config_sp_attn_implementation",
 })
-# commands/config/cluster.py:160-375 (what `accelerate config` writes under deepspeed_config)
+# commands/config/cluster.py:213-375 (what `accelerate config` writes under deepspeed_config)
 DEEPSPEED_KEYS = frozenset({
     "deepspeed_config_file", "deepspeed_exclusion_filter", "deepspeed_hostfile", "deepspeed_inclusion_filter",
     "deepspeed_moe_layer_cls_names", "deepspeed_multinode_launcher", "gradient_accumulation_steps",
@@ -64,7 +64,7 @@ FSDP1_SHARDING = {"FULL_SHARD": "fsdp_full", "SHARD_GRAD_OP": "fsdp_grad_op", "H
 # accelerate/utils/environment.py:59-71 str_to_bool
 _TRUE = ("y", "yes", "t", "true", "on", "1")
 _FALSE = ("n", "no", "f", "false", "off", "0")
-# accelerate's PrecisionType less fp8 (utils/dataclasses.py PrecisionType)
+# accelerate's PrecisionType less fp8 (utils/dataclasses.py:773-786)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DISTRIBUTED_TYPES = ("FSDP", "MULTI_GPU", "NO", "DEEPSPEED")
 
@@ -133,7 +133,7 @@ def read_accelerate_config(cfg: Any, arch: ModelArch, for_trace: bool, method: s
     DDP, one process without FSDP) is refused."""
     if not isinstance(cfg, dict):
         raise _err(f"must be a mapping of keys, got {type(cfg).__name__}")
-    _unknown("", cfg, CLUSTER_KEYS, "ClusterConfig refuses it, config_args.py:152")
+    _unknown("", cfg, CLUSTER_KEYS, "ClusterConfig refuses it, config_args.py:154-158")
     env = cfg.get("compute_environment", "LOCAL_MACHINE")
     if env != "LOCAL_MACHINE":
         raise _err(f"compute_environment {env!r}: allowed LOCAL_MACHINE (memplan reads cluster configs, not SageMaker)")
@@ -209,7 +209,7 @@ def accelerate_job_fields(cfg: Any, arch: ModelArch, for_trace: bool, method: st
 
 
 def _mixed_precision(cfg: dict) -> str:
-    """accelerate's mixed_precision (absent: `fp16: true` of older files, else no: config_args.py:111-112,
+    """accelerate's mixed_precision (absent: `fp16: true` of older files, else no: config_args.py:113-114,
     commands/launch.py:1287-1289)."""
     v = cfg.get("mixed_precision")
     if v is None:
@@ -363,8 +363,9 @@ def _fsdp(cfg: dict, arch: ModelArch, n: int, machines: int, method: str | None,
     if fc.get("fsdp_ignored_modules") not in (None, ""):
         raise _err(f"{w}fsdp_ignored_modules {fc['fsdp_ignored_modules']!r}: memplan shards every module; drop it")
     if _bool("", fc.get("fsdp_activation_checkpointing", False)):
-        # checkpoint_wrapper around each wrapped layer, non-reentrant (accelerator.py:1972-1984 FSDP1,
-        # fsdp_utils.py:713-722 FSDP2)
+        # checkpoint_wrapper around each wrapped layer, non-reentrant (accelerator.py:1972-1984 FSDP1;
+        # FSDP2 fsdp_utils.py:713-722 with checkpoint_wrapper's default NO_REENTRANT, torch
+        # distributed/algorithms/_checkpoint/checkpoint_wrapper.py:198)
         out.update(gradient_checkpointing=True, checkpoint_reentrant=False)
     return out
 
@@ -389,5 +390,5 @@ def _parallelism(pc: dict, n: int) -> tuple[int, int]:
                    f"num_processes {n} (accelerate refuses it, parallelism_config.py:372-377)")
     if s == 1 and n > 1:
         raise _err(f"{w}parallelism_config_dp_shard_size 1: FSDP then has no dimension to shard across "
-                   "(parallelism_config.py:381-389); allowed a shard size above 1")
+                   "(parallelism_config.py:381-388); allowed a shard size above 1")
     return r, s

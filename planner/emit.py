@@ -106,8 +106,8 @@ def _fsdp_config(job: Job, arch: ModelArch) -> tuple[dict, dict]:
                 raise MemplanInputError(
                     f"fsdp_hybrid over {job.num_gpus} GPUs with {job.gpus_per_node} per node: "
                     f"dp_replicate_size x dp_shard_size must be {job.num_gpus}, and {shard} does not divide it")
-            # HSDP in accelerate 1.15: a 2-D (dp_replicate, dp_shard) mesh (parallelism_config.py:54-66),
-            # keys as `accelerate config` writes them (commands/config/cluster.py:522-549)
+            # HSDP in accelerate 1.15: a 2-D (dp_replicate, dp_shard) mesh (parallelism_config.py:61-66),
+            # keys as `accelerate config` writes them (commands/config/cluster.py:521-549)
             parallelism = {
                 "parallelism_config_cp_size": 1,
                 "parallelism_config_dp_replicate_size": job.num_gpus // shard,

@@ -365,3 +365,30 @@ def test_file_reader(tmp_path):
     with pytest.raises(MemplanInputError) as exc:
         read_accelerate_file(str(tmp_path / "ds.yaml"), ARCH, for_trace=True)
     assert str(exc.value).startswith(f"accelerate config {str(tmp_path / 'ds.yaml')!r}: distributed_type DEEPSPEED")
+
+
+# ---- memplan estimate --accelerate-config ------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "memplan.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_estimate_reads_the_file_and_options_override_it(tmp_path):
+    job = _job(sharding="fsdp_hybrid", num_gpus=16, fsdp_version=1, weight_dtype="fp32", gradient_checkpointing=True)
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(accelerate_config(job, ARCH, grad_accum=4))
+    out = _cli("estimate", "-m", MODEL, "-b", "2", "--accelerate-config", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    want = estimate_memory(job, ARCH).device_used_bytes
+    assert got["device_used_bytes"] == want
+    assert got["accelerate_config"]["used"]["sharding"] == "fsdp_hybrid"
+    over = _cli("estimate", "-m", MODEL, "-b", "2", "--accelerate-config", str(path), "--json", "--sharding", "ddp")
+    assert over.returncode == 0, over.stderr
+    assert json.loads(over.stdout)["accelerate_config"]["overridden"] == ["sharding"]
+    assert json.loads(over.stdout)["device_used_bytes"] > want
+    for args, words in (((str(path), "-m", "llama-2-7b"), "does not match"),
+                        ((str(tmp_path / "none.yaml"), "-m", MODEL), "does not exist"),
+                        ((str(path), "-m", MODEL, "--fsdp-mixed-precision", "policy"), "runs without autocast")):
+        bad = _cli("estimate", "--accelerate-config", *args)
+        assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
