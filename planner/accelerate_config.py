@@ -188,8 +188,13 @@ def read_accelerate_config(cfg: Any, arch: ModelArch, for_trace: bool, method: s
     if mixed == "no":
         notes.append("mixed_precision no: the model computes in the dtype the script loads it in "
                      "(give --weight-dtype / --compute-dtype)")
+    elif kind == "DEEPSPEED":
+        # DeepSpeed runs its own bf16/fp16 mode (state.py:959-960, 974-977): no autocast
+        # (accelerator.py:565-594 enables native amp for every other distributed type)
+        fields["compute_dtype"] = mixed
+        notes.append(f"mixed_precision {mixed} with DeepSpeed: DeepSpeed's {mixed} mode (no autocast)")
     else:
-        # the forward under autocast in that dtype (accelerator.py:1824-1835); with FSDP also
+        # the forward under autocast in that dtype (accelerator.py:565-594, 1824-1835); with FSDP also
         # param_dtype = reduce_dtype = that dtype (state.py:1014-1015, dataclasses.py:2131-2143)
         fields.update(compute_dtype=mixed, autocast=True)
         if kind == "FSDP" and method == "full":

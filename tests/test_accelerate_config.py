@@ -250,8 +250,12 @@ def test_trace_refuses_deepspeed_ddp_and_single(sharding, n, kind):
     ("none", 1, False, {"sharding": "none", "num_gpus": 1}),
 ])
 def test_estimate_reads_deepspeed_ddp_and_single(sharding, n, off, want):
-    fields = accelerate_job_fields(_yaml(_job(sharding=sharding, num_gpus=n, cpu_offload=off)), ARCH, for_trace=False)
+    cfg = _yaml(_job(sharding=sharding, num_gpus=n, cpu_offload=off))
+    cfg["mixed_precision"] = "bf16"
+    fields = accelerate_job_fields(cfg, ARCH, for_trace=False)
     assert {k: fields[k] for k in want} == want
+    # accelerate autocasts unless DeepSpeed runs its own bf16 mode (accelerator.py:565-594)
+    assert fields["compute_dtype"] == "bf16" and fields.get("autocast", False) == (not sharding.startswith("zero"))
 
 
 @pytest.mark.parametrize("change, words", [
