@@ -396,3 +396,50 @@ def test_cli_estimate_reads_the_file_and_options_override_it(tmp_path):
                         ((str(path), "-m", MODEL, "--fsdp-mixed-precision", "policy"), "runs without autocast")):
         bad = _cli("estimate", "--accelerate-config", *args)
         assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+# ---- files written by accelerate's own ClusterConfig, read by memplan and by accelerate launch ---
+
+@pytest.mark.parametrize("version, reshard, pc, want", [
+    (1, "FULL_SHARD", {}, "fsdp_full"),
+    (1, "HYBRID_SHARD", {}, None),  # HYBRID_SHARD under fsdp_reshard_after_forward alone: launch runs FULL_SHARD
+    (2, True, {}, "fsdp_full"),
+    (2, False, {}, "fsdp_grad_op"),
+    (2, True, {"parallelism_config_dp_replicate_size": 2, "parallelism_config_dp_shard_size": 8,
+               "parallelism_config_tp_size": 1, "parallelism_config_cp_size": 1}, "fsdp_hybrid"),
+])
+def test_accelerate_config_files_read_as_launch_runs_them(tmp_path, monkeypatch, version, reshard, pc, want):
+    """A file as `accelerate config` writes it (cluster.py:400-510, saved by ClusterConfig.to_yaml_file):
+    memplan reads the strategy accelerate launch builds, or refuses where the file does not run what it says."""
+    pytest.importorskip("accelerate")
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+    from torch.distributed.fsdp import ShardingStrategy
+
+    fsdp = {"fsdp_version": version, "fsdp_reshard_after_forward": reshard, "fsdp_offload_params": False,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_transformer_layer_cls_to_wrap": ARCH.decoder_layer,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_activation_checkpointing": False}
+    if version == 1:
+        fsdp.update(fsdp_backward_prefetch="BACKWARD_PRE", fsdp_forward_prefetch=False, fsdp_use_orig_params=True,
+                    fsdp_sync_module_states=True)
+    n = 16 if pc else 8
+    path = tmp_path / "default_config.yaml"
+    ClusterConfig(compute_environment="LOCAL_MACHINE", distributed_type="FSDP", mixed_precision="bf16", use_cpu=False,
+                  debug=False, num_processes=n, num_machines=n // 8, machine_rank=0, gpu_ids="all",
+                  rdzv_backend="static", same_network=True, main_training_function="main", downcast_bf16="no",
+                  fsdp_config=fsdp, parallelism_config=pc).to_yaml_file(str(path))
+    cfg = yaml.safe_load(path.read_text())
+    plugin, mesh = _plugin(_launch_env(str(path)), monkeypatch)
+    if version == 1:
+        runs = {ShardingStrategy.FULL_SHARD: "fsdp_full", ShardingStrategy.HYBRID_SHARD: "fsdp_hybrid"}[
+            plugin.sharding_strategy or plugin.reshard_after_forward]
+    else:
+        runs = "fsdp_hybrid" if mesh is not None and mesh.dp_replicate_size > 1 else \
+            "fsdp_full" if plugin.reshard_after_forward else "fsdp_grad_op"
+    if want is None:
+        assert runs == "fsdp_full"
+        _one_line(cfg, "is not what accelerate launch 1.15 runs")
+    else:
+        assert runs == want
+        assert accelerate_job_fields(cfg, ARCH, for_trace=True)["sharding"] == want
