@@ -443,3 +443,11 @@ def test_accelerate_config_files_read_as_launch_runs_them(tmp_path, monkeypatch,
     else:
         assert runs == want
         assert accelerate_job_fields(cfg, ARCH, for_trace=True)["sharding"] == want
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_emit_refuses_hybrid_over_part_of_a_node(version):
+    job = _job(sharding="fsdp_hybrid", num_gpus=12, fsdp_version=version)
+    with pytest.raises(MemplanInputError, match="fsdp_hybrid over 12 GPUs with 8 per node") as exc:
+        accelerate_config(job, ARCH, grad_accum=1)
+    assert "\n" not in str(exc.value)
