@@ -352,4 +352,6 @@ class Job(BaseModel):
 
     @property
     def kbit_upcast(self) -> bool:
-        return self.uses_lora and self.quantized and self.kbit_prepare
+        from .stacks import get
+
+        return self.uses_lora and self.quantized and get(self.stack).kbit_prepares(self)

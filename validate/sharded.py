@@ -1,0 +1,350 @@
+"""Sharded training traced per rank: rank 0 of an FSDP job, through a fake process group.
+
+The model is sharded the way HF Trainer + accelerate 1.15 shard it, with accelerate's own plugin
+(`utils/dataclasses.py` FullyShardedDataParallelPlugin) and, for FSDP2, accelerate's own
+`utils/fsdp_utils.py` `fsdp2_prepare_model` (called with a stand-in for the Accelerator that carries
+only what that function reads). The collectives run through torch.distributed's fake backend
+(`torch.testing._internal.distributed.fake_pg`): rank 0 of `num_gpus`, every collective a no-op with
+outputs of the right shapes, so one process sees exactly the buffers one rank allocates.
+
+`build_sharded` is the one place the sharded model is made; the CPU trace (`trace_sharded`, under
+FakeTensorMode) and the GPU worker (real tensors on one device) both call it.
+
+What accelerate does, read from its source (accelerate 1.15.0, transformers 5.23.0):
+- FSDP2 (`fsdp2_prepare_model`): `fully_shard` every decoder layer (`transformer_based_wrap` on the
+  model's `_no_split_modules`), then the input embedding alone, then [final norm, lm_head] as one group
+  with reshard_after_forward=False (with tied embeddings the embedding joins that group), then the root
+  with torch's default (False for the root). reshard_after_forward: True for fsdp_full and
+  fsdp_hybrid, False for fsdp_grad_op. Mixed precision "accelerate": `set_mixed_precision` builds
+  `MixedPrecisionPolicy(param_dtype=c, reduce_dtype=c, output_dtype=c)`; trainable parameters not in
+  fp32 are upcast to fp32 when accelerate's mixed_precision is not "no". `Accelerator._prepare_fsdp2`
+  never calls `prepare_model`, so the forward is NOT wrapped in autocast (nor convert_outputs_to_fp32)
+  under FSDP2, and transformers 5.23's Trainer adds no autocast of its own
+  (`autocast_smart_context_manager` returns a nullcontext): the trace runs it without autocast unless
+  the job sets `autocast=True` explicitly.
+- FSDP1 (`Accelerator.prepare_model`): forward wrapped as `convert_outputs_to_fp32(autocast(forward))`
+  when mixed precision is on (native_amp), then `FullyShardedDataParallel(model, sharding_strategy,
+  auto_wrap_policy, mixed_precision=MixedPrecision(param, reduce, buffer), backward_prefetch,
+  forward_prefetch, use_orig_params, limit_all_gathers, device_id)`, then flat parameters not in fp32
+  that train are upcast to fp32. With peft the Trainer first replaces the wrap policy by peft's
+  `fsdp_auto_wrap_policy` (transformers `distributed/fsdp.py` `update_fsdp_plugin_peft`): every leaf
+  module with a trainable weight (lora_A, lora_B) becomes its own FSDP unit besides the layers.
+- fsdp_hybrid: accelerate's `ParallelismConfig(dp_replicate_size=num_gpus/gpus_per_node,
+  dp_shard_size=gpus_per_node)` mesh; FSDP2 shards over its `fsdp_dim_names` (HSDP), FSDP1 gets
+  HYBRID_SHARD with that 2-D mesh as `device_mesh`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from types import SimpleNamespace
+
+from pydantic import BaseModel
+
+from memplan.errors import MemplanInputError
+from memplan.job import Job
+
+from .trace import PhaseSnapshot, TraceResult
+
+SHARDINGS = ("fsdp_full", "fsdp_grad_op", "fsdp_hybrid")
+
+
+def refusal(job: Job, arch) -> str | None:
+    """Why `job` cannot be traced sharded, in one line; None when it can."""
+    from .trace import refusal as unsharded_refusal
+
+    if job.task != "train":
+        return "sharded traces are of training steps: use --task train"
+    if job.sharding in ("ddp", "zero1", "zero2", "zero3"):
+        return "no fake-tensor trace for DeepSpeed/DDP, its estimate is held by hand-derived tests"
+    if job.sharding not in SHARDINGS:
+        return f"sharding {job.sharding!r} is not traced sharded: use one of {', '.join(SHARDINGS)}"
+    if job.num_gpus < 2:
+        return f"a sharded trace needs --num-gpus 2 or more, got {job.num_gpus}"
+    if job.cpu_offload:
+        return ("--cpu-offload is not traced: on the CPU the offloaded states land on the same device, so the trace "
+                "equals the one without offload")
+    if job.sharding == "fsdp_hybrid" and (job.gpus_per_node < 2 or job.num_gpus % job.gpus_per_node):
+        return (f"fsdp_hybrid shards within groups of --gpus-per-node GPUs: {job.num_gpus} GPUs do not split into "
+                f"groups of {job.gpus_per_node} (give a divisor of --num-gpus, 2 or more)")
+    return unsharded_refusal(job, arch)
+
+
+def _accelerate_mixed_precision(job: Job) -> str:
+    """accelerate's `mixed_precision` for the job: the compute dtype where the Trainer would run
+    bf16=True / fp16=True (fp32 weights with 16-bit compute, or autocast asked for), else "no"."""
+    if job.fsdp_policy:
+        return "no"  # an explicit MixedPrecisionPolicy over fp32 weights: nothing for accelerate to cast
+    if job.mixed_precision or job.autocast:
+        return job.compute_dtype.value
+    return "no"
+
+
+def _plugin(job: Job, model, arch):
+    """accelerate's FullyShardedDataParallelPlugin as the Trainer's fsdp config builds it."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from .models import DTYPES
+
+    v = job.fsdp_version
+    if v == 2:
+        reshard = job.sharding != "fsdp_grad_op"
+    else:
+        reshard = {"fsdp_full": "FULL_SHARD", "fsdp_grad_op": "SHARD_GRAD_OP", "fsdp_hybrid": "HYBRID_SHARD"}[job.sharding]
+    kwargs = dict(fsdp_version=v, reshard_after_forward=reshard, auto_wrap_policy="transformer_based_wrap",
+                  transformer_cls_names_to_wrap=[arch.decoder_layer], cpu_ram_efficient_loading=False,
+                  state_dict_type="SHARDED_STATE_DICT")
+    if v == 1:
+        kwargs.update(use_orig_params=True, backward_prefetch="BACKWARD_PRE", forward_prefetch=False,
+                      sync_module_states=False)
+    plugin = FullyShardedDataParallelPlugin(**kwargs)
+    compute = DTYPES[job.compute_dtype.value]
+    if job.fsdp_policy:
+        # an explicit policy, as torchtitan and torchtune set it: gathered in the compute dtype, reduced in fp32
+        if v == 2:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        else:
+            from torch.distributed.fsdp import MixedPrecision
+
+            plugin.mixed_precision_policy = MixedPrecision(param_dtype=compute, reduce_dtype=torch.float32,
+                                                           buffer_dtype=compute)
+    elif _accelerate_mixed_precision(job) != "no":
+        # accelerate state.py: fsdp_plugin.set_mixed_precision(mixed_precision) when it is not "no"
+        plugin.set_mixed_precision(_accelerate_mixed_precision(job))
+    plugin.set_auto_wrap_policy(model)
+    if v == 1 and job.uses_lora:
+        from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+        update_fsdp_plugin_peft(model, SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    return plugin
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int, rank: int = 0):
+    """torch.distributed's fake backend as the default group (rank `rank` of `world_size`), destroyed
+    on exit so the next trace in the process starts clean. One at a time."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised: sharded traces run one at a time")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _mesh(job: Job, device_type: str):
+    """(the mesh FSDP shards over, the names of its FSDP dims or None)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if job.sharding == "fsdp_hybrid":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        pc = ParallelismConfig(dp_replicate_size=job.num_gpus // job.gpus_per_node, dp_shard_size=job.gpus_per_node)
+        mesh = pc.build_device_mesh(device_type)
+        return mesh, tuple(pc.fsdp_dim_names)
+    return init_device_mesh(device_type, (job.num_gpus,)), None
+
+
+class _Accelerator:
+    """What `fsdp2_prepare_model` reads of an Accelerator, and nothing else."""
+
+    def __init__(self, plugin, mesh, dims, mixed_precision: str, device) -> None:
+        self.state = SimpleNamespace(fsdp_plugin=plugin)
+        self.torch_device_mesh = mesh if dims else None
+        self.parallelism_config = SimpleNamespace(fsdp_dim_names=dims) if dims else None
+        self.mixed_precision = mixed_precision
+        self.is_main_process = False  # keeps accelerate's informational warnings quiet
+        self.device = device
+
+
+def _wrap_forward_amp(job: Job, model, device_type: str) -> None:
+    """accelerator.prepare_model with native_amp: forward = convert_outputs_to_fp32(autocast(forward))."""
+    from types import MethodType
+
+    import torch
+    from accelerate.utils import convert_outputs_to_fp32
+
+    from .models import DTYPES
+
+    autocast = torch.autocast(device_type=device_type, dtype=DTYPES[job.compute_dtype.value])
+    forward = autocast(model.forward.__func__)
+    model.forward = MethodType(forward, model)
+    model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
+
+
+def runs_autocast(job: Job) -> bool:
+    """Whether the sharded step's forward runs under autocast (see the module docstring)."""
+    if job.autocast is not None:
+        return job.autocast
+    if job.fsdp_policy:
+        return False
+    return job.fsdp_version == 1 and _accelerate_mixed_precision(job) != "no"
+
+
+def build_sharded(job: Job, arch, device: str, materialise=contextlib.nullcontext, init=None):
+    """The model of `job` sharded for rank 0 on `device` ("cpu" for the trace, "cuda" on a GPU),
+    inside a fake process group the caller holds. Built on the meta device, then given storage
+    inside `materialise()` (FakeTensorMode for the trace); `init(model)`, if given, fills the
+    storage (the GPU worker draws random weights). Returns (model, mesh)."""
+    import torch
+
+    from .models import DTYPES, apply_lora, hf_config, meta_model
+
+    cfg = hf_config(job.model, job.attention)
+    model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
+    if job.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": job.reentrant})
+    if job.uses_lora:
+        model = apply_lora(model, job, arch)
+    plugin = _plugin(job, model, arch)
+    mesh, dims = _mesh(job, torch.device(device).type)
+    mp = _accelerate_mixed_precision(job)
+    if job.fsdp_version == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        if runs_autocast(job):
+            _wrap_forward_amp(job, model, torch.device(device).type)
+        model = fsdp2_prepare_model(_Accelerator(plugin, mesh, dims, mp, torch.device(device)), model)
+        with materialise():
+            model = model.to_empty(device=device)
+            _retie(model)
+            if init is not None:
+                init(model)
+        return model, mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with materialise():
+        model = model.to_empty(device=device)
+        _retie(model)
+        if init is not None:
+            init(model)
+        if runs_autocast(job):
+            _wrap_forward_amp(job, model, torch.device(device).type)
+        kwargs = dict(
+            sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+            cpu_offload=plugin.cpu_offload,
+            auto_wrap_policy=plugin.auto_wrap_policy,
+            mixed_precision=plugin.mixed_precision_policy,
+            sync_module_states=plugin.sync_module_states,
+            backward_prefetch=plugin.backward_prefetch,
+            forward_prefetch=plugin.forward_prefetch,
+            use_orig_params=plugin.use_orig_params,
+            limit_all_gathers=plugin.limit_all_gathers,
+            device_id=torch.device(device),
+        )
+        if job.sharding == "fsdp_hybrid":
+            kwargs["device_mesh"] = mesh
+        model = FSDP(model, **kwargs)
+        if mp != "no":  # accelerator.py prepare_model: trainable flat parameters upcast to fp32
+            for module in FSDP.fsdp_modules(model):
+                if not module._has_params:
+                    continue
+                param = module._flat_param
+                if param.dtype != torch.float32 and param.device != torch.device("meta") and param.requires_grad:
+                    param.data = param.data.to(torch.float32)
+                    module._handle._orig_param_dtype = torch.float32
+    return model, mesh
+
+
+def _retie(model) -> None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.tie_weights()
+
+
+def _params(model) -> list:
+    """Every parameter the rank holds: the original ones (DTensors under FSDP2, views into the
+    flat shard under FSDP1 with use_orig_params) and FSDP1's flat parameters."""
+    params = list(model.parameters())
+    try:
+        from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
+
+        params += [h.flat_param for h in _get_fsdp_handles(model)]
+    except Exception:  # noqa: BLE001 - FSDP2 modules have no handles
+        pass
+    return params
+
+
+class LiveGroup(BaseModel):
+    dtype: str
+    bytes: int
+    op: str
+    count: int
+
+
+class ShardedSnapshot(PhaseSnapshot):
+    """A phase of the rank's step; with detail, what was live at the phase's peak."""
+
+    live_at_peak: list[LiveGroup] = []
+
+
+class ShardedTrace(TraceResult):
+    timeline: list[ShardedSnapshot]
+    autocast: bool
+    world_size: int
+
+
+def trace_sharded(job: Job, iterations: int = 2, detail: bool = False) -> ShardedTrace:
+    """Rank 0 of the job's sharded training step under FakeTensorMode: per phase (forward, backward,
+    optimizer step) peak and end bytes, the rank's local parameter, gradient and optimizer-state
+    bytes; `iterations` steps, the steady state being the last."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.profiles import load_model
+
+    from .step import PHASES, make_optimizer, run_phase
+    from .trace import _unmaterialised_causal_mask
+    from .tracker import LiveBytes
+
+    arch = load_model(job.model)
+    why = refusal(job, arch)
+    if why:
+        raise MemplanInputError(why)
+    started = time.perf_counter()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    timeline: list[ShardedSnapshot] = []
+    with fake_process_group(job.num_gpus), _unmaterialised_causal_mask():
+        model, _mesh_ = build_sharded(job, arch, "cpu", materialise=lambda: fake)
+        with fake:
+            model.train()
+            tracker = LiveBytes(detail=detail)
+            for t in _params(model):
+                tracker.track(t)
+            for b in model.buffers():
+                tracker.track(b)
+            opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])
+            ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len))
+            with tracker:
+                state: dict = {}
+                for it in range(iterations):
+                    for phase in PHASES:
+                        tracker.start_phase(phase)
+                        run_phase(phase, model, opt, ids, state)
+                        timeline.append(_snapshot(tracker, it, phase, model, opt, detail))
+            del state, opt, model
+    steady = [s for s in timeline if s.iteration == iterations - 1]
+    top = max(steady, key=lambda s: s.peak_bytes)
+    return ShardedTrace(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
+                        seconds=time.perf_counter() - started, autocast=runs_autocast(job), world_size=job.num_gpus)
+
+
+def _snapshot(tracker, iteration, phase, model, opt, detail) -> ShardedSnapshot:
+    params = _params(model)
+    grads = [p.grad for p in params if p.grad is not None]
+    states = [v for st in opt.state.values() for v in st.values() if hasattr(v, "untyped_storage") and v.dim() > 0]
+    live = []
+    if detail:
+        live = [LiveGroup(dtype=d, bytes=n, op=op, count=c)
+                for (d, n, op), c in sorted(tracker.phase_peak_live.items(), key=lambda kv: -kv[0][1] * kv[1])]
+    return ShardedSnapshot(
+        iteration=iteration, phase=phase, peak_bytes=tracker.phase_peak, end_bytes=tracker.current,
+        params_bytes=tracker.bytes_of(params), grads_bytes=tracker.bytes_of(grads),
+        optimizer_bytes=tracker.bytes_of(states), live_at_peak=live,
+    )
