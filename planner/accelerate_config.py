@@ -127,7 +127,7 @@ def _unknown(table: str, cfg: dict, known: frozenset[str], why: str) -> None:
 
 def read_accelerate_config(cfg: Any, arch: ModelArch, for_trace: bool, method: str | None = None) -> AccelerateRead:
     """The Job fields an accelerate config sets: sharding, fsdp_version, num_gpus, gpus_per_node,
-    cpu_offload, compute_dtype/autocast (its mixed_precision), gradient_checkpointing (FSDP activation
+    cpu_offload, compute_dtype and autocast (its mixed_precision), gradient_checkpointing (FSDP activation
     checkpointing), and for `method="full"` under FSDP mixed precision weight_dtype fp32 (accelerate
     upcasts the trainable parameters). `for_trace`: a config the CPU trace cannot follow (DeepSpeed,
     DDP, one process without FSDP) is refused."""
@@ -194,9 +194,15 @@ def read_accelerate_config(cfg: Any, arch: ModelArch, for_trace: bool, method: s
         fields["compute_dtype"] = mixed
         notes.append(f"mixed_precision {mixed} with DeepSpeed: DeepSpeed's {mixed} mode (no autocast)")
     else:
-        # the forward under autocast in that dtype (accelerator.py:565-594, 1824-1835); with FSDP also
-        # param_dtype = reduce_dtype = that dtype (state.py:1014-1015, dataclasses.py:2131-2143)
-        fields.update(compute_dtype=mixed, autocast=True)
+        # with FSDP param_dtype = reduce_dtype = that dtype (state.py:1014-1015, dataclasses.py:2131-2143);
+        # the forward under autocast where the model goes through prepare_model (accelerator.py:565-594,
+        # 1824-1835): one GPU, DDP and FSDP1, not FSDP2 (accelerator.py:1553-1554, `_prepare_fsdp2`)
+        fields["compute_dtype"] = mixed
+        if kind == "FSDP" and fields.get("fsdp_version") == 2:
+            notes.append(f"mixed_precision {mixed} with FSDP2: parameters gathered and reduced in {mixed}, "
+                         "no autocast (accelerate prepares FSDP2 without prepare_model's autocast)")
+        else:
+            fields["autocast"] = True
         if kind == "FSDP" and method == "full":
             # accelerate upcasts every trainable parameter to fp32 under mixed precision:
             # FSDP2 fsdp_utils.py:815-820, FSDP1 accelerator.py:1998-2038
@@ -204,7 +210,9 @@ def read_accelerate_config(cfg: Any, arch: ModelArch, for_trace: bool, method: s
         elif kind == "FSDP" and fields.get("fsdp_version") == 1 and method in ("lora", "qlora"):
             notes.append("FSDP1 under mixed precision upcasts each flat parameter holding a trainable tensor to fp32 "
                          "(accelerator.py:2037; a flat parameter requires grad if any of its tensors does, "
-                         "torch fsdp/_flat_param.py:832): a decoder layer's frozen base weights with its adapters")
+                         "torch fsdp/_flat_param.py:832): in your own loop a decoder layer's frozen base weights with "
+                         "its adapters; HF Trainer wraps the LoRA leaves as their own units "
+                         "(transformers distributed/fsdp.py:267-279), so there only the adapters")
     return AccelerateRead(fields=fields, notes=notes)
 
 

@@ -40,30 +40,39 @@ def _precision(job: Job) -> tuple[str, str]:
     """accelerate's top-level mixed_precision for a non-DeepSpeed plan, and the comment naming the
     precision recipe the estimate assumed.
 
-    accelerate's `mixed_precision: bf16|fp16` runs the forward under autocast (accelerator.py:1824-1835)
-    and, with FSDP, gathers parameters and reduces gradients in that dtype (state.py:1014-1015,
-    dataclasses.py:2131-2143) while upcasting the trainable parameters to fp32 (fsdp_utils.py:815-820,
-    accelerator.py:1998-2038). A plan without autocast (16-bit weights computing in their own dtype)
-    writes `no`."""
+    accelerate's `mixed_precision: bf16|fp16` with FSDP gathers parameters and reduces gradients in
+    that dtype (state.py:1014-1015, dataclasses.py:2131-2143) and upcasts the trainable parameters to
+    fp32 (FSDP2 fsdp_utils.py:815-820, FSDP1 accelerator.py:1998-2038). Autocast wraps the forward in
+    `prepare_model` (accelerator.py:1824-1835), which FSDP1, DDP and one GPU go through and FSDP2 does
+    not (accelerator.py:1553-1554, `_prepare_fsdp2`). A plan of 16-bit weights computing in their own
+    dtype writes `no`."""
     c = job.compute_dtype.value
+    w = job.base_weight_dtype.value
+    fsdp = job.sharding.startswith("fsdp")
+    v2 = fsdp and job.fsdp_version == 2
+    amp = "no autocast (accelerate prepares FSDP2 without prepare_model's autocast)" if v2 else \
+        f"forward under {c} autocast"
     if job.fsdp_policy:
-        reduce = "float32"
-        param = {"bf16": "bfloat16", "fp16": "float16"}[c]
         cls = "MixedPrecisionPolicy" if job.fsdp_version == 2 else "MixedPrecision"
+        param = {"bf16": "bfloat16", "fp16": "float16"}[c]
         return c, (
             f"# precision: the estimate assumes fp32 weights under an explicit {cls}(param_dtype=torch.{param}, "
-            f"reduce_dtype=torch.{reduce}) with no autocast, which an accelerate YAML cannot say: this file writes "
-            f"accelerate's form (mixed_precision: {c} = param and reduce dtype {c}, forward under autocast). For the "
-            f"estimated run set mixed_precision: no and pass FullyShardedDataParallelPlugin(mixed_precision_policy="
-            f"{cls}(...)) to Accelerator in your script\n")
+            f"reduce_dtype=torch.float32) with no autocast, which an accelerate YAML cannot say: this file writes "
+            f"accelerate's form (mixed_precision: {c} = param and reduce dtype {c}, {amp}). For the estimated run "
+            f"set mixed_precision: no and pass FullyShardedDataParallelPlugin(mixed_precision_policy={cls}(...)) "
+            f"to Accelerator in your script\n")
+    if fsdp and job.mixed_precision:
+        return c, (f"# precision: accelerate's FSDP mixed precision, as the estimate assumes: fp32 sharded weights, "
+                   f"gathered and reduced in {c}, {amp}\n")
+    if fsdp:
+        note = ""
+        if job.autocast:
+            note = (f"; the estimate runs the forward under {c} autocast: wrap it in accelerator.autocast() in your "
+                    f"script (mixed_precision: {c} here would also upcast the trainable parameters to fp32)")
+        return "no", (f"# precision: {w} weights computing in {c} (mixed_precision: no: {c} would upcast the "
+                      f"trainable parameters to fp32); load the model in {w}{note}\n")
     if job.runs_autocast:
-        w = job.base_weight_dtype.value
-        if job.fsdp:
-            return c, (f"# precision: accelerate's FSDP mixed precision, as the estimate assumes: {w} sharded weights "
-                       f"(accelerate upcasts trainable ones to fp32), gathered and reduced in {c}, forward under "
-                       f"{c} autocast\n")
         return c, f"# precision: {w} weights, forward under {c} autocast (accelerate mixed_precision: {c})\n"
-    w = job.base_weight_dtype.value
     return "no", (f"# precision: {w} weights computing in {c}, no autocast (mixed_precision: no); load the model "
                   f"in {w}\n")
 
@@ -168,9 +177,11 @@ def accelerate_config(job: Job, arch: ModelArch, grad_accum: int) -> str:
     if cfg["distributed_type"] == "FSDP" and job.fsdp_version == 1 and job.uses_lora \
             and job.lora_dtype is not job.base_weight_dtype and job.base_weight_dtype.is_float:
         header += (f"# FSDP1 flattens each unit's tensors into one flat parameter of one dtype (torch "
-                   f"fsdp/_flat_param.py:812-816): {job.base_weight_dtype.value} base weights with "
-                   f"{job.lora_dtype.value} adapters do not wrap; create the adapters in "
-                   f"{job.base_weight_dtype.value} (peft autocast_adapter_dtype=False) or use fsdp_version 2\n")
+                   f"fsdp/_flat_param.py:812-816): under accelerate's TRANSFORMER_BASED_WRAP alone (your own loop) "
+                   f"{job.base_weight_dtype.value} base weights with {job.lora_dtype.value} adapters in one layer do "
+                   f"not wrap (adapters in {job.base_weight_dtype.value}, or fsdp_version 2); HF Trainer wraps each "
+                   f"LoRA leaf as its own unit (transformers distributed/fsdp.py:267-279, peft "
+                   f"utils/other.py:1271-1308), so they do\n")
     if cfg["num_machines"] > 1:
         header += "# multi-node: on each node set machine_rank (0..num_machines-1) and main_process_ip/port\n"
     return header + _yaml(dict(sorted(cfg.items()))) + "\n"

@@ -75,28 +75,33 @@ def test_hybrid_within_one_node_reads_back_as_its_estimate(n):
     assert estimate_memory(back, ARCH, gpu).device_used_bytes == estimate_memory(job, ARCH, gpu).device_used_bytes
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("weights, compute, policy, mixed", [
-    (None, "bf16", False, "no"),          # bf16 weights in bf16: no autocast
+    (None, "bf16", False, "no"),          # bf16 weights in bf16: no autocast, no upcast
     ("fp32", "bf16", False, "bf16"),      # accelerate's FSDP mixed precision
     ("fp32", "fp16", False, "fp16"),
     ("fp32", "bf16", True, "bf16"),       # policy: accelerate's form written, the comment says so
 ])
-def test_mixed_precision_and_its_comment(weights, compute, policy, mixed):
-    job = _job(sharding="fsdp_full", num_gpus=8, weight_dtype=weights, compute_dtype=compute,
+def test_mixed_precision_and_its_comment(weights, compute, policy, mixed, version):
+    job = _job(sharding="fsdp_full", num_gpus=8, weight_dtype=weights, compute_dtype=compute, fsdp_version=version,
                fsdp_mixed_precision="policy" if policy else "accelerate")
     text = accelerate_config(job, ARCH, grad_accum=1)
     assert _yaml(job)["mixed_precision"] == mixed
     comment = [line for line in text.splitlines() if line.startswith("# precision:")]
     assert len(comment) == 1
-    assert ("MixedPrecisionPolicy" in comment[0]) == policy
+    assert (("MixedPrecisionPolicy" if version == 2 else "MixedPrecision(") in comment[0]) == policy
+    assert ("no autocast (accelerate prepares FSDP2" in comment[0]) == (version == 2 and mixed != "no")
     fields = accelerate_job_fields(_yaml(job), ARCH, for_trace=True, method="full")
     if mixed == "no":
         assert "compute_dtype" not in fields and "weight_dtype" not in fields
     else:
-        # accelerate upcasts the trainable parameters to fp32 (fsdp_utils.py:815-820)
-        assert fields["compute_dtype"] == compute and fields["weight_dtype"] == "fp32" and fields["autocast"]
-        back = Job(model=MODEL, method="full", **fields)
-        assert back.mixed_precision and back.runs_autocast
+        # accelerate upcasts the trainable parameters to fp32 (fsdp_utils.py:815-820, accelerator.py:2037);
+        # autocast only where the model goes through prepare_model: FSDP1, not FSDP2
+        assert fields["compute_dtype"] == compute and fields["weight_dtype"] == "fp32"
+        assert fields.get("autocast", False) == (version == 1)
+        back = Job(model=MODEL, method="full", fsdp_version=version, sharding="fsdp_full", num_gpus=8,
+                   **{k: v for k, v in fields.items() if k not in ("fsdp_version", "sharding", "num_gpus")})
+        assert back.fsdp_mp
 
 
 def test_fsdp1_lora_with_fp32_adapters_is_flagged():
