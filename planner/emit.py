@@ -64,6 +64,8 @@ def _precision(job: Job) -> tuple[str, str]:
     if fsdp and job.mixed_precision:
         return c, (f"# precision: accelerate's FSDP mixed precision, as the estimate assumes: fp32 sharded weights, "
                    f"gathered and reduced in {c}, {amp}\n")
+    if fsdp and c == "fp32":
+        return "no", f"# precision: {w} weights computing in fp32 (mixed_precision: no)\n"
     if fsdp:
         note = ""
         if job.autocast:
