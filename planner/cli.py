@@ -108,6 +108,45 @@ def _from_config(path: str | None, fmt: str | None, model: str | None, cli: dict
     return job_from_file(path, fmt, model, cli, searched, why)
 
 
+ACCELERATE_HELP = ("an `accelerate launch` config (YAML or JSON, as `accelerate config` writes it): its sharding, "
+                   "fsdp_version, processes, offload, mixed precision and activation checkpointing fill the job; "
+                   "options given here override it")
+
+
+def _with_accelerate_config(path: str, fields: dict, typed: dict, revision: str | None) -> tuple[dict, dict]:
+    """`--accelerate-config FILE`: its Job fields under the options typed here (and over a --from
+    file's), and the report of what it set (planner/config_files.py reads it)."""
+    from .config_files import read_accelerate_file
+
+    arch = _load_model(fields["model"], revision)
+    read = read_accelerate_file(path, arch, for_trace=False, method=fields.get("method", "full"))
+    if typed.get("fsdp_mixed_precision") == "policy" and read.fields.get("autocast"):
+        fail(f"--fsdp-mixed-precision policy runs without autocast, but {path}'s mixed_precision "
+             f"{read.fields['compute_dtype']} runs the forward under autocast (accelerate accelerator.py:1824): "
+             "set mixed_precision: no there and pass the policy in your script")
+    used = {k: v for k, v in read.fields.items() if k not in typed}
+    notes = list(read.notes)
+    sharding = typed.get("sharding")
+    # a strategy typed here takes the file's keys that belong to its own strategy with it
+    if sharding is not None and not sharding.startswith("fsdp") and "fsdp_version" in used:
+        del used["fsdp_version"]
+        notes.append(f"fsdp_version not passed: --sharding {sharding} is not FSDP")
+    if sharding in ("none", "ddp", "fsdp_grad_op") and used.get("cpu_offload") is False:
+        del used["cpu_offload"]
+    report = {"file": path, "used": used, "overridden": sorted(k for k in read.fields if k in typed),
+              "notes": notes}
+    return {**fields, **used}, report
+
+
+def _print_accelerate_config(report: dict | None) -> None:
+    """What the --accelerate-config file set, on stderr."""
+    if report is not None:
+        used = ", ".join(f"{k}={v}" for k, v in report["used"].items()) or "nothing"
+        over = f" (overridden here: {', '.join(report['overridden'])})" if report["overridden"] else ""
+        lines = [f"accelerate config {report['file']}: {used}{over}"] + [f"  note: {n}" for n in report["notes"]]
+        print("\n".join(lines), file=sys.stderr)
+
+
 def _print_from_config(report: dict | None) -> None:
     """How the --from file was read, on stderr (stdout stays the command's own output)."""
     if report is not None:
@@ -278,6 +317,7 @@ def estimate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
     from_file: Optional[str] = typer.Option(None, "--from", help=FROM_HELP),
     from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
+    accelerate_file: Optional[str] = typer.Option(None, "--accelerate-config", help=ACCELERATE_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the Estimate as JSON"),
     explain: bool = typer.Option(False, "--explain", help="list the changes that would save the most memory, each "
@@ -292,11 +332,16 @@ def estimate(
     from memplan.profiles import load_gpu
 
     fields, from_config = _from_config(from_file, from_format, model, job_fields)
+    accel = None
+    if accelerate_file is not None:
+        fields, accel = _with_accelerate_config(accelerate_file, fields, job_fields, revision)
     job = _job(**fields)
     arch = _load_model(job.model, revision)
     g = load_gpu(job.gpu) if job.gpu else None
     est = estimate_memory(job, arch, g)
     extra = {"from_config": from_config} if from_config else {}
+    if accel is not None:
+        extra["accelerate_config"] = accel
     # --json stays an Estimate; the advice is an extra key only when asked for
     savings = None
     if explain or (est.fits is False and not as_json):
@@ -312,6 +357,7 @@ def estimate(
         from .report import render, savings_table
 
         _print_from_config(from_config)
+        _print_accelerate_config(accel)
         typer.echo(render(est))
         if savings is not None:
             typer.echo(savings_table(savings, est))
