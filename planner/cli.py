@@ -690,7 +690,7 @@ def trace(
 
 @app.command()
 def validate(
-    matrix: str = typer.Option("default", help="default (one 80 GB-class GPU) | holdout (jobs the default matrix lacks) | inference (generation and scoring) | quick (tiny models)"),
+    matrix: Optional[str] = typer.Option(None, help="default (one 80 GB-class GPU) | holdout (jobs the default matrix lacks) | inference (generation and scoring) | quick (tiny models) | sharded (7B rank-0 jobs) | sharded-quick (tiny ones) (default: default; with --num-gpus, sharded, or sharded-quick on --device cpu)"),
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="only these models (repeatable)"),
     out: Optional[str] = typer.Option(None, help="JSONL file results are appended to (default validate/results/<gpu>-<date>.jsonl)"),
     device: str = typer.Option("cuda", help="cuda | cpu (a dry run of the harness without a GPU)"),
@@ -698,8 +698,15 @@ def validate(
     timeout: float = typer.Option(900, help="seconds per job"),
     jobs_slice: Optional[str] = typer.Option(None, "--slice", help="only jobs START:END of the matrix (0-based, as Python slices)"),
     time_budget: Optional[float] = typer.Option(None, help="start no new job after this many seconds"),
+    num_gpus: Optional[int] = job_option("num_gpus", help="sharded jobs: rank 0 of this many GPUs, on the one device "
+                                         "here, through a fake process group (collectives are no-ops)"),
+    sharding: Optional[str] = job_option("sharding", help="with --num-gpus: fsdp_full | fsdp_grad_op | fsdp_hybrid"),
+    fsdp_version: Optional[int] = job_option("fsdp_version"),
+    fsdp_mixed_precision: Optional[str] = job_option("fsdp_mixed_precision"),
+    gpus_per_node: Optional[int] = job_option("gpus_per_node"),
 ) -> None:
-    """Run real training and inference steps on the local GPU, each job in its own process, and compare with the estimate."""
+    """Run real training and inference steps on the local GPU, each job in its own process, and compare with the estimate.
+    With --num-gpus N --sharding fsdp_*, each job is rank 0 of a sharded run, measured on the one device here."""
     import shlex
     from datetime import date
     from pathlib import Path
@@ -726,9 +733,25 @@ def validate(
     from memplan.validate.compare import calibrate, describe_job, table
     from memplan.profiles import load_gpu
 
+    sharding_fields = {k: v for k, v in dict(num_gpus=num_gpus, sharding=sharding, fsdp_version=fsdp_version,
+                                              fsdp_mixed_precision=fsdp_mixed_precision,
+                                              gpus_per_node=gpus_per_node).items() if v is not None}
+    if sharding_fields and not (num_gpus or 1) > 1:
+        fail(f"{_flag_of(next(iter(sharding_fields)))} measures rank 0 of a sharded job: give --num-gpus N > 1 and "
+             "--sharding fsdp_full | fsdp_grad_op | fsdp_hybrid")
+    if sharding_fields and not (sharding or "").startswith("fsdp"):
+        fail(f"validate --num-gpus {num_gpus} --sharding {sharding or 'none'}: only FSDP ranks run here "
+             "(fsdp_full, fsdp_grad_op, fsdp_hybrid); no fake-process-group run for DeepSpeed/DDP, its estimate is held "
+             "by hand-derived tests")
+    if matrix is None:
+        matrix = ("sharded-quick" if device == "cpu" else "sharded") if sharding_fields else "default"
     if matrix not in MATRICES:
         fail(f"unknown matrix {matrix!r}: use {' or '.join(MATRICES)}")
     jobs = [j for j in MATRICES[matrix]() if not model or j.model in model]
+    if sharding_fields:
+        from memplan.validate.matrix import shard
+
+        jobs = shard(jobs, **sharding_fields)
     if jobs_slice is not None:
         jobs = jobs[_parse_slice(jobs_slice)]
     if not jobs:
@@ -759,6 +782,10 @@ def validate(
     cal = calibrate(rows)
     console.print(f"results appended to {path}; median |error|: "
                   + ", ".join(f"{k} {v:.1%}" for k, v in cal.median_abs_error.items()))
+
+
+def _flag_of(field: str) -> str:
+    return JOB_OPTIONS[field].decls[0].split("/")[0]
 
 
 def _require(command: str, extra: str, *modules: str) -> None:

@@ -282,6 +282,22 @@ def _linear_foreach_sharding():
         last[:] = [None, False]
 
 
+def init_weights(model) -> None:
+    """Random weights in the rank's shards (the GPU worker and the CPU dry run hold real storage;
+    to_empty leaves it uninitialised), and the rotary buffers recomputed, as validate/build.py does."""
+    import torch
+
+    from .build import INIT_STD, _restore_rotary_buffers
+    from .tracker import local
+
+    with torch.no_grad():
+        for p in model.parameters():
+            t = local(p)
+            t.normal_(0.0, INIT_STD) if p.dim() > 1 else t.fill_(1.0)
+    device = next(model.parameters()).device
+    _restore_rotary_buffers(model, device)
+
+
 def _retie(model) -> None:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner.tie_weights()
