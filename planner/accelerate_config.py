@@ -201,6 +201,10 @@ def read_accelerate_config(cfg: Any, arch: ModelArch, for_trace: bool, method: s
         if kind == "FSDP" and fields.get("fsdp_version") == 2:
             notes.append(f"mixed_precision {mixed} with FSDP2: parameters gathered and reduced in {mixed}, "
                          "no autocast (accelerate prepares FSDP2 without prepare_model's autocast)")
+        elif kind == "FSDP":
+            # the Job derives FSDP1's autocast from its precision recipe (Job.runs_autocast)
+            notes.append(f"mixed_precision {mixed} with FSDP1: parameters gathered and reduced in {mixed}, the "
+                         "forward under autocast (prepare_model)")
         else:
             fields["autocast"] = True
         if kind == "FSDP" and method == "full":

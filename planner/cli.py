@@ -113,13 +113,14 @@ ACCELERATE_HELP = ("an `accelerate launch` config (YAML or JSON, as `accelerate 
                    "options given here override it")
 
 
-def _with_accelerate_config(path: str, fields: dict, typed: dict, revision: str | None) -> tuple[dict, dict]:
+def _with_accelerate_config(path: str, fields: dict, typed: dict, revision: str | None,
+                            for_trace: bool = False) -> tuple[dict, dict]:
     """`--accelerate-config FILE`: its Job fields under the options typed here (and over a --from
     file's), and the report of what it set (planner/config_files.py reads it)."""
     from .config_files import read_accelerate_file
 
     arch = _load_model(fields["model"], revision)
-    read = read_accelerate_file(path, arch, for_trace=False, method=fields.get("method", "full"))
+    read = read_accelerate_file(path, arch, for_trace=for_trace, method=fields.get("method", "full"))
     if typed.get("fsdp_mixed_precision") == "policy" and read.fields.get("autocast"):
         fail(f"--fsdp-mixed-precision policy runs without autocast, but {path}'s mixed_precision "
              f"{read.fields['compute_dtype']} runs the forward under autocast (accelerate accelerator.py:1824): "
@@ -636,6 +637,8 @@ def trace(
     from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json"),
+    accelerate_file: Optional[str] = typer.Option(None, "--accelerate-config", help=ACCELERATE_HELP + "; the trace "
+                                                  "shards the model as that file says (FSDP only)"),
     detail: bool = typer.Option(False, "--detail", help="sharded jobs: what is live at each phase's peak, grouped "
                                 "by dtype and size (as python -m memplan.validate.sharded --detail)"),
     *,
@@ -649,9 +652,18 @@ def trace(
             fail(why)
     fields, from_config = _from_config(from_file, from_format, model, job_fields, searched=tuple(TRACE_REFUSED),
                                        why="the trace runs one process on the CPU, where offload changes nothing")
+    accel = None
+    if accelerate_file is not None:
+        # the sharding accelerate would build from the very file `recommend --emit accelerate` wrote
+        fields, accel = _with_accelerate_config(accelerate_file, fields, job_fields, revision, for_trace=True)
+        if fields.get("cpu_offload"):
+            fields["cpu_offload"] = False
+            accel["notes"].append("fsdp_offload_params: traced without offload (on the CPU the offloaded state "
+                                  "lands on the same device; docs/fsdp.md derives it)")
     job = _job(**fields)
     if not as_json:
         _print_from_config(from_config)
+        _print_accelerate_config(accel)
     if revision is not None and "revision" not in Job.model_fields:
         # validate/trace.py builds the model from the Job alone: a revision outside it would trace
         # the main branch's config against an estimate of another

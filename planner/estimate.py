@@ -348,8 +348,11 @@ def as_run(job: Job) -> Job:
     if not job.fsdp_mp:
         return job
     c = job.compute_dtype
-    return job.model_copy(update={"weight_dtype": c, "adapter_dtype": c if job.uses_lora else None,
-                                  "autocast": job.runs_autocast})
+    # FSDP1 wraps each LoRA leaf as its own unit, so when peft casts a layer's input to
+    # `lora_A.weight.dtype` it reads the sharded fp32 view (the leaf is gathered in param_dtype only
+    # inside its own forward): the adapters' inputs are fp32, as over a 16-bit base (traced)
+    adapters = (job.lora_dtype if job.fsdp_version == 1 else c) if job.uses_lora else None
+    return job.model_copy(update={"weight_dtype": c, "adapter_dtype": adapters, "autocast": job.runs_autocast})
 
 
 def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):

@@ -233,22 +233,27 @@ class FsdpRank:
         def unit(params: list[Param]) -> Unit:
             return unit_bytes(params, world, v, pbytes, rbytes, None) if params else EMPTY
 
-        n_embed = 2 if arch.learned_positions else 1
-        embed, tail = rp[:n_embed], rp[n_embed:]  # tail: the final norm, lm_head, LoRA on them
+        n_trainable = sum(p.trains for p in lp) * L + sum(p.trains for p in rp)
+        # the token embedding (get_input_embeddings); learned positions stay in the root unit
+        n_pos = 1 if arch.learned_positions else 0
+        embed, pos, tail = rp[:1], rp[1:1 + n_pos], rp[1 + n_pos:]  # tail: the final norm, lm_head, LoRA on them
         self.adapter_units: list[Unit] = []
         if v == 1 and job.uses_lora:
             # each LoRA leaf its own flat parameter; the layer unit keeps the frozen base
             self.adapter_units = [unit([p]) for p in lp if p.trains] * L + [unit([p]) for p in rp if p.trains]
             lp = [p for p in lp if not p.trains]
             rp = [p for p in rp if not p.trains]
-            embed, tail = rp[:n_embed], rp[n_embed:]
+            embed, pos, tail = rp[:1], rp[1:1 + n_pos], rp[1 + n_pos:]
         self.layer = unit(lp)
         if v == 2:
             self.embed = EMPTY if self.tied else unit(embed)
             self.tail = unit(tail + (embed if self.tied else []))
+            # the root keeps what no other unit took (GPT-BigCode's learned positions), gathered from
+            # the forward to the end of the backward (`_fsdp_state.py` `_lazy_init`)
+            self.root = unit(pos)
         else:
-            self.embed, self.tail = EMPTY, unit(rp)  # FSDP1's root: embedding, final norm, lm_head
-        units = [self.layer] * L + [self.embed, self.tail] + self.adapter_units
+            self.embed, self.tail, self.root = EMPTY, unit(rp), EMPTY  # FSDP1's root: embedding, final norm, lm_head
+        units = [self.layer] * L + [self.embed, self.tail, self.root] + self.adapter_units
         # autograd's per-parameter gradients of the embedding and of the tail (final norm, lm_head),
         # in param_dtype: FSDP1 concatenates them into the root's flat gradient only at its end
         def grads(params: list[Param]) -> int:
@@ -259,7 +264,7 @@ class FsdpRank:
         shard = sum(u.shard for u in units)
         self.adapters = sum(u.trainable_shard for u in units) if job.uses_lora else 0
         self.weights = shard - self.adapters + self.quant_stats
-        self.states = state_copies * sum(u.states_per_copy for u in units)
+        self.states = state_copies * sum(u.states_per_copy for u in units) + n_trainable * stack.step_counter_bytes(job)
         self.temp_foreach = sum(u.states_per_copy for u in units)
         self.grads = sum(u.sharded_grads for u in units)
         self.largest_state = max((rounded(p.shard_numel(world) * p.nbytes) for p in lp + rp if p.trains), default=0)
@@ -304,6 +309,18 @@ class FsdpRank:
         return rows
 
     def _rows2(self, moment, layer):
+        rows = self._rows2_units(moment, layer)
+        from .phases import Moment
+
+        if moment not in (Moment.optimizer, Moment.backward_root) and rows:
+            rows["gathered parameters"] += self.root.gathered
+        if moment is Moment.backward_end:
+            rows["unsharded root gradients"] += self.root.grads
+        if moment is Moment.backward_root:  # the root's post-backward runs last, after the embedding's
+            rows["reduce-scatter buffers"] = max(rows["reduce-scatter buffers"], self.root.rs_input)
+        return rows
+
+    def _rows2_units(self, moment, layer):
         from .phases import Moment
 
         L, lay, E, T = self.layers, self.layer, self.embed, self.tail

@@ -98,10 +98,10 @@ def test_mixed_precision_and_its_comment(weights, compute, policy, mixed, versio
         # accelerate upcasts the trainable parameters to fp32 (fsdp_utils.py:815-820, accelerator.py:2037);
         # autocast only where the model goes through prepare_model: FSDP1, not FSDP2
         assert fields["compute_dtype"] == compute and fields["weight_dtype"] == "fp32"
-        assert fields.get("autocast", False) == (version == 1)
+        assert "autocast" not in fields  # the Job derives it from the recipe
         back = Job(model=MODEL, method="full", fsdp_version=version, sharding="fsdp_full", num_gpus=8,
                    **{k: v for k, v in fields.items() if k not in ("fsdp_version", "sharding", "num_gpus")})
-        assert back.fsdp_mp
+        assert back.fsdp_mp and back.runs_autocast == (version == 1)
 
 
 def test_fsdp1_lora_with_fp32_adapters_is_flagged():
@@ -398,7 +398,7 @@ def test_cli_estimate_reads_the_file_and_options_override_it(tmp_path):
     assert json.loads(over.stdout)["device_used_bytes"] > want
     for args, words in (((str(path), "-m", "llama-2-7b"), "does not match"),
                         ((str(tmp_path / "none.yaml"), "-m", MODEL), "does not exist"),
-                        ((str(path), "-m", MODEL, "--fsdp-mixed-precision", "policy"), "runs without autocast")):
+                        ((str(path), "-m", MODEL, "--autocast"), "not read under FSDP")):
         bad = _cli("estimate", "--accelerate-config", *args)
         assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 

@@ -133,6 +133,12 @@ class Stack:
 
         return optimizer_step_temporary(job, n_train, largest)
 
+    def step_counter_bytes(self, job: "Job") -> int:
+        """Bytes per trainable tensor of AdamW's `step` counter. torch keeps it as a 0-d fp32 tensor
+        on the CPU unless fused or capturable (optim/adamw.py `_init_group`: `torch.tensor(0.0)`):
+        nothing on the GPU, but one 512-byte block each in the CPU trace."""
+        return 512 if self.cpu and job.optimizer == "adamw" else 0
+
     def gradients_held(self, job: "Job", produced: int, in_flight: int) -> int:
         """Gradient bytes live once `produced` bytes of gradients have been produced; `in_flight`
         is the largest single gradient that may still be awaiting its update (0 once backward is
