@@ -276,8 +276,13 @@ def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_t
     walk.row("optimizer step temporary", st.temp_formula + s_split)
 
 
-def _fsdp_backward_layers(st: _State, static, top_acts: int, bottom_acts: int, recompute: int, transients,
-                          casts: int, embed_lora: int) -> list[tuple[str, dict[str, int]]]:
+# the saved tensors of a decoder layer's second half (the stacks' `layer_saved` names), freed by the
+# MLP's backward before the attention's runs
+MLP_SAVED = ("mlp.", "moe.", "experts.", "post_attn_norm.")
+
+
+def _fsdp_backward_layers(st: _State, static, acts_at, own: int, recompute: int, transients,
+                          casts: int, embed_lora: int, mlp_saved: int) -> list[tuple[str, dict[str, int]]]:
     """FSDP: the backward of the layers where its buffers change (planner/fsdp.py `backward_layers`);
     the saved activations go down linearly from the top layer's to the first's."""
     f = st.fsdp
@@ -285,15 +290,19 @@ def _fsdp_backward_layers(st: _State, static, top_acts: int, bottom_acts: int, r
         return []
     out = []
     L = f.layers
-    per_layer = (top_acts - bottom_acts) // max(L - 1, 1)
     for i in f.backward_layers():
-        acts = bottom_acts + per_layer * i
-        below = max(acts - per_layer, 0) if L > 1 else 0
+        acts = acts_at(i)  # the saved tensors of layers 0..i (their checkpointed inputs), not its recomputation
+        below = max(acts - own, 0)  # once layer i's own are freed
         # the start of its backward: every saved tensor (and the recomputed layer), its gradients not yet made
         start = {**static, "activations": acts, "autocast weight copies": casts, "recomputed layer": recompute,
                  **transients, "embedding LoRA activations": embed_lora,
                  **f.rows(Moment.backward, layer=i, produced=False)}
         out.append((f"backward of decoder layer {i} starting: its saved tensors and FSDP's buffers", start))
+        if mlp_saved:
+            # the MLP's backward done: its saved tensors freed, its gradients made, the attention's running
+            mid = {**start, "activations": max(acts - mlp_saved, 0), "recomputed layer": max(recompute - mlp_saved, 0)
+                   if recompute else 0, **f.rows(Moment.backward, layer=i, produced="mlp")}
+            out.append((f"backward of decoder layer {i}: its MLP's gradients beside the attention's backward", mid))
         # its end: the layer's own saved tensors and transients are gone, its gradients made
         end = {**static, "activations": below, "autocast weight copies": casts,
                "embedding LoRA activations": embed_lora, **f.rows(Moment.backward, layer=i)}
@@ -511,6 +520,15 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if ckpt else layer0
     if bottom_extra is not None:
         bottom_acts = min(bottom_acts, bottom_extra)
+    # FSDP's per-layer walk: what layers 0..i saved (a checkpointed layer: its input), the shared
+    # tensors (rotary tables, the final norm's) until the last layer's backward; `own` is layer i's share
+    own = act.checkpoint_saved(arch, ctx) if ckpt else layer
+
+    def acts_at(i: int) -> int:
+        if job.activation_offloading:
+            return bottom_acts + (kept_bwd - bottom_acts) * i // max(arch.layers - 1, 1)
+        base = own * (i + 1) if ckpt else layer0 + layer * i
+        return base + (shared if i == arch.layers - 1 else 0)
     bwd_moments = [
         ("top of backward: every activation, the last layer recomputed, head and layer gradients",
          at(Moment.backward_top, {**static, "activations": kept_bwd, "autocast weight copies": casts_bwd,
@@ -526,7 +544,9 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         ("bottom of backward: the first layer's activations beside nearly every gradient",
          at(Moment.backward, {**static, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late),
                               **transients, "embedding LoRA activations": embed_lora})),
-        *_fsdp_backward_layers(st, static, kept_bwd, bottom_acts, recompute, transients, casts_bwd, embed_lora),
+        *_fsdp_backward_layers(st, static, acts_at, own, recompute, transients, casts_bwd, embed_lora,
+                               0 if arch.parallel_attn else sum(v for k, v in layer_tensors.items()
+                                                                if k.startswith(MLP_SAVED))),
         ("end of backward: every gradient, the embedding's last",
          at(Moment.backward_end, {**static, "gradients": g_share(st.g_all),
                                   "tied embedding gradient sum": g_share(st.g_tied_accum),

@@ -50,6 +50,7 @@ class Param:
     numel: int
     nbytes: int
     trains: bool
+    part: str = "attention"  # the block half it belongs to (LinearSpec.part; norms count with the attention)
 
     def padded_rows(self, world: int) -> int:
         return -(-self.dim0 // world)
@@ -69,20 +70,21 @@ def layer_params(job: Job, arch: ModelArch, targets: tuple[str, ...], wb: int, a
     full = job.method == "full"
     out: list[Param] = []
     for lin in arch.projections:
+        part = lin.part
         if quantized(lin):
             rows = lin.d_in * lin.d_out // (2 * wb)
-            out += [Param(rows, rows, wb, False)] * lin.copies
+            out += [Param(rows, rows, wb, False, part)] * lin.copies
         elif lin.module == "fused experts":
-            out.append(Param(lin.copies, lin.copies * lin.d_in * lin.d_out, wb, full))
+            out.append(Param(lin.copies, lin.copies * lin.d_in * lin.d_out, wb, full, part))
         else:
-            out += [Param(lin.d_out, lin.d_in * lin.d_out, wb, full)] * lin.copies
+            out += [Param(lin.d_out, lin.d_in * lin.d_out, wb, full, part)] * lin.copies
         if lin.bias:
-            out += [Param(lin.d_out, lin.d_out, wb, full)] * lin.copies
+            out += [Param(lin.d_out, lin.d_out, wb, full, part)] * lin.copies
         if lin.name in targets and lin.copies == 1:
             r = job.lora_rank
-            out += [Param(r, r * lin.d_in, ab, True), Param(lin.d_out, r * lin.d_out, ab, True)]
+            out += [Param(r, r * lin.d_in, ab, True, part), Param(lin.d_out, r * lin.d_out, ab, True, part)]
             if job.dora:
-                out.append(Param(lin.d_out, lin.d_out, ab, True))
+                out.append(Param(lin.d_out, lin.d_out, ab, True, part))
     norms = [Param(arch.hidden, arch.hidden, wb, full)] * (2 if arch.norm_bias else 1)
     out += norms * arch.norms_per_layer
     if arch.qk_norm:
@@ -259,6 +261,8 @@ class FsdpRank:
         def grads(params: list[Param]) -> int:
             return sum(rounded(p.numel * (pbytes or p.nbytes)) for p in params if p.trains)
         self.tail_grads = grads(tail + (embed if self.tied else []))
+        # the MLP's gradients, made before the attention's backward runs
+        self.mlp_grads = grads([p for p in layer_params(job, arch, targets, wb, ab, converts) if p.part == "mlp"])
         self.embed_grads = 0 if self.tied else grads(embed)
         # the step-long state: sharded parameters (split into base weights and adapters), states, gradients
         shard = sum(u.shard for u in units)
@@ -300,12 +304,13 @@ class FsdpRank:
                 "unsharded unit gradients": unit_grads, "unsharded root gradients": outer_grads,
                 "gradients": self._kept(grads)}
 
-    def rows(self, moment, layer: int | None = None, produced: bool = True) -> dict[str, int]:
+    def rows(self, moment, layer: int | None = None, produced: bool | str = True) -> dict[str, int]:
         """Rows at `moment`; in the backward, `layer` is the decoder layer running (0 = the first)
-        and `produced` whether its gradients exist yet (the start or the end of its backward)."""
+        and `produced` which of its gradients exist: none (its start), "mlp" (the MLP's, while the
+        attention's backward runs) or all (its end)."""
         rows = self._rows2(moment, layer) if self.version == 2 else self._rows1(moment, layer)
-        if not produced and "unsharded unit gradients" in rows:
-            rows["unsharded unit gradients"] = 0
+        if produced is not True and "unsharded unit gradients" in rows:
+            rows["unsharded unit gradients"] = self.mlp_grads if produced == "mlp" else 0
         return rows
 
     def _rows2(self, moment, layer):
