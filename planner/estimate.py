@@ -276,13 +276,8 @@ def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_t
     walk.row("optimizer step temporary", st.temp_formula + s_split)
 
 
-# the saved tensors of a decoder layer's second half (the stacks' `layer_saved` names), freed by the
-# MLP's backward before the attention's runs
-MLP_SAVED = ("mlp.", "moe.", "experts.", "post_attn_norm.")
-
-
 def _fsdp_backward_layers(st: _State, static, acts_at, own: int, recompute: int, transients,
-                          casts: int, embed_lora: int, mlp_saved: int) -> list[tuple[str, dict[str, int]]]:
+                          casts: int, embed_lora: int, after_mlp: tuple[int, int]) -> list[tuple[str, dict[str, int]]]:
     """FSDP: the backward of the layers where its buffers change (planner/fsdp.py `backward_layers`);
     the saved activations go down linearly from the top layer's to the first's."""
     f = st.fsdp
@@ -298,10 +293,13 @@ def _fsdp_backward_layers(st: _State, static, acts_at, own: int, recompute: int,
                  **transients, "embedding LoRA activations": embed_lora,
                  **f.rows(Moment.backward, layer=i, produced=False)}
         out.append((f"backward of decoder layer {i} starting: its saved tensors and FSDP's buffers", start))
-        if mlp_saved:
+        freed, attn = after_mlp
+        if f.mlp_grads:
             # the MLP's backward done: its saved tensors freed, its gradients made, the attention's running
-            mid = {**start, "activations": max(acts - mlp_saved, 0), "recomputed layer": max(recompute - mlp_saved, 0)
-                   if recompute else 0, **f.rows(Moment.backward, layer=i, produced="mlp")}
+            mid = {**start, "activations": max(acts - (0 if recompute else freed), 0),
+                   "recomputed layer": max(recompute - freed, 0) if recompute else 0,
+                   "backward transients": attn, "dequantized weight": 0,
+                   **f.rows(Moment.backward, layer=i, produced="mlp")}
             out.append((f"backward of decoder layer {i}: its MLP's gradients beside the attention's backward", mid))
         # its end: the layer's own saved tensors and transients are gone, its gradients made
         end = {**static, "activations": below, "autocast weight copies": casts,
@@ -545,8 +543,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
          at(Moment.backward, {**static, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late),
                               **transients, "embedding LoRA activations": embed_lora})),
         *_fsdp_backward_layers(st, static, acts_at, own, recompute, transients, casts_bwd, embed_lora,
-                               0 if arch.parallel_attn else sum(v for k, v in layer_tensors.items()
-                                                                if k.startswith(MLP_SAVED))),
+                               act.attention_backward_after_mlp(arch, ctx, layer_tensors)),
         ("end of backward: every gradient, the embedding's last",
          at(Moment.backward_end, {**static, "gradients": g_share(st.g_all),
                                   "tied embedding gradient sum": g_share(st.g_tied_accum),

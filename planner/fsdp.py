@@ -173,7 +173,7 @@ def unit_bytes(params: list[Param], world: int, version: int, param_bytes: int |
         gb = param_bytes or b
         grads = rounded(per_rank * world * gb) if train else 0
         rbytes = reduce_bytes or gb
-        cast = grads if train and rbytes != gb else 0
+        cast = rounded(per_rank * world * rbytes) if train and rbytes != gb else 0
         rs_in = 0
         rs_out = rounded(per_rank * rbytes) if train else 0
         sharded_grads = rounded(per_rank * b) if train else 0

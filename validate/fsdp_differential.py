@@ -51,6 +51,14 @@ def draw(rng: random.Random) -> Job:
             return job
 
 
+def fsdp_gap(job: Job, family: str) -> str | None:
+    """FSDP jobs the estimate is known not to follow to 3% (docs/fsdp.md, Known gaps)."""
+    if job.fsdp_version == 1 and job.uses_lora and family == "mixtral":
+        return ("FSDP1 LoRA over Mixtral's fused experts: forward -4%, backward +5% against the trace, "
+                "not yet derived (FSDP2 and full fine-tuning follow it)")
+    return None
+
+
 def refusal(job: Job) -> str | None:
     from memplan.profiles import load_model
 
@@ -60,7 +68,7 @@ def refusal(job: Job) -> str | None:
 
     arch = load_model(job.model)
     # the unsharded estimate's known gaps, for the step as FSDP runs it (16-bit gathered parameters)
-    return sharded_refusal(job, arch) or known_gap(as_run(job), arch.family)
+    return sharded_refusal(job, arch) or known_gap(as_run(job), arch.family) or fsdp_gap(job, arch.family)
 
 
 def compare(job: Job) -> tuple[dict[str, float], float]:
