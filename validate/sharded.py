@@ -255,31 +255,50 @@ def build_sharded(job: Job, arch, device: str, materialise=contextlib.nullcontex
 
 @contextlib.contextmanager
 def _linear_foreach_sharding():
-    """Speed only, no change in what runs: DTensor's sharding propagation of a foreach op (AdamW's
-    `_foreach_*` over every parameter) calls `_sharding_prop._propagate_use_strided_shard_flag` once
-    per tensor of the op, and each call scans every argument's spec for a `_StridedShard` placement,
-    O(n^2) in the parameters (7B: 291 tensors, ~8 s of the first optimizer step). The function does
-    nothing when no argument spec has one (its `_use_strided is None` return), so the scan is done
-    once per op schema and the call skipped when it finds none."""
+    """Speed only, no change in what runs or allocates. DTensor's sharding propagation of a foreach op
+    (AdamW's `_foreach_*` over every parameter: 291 DTensors for a 7B model) is the first optimizer
+    step's cost; two of its steps are redone per tensor for identical inputs:
+    - `_sharding_prop._propagate_use_strided_shard_flag` is called once per tensor of the op, and each
+      call scans every argument's spec for a `_StridedShard` placement (O(n^2)); it does nothing when
+      none has one (its `_use_strided is None` return), so that scan is done once per op schema and the
+      call skipped when it finds none;
+    - `_ops.utils.expand_to_full_mesh_op_strategy`, which single_dim_strategy.py looks up at each call,
+      expands the same per-element schema (its lru-cached closure passes one schema object for all
+      elements of equal shape) to the same strategy: it is a pure function of its arguments, so its
+      result is kept for the same schema object, mesh, output meta and (structurally) equal strategies.
+    Both are restored, and the kept results dropped, on exit."""
     from torch.distributed.tensor import _sharding_prop as sp
+    from torch.distributed.tensor._ops import utils as op_utils
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    saved = sp._propagate_use_strided_shard_flag
+    saved_flag, saved_expand = sp._propagate_use_strided_shard_flag, op_utils.expand_to_full_mesh_op_strategy
     last: list = [None, False]
+    kept: dict = {}
 
     def propagate(op_strategy, op_schema) -> None:
         if last[0] is not op_schema:
             strided = any(isinstance(p, _StridedShard) for spec in op_schema.args_spec for p in spec.placements)
             last[:] = [op_schema, strided]
         if last[1]:
-            saved(op_strategy, op_schema)
+            saved_flag(op_strategy, op_schema)
 
-    sp._propagate_use_strided_shard_flag = propagate
+    def expand(mesh, op_schema, strategies, **kwargs):
+        meta = kwargs.get("output_tensor_meta")
+        key = (id(mesh), id(op_schema), id(meta), repr(strategies),
+               repr(sorted((k, v) for k, v in kwargs.items() if k != "output_tensor_meta")))
+        hit = kept.get(key)
+        if hit is None:
+            # the objects whose ids are in the key stay referenced, so no id is reused while kept
+            hit = kept[key] = (saved_expand(mesh, op_schema, strategies, **kwargs), mesh, op_schema, meta)
+        return hit[0]
+
+    sp._propagate_use_strided_shard_flag, op_utils.expand_to_full_mesh_op_strategy = propagate, expand
     try:
         yield
     finally:
-        sp._propagate_use_strided_shard_flag = saved
+        sp._propagate_use_strided_shard_flag, op_utils.expand_to_full_mesh_op_strategy = saved_flag, saved_expand
         last[:] = [None, False]
+        kept.clear()
 
 
 def init_weights(model) -> None:
