@@ -97,8 +97,11 @@ def _plugin(job: Job, model, arch):
                   transformer_cls_names_to_wrap=[arch.decoder_layer], cpu_ram_efficient_loading=False,
                   state_dict_type="SHARDED_STATE_DICT")
     if v == 1:
-        kwargs.update(use_orig_params=True, backward_prefetch="BACKWARD_PRE", forward_prefetch=False,
-                      sync_module_states=False)
+        # sharding_strategy too: accelerate's plugin defaults it to FULL_SHARD (FSDP_SHARDING_STRATEGY unset)
+        # and prepare_model prefers it to reshard_after_forward, so a strategy given as reshard_after_forward
+        # alone (transformers 5.23 TrainingArguments' FSDP1 route) runs FULL_SHARD; the trace runs the job's
+        kwargs.update(sharding_strategy=reshard, use_orig_params=True, backward_prefetch="BACKWARD_PRE",
+                      forward_prefetch=False, sync_module_states=False)
     plugin = FullyShardedDataParallelPlugin(**kwargs)
     compute = DTYPES[job.compute_dtype.value]
     if job.fsdp_policy:
@@ -301,6 +304,39 @@ def _linear_foreach_sharding():
         kept.clear()
 
 
+@contextlib.contextmanager
+def _fake_data_pointers():
+    """Fake tensors have no memory, so every data pointer reads 0 (with a warning). FSDP decides by
+    data pointers: FSDP1 `_runtime_utils._catch_all_reshard` skips a unit whose flat parameter's
+    pointer equals its local shard's ("already resharded"), which with 0 == 0 leaves every unit
+    without a post-backward hook gathered (frozen LoRA units: +0.9 GiB for Llama-2-7B that a real run
+    frees); `_flat_param` asserts an unsharded flat parameter is allocated by a pointer > 0 (FSDP1
+    SHARD_GRAD_OP fails) and compares storages by pointer; FSDP2's `reset_sharded_param` does too.
+    While a sharded trace runs, a storage with bytes but a null pointer (a fake one) reads its
+    StorageImpl's address instead (unique while it lives, equal exactly for the same storage), and a
+    tensor that pointer plus its offset; an empty storage stays 0, as a freed one reads on a device.
+    Real tensors keep their pointers."""
+    import torch
+
+    saved_storage, saved_tensor = torch.UntypedStorage.data_ptr, torch.Tensor.data_ptr
+
+    def storage_ptr(storage) -> int:
+        ptr = saved_storage(storage)
+        return storage._cdata if ptr == 0 and storage.nbytes() > 0 else ptr
+
+    def tensor_ptr(tensor) -> int:
+        storage = tensor.untyped_storage()
+        if storage.nbytes() == 0 or saved_storage(storage) != 0:
+            return saved_tensor(tensor)
+        return storage._cdata + tensor.storage_offset() * tensor.element_size()
+
+    torch.UntypedStorage.data_ptr, torch.Tensor.data_ptr = storage_ptr, tensor_ptr
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.data_ptr, torch.Tensor.data_ptr = saved_storage, saved_tensor
+
+
 def init_weights(model) -> None:
     """Random weights in the rank's shards (the GPU worker and the CPU dry run hold real storage;
     to_empty leaves it uninitialised), and the rotary buffers recomputed, as validate/build.py does."""
@@ -374,7 +410,8 @@ def trace_sharded(job: Job, iterations: int = 2, detail: bool = False) -> Sharde
     started = time.perf_counter()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     timeline: list[ShardedSnapshot] = []
-    with fake_process_group(job.num_gpus), _unmaterialised_causal_mask(), _linear_foreach_sharding():
+    with fake_process_group(job.num_gpus), _unmaterialised_causal_mask(), _linear_foreach_sharding(), \
+            _fake_data_pointers():
         model, _mesh_ = build_sharded(job, arch, "cpu", materialise=lambda: fake)
         with fake:
             model.train()
