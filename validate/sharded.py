@@ -92,7 +92,8 @@ def _plugin(job: Job, model, arch):
     if v == 2:
         reshard = job.sharding != "fsdp_grad_op"
     else:
-        reshard = {"fsdp_full": "FULL_SHARD", "fsdp_grad_op": "SHARD_GRAD_OP", "fsdp_hybrid": "HYBRID_SHARD"}[job.sharding]
+        reshard = {"fsdp_full": "FULL_SHARD", "fsdp_grad_op": "SHARD_GRAD_OP",
+                   "fsdp_hybrid": "HYBRID_SHARD"}[job.sharding]
     kwargs = dict(fsdp_version=v, reshard_after_forward=reshard, auto_wrap_policy="transformer_based_wrap",
                   transformer_cls_names_to_wrap=[arch.decoder_layer], cpu_ram_efficient_loading=False,
                   state_dict_type="SHARDED_STATE_DICT")
@@ -312,7 +313,7 @@ def _fake_data_pointers():
     without a post-backward hook gathered (frozen LoRA units: +0.9 GiB for Llama-2-7B that a real run
     frees); `_flat_param` asserts an unsharded flat parameter is allocated by a pointer > 0 (FSDP1
     SHARD_GRAD_OP fails) and compares storages by pointer; FSDP2's `reset_sharded_param` does too.
-    While a sharded trace runs, a storage with bytes but a null pointer (a fake one) reads its
+    While a sharded trace runs, a fake tensor's storage (a meta one) with bytes reads its
     StorageImpl's address instead (unique while it lives, equal exactly for the same storage), and a
     tensor that pointer plus its offset; an empty storage stays 0, as a freed one reads on a device.
     Real tensors keep their pointers."""
@@ -321,14 +322,15 @@ def _fake_data_pointers():
     saved_storage, saved_tensor = torch.UntypedStorage.data_ptr, torch.Tensor.data_ptr
 
     def storage_ptr(storage) -> int:
-        ptr = saved_storage(storage)
-        return storage._cdata if ptr == 0 and storage.nbytes() > 0 else ptr
+        if storage.device.type != "meta":  # a fake tensor's storage is a meta one
+            return saved_storage(storage)
+        return storage._cdata if storage.nbytes() > 0 else 0
 
     def tensor_ptr(tensor) -> int:
         storage = tensor.untyped_storage()
-        if storage.nbytes() == 0 or saved_storage(storage) != 0:
+        if storage.device.type != "meta":
             return saved_tensor(tensor)
-        return storage._cdata + tensor.storage_offset() * tensor.element_size()
+        return storage._cdata + tensor.storage_offset() * tensor.element_size() if storage.nbytes() > 0 else 0
 
     torch.UntypedStorage.data_ptr, torch.Tensor.data_ptr = storage_ptr, tensor_ptr
     try:
@@ -459,7 +461,8 @@ def _describe(result: ShardedTrace, top: int = 12) -> str:
     lines = [f"rank 0 of {job.num_gpus}, {job.sharding} FSDP{job.fsdp_version}, {job.model} {job.method}, "
              f"b{job.micro_batch} s{job.seq_len}, autocast {'on' if result.autocast else 'off'} "
              f"({result.seconds:.1f} s, CPU, fake tensors)",
-             f"{'iter':>4s} {'phase':16s}{'peak':>12s}{'end':>12s}{'parameters':>12s}{'gradients':>12s}{'optimizer':>12s}"]
+             f"{'iter':>4s} {'phase':16s}{'peak':>12s}{'end':>12s}"
+             f"{'parameters':>12s}{'gradients':>12s}{'optimizer':>12s}"]
     for s in result.timeline:
         cells = (s.peak_bytes, s.end_bytes, s.params_bytes, s.grads_bytes, s.optimizer_bytes)
         lines.append(f"{s.iteration:>4d} {s.phase:16s}" + "".join(f"{gib(c):>12s}" for c in cells))
