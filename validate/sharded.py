@@ -409,6 +409,12 @@ def trace_sharded(job: Job, iterations: int = 2, detail: bool = False) -> Sharde
     why = refusal(job, arch)
     if why:
         raise MemplanInputError(why)
+    # the libraries first: `seconds` is the trace's own time, not the process's first imports
+    import accelerate.utils.fsdp_utils  # noqa: F401
+    import peft  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import transformers  # noqa: F401
+
     started = time.perf_counter()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     timeline: list[ShardedSnapshot] = []
