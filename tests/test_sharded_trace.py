@@ -126,10 +126,15 @@ def test_fsdp2_lora_shards_the_adapters():
     assert _phase(traced, "optimizer step").optimizer_bytes == 2 * _shards(model, 8, trainable=True)
 
 
-def test_hybrid_shards_within_the_node():
-    job = Job(**BASE, sharding="fsdp_hybrid", gpus_per_node=4)
-    traced = trace_sharded(job, iterations=1)
-    assert _phase(traced, "backward").params_bytes == _shards(_meta(Job(**BASE)), 4)
+@pytest.mark.parametrize("version", [2, 1])
+def test_hybrid_shards_within_the_node(version):
+    job = Job(**BASE, sharding="fsdp_hybrid", gpus_per_node=4, fsdp_version=version)
+    held = _phase(trace_sharded(job, iterations=1), "backward").params_bytes
+    if version == 2:
+        assert held == _shards(_meta(Job(**BASE)), 4)
+    else:  # flat shards: 1/4 up to alignment padding and rounding per unit
+        unsharded = sum(p.numel() * p.element_size() for p in _meta(Job(**BASE)).parameters())
+        assert abs(held - unsharded / 4) < 0.01 * unsharded / 4
 
 
 def test_policy_mixed_precision_keeps_fp32_shards_and_gathers_bf16():
@@ -158,6 +163,23 @@ def test_fsdp1_traces_with_flat_shards():
     # FlatParameter shards: 1/8 of each unit, up to alignment padding and 512 B rounding per unit
     assert abs(_phase(traced, "backward").params_bytes - unsharded / 8) < 0.01 * unsharded / 8
     assert _phase(traced, "optimizer step").optimizer_bytes == 2 * _phase(traced, "backward").params_bytes
+    # SHARD_GRAD_OP keeps the three layers' padded unsharded flat parameters (beside the shards) to the
+    # end of the forward
+    grad_op = trace_sharded(Job(**BASE, sharding="fsdp_grad_op", fsdp_version=1), iterations=1)
+    layers = sum(p.numel() * p.element_size() for p in _meta(job).model.layers.parameters())
+    kept = _phase(grad_op, "forward").end_bytes - _phase(traced, "forward").end_bytes
+    assert abs(kept - layers) < 0.01 * layers
+
+
+def test_fsdp1_lora_reshards_frozen_units_after_backward():
+    """Units with only frozen parameters (the root, LoRA's base layers) get no post-backward hook;
+    FSDP1's final callback reshards them by comparing data pointers, which fake tensors lack
+    (sharded._fake_data_pointers). Without that they would stay gathered into the optimizer step."""
+    job = Job(**BASE, sharding="fsdp_full", fsdp_version=1, method="lora")
+    traced = trace_sharded(job, iterations=1)
+    unsharded = sum(p.numel() * p.element_size() for p in _meta(job).parameters())
+    for phase in ("backward", "optimizer step"):
+        assert abs(_phase(traced, phase).params_bytes - unsharded / 8) < 0.01 * unsharded / 8
 
 
 def test_refusals_are_one_line():

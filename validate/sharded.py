@@ -60,12 +60,6 @@ def refusal(job: Job, arch) -> str | None:
         return "no fake-tensor trace for DeepSpeed/DDP, its estimate is held by hand-derived tests"
     if job.sharding not in SHARDINGS:
         return f"sharding {job.sharding!r} is not traced sharded: use one of {', '.join(SHARDINGS)}"
-    if job.fsdp_version == 1 and job.sharding == "fsdp_grad_op":
-        # SHARD_GRAD_OP keeps the unsharded flat parameter between forward and backward; under fake
-        # tensors `_writeback_orig_params` asserts it is allocated and fails (torch 2.13
-        # _flat_param.py), so this one is derived, as FSDP2's reshard_after_forward=False is traced
-        return ("FSDP1 SHARD_GRAD_OP does not run under fake tensors (_flat_param.py _writeback_orig_params asserts "
-                "on the kept unsharded parameter): trace --fsdp-version 2, whose fsdp_grad_op holds the same layers")
     if job.num_gpus < 2:
         return f"a sharded trace needs --num-gpus 2 or more, got {job.num_gpus}"
     if job.cpu_offload:
@@ -98,17 +92,17 @@ def _plugin(job: Job, model, arch):
     if v == 2:
         reshard = job.sharding != "fsdp_grad_op"
     else:
-        reshard = {"fsdp_full": "FULL_SHARD", "fsdp_grad_op": "SHARD_GRAD_OP", "fsdp_hybrid": "HYBRID_SHARD"}[job.sharding]
+        reshard = {"fsdp_full": "FULL_SHARD", "fsdp_grad_op": "SHARD_GRAD_OP",
+                   "fsdp_hybrid": "HYBRID_SHARD"}[job.sharding]
     kwargs = dict(fsdp_version=v, reshard_after_forward=reshard, auto_wrap_policy="transformer_based_wrap",
                   transformer_cls_names_to_wrap=[arch.decoder_layer], cpu_ram_efficient_loading=False,
                   state_dict_type="SHARDED_STATE_DICT")
     if v == 1:
-        # FSDP1 takes the strategy from `sharding_strategy`, which the plugin always fills (FULL_SHARD
-        # unless FSDP_SHARDING_STRATEGY says otherwise: dataclasses.py __post_init__) and which
-        # Accelerator.prepare_model prefers over reshard_after_forward (accelerator.py)
-        kwargs.update(sharding_strategy=reshard)
-        kwargs.update(use_orig_params=True, backward_prefetch="BACKWARD_PRE", forward_prefetch=False,
-                      sync_module_states=False)
+        # sharding_strategy too: accelerate's plugin defaults it to FULL_SHARD (FSDP_SHARDING_STRATEGY unset)
+        # and prepare_model prefers it to reshard_after_forward, so a strategy given as reshard_after_forward
+        # alone (transformers 5.23 TrainingArguments' FSDP1 route) runs FULL_SHARD; the trace runs the job's
+        kwargs.update(sharding_strategy=reshard, use_orig_params=True, backward_prefetch="BACKWARD_PRE",
+                      forward_prefetch=False, sync_module_states=False)
     plugin = FullyShardedDataParallelPlugin(**kwargs)
     compute = DTYPES[job.compute_dtype.value]
     if job.fsdp_policy:
@@ -265,31 +259,84 @@ def build_sharded(job: Job, arch, device: str, materialise=contextlib.nullcontex
 
 @contextlib.contextmanager
 def _linear_foreach_sharding():
-    """Speed only, no change in what runs: DTensor's sharding propagation of a foreach op (AdamW's
-    `_foreach_*` over every parameter) calls `_sharding_prop._propagate_use_strided_shard_flag` once
-    per tensor of the op, and each call scans every argument's spec for a `_StridedShard` placement,
-    O(n^2) in the parameters (7B: 291 tensors, ~8 s of the first optimizer step). The function does
-    nothing when no argument spec has one (its `_use_strided is None` return), so the scan is done
-    once per op schema and the call skipped when it finds none."""
+    """Speed only, no change in what runs or allocates. DTensor's sharding propagation of a foreach op
+    (AdamW's `_foreach_*` over every parameter: 291 DTensors for a 7B model) is the first optimizer
+    step's cost; two of its steps are redone per tensor for identical inputs:
+    - `_sharding_prop._propagate_use_strided_shard_flag` is called once per tensor of the op, and each
+      call scans every argument's spec for a `_StridedShard` placement (O(n^2)); it does nothing when
+      none has one (its `_use_strided is None` return), so that scan is done once per op schema and the
+      call skipped when it finds none;
+    - `_ops.utils.expand_to_full_mesh_op_strategy`, which single_dim_strategy.py looks up at each call,
+      expands the same per-element schema (its lru-cached closure passes one schema object for all
+      elements of equal shape) to the same strategy: it is a pure function of its arguments, so its
+      result is kept for the same schema object, mesh, output meta and (structurally) equal strategies.
+    Both are restored, and the kept results dropped, on exit."""
     from torch.distributed.tensor import _sharding_prop as sp
+    from torch.distributed.tensor._ops import utils as op_utils
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    saved = sp._propagate_use_strided_shard_flag
+    saved_flag, saved_expand = sp._propagate_use_strided_shard_flag, op_utils.expand_to_full_mesh_op_strategy
     last: list = [None, False]
+    kept: dict = {}
 
     def propagate(op_strategy, op_schema) -> None:
         if last[0] is not op_schema:
             strided = any(isinstance(p, _StridedShard) for spec in op_schema.args_spec for p in spec.placements)
             last[:] = [op_schema, strided]
         if last[1]:
-            saved(op_strategy, op_schema)
+            saved_flag(op_strategy, op_schema)
 
-    sp._propagate_use_strided_shard_flag = propagate
+    def expand(mesh, op_schema, strategies, **kwargs):
+        meta = kwargs.get("output_tensor_meta")
+        key = (id(mesh), id(op_schema), id(meta), repr(strategies),
+               repr(sorted((k, v) for k, v in kwargs.items() if k != "output_tensor_meta")))
+        hit = kept.get(key)
+        if hit is None:
+            # the objects whose ids are in the key stay referenced, so no id is reused while kept
+            hit = kept[key] = (saved_expand(mesh, op_schema, strategies, **kwargs), mesh, op_schema, meta)
+        return hit[0]
+
+    sp._propagate_use_strided_shard_flag, op_utils.expand_to_full_mesh_op_strategy = propagate, expand
     try:
         yield
     finally:
-        sp._propagate_use_strided_shard_flag = saved
+        sp._propagate_use_strided_shard_flag, op_utils.expand_to_full_mesh_op_strategy = saved_flag, saved_expand
         last[:] = [None, False]
+        kept.clear()
+
+
+@contextlib.contextmanager
+def _fake_data_pointers():
+    """Fake tensors have no memory, so every data pointer reads 0 (with a warning). FSDP decides by
+    data pointers: FSDP1 `_runtime_utils._catch_all_reshard` skips a unit whose flat parameter's
+    pointer equals its local shard's ("already resharded"), which with 0 == 0 leaves every unit
+    without a post-backward hook gathered (frozen LoRA units: +0.9 GiB for Llama-2-7B that a real run
+    frees); `_flat_param` asserts an unsharded flat parameter is allocated by a pointer > 0 (FSDP1
+    SHARD_GRAD_OP fails) and compares storages by pointer; FSDP2's `reset_sharded_param` does too.
+    While a sharded trace runs, a fake tensor's storage (a meta one) with bytes reads its
+    StorageImpl's address instead (unique while it lives, equal exactly for the same storage), and a
+    tensor that pointer plus its offset; an empty storage stays 0, as a freed one reads on a device.
+    Real tensors keep their pointers."""
+    import torch
+
+    saved_storage, saved_tensor = torch.UntypedStorage.data_ptr, torch.Tensor.data_ptr
+
+    def storage_ptr(storage) -> int:
+        if storage.device.type != "meta":  # a fake tensor's storage is a meta one
+            return saved_storage(storage)
+        return storage._cdata if storage.nbytes() > 0 else 0
+
+    def tensor_ptr(tensor) -> int:
+        storage = tensor.untyped_storage()
+        if storage.device.type != "meta":
+            return saved_tensor(tensor)
+        return storage._cdata + tensor.storage_offset() * tensor.element_size() if storage.nbytes() > 0 else 0
+
+    torch.UntypedStorage.data_ptr, torch.Tensor.data_ptr = storage_ptr, tensor_ptr
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.data_ptr, torch.Tensor.data_ptr = saved_storage, saved_tensor
 
 
 def init_weights(model) -> None:
@@ -362,10 +409,17 @@ def trace_sharded(job: Job, iterations: int = 2, detail: bool = False) -> Sharde
     why = refusal(job, arch)
     if why:
         raise MemplanInputError(why)
+    # the libraries first: `seconds` is the trace's own time, not the process's first imports
+    import accelerate.utils.fsdp_utils  # noqa: F401
+    import peft  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import transformers  # noqa: F401
+
     started = time.perf_counter()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     timeline: list[ShardedSnapshot] = []
-    with fake_process_group(job.num_gpus), _unmaterialised_causal_mask(), _linear_foreach_sharding():
+    with fake_process_group(job.num_gpus), _unmaterialised_causal_mask(), _linear_foreach_sharding(), \
+            _fake_data_pointers():
         model, _mesh_ = build_sharded(job, arch, "cpu", materialise=lambda: fake)
         with fake:
             model.train()
@@ -413,7 +467,8 @@ def _describe(result: ShardedTrace, top: int = 12) -> str:
     lines = [f"rank 0 of {job.num_gpus}, {job.sharding} FSDP{job.fsdp_version}, {job.model} {job.method}, "
              f"b{job.micro_batch} s{job.seq_len}, autocast {'on' if result.autocast else 'off'} "
              f"({result.seconds:.1f} s, CPU, fake tensors)",
-             f"{'iter':>4s} {'phase':16s}{'peak':>12s}{'end':>12s}{'parameters':>12s}{'gradients':>12s}{'optimizer':>12s}"]
+             f"{'iter':>4s} {'phase':16s}{'peak':>12s}{'end':>12s}"
+             f"{'parameters':>12s}{'gradients':>12s}{'optimizer':>12s}"]
     for s in result.timeline:
         cells = (s.peak_bytes, s.end_bytes, s.params_bytes, s.grads_bytes, s.optimizer_bytes)
         lines.append(f"{s.iteration:>4d} {s.phase:16s}" + "".join(f"{gib(c):>12s}" for c in cells))
