@@ -131,9 +131,30 @@ class _State:
         # gradients of the unit in backward, unsharded until their reduce-scatter
         self.unit_grads = self.g_layer if plan.grads_div > 1 else 0
         self.ddp_buckets = self.g_all if plan.ddp_buckets else 0
+        # [zero] DeepSpeed ZeRO-1/2/3: the rank's state from DeepSpeed's own source (planner/zero.py)
+        self.zero = None
+        if plan.strategy in ("zero1", "zero2", "zero3"):
+            from .zero import per_rank
+
+            self.zero = z = per_rank(job, arch, targets, stack, n_train, largest)
+            full = job.method == "full"
+            self.gpu_weights = z.weights + (z.trainable16 if full else 0)
+            self.gpu_adapters = 0 if full else z.trainable16
+            self.gpu_states, self.gpu_paged_states, self.gpu_temp = z.states, 0, 0
+            self.gpu_grads = 0
+            self.gathered = self.unit_grads = 0
+            self.host = z.host
+            self._zero_pb = pb
 
     def shard_rows(self, moment: "Moment") -> dict[str, int]:
         """The sharding strategy's own buffers live at `moment` of the walk (row name -> bytes)."""
+        if self.zero is not None:  # [zero] planner/zero.py; "gradients" and the step temporary are ZeRO's own
+            z = self.zero
+            rows = {"persistent parameters": z.persistent, "fp32 master weights": z.master, **z.static_rows,
+                    **z.moment_rows[moment.value]}
+            if moment is Moment.optimizer:
+                rows = {"gradients": 0, "optimizer step temporary": 0, **rows}
+            return rows
         rows = {"gathered parameters": self.gathered} if moment in (Moment.forward, Moment.loss, Moment.backward) else {}
         if moment is Moment.backward:
             rows["unsharded unit gradients"] = self.unit_grads
@@ -151,6 +172,8 @@ class _State:
 
     def grads_share(self, nbytes: int) -> int:
         """Per-GPU bytes of a slice of the gradients (0 where gradients live on the host)."""
+        if self.zero is not None:  # [zero] only ZeRO-1 without overlap_comm keeps whole 16-bit gradients
+            return nbytes * self.zero.elem16 // self._zero_pb if self.zero.full_grads else 0
         div = self.plan.grads_div
         return 0 if self.plan.offload and div > 1 else shard(nbytes, div)
 
@@ -177,6 +200,11 @@ ROW_CATEGORY: dict[str, Category] = {
     "embedding LoRA activations": _C.activations, "lm_head LoRA activations": _C.activations,
     "lm_head LoRA output": _C.transients,
     "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead, "CUDA context": _C.overhead,
+    # [zero] DeepSpeed ZeRO's own rows (planner/zero.py, docs/deepspeed.md)
+    "persistent parameters": _C.weights, "all-gather buffers": _C.transients, "fp32 master weights": _C.optimizer,
+    "gradient partition": _C.gradients, "reduce buckets": _C.gradients, "bucket reduction copy": _C.transients,
+    "unreduced gradient": _C.gradients, "fp32 gradient partition": _C.optimizer,
+    "flattened gradient copy": _C.transients, "offload gradient staging buffer": _C.gradients,
 }
 
 
@@ -243,6 +271,43 @@ def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_t
     walk.row("DDP gradient buckets", "a second copy of the gradients (gradient_as_bucket_view=False)")
     walk.row("unsharded unit gradients", "one layer's gradients before reduce-scatter")
     walk.row("optimizer step temporary", st.temp_formula + s_split)
+    if st.zero is not None:  # [zero]
+        _zero_rows(walk, job, st)
+
+
+def _zero_rows(walk: _Walk, job: Job, st: _State) -> None:
+    """[zero] The rows of a ZeRO job, worded from planner/zero.py's terms (docs/deepspeed.md)."""
+    z = st.zero
+    c = z.config
+    n, e, p = z.world, z.elem16, z.partition
+    part = f"{count(p)} elements ({count(z.n_train)} trainable / {n} ranks)"
+    kind = "partitions (1/" + str(n) + " of each parameter)" if z.stage == 3 else "replicated on every rank"
+    walk.row("weights", f"{job.compute_dtype.value} under DeepSpeed (bf16/fp16 mode casts every float parameter), "
+                        f"{kind}" + ("; offload_param: non-persistent partitions in pinned host RAM"
+                                     if c.offload_param_device == "cpu" else ""))
+    walk.row("adapters", f"trainable parameters, {e} B, {kind}")
+    walk.row("persistent parameters", f"parameters of at most stage3_param_persistence_threshold "
+                                      f"{c.stage3_param_persistence_threshold:,} elements, kept gathered whole")
+    walk.row("gathered parameters", z.formulas.get("gathered parameters", ""))
+    walk.row("all-gather buffers", "flat all-gather buffers (padded partitions x ranks) alive until their last "
+                                   "parameter is waited for")
+    walk.row("fp32 master weights", f"fp32 copy of this rank's partition: {part} x 4 B")
+    walk.row("optimizer states", f"{job.optimizer} states of the fp32 partition: {part}")
+    walk.row("gradients", f"whole {e} B gradients until the end of backward (ZeRO-1: reduced after backward)")
+    walk.row("gradient partition", f"this rank's reduced {e} B gradients: {part} x {e} B"
+                                   + (" (ZeRO-3: allocated at init)" if z.stage == 3 else " (contiguous_gradients)"))
+    walk.row("reduce buckets", z.formulas.get("reduce buckets", ""))
+    walk.row("bucket reduction copy", f"the flattened copy of a full reduce bucket (min(reduce_bucket_size, "
+                                      f"trainable) x {e} B) while it is reduced")
+    walk.row("unreduced gradient", f"the largest trainable parameter's gradient before its hook copies it into "
+                                   f"the bucket ({e} B)")
+    walk.row("fp32 gradient partition", "the step's fp32 gradient of the partition"
+                                        + (f" (one sub-group of sub_group_size {c.sub_group_size:,})" if z.stage == 3 else ""))
+    walk.row("flattened gradient copy", f"the step's flattened {e} B copy of the gradient partition before its "
+                                        "fp32 cast")
+    walk.row("offload gradient staging buffer", z.formulas.get("offload gradient staging buffer", ""))
+    walk.row("optimizer step temporary", "torch AdamW foreach over the fp32 partition: 4 B per element "
+                                         "(DeepSpeed's FusedAdam, --no-foreach: none)")
 
 
 def _workspace_formula(ws: int, task: str) -> str:

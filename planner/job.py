@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .dtypes import DType
 from .errors import MemplanInputError, input_error
 from .parallel import Sharding
+from .zero import ZeroConfig
 
 Method = Literal["full", "lora", "qlora"]
 Task = Literal["train", "infer"]
@@ -27,7 +28,7 @@ TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
     "packing", "liger", "activation_offloading", "checkpoint_reentrant", "optimizer_in_backward", "chunked_loss",
-    "dora", "fsdp_version", "fsdp_mixed_precision",
+    "dora", "fsdp_version", "fsdp_mixed_precision", "deepspeed",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
@@ -126,6 +127,9 @@ class Job(BaseModel):
     # torchtune's CEWithChunkedOutputLoss: the output projection and the loss run over this many
     # chunks of the sequence (its recipes use 8); 0 = one unchunked loss
     chunked_loss: int = 0
+    # [zero] DeepSpeed's zero_optimization knobs for --sharding zero1/zero2/zero3 (planner/zero.py); None:
+    # what accelerate's DeepSpeed plugin writes (stage and offload devices only: DeepSpeed's defaults)
+    deepspeed: ZeroConfig | None = None
 
     def __init__(self, **fields) -> None:
         # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
@@ -207,6 +211,11 @@ class Job(BaseModel):
             )
         if self.adapter_dtype is not None and not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
+        if self.deepspeed is not None:  # [zero]
+            if self.sharding not in ("zero1", "zero2", "zero3"):
+                raise MemplanInputError(f"DeepSpeed ZeRO settings apply to --sharding zero1, zero2 or zero3, not to "
+                                        f"--sharding {self.sharding}: drop them")
+            self.deepspeed.check(int(self.sharding[-1]), self.cpu_offload)
         return self
 
     @model_validator(mode="after")
