@@ -150,7 +150,7 @@ class _State:
         """The sharding strategy's own buffers live at `moment` of the walk (row name -> bytes)."""
         if self.zero is not None:  # [zero] planner/zero.py; "gradients" and the step temporary are ZeRO's own
             z = self.zero
-            rows = {"persistent parameters": z.persistent, "fp32 master weights": z.master, **z.static_rows,
+            rows = {"fp32 master weights": z.master, **z.static_rows,
                     **z.moment_rows[moment.value]}
             if moment is Moment.optimizer:
                 rows = {"gradients": 0, "optimizer step temporary": 0, **rows}

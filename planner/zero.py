@@ -600,6 +600,10 @@ def per_rank(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "St
             for m, i in (("forward", fwd), ("loss", after_fwd), ("backward", bwd), ("backward_end", end)):
                 moments[m]["gathered parameters"] = i.gathered
                 moments[m]["all-gather buffers"] = i.buffers
+                # persistent parameters stay gathered through forward and backward; the step releases
+                # every parameter first (`_partition_all_parameters` -> `release_and_reset_all`) and
+                # gathers the persistent ones again after the update (`_post_step`)
+                moments[m]["persistent parameters"] = persistent
         f["gathered parameters"] = (f"modules all-gathered on demand, prefetched up to stage3_prefetch_bucket_size "
                                     f"{cfg.stage3_prefetch_bucket_size:,}, kept within stage3_max_reuse_distance "
                                     f"{cfg.stage3_max_reuse_distance:,} elements of their next use (simulated over the "
