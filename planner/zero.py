@@ -228,23 +228,42 @@ class Param:
         return self.numel * self.elem_bytes
 
 
+@dataclass
+class Node:
+    """A module as ZeRO-3's hooks see it: the parameters it owns directly (`iter_params(recurse=False)`),
+    its submodules in call order, and whether its output takes a backward hook (tensors needing grad)."""
+
+    params: tuple[int, ...] = ()
+    children: list["Node"] = field(default_factory=list)
+    grad: bool = True
+    block: bool = False  # a decoder layer (the checkpointing unit)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """The parameters (index -> Param) and the modules that own them, in forward order, grouped as
-    (section, params): section "embed", "layer", "root" (final norm and head)."""
+    """The parameters (index -> Param) and the module tree that calls them."""
 
     params: tuple[Param, ...]
-    modules: tuple[tuple[str, tuple[int, ...]], ...]  # (section, param indices), forward order
-    layer_modules: int  # modules per decoder layer
-    layers: int
+    root: Node
+
+
+# the first projection of a block's MLP, per family's names (planner/families): the second norm and the
+# MLP's module come before it
+MLP_FIRST = frozenset({"gate_proj", "up_proj", "fc1", "c_fc", "dense_h_to_4h", "experts.gate_up_proj"})
+# the projection the MLP's activation module runs after (gated: gate_proj, act_fn, up_proj, down_proj)
+ACT_AFTER = frozenset({"gate_proj", "fc1", "c_fc", "dense_h_to_4h"})
 
 
 def layout(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "Stack") -> Layout:
-    """The model's parameter tensors in the order its modules run (planner/params.py counts the same
-    tensors; tests/test_zero.py checks the sums). Under DeepSpeed's bf16/fp16 mode every float
-    parameter is held in the compute dtype (engine.py `_cast_module_mixed_precision`); 4/8-bit weights
-    keep bitsandbytes' packed storage, counted as bytes (ds_numel of a uint8 tensor), with their
-    quantization statistics."""
+    """The model's parameter tensors and the modules that call them, in call order (planner/params.py
+    counts the same tensors; tests/test_zero.py checks the sums). ZeRO-3 hooks every module, and every
+    fetch, of a module with parameters or without, issues a prefetch: so the tree has the causal-LM
+    wrapper, the model body, the rotary embedding (no backward: its outputs need no grad), and per block
+    the block, its attention and MLP modules and the activation, as transformers' modeling files call
+    them (peft's LoRA layer: the wrapper, base_layer, lora_dropout, lora_A, lora_B). Under DeepSpeed's
+    bf16/fp16 mode every float parameter is held in the compute dtype (engine.py
+    `_cast_module_mixed_precision`); 4/8-bit weights keep bitsandbytes' packed storage, counted as
+    bytes (ds_numel of a uint8 tensor), with their quantization statistics."""
     from .dtypes import float_bytes, linear_weight_bytes
     from .params import HEAD_MODULE, embedding_module
 
@@ -252,36 +271,49 @@ def layout(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "Stac
     full = job.method == "full"
     quantized = {lin.name for lin in arch.projections if job.quantized and stack.bnb_converts(lin)}
     params: list[Param] = []
-    modules: list[tuple[str, tuple[int, ...]]] = []
 
     def add(numel: int, trainable: bool, elem: int = eb) -> int:
         params.append(Param(numel=numel, elem_bytes=elem, trainable=trainable))
         return len(params) - 1
 
-    def module(section: str, *idx: int) -> None:
-        modules.append((section, tuple(idx)))
+    def leaf(*idx: int, grad: bool = True) -> Node:
+        return Node(params=tuple(idx), grad=grad)
 
-    r = job.lora_rank
-    emb = [add(arch.vocab * arch.hidden, full)]
-    module("embed", *emb)
+    def lora(base: Node, d_in: int, d_out: int, extra: tuple[int, ...] = ()) -> Node:
+        """peft's LoraLayer around `base`: base_layer, lora_dropout, lora_A, lora_B (with DoRA's magnitude)."""
+        r = job.lora_rank
+        return Node(params=extra, children=[base, Node(), leaf(add(r * d_in, True)),
+                                            leaf(add(d_out * r, True), *((add(d_out, True),) if job.dora else ()))])
+
+    def norm() -> Node:
+        return leaf(add(arch.hidden, full), *((add(arch.hidden, full),) if arch.norm_bias else ()))
+
+    body = Node()
+    emb_w = add(arch.vocab * arch.hidden, full)
+    embed = leaf(emb_w)
+    if not full and embedding_module(arch) in targets:  # peft Embedding: the adapters are its own parameters
+        r = job.lora_rank
+        embed = Node(params=(emb_w, add(r * arch.vocab, True), add(arch.hidden * r, True),
+                             *((add(arch.hidden, True),) if job.dora else ())), children=[Node()])
+    body.children.append(embed)
     if arch.learned_positions:
-        module("embed", add(arch.max_positions * arch.hidden, full))
-    if not full and embedding_module(arch) in targets:
-        module("embed", add(r * arch.vocab, True), add(arch.hidden * r, True),
-               *((add(arch.hidden, True),) if job.dora else ()))
-    start = len(modules)
-
-    def norm(section: str) -> None:
-        module(section, add(arch.hidden, full), *((add(arch.hidden, full),) if arch.norm_bias else ()))
-
+        body.children.append(leaf(add(arch.max_positions * arch.hidden, full)))
+    else:
+        body.children.append(Node(grad=False))  # rotary embedding: cos/sin need no grad
+    projections = list(arch.linears)
+    mlp_at = next((k for k, lin in enumerate(projections) if lin.name in MLP_FIRST or lin.module == "fused experts"),
+                  len(projections))
+    if arch.router is not None:
+        projections.insert(mlp_at, arch.router)
     for _ in range(arch.layers):
-        for _n in range(arch.norms_per_layer):
-            norm("layer")
+        block = Node(block=True)
+        block.children.append(norm())
+        attn, mlp = Node(), Node()
+        block.children.append(attn)
         if arch.qk_norm:
-            module("layer", add(arch.head_dim, full))
-            module("layer", add(arch.head_dim, full))
-        experts = []
-        for lin in arch.projections:
+            attn.children += [leaf(add(arch.head_dim, full)), leaf(add(arch.head_dim, full))]
+        experts: list[int] = []
+        for k, lin in enumerate(projections):
             if lin.name in quantized:
                 w = linear_weight_bytes(lin.d_out, lin.d_in, job.base_weight_dtype, job.double_quant)
                 idx = [add(lin.copies * w, False, 1)]
@@ -289,44 +321,67 @@ def layout(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "Stac
                 idx = [add(lin.copies * lin.d_in * lin.d_out, full)]
             if lin.bias:
                 idx.append(add(lin.copies * lin.d_out, full))
+            parent = attn if k < mlp_at else mlp
             if lin.module == "fused experts":
                 experts += idx  # transformers 5 MoE: one experts module holds the fused tensors
                 continue
-            module("layer", *idx)
+            node = leaf(*idx)
             if not full and lin.name in targets:
-                module("layer", add(r * lin.d_in, True))  # lora_A
-                module("layer", add(lin.d_out * r, True), *((add(lin.d_out, True),) if job.dora else ()))  # lora_B
+                node = lora(node, lin.d_in, lin.d_out)
+            parent.children.append(node)
+            if lin.name in ACT_AFTER:
+                parent.children.append(Node())  # the activation module
         if experts:
-            module("layer", *experts)
-    per_layer = (len(modules) - start) // arch.layers
-    norm("root")
+            mlp.children.append(leaf(*experts))
+        if arch.norms_per_layer == 2:
+            block.children.append(norm())
+        block.children.append(mlp)
+        body.children.append(block)
+    body.children.append(norm())
     if arch.tied_embeddings:
-        module("root", *emb)
+        head = leaf(emb_w)
     else:
-        module("root", add(arch.vocab * arch.hidden, full), *((add(arch.vocab, full),) if arch.lm_head_bias else ()))
+        head = leaf(add(arch.vocab * arch.hidden, full), *((add(arch.vocab, full),) if arch.lm_head_bias else ()))
     if not full and HEAD_MODULE in targets:
-        module("root", add(r * arch.hidden, True))
-        module("root", add(arch.vocab * r, True), *((add(arch.vocab, True),) if job.dora else ()))
-    return Layout(params=tuple(params), modules=tuple(modules), layer_modules=per_layer, layers=arch.layers)
+        head = lora(head, arch.hidden, arch.vocab)
+    root = Node(children=[body, head])
+    return Layout(params=tuple(params), root=root)
+
+
+def _preorder(node: Node) -> list[tuple[int, ...]]:
+    out = [node.params]
+    for child in node.children:
+        out += _preorder(child)
+    return out
+
+
+def _backward(node: Node, ckpt: bool) -> list[tuple[int, ...]]:
+    """Pre-backward fetches: a module's hook fires when its output's gradient arrives, so before its
+    submodules', which run in reverse; a checkpointed block runs its forward again (see below)."""
+    if not node.grad:
+        return []
+    out: list = [node.params]
+    for child in reversed(node.children):
+        out += _backward(child, ckpt)
+    if ckpt and node.block:
+        # non-reentrant checkpointing recomputes when the first backward node needing a saved tensor
+        # runs: the hooks down to the first module with parameters (its matmul) have fired by then,
+        # and that module's post-backward release comes only after the recomputation (which releases
+        # it itself, after its recomputed forward): marked HOLD, no release at its backward fetch
+        first = next((k for k, m in enumerate(out) if m), len(out) - 1)
+        out = out[:first] + [Hold(out[first])] + _preorder(node) + out[first + 1:]
+    return out
+
+
+class Hold(tuple):
+    """A trace entry whose module is not released after it is fetched."""
 
 
 def trace(lay: Layout, checkpointing: bool) -> tuple[list[tuple[int, ...]], int]:
     """The modules in the order ZeRO-3's hooks fetch them over one step (the coordinator's
-    `__submodule_order`: forward, then backward in reverse; a checkpointed layer's forward runs again
-    just before its backward), and where the backward starts."""
-    mods = [m for _, m in lay.modules]
-    fwd = list(mods)
-    sections = [s for s, _ in lay.modules]
-    first_layer = sections.index("layer") if "layer" in sections else len(mods)
-    last_layer = first_layer + lay.layer_modules * lay.layers
-    if not checkpointing:
-        return fwd + fwd[::-1], len(fwd)
-    bwd = fwd[last_layer:][::-1]
-    for k in range(lay.layers - 1, -1, -1):
-        block = fwd[first_layer + k * lay.layer_modules: first_layer + (k + 1) * lay.layer_modules]
-        bwd += block + block[::-1]
-    bwd += fwd[:first_layer][::-1]
-    return fwd + bwd, len(fwd)
+    `__submodule_order`), and where the backward starts."""
+    fwd = _preorder(lay.root)
+    return fwd + _backward(lay.root, checkpointing), len(fwd)
 
 
 @dataclass
@@ -342,12 +397,19 @@ class Instant:
         return self.gathered + self.buffers
 
 
-def simulate(lay: Layout, order: list[tuple[int, ...]], world: int, cfg: ZeroConfig) -> list[Instant]:
+def simulate(lay: Layout, order: list[tuple[int, ...]], world: int, cfg: ZeroConfig,
+             computing: list[Instant] | None = None) -> list[Instant]:
     """ZeRO-3's parameter coordinator over one steady-state step (partitioned_param_coordinator.py
     `fetch_sub_module`, `release_sub_module`, `__params_to_release`, `__all_gather_params_`;
     partition_parameters.py `_all_gather_dtype`, `AllGatherCoalescedHandle.wait`), persistent
     parameters aside. One Instant per module of `order`: the larger of the moment its parameters are
-    waited for and the moment it computes (after the prefetch is issued)."""
+    waited for and the moment it computes (after the prefetch is issued); `computing` collects the
+    latter alone.
+
+    A batch of one parameter goes through `_all_gather_sequential` (partition_parameters.py:1598):
+    `param.data` is a view of its padded all-gather buffer from the launch on (:1402), no copy; a
+    batch of several is one flat buffer, and each parameter is copied out of it by `torch.cat` at the
+    first wait (:795)."""
     ps = lay.params
     persist = {i for i, p in enumerate(ps) if p.numel <= cfg.stage3_param_persistence_threshold}
     NOT, FLIGHT, AVAIL = 0, 1, 2
@@ -374,19 +436,26 @@ def simulate(lay: Layout, order: list[tuple[int, ...]], world: int, cfg: ZeroCon
             uses.setdefault(i, []).append(step)
     seen = {i: 0 for i in uses}
 
+    held: dict[int, int] = {}  # gathered parameter -> the bytes its release frees
+
     def gather(idx: set[int]) -> None:
-        nonlocal n_avail, buffers, nb
+        nonlocal n_avail, buffers, nb, gathered
         todo = {i for i in idx if status[i] == NOT}
         if not todo:
             return
         n_avail += sum(ps[i].numel for i in todo)
         nb += 1
-        b = {"params": set(todo), "left": set(todo), "bytes": sum(flat(i) for i in todo), "done": False}
+        single = len(todo) == 1
+        b = {"params": set(todo), "left": set(todo), "bytes": 0 if single else sum(flat(i) for i in todo),
+             "done": single}
         batches[nb] = b
         buffers += b["bytes"]
         for i in todo:
-            status[i] = FLIGHT
+            status[i] = AVAIL if single else FLIGHT
             batch_of[i] = nb
+            if single:
+                held[i] = flat(i)
+                gathered += flat(i)
 
     for step, mod in enumerate(order):
         want = set(mod)
@@ -400,6 +469,7 @@ def simulate(lay: Layout, order: list[tuple[int, ...]], world: int, cfg: ZeroCon
                 b["done"] = True
                 for i in b["params"]:
                     status[i] = AVAIL
+                    held[i] = ps[i].nbytes
                     gathered += ps[i].nbytes
         at_wait = Instant(gathered, buffers)
         for i in want:
@@ -426,8 +496,10 @@ def simulate(lay: Layout, order: list[tuple[int, ...]], world: int, cfg: ZeroCon
                     pre.add(p)
                     numel += ps[p].numel
             gather(pre)
-        computing = Instant(gathered, buffers)
-        out.append(at_wait if at_wait.total > computing.total else computing)
+        now = Instant(gathered, buffers)
+        out.append(at_wait if at_wait.total > now.total else now)
+        if computing is not None:
+            computing.append(now)
         # release after the module ran: its non-persistent parameters, unless used again within
         # stage3_max_reuse_distance elements of the trace or already queued for a later use
         nxt = step + 1
@@ -435,7 +507,7 @@ def simulate(lay: Layout, order: list[tuple[int, ...]], world: int, cfg: ZeroCon
         for i in want:
             seen[i] += 1
             later = uses[i][seen[i]] if seen[i] < len(uses[i]) else None
-            if i in persist or recent.get(i, -1e10) > nxt:
+            if isinstance(mod, Hold) or i in persist or recent.get(i, -1e10) > nxt:
                 continue
             if later is not None and cum[later] - cum[nxt] < cfg.stage3_max_reuse_distance:
                 continue
@@ -443,7 +515,7 @@ def simulate(lay: Layout, order: list[tuple[int, ...]], world: int, cfg: ZeroCon
         for i in release:
             if status[i] == AVAIL:
                 status[i] = NOT
-                gathered -= ps[i].nbytes
+                gathered -= held.pop(i)
                 n_avail -= ps[i].numel
     return out
 
