@@ -306,12 +306,14 @@ def layout(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "Stac
     if arch.router is not None:
         projections.insert(mlp_at, arch.router)
     for _ in range(arch.layers):
+        # call order in the tree; parameters numbered in registration order (the flat buffer's order:
+        # transformers' blocks register the attention and the MLP before their norms)
         block = Node(block=True)
-        block.children.append(norm())
+        norm1, norm2, qk = Node(), Node(), [Node(), Node()] if arch.qk_norm else []
+        block.children.append(norm1)
         attn, mlp = Node(), Node()
         block.children.append(attn)
-        if arch.qk_norm:
-            attn.children += [leaf(add(arch.head_dim, full)), leaf(add(arch.head_dim, full))]
+        attn.children += qk
         experts: list[int] = []
         for k, lin in enumerate(projections):
             if lin.name in quantized:
@@ -333,8 +335,12 @@ def layout(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "Stac
                 parent.children.append(Node())  # the activation module
         if experts:
             mlp.children.append(leaf(*experts))
+        for q in qk:
+            q.params = (add(arch.head_dim, full),)
+        norm1.params = norm().params
         if arch.norms_per_layer == 2:
-            block.children.append(norm())
+            norm2.params = norm().params
+            block.children.append(norm2)
         block.children.append(mlp)
         body.children.append(block)
     body.children.append(norm())
@@ -580,6 +586,10 @@ def per_rank(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "St
         aligned = -(-n_tr // align) * align if n_tr else 0
         part = aligned // n
         sub = part
+        # grads_in_partition holds the whole gradients of every parameter overlapping this rank's slice
+        # of the flat buffer (`copy_grads_in_partition`: total_size = sum of their numel): rank 0's
+        # slice starts at the first parameter and ends inside one, which it holds whole
+        gip = _rank0_overlap([q.numel for q in train], part)
         weights = sum(p.nbytes for p in frozen)
         trainable16 = aligned * e16
         master = 4 * part
@@ -607,7 +617,7 @@ def per_rank(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "St
         if reduces_in_backward:
             if not off_opt:
                 for m in ("backward", "backward_end"):
-                    moments[m]["gradient partition"] = e16 * part
+                    moments[m]["gradient partition"] = e16 * gip
             for m in ("backward", "backward_end"):
                 moments[m]["bucket reduction copy"] = fill
                 moments[m]["unreduced gradient"] = largest * e16
@@ -615,9 +625,9 @@ def per_rank(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "St
             # ZeRO-1: every 16-bit gradient until the end of backward, then reduced bucket by bucket
             # into the partition; each bucket's copy stands in for the gradients it moved
             if not off_opt:
-                moments["backward_end"]["gradient partition"] = e16 * part
+                moments["backward_end"]["gradient partition"] = e16 * gip
         if not off_opt:
-            a = {"gradient partition": e16 * part, "flattened gradient copy": e16 * part,
+            a = {"gradient partition": e16 * gip, "flattened gradient copy": e16 * part,
                  "fp32 gradient partition": 4 * part}
             b = {"fp32 gradient partition": 4 * part, "optimizer step temporary": _temp(job, part)}
             moments["optimizer"] = a if sum(a.values()) >= sum(b.values()) else b
@@ -685,6 +695,16 @@ def per_rank(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "St
                     weights=weights_gpu, trainable16=trainable16, persistent=persistent, master=master,
                     states=states, static_rows=static, moment_rows=moments, host=host,
                     host_pinned=sum(pinned.values()), host_rows=host_rows, full_grads=full_grads, formulas=f)
+
+
+def _rank0_overlap(numels: list[int], part: int) -> int:
+    """Elements of the parameters (flat-buffer order) that overlap rank 0's first `part` elements."""
+    total = 0
+    for n in numels:
+        if total >= part:
+            break
+        total += n
+    return total
 
 
 def _after(inst: list[Instant], fwd_len: int) -> Instant:

@@ -56,7 +56,12 @@ def test_what_each_zero_stage_divides(sharding):
     assert four.component("optimizer states").bytes == 8 * p
     assert four.component("fp32 master weights").bytes == 4 * p
     assert four.component("weights").bytes == (2 * p if sharding == "zero3" else 2 * P7)
-    assert four.component("gradient partition").bytes == 2 * p
+    # ZeRO-1/2 hold whole the gradients of the parameters overlapping rank 0's slice [0, p): the
+    # embedding, layers 0-6, and layer 7's q, k, v, o, gate_proj and up_proj (which crosses p)
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    overlap = 32000 * 4096 + 7 * layer + 4 * 4096 * 4096 + 2 * 4096 * 11008
+    assert overlap - 4096 * 11008 < p <= overlap
+    assert four.component("gradient partition").bytes == 2 * (p if sharding == "zero3" else overlap)
     assert four.bytes_of("gradients") == (2 * P7 if sharding == "zero1" else 0)
 
 
