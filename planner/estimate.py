@@ -294,8 +294,9 @@ def _zero_rows(walk: _Walk, job: Job, st: _State) -> None:
     walk.row("fp32 master weights", f"fp32 copy of this rank's partition: {part} x 4 B")
     walk.row("optimizer states", f"{job.optimizer} states of the fp32 partition: {part}")
     walk.row("gradients", f"whole {e} B gradients until the end of backward (ZeRO-1: reduced after backward)")
-    walk.row("gradient partition", f"this rank's reduced {e} B gradients: {part} x {e} B"
-                                   + (" (ZeRO-3: allocated at init)" if z.stage == 3 else " (contiguous_gradients)"))
+    walk.row("gradient partition", f"this rank's reduced {e} B gradients: {part} x {e} B (allocated at init)"
+             if z.stage == 3 else f"this rank's reduced {e} B gradients (contiguous_gradients): the parameters "
+                                  f"overlapping rank 0's slice of {count(p)} elements, held whole")
     walk.row("reduce buckets", z.formulas.get("reduce buckets", ""))
     walk.row("bucket reduction copy", f"the flattened copy of a full reduce bucket (min(reduce_bucket_size, "
                                       f"trainable) x {e} B) while it is reduced")

@@ -292,6 +292,14 @@ class Job(BaseModel):
                 f"{self.sharding} on 1 GPU divides nothing: parameters, gradients and optimizer states are counted "
                 "whole, as without sharding (give the data-parallel size with --num-gpus)"
             )
+        if self.task == "train" and self.sharding in ("zero1", "zero2", "zero3") and self.mixed_precision:  # [zero]
+            c = self.compute_dtype.value
+            notes.append(
+                f"DeepSpeed's {c} mode casts every parameter to {c} and runs no autocast (engine.py "
+                f"_cast_module_mixed_precision; accelerate turns native amp off under DeepSpeed): the ZeRO rows count "
+                f"{c} weights and the fp32 master, the activations follow the job as stated; --weight-dtype {c} "
+                "describes what DeepSpeed runs (docs/deepspeed.md)"
+            )
         return notes
 
     @property
