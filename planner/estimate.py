@@ -69,6 +69,13 @@ def _sum(saved: dict[str, int]) -> int:
     return sum(saved.values())
 
 
+# planner/zero.py names the walk's moments coarser than FSDP does
+ZERO_MOMENT = {Moment.forward: "forward", Moment.forward_copy_out: "forward", Moment.forward_tail_copy_out: "forward",
+               Moment.forward_head: "forward", Moment.loss: "loss", Moment.backward_top: "backward",
+               Moment.backward: "backward", Moment.backward_post: "backward", Moment.backward_end: "backward_end",
+               Moment.backward_root: "backward_end", Moment.optimizer: "optimizer"}
+
+
 class _State:
     """Per-GPU bytes of the step-long state, after sharding and offload."""
 
@@ -121,6 +128,21 @@ class _State:
         # gradients of the unit in backward, unsharded until their reduce-scatter
         self.unit_grads = self.g_layer if plan.grads_div > 1 else 0
         self.ddp_buckets = self.g_all if plan.ddp_buckets else 0
+        # [zero] DeepSpeed ZeRO-1/2/3: the rank's state from DeepSpeed's own source (planner/zero.py)
+        self.zero = None
+        if plan.strategy in ("zero1", "zero2", "zero3"):
+            from .zero import per_rank
+
+            self.zero = z = per_rank(job, arch, targets, stack, n_train, largest)
+            full = job.method == "full"
+            self.gpu_weights = z.weights + (z.trainable16 if full else 0)
+            self.gpu_adapters = 0 if full else z.trainable16
+            self.gpu_states, self.gpu_paged_states, self.gpu_temp = z.states, 0, 0
+            self.gpu_grads = 0
+            self.gathered = self.unit_grads = 0
+            self.host = z.host
+            self._zero_pb = pb
+
         self.fsdp: FsdpRank | None = None
         if job.fsdp:
             self._fsdp(job, arch, targets, stack)
@@ -147,6 +169,12 @@ class _State:
         """The sharding strategy's own buffers live at `moment` of the walk (row name -> bytes)."""
         if self.fsdp is not None:
             return self.fsdp.rows(moment)
+        if self.zero is not None:  # [zero] planner/zero.py; "gradients" and the step temporary are ZeRO's own
+            z = self.zero
+            rows = {"fp32 master weights": z.master, **z.static_rows, **z.moment_rows[ZERO_MOMENT[moment]]}
+            if moment is Moment.optimizer:
+                rows = {"gradients": 0, "optimizer step temporary": 0, **rows}
+            return rows
         in_pass = moment not in (Moment.backward_end, Moment.backward_root, Moment.optimizer)
         rows = {"gathered parameters": self.gathered} if in_pass else {}
         if moment in (Moment.backward_top, Moment.backward):
@@ -165,6 +193,8 @@ class _State:
 
     def grads_share(self, nbytes: int) -> int:
         """Per-GPU bytes of a slice of the gradients (0 where gradients live on the host)."""
+        if self.zero is not None:  # [zero] only ZeRO-1 without overlap_comm keeps whole 16-bit gradients
+            return nbytes * self.zero.elem16 // self._zero_pb if self.zero.full_grads else 0
         div = self.plan.grads_div
         return 0 if self.plan.offload and div > 1 else shard(nbytes, div)
 
@@ -192,6 +222,11 @@ ROW_CATEGORY: dict[str, Category] = {
     "embedding LoRA activations": _C.activations, "lm_head LoRA activations": _C.activations,
     "lm_head LoRA output": _C.transients,
     "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead, "CUDA context": _C.overhead,
+    # [zero] DeepSpeed ZeRO's own rows (planner/zero.py, docs/deepspeed.md)
+    "persistent parameters": _C.weights, "all-gather buffers": _C.transients, "fp32 master weights": _C.optimizer,
+    "gradient partition": _C.gradients, "reduce buckets": _C.gradients, "bucket reduction copy": _C.transients,
+    "unreduced gradient": _C.gradients, "fp32 gradient partition": _C.optimizer,
+    "flattened gradient copy": _C.transients, "offload gradient staging buffer": _C.gradients,
 }
 
 
@@ -274,6 +309,44 @@ def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_t
         walk.row("unsharded root gradients", f"{v}: the gradients of the embedding (and of the head, when it is in "
                                              "the same unit) unsharded until their unit's post-backward reduce-scatter")
     walk.row("optimizer step temporary", st.temp_formula + s_split)
+    if st.zero is not None:  # [zero]
+        _zero_rows(walk, job, st)
+
+
+def _zero_rows(walk: _Walk, job: Job, st: _State) -> None:
+    """[zero] The rows of a ZeRO job, worded from planner/zero.py's terms (docs/deepspeed.md)."""
+    z = st.zero
+    c = z.config
+    n, e, p = z.world, z.elem16, z.partition
+    part = f"{count(p)} elements ({count(z.n_train)} trainable / {n} ranks)"
+    kind = "partitions (1/" + str(n) + " of each parameter)" if z.stage == 3 else "replicated on every rank"
+    walk.row("weights", f"{job.compute_dtype.value} under DeepSpeed (bf16/fp16 mode casts every float parameter), "
+                        f"{kind}" + ("; offload_param: non-persistent partitions in pinned host RAM"
+                                     if c.offload_param_device == "cpu" else ""))
+    walk.row("adapters", f"trainable parameters, {e} B, {kind}")
+    walk.row("persistent parameters", f"parameters of at most stage3_param_persistence_threshold "
+                                      f"{c.stage3_param_persistence_threshold:,} elements, kept gathered whole")
+    walk.row("gathered parameters", z.formulas.get("gathered parameters", ""))
+    walk.row("all-gather buffers", "flat all-gather buffers (padded partitions x ranks) alive until their last "
+                                   "parameter is waited for")
+    walk.row("fp32 master weights", f"fp32 copy of this rank's partition: {part} x 4 B")
+    walk.row("optimizer states", f"{job.optimizer} states of the fp32 partition: {part}")
+    walk.row("gradients", f"whole {e} B gradients until the end of backward (ZeRO-1: reduced after backward)")
+    walk.row("gradient partition", f"this rank's reduced {e} B gradients: {part} x {e} B (allocated at init)"
+             if z.stage == 3 else f"this rank's reduced {e} B gradients (contiguous_gradients): the parameters "
+                                  f"overlapping rank 0's slice of {count(p)} elements, held whole")
+    walk.row("reduce buckets", z.formulas.get("reduce buckets", ""))
+    walk.row("bucket reduction copy", f"the flattened copy of a full reduce bucket (min(reduce_bucket_size, "
+                                      f"trainable) x {e} B) while it is reduced")
+    walk.row("unreduced gradient", f"the largest trainable parameter's gradient before its hook copies it into "
+                                   f"the bucket ({e} B)")
+    walk.row("fp32 gradient partition", "the step's fp32 gradient of the partition"
+                                        + (f" (one sub-group of sub_group_size {c.sub_group_size:,})" if z.stage == 3 else ""))
+    walk.row("flattened gradient copy", f"the step's flattened {e} B copy of the gradient partition before its "
+                                        "fp32 cast")
+    walk.row("offload gradient staging buffer", z.formulas.get("offload gradient staging buffer", ""))
+    walk.row("optimizer step temporary", "torch AdamW foreach over the fp32 partition: 4 B per element "
+                                         "(DeepSpeed's FusedAdam, --no-foreach: none)")
 
 
 def _fsdp_backward_layers(st: _State, static, acts_at, own: int, recompute: int, transients,
@@ -351,10 +424,14 @@ def _outer_lora(job: Job, arch: ModelArch, targets: tuple[str, ...], ctx: act.Ct
 def as_run(job: Job) -> Job:
     """The job as its forward and backward compute it. FSDP mixed precision gathers fp32 sharded
     weights (and adapters) in param_dtype, the compute dtype (planner/fsdp.py): the step is a 16-bit
-    model's, under autocast in accelerate's form, without it under an explicit policy."""
-    if not job.fsdp_mp:
+    model's, under autocast for FSDP1 in accelerate's form, without it otherwise; DeepSpeed's bf16/fp16
+    mode runs the module in the 16-bit dtype with no autocast (planner/zero.py)."""
+    if not (job.fsdp_mp or job.deepspeed_mp):
         return job
     c = job.compute_dtype
+    if job.deepspeed_mp:  # the whole module in the 16-bit dtype, adapters included (Job.deepspeed_mp)
+        return job.model_copy(update={"weight_dtype": c, "adapter_dtype": c if job.uses_lora else None,
+                                      "autocast": False})
     # FSDP1 wraps each LoRA leaf as its own unit, so when peft casts a layer's input to
     # `lora_A.weight.dtype` it reads the sharded fp32 view (the leaf is gathered in param_dtype only
     # inside its own forward): the adapters' inputs are fp32, as over a 16-bit base (traced)
@@ -379,12 +456,16 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         notes.append(f"paged optimizer, but every state tensor is under {BNB_PAGED_MIN_NUMEL:,} elements: bitsandbytes "
                      "keeps them all in ordinary device memory")
     walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
-    sharded_away = (st.weights - shard(st.weights, plan.params_div)) + (st.adapters - shard(st.adapters, plan.params_div))
-    if st.gathered > sharded_away:
+    if st.fsdp is not None:
+        sharded_away = st.weights + st.adapters - st.fsdp.weights - st.fsdp.adapters
+        gathered, what = st.fsdp.most_gathered(), "the unsharded units and all-gather buffers"
+    else:
+        sharded_away = (st.weights - shard(st.weights, plan.params_div)) + (st.adapters - shard(st.adapters, plan.params_div))
+        gathered, what = st.gathered, "the gathered root unit and two decoder layers"
+    if gathered > sharded_away:
         notes.append(f"{job.sharding} on {job.num_gpus} GPUs: sharding the parameters saves {human(sharded_away)} per GPU, "
-                     f"but the gathered root unit and two decoder layers take {human(st.gathered)}, so each GPU holds "
-                     "more parameter bytes than one unsharded GPU would (the embeddings and head outweigh the sharded "
-                     "layers); zero2 / fsdp_grad_op gathers nothing, and more GPUs shrink the shard")
+                     f"but {what} take up to {human(gathered)}, so each GPU holds more parameter bytes at that moment "
+                     "than one unsharded GPU would; more GPUs shrink the shard, not what is gathered")
     if job.num_gpus > 1 and job.sharding == "none":
         notes.append(f"{job.num_gpus} GPUs without --sharding: plain DDP, every GPU holds a full replica")
 

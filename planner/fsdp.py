@@ -283,6 +283,13 @@ class FsdpRank:
         """Sharded gradients on the GPU: none under CPU offload (copied to host as they are reduced)."""
         return 0 if self.offload else sharded_grads
 
+    def most_gathered(self) -> int:
+        """The most unsharded parameter bytes (gathered units and all-gather buffers) at any moment."""
+        from .phases import Moment
+
+        rows = [self.rows(m, layer=i) for m in Moment for i in self.backward_layers()]
+        return max((r.get("gathered parameters", 0) + r.get("all-gather buffers", 0) for r in rows), default=0)
+
     def backward_layers(self) -> list[int]:
         """The decoder layers whose backward can hold the most: each term is linear in the layer
         index between the edges where the prefetch and the held reduce-scatter start and stop."""

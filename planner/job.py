@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .dtypes import DType
 from .errors import MemplanInputError, input_error
 from .parallel import Sharding
+from .zero import ZeroConfig
 
 Method = Literal["full", "lora", "qlora"]
 Task = Literal["train", "infer"]
@@ -27,7 +28,7 @@ TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
     "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
     "packing", "liger", "activation_offloading", "checkpoint_reentrant", "optimizer_in_backward", "chunked_loss",
-    "dora", "fsdp_version", "fsdp_mixed_precision",
+    "dora", "fsdp_version", "fsdp_mixed_precision", "deepspeed",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
@@ -126,6 +127,9 @@ class Job(BaseModel):
     # torchtune's CEWithChunkedOutputLoss: the output projection and the loss run over this many
     # chunks of the sequence (its recipes use 8); 0 = one unchunked loss
     chunked_loss: int = 0
+    # [zero] DeepSpeed's zero_optimization knobs for --sharding zero1/zero2/zero3 (planner/zero.py); None:
+    # what accelerate's DeepSpeed plugin writes (stage and offload devices only: DeepSpeed's defaults)
+    deepspeed: ZeroConfig | None = None
 
     def __init__(self, **fields) -> None:
         # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
@@ -208,6 +212,11 @@ class Job(BaseModel):
             )
         if self.adapter_dtype is not None and not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
+        if self.deepspeed is not None:  # [zero]
+            if self.sharding not in ("zero1", "zero2", "zero3"):
+                raise MemplanInputError(f"DeepSpeed ZeRO settings apply to --sharding zero1, zero2 or zero3, not to "
+                                        f"--sharding {self.sharding}: drop them")
+            self.deepspeed.check(int(self.sharding[-1]), self.cpu_offload)
         return self
 
     @model_validator(mode="after")
@@ -284,6 +293,14 @@ class Job(BaseModel):
                 f"{self.sharding} on 1 GPU divides nothing: parameters, gradients and optimizer states are counted "
                 "whole, as without sharding (give the data-parallel size with --num-gpus)"
             )
+        if self.deepspeed_mp:
+            c = self.compute_dtype.value
+            notes.append(
+                f"DeepSpeed's {c} mode casts every parameter to {c} and runs no autocast (engine.py "
+                f"_cast_module_mixed_precision; accelerate turns native amp off under DeepSpeed): the ZeRO rows count "
+                f"{c} weights and the fp32 master, and the step computes as a {c} model's, with no autocast weight "
+                "copies (docs/deepspeed.md)"
+            )
         return notes
 
     @property
@@ -317,6 +334,13 @@ class Job(BaseModel):
         return self.fsdp and self.mixed_precision
 
     @property
+    def deepspeed_mp(self) -> bool:
+        """DeepSpeed's bf16/fp16 mode over fp32 weights: the engine casts the module to the 16-bit
+        dtype and keeps fp32 masters in its optimizer (engine.py `_cast_module_mixed_precision`);
+        accelerate turns native amp off under DeepSpeed, so there is no autocast."""
+        return self.task == "train" and self.sharding in ("zero1", "zero2", "zero3") and self.mixed_precision
+
+    @property
     def fsdp_policy(self) -> bool:
         """An explicit MixedPrecisionPolicy: the forward runs in param_dtype with no autocast."""
         return self.sharding.startswith("fsdp") and self.mixed_precision and self.fsdp_mixed_precision == "policy"
@@ -329,6 +353,8 @@ class Job(BaseModel):
             # accelerate wraps the forward in autocast in `prepare_model`, which FSDP1 models go
             # through and FSDP2 models do not (`_prepare_fsdp2`); an explicit policy runs without it
             return self.fsdp_mixed_precision == "accelerate" and self.fsdp_version == 1
+        if self.deepspeed_mp:
+            return False
         return self.task == "train" and self.mixed_precision
 
     @property
