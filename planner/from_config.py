@@ -409,8 +409,16 @@ FSDP_CONFIG: dict[str, Rule] = {
     "offload_params": Rule(("cpu_offload",), _fsdp_offload, "`cpu_offload`"),
     "cpu_offload": Rule(("cpu_offload",), _fsdp_offload, "`cpu_offload`"),
     "activation_checkpointing": Rule(("gradient_checkpointing",), _fsdp_ckpt, "true: `gradient_checkpointing`"),
-    "version": ignored("FSDP1 and FSDP2 shard the same state"),
+    "version": Rule(("fsdp_version",), lambda st, k, v: _fsdp_version(st, k, v), "`fsdp_version` (1 or 2)"),
 }
+
+
+def _fsdp_version(st: _State, k: str, v: Any) -> None:
+    """FSDP1 and FSDP2 hold different buffers (docs/fsdp.md): the version is read, 1 or 2."""
+    n = _int(st, k, v)
+    if n not in (1, 2):
+        raise st.bad(k, v, "1 (FullyShardedDataParallel) or 2 (fully_shard)")
+    st.set(k, v, "fsdp_version", n)
 
 
 def _fsdp_option(st: _State, k: str, v: Any) -> None:
@@ -528,7 +536,7 @@ AXOLOTL: dict[str, Rule] = {
     "deepspeed": Rule(("sharding", "cpu_offload"), _reference("deepspeed"), "a DeepSpeed JSON, read key by key"),
     "fsdp": FSDP_OPTION,
     "fsdp_config": Rule(("sharding", "cpu_offload"), _reference("fsdp"), "inline (or a JSON path): the FSDP table below"),
-    "fsdp_version": ignored("FSDP1 and FSDP2 shard the same state"),
+    "fsdp_version": Rule(("fsdp_version",), lambda st, k, v: _fsdp_version(st, k, v), "`fsdp_version` (1 or 2)"),
     "torch_compile": Rule(("compile",), lambda st, k, v: st.ignore(k, "auto: decided at run time") if v == "auto"
                           else st.set(k, v, "compile", _bool(st, k, v)), "`compile`"),
     "unfrozen_parameters": not_modelled("a partly frozen full fine-tune"),
@@ -1555,6 +1563,16 @@ def job_fields(fc: FromConfig, cli: dict[str, Any]) -> tuple[dict[str, Any], lis
     if method == "full":
         for f in (*LORA_ONLY, "dora"):
             drop(f, "--method full: a LoRA setting")
+    if str(fields.get("sharding", "")).startswith("fsdp") and fields.get("num_gpus", 1) > 1 \
+            and "autocast" in fields and "autocast" not in cli:
+        # under FSDP the file's bf16/fp16 is accelerate's mixed precision, FSDP's own recipe (docs/fsdp.md):
+        # the trainable parameters are upcast to fp32 (accelerate fsdp_utils.py, accelerator.py), and the
+        # Job derives FSDP1's autocast itself
+        upcast = method == "full" and fields.get("weight_dtype") in (None, "bf16", "fp16") and "weight_dtype" not in cli
+        drop("autocast", "under FSDP it is accelerate's mixed precision, FSDP's own recipe (param and reduce dtype)"
+             + ("; the trainable parameters are upcast to fp32, so weight_dtype=fp32 is estimated" if upcast else ""))
+        if upcast:
+            fields["weight_dtype"] = "fp32"
     if "method" in cli and "weight_dtype" not in cli and "weight_dtype" in fields:
         w = fields["weight_dtype"]
         four = w in ("nf4", "fp4")

@@ -27,10 +27,19 @@ def _title(est: Estimate) -> str:
         ck = ", gradient checkpointing" if job.checkpointing else ""
         gpus = "1 GPU" if job.num_gpus == 1 else f"{job.num_gpus} GPUs"
         par = f", {job.sharding} on {gpus}" if job.num_gpus > 1 or job.sharding != "none" else ""
+        if job.fsdp:
+            par += f" (FSDP{job.fsdp_version})"
         off = " with CPU offload" if job.cpu_offload else ""
         what = f"{job.method} training, micro-batch {job.micro_batch}, seq {job.seq_len}, {job.optimizer}{ck}{par}{off}"
     # under autocast the matmuls run in the compute dtype whatever the weights' dtype: say so
     compute = f"{job.compute_dtype.value} autocast" if job.runs_autocast else f"{job.compute_dtype.value} compute"
+    if job.fsdp_mp:
+        form = "accelerate's mixed precision" if job.fsdp_mixed_precision == "accelerate" else "MixedPrecisionPolicy"
+        red = "fp32" if job.fsdp_mixed_precision == "policy" else job.compute_dtype.value
+        compute = f"gathered in {job.compute_dtype.value}, reduced in {red} ({form})" + (
+            ", under autocast" if job.runs_autocast else "")
+    elif job.deepspeed_mp:
+        compute = f"DeepSpeed's {job.compute_dtype.value} mode"
     return (f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {compute}, {job.attention}; "
             f"on {est.stack} (--stack {job.stack})")
 

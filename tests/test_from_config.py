@@ -143,7 +143,7 @@ def test_fields_the_lead_adds_light_up():
      {"method": "lora", "adapter_dtype": "bf16", "compute_dtype": "bf16", "autocast": True, "foreach": False}),
     # axolotl 0.21: an fsdp_config alone runs FSDP2 (full shard unless reshard_after_forward is false)
     ({"base_model": "x", "fsdp_config": {"offload_params": True, "version": 2}},
-     {"sharding": "fsdp_full", "cpu_offload": True, "autocast": True, "foreach": False}),
+     {"sharding": "fsdp_full", "cpu_offload": True, "autocast": True, "foreach": False, "fsdp_version": 2}),
     ({"base_model": "x", "fsdp_config": {"reshard_after_forward": False}, "activation_offloading": "legacy",
       "gradient_checkpointing": True},
      {"sharding": "fsdp_grad_op", "gradient_checkpointing": True, "autocast": True, "foreach": False,

@@ -29,6 +29,9 @@ def describe_job(row: ResultRow) -> str:
     if j.task == "infer":
         attention = " eager" if j.attention == "eager" else ""
         return f"{name} infer {dtypes} b{j.micro_batch} s{j.seq_len} +{j.new_tokens}{attention}"
+    if j.num_gpus > 1:
+        v = f" v{j.fsdp_version}" if j.sharding.startswith("fsdp") else ""
+        extra += f" {j.sharding}{v} rank 0 of {j.num_gpus}"
     return f"{name} {j.method} {dtypes} b{j.micro_batch} s{j.seq_len} {j.optimizer}{extra}"
 
 
