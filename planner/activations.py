@@ -348,6 +348,21 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
     return stream + max(mlp, attn)
 
 
+def attention_backward_after_mlp(arch: ModelArch, ctx: Ctx, saved: Saved) -> tuple[int, int]:
+    """(saved bytes the MLP's backward has freed, transient bytes of the attention's backward above
+    what is left): the moment inside `layer_backward_transient` where the attention's backward runs,
+    for a walk that also holds the MLP's gradients then (planner/fsdp.py)."""
+    t, ab = ctx.tokens, ctx.act_bytes
+    stream = 2 * t * arch.hidden * ctx.stream_bytes
+    after = ("mlp.", "moe.", "post_attn_norm.", "attn.out_contiguous", "attn.v_expanded")
+    freed = sum(v for k, v in saved.items() if k.startswith(after))
+    if ctx.attention is Kernel.fused:
+        return freed, stream
+    score = 4 if ctx.attention in (Kernel.eager, Kernel.math_fp32) else ab
+    scores = t * arch.heads * ctx.seq * score
+    return freed, stream + (3 if ctx.cuda_math else 2) * scores
+
+
 def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointed: bool) -> int:
     """Bytes above what is kept at the high point of one layer's forward: materialised attention
     holds its raw scores next to the probabilities, and a checkpointed layer (which keeps nothing)

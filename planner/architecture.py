@@ -33,6 +33,8 @@ class LinearSpec(BaseModel):
     module: LinearModule = "Linear"
     # Fused MoE experts: `copies` stacked weights of this shape; each token visits experts_per_token.
     copies: int = 1
+    # Which half of the block it belongs to: the backward runs the MLP's before the attention's
+    part: Literal["attention", "mlp"] = "mlp"
 
     @property
     def params(self) -> int:
@@ -201,10 +203,10 @@ class ConfigReader:
 def attention_linears(h: int, q: int, kv: int, bias: bool, o_bias: bool | None = None) -> list[LinearSpec]:
     """q, k, v and o projections as LlamaAttention builds them (nn.Linear each)."""
     return [
-        LinearSpec(name="q_proj", d_in=h, d_out=q, bias=bias),
-        LinearSpec(name="k_proj", d_in=h, d_out=kv, bias=bias),
-        LinearSpec(name="v_proj", d_in=h, d_out=kv, bias=bias),
-        LinearSpec(name="o_proj", d_in=q, d_out=h, bias=bias if o_bias is None else o_bias),
+        LinearSpec(name="q_proj", d_in=h, d_out=q, bias=bias, part="attention"),
+        LinearSpec(name="k_proj", d_in=h, d_out=kv, bias=bias, part="attention"),
+        LinearSpec(name="v_proj", d_in=h, d_out=kv, bias=bias, part="attention"),
+        LinearSpec(name="o_proj", d_in=q, d_out=h, bias=bias if o_bias is None else o_bias, part="attention"),
     ]
 
 

@@ -108,6 +108,46 @@ def _from_config(path: str | None, fmt: str | None, model: str | None, cli: dict
     return job_from_file(path, fmt, model, cli, searched, why)
 
 
+ACCELERATE_HELP = ("an `accelerate launch` config (YAML or JSON, as `accelerate config` writes it): its sharding, "
+                   "fsdp_version, processes, offload, mixed precision and activation checkpointing fill the job; "
+                   "options given here override it")
+
+
+def _with_accelerate_config(path: str, fields: dict, typed: dict, revision: str | None,
+                            for_trace: bool = False) -> tuple[dict, dict]:
+    """`--accelerate-config FILE`: its Job fields under the options typed here (and over a --from
+    file's), and the report of what it set (planner/config_files.py reads it)."""
+    from .config_files import read_accelerate_file
+
+    arch = _load_model(fields["model"], revision)
+    read = read_accelerate_file(path, arch, for_trace=for_trace, method=fields.get("method", "full"))
+    if typed.get("fsdp_mixed_precision") == "policy" and read.fields.get("autocast"):
+        fail(f"--fsdp-mixed-precision policy runs without autocast, but {path}'s mixed_precision "
+             f"{read.fields['compute_dtype']} runs the forward under autocast (accelerate accelerator.py:1824): "
+             "set mixed_precision: no there and pass the policy in your script")
+    used = {k: v for k, v in read.fields.items() if k not in typed}
+    notes = list(read.notes)
+    sharding = typed.get("sharding")
+    # a strategy typed here takes the file's keys that belong to its own strategy with it
+    if sharding is not None and not sharding.startswith("fsdp") and "fsdp_version" in used:
+        del used["fsdp_version"]
+        notes.append(f"fsdp_version not passed: --sharding {sharding} is not FSDP")
+    if sharding in ("none", "ddp", "fsdp_grad_op") and used.get("cpu_offload") is False:
+        del used["cpu_offload"]
+    report = {"file": path, "used": used, "overridden": sorted(k for k in read.fields if k in typed),
+              "notes": notes}
+    return {**fields, **used}, report
+
+
+def _print_accelerate_config(report: dict | None) -> None:
+    """What the --accelerate-config file set, on stderr."""
+    if report is not None:
+        used = ", ".join(f"{k}={v}" for k, v in report["used"].items()) or "nothing"
+        over = f" (overridden here: {', '.join(report['overridden'])})" if report["overridden"] else ""
+        lines = [f"accelerate config {report['file']}: {used}{over}"] + [f"  note: {n}" for n in report["notes"]]
+        print("\n".join(lines), file=sys.stderr)
+
+
 def _print_from_config(report: dict | None) -> None:
     """How the --from file was read, on stderr (stdout stays the command's own output)."""
     if report is not None:
@@ -197,8 +237,14 @@ JOB_OPTIONS: dict[str, _JobOption] = {
                                        "accelerate (mixed_precision bf16: param and reduce bf16, autocast) | policy "
                                        "(MixedPrecisionPolicy param bf16, reduce fp32, no autocast): fp32 weights under FSDP"),
 }
-# One process, one device: the CPU trace runs no data-parallel job and checks no GPU's fit.
-PARALLEL_OPTIONS = ("gpu", "num_gpus", "sharding", "cpu_offload", "gpus_per_node", "fsdp_version", "fsdp_mixed_precision")
+# What the CPU trace takes but cannot run, and why (one line each): it checks no GPU's fit, and host
+# offload lands on the same device as the trace. A sharded job (--num-gpus > 1, fsdp_*) is traced as
+# its rank 0 (validate/sharded.py).
+TRACE_REFUSED = {
+    "gpu": "trace --gpu: the trace runs on the CPU and checks no GPU's fit; use memplan estimate --gpu",
+    "cpu_offload": "trace --cpu-offload: on the CPU the offloaded states land on the device the trace runs on, so "
+                   "the trace equals the one without offload (the estimate derives offload: docs/offload.md)",
+}
 
 
 def _default_text(name: str) -> str:
@@ -278,6 +324,7 @@ def estimate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
     from_file: Optional[str] = typer.Option(None, "--from", help=FROM_HELP),
     from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
+    accelerate_file: Optional[str] = typer.Option(None, "--accelerate-config", help=ACCELERATE_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the Estimate as JSON"),
     explain: bool = typer.Option(False, "--explain", help="list the changes that would save the most memory, each "
@@ -292,11 +339,16 @@ def estimate(
     from memplan.profiles import load_gpu
 
     fields, from_config = _from_config(from_file, from_format, model, job_fields)
+    accel = None
+    if accelerate_file is not None:
+        fields, accel = _with_accelerate_config(accelerate_file, fields, job_fields, revision)
     job = _job(**fields)
     arch = _load_model(job.model, revision)
     g = load_gpu(job.gpu) if job.gpu else None
     est = estimate_memory(job, arch, g)
     extra = {"from_config": from_config} if from_config else {}
+    if accel is not None:
+        extra["accelerate_config"] = accel
     # --json stays an Estimate; the advice is an extra key only when asked for
     savings = None
     if explain or (est.fits is False and not as_json):
@@ -312,6 +364,7 @@ def estimate(
         from .report import render, savings_table
 
         _print_from_config(from_config)
+        _print_accelerate_config(accel)
         typer.echo(render(est))
         if savings is not None:
             typer.echo(savings_table(savings, est))
@@ -577,23 +630,40 @@ def gpus() -> None:
 
 
 @app.command()
-@job_options(*(n for n in JOB_OPTIONS if n not in PARALLEL_OPTIONS))
+@job_options(*JOB_OPTIONS)
 def trace(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
     from_file: Optional[str] = typer.Option(None, "--from", help=FROM_HELP),
     from_format: Optional[str] = typer.Option(None, "--from-format", help=FROM_FORMAT_HELP),
     revision: Optional[str] = typer.Option(None, help=REVISION_HELP),
     as_json: bool = typer.Option(False, "--json"),
+    accelerate_file: Optional[str] = typer.Option(None, "--accelerate-config", help=ACCELERATE_HELP + "; the trace "
+                                                  "shards the model as that file says (FSDP only)"),
+    detail: bool = typer.Option(False, "--detail", help="sharded jobs: what is live at each phase's peak, grouped "
+                                "by dtype and size (as python -m memplan.validate.sharded --detail)"),
     *,
     job_fields: dict,
 ) -> None:
     """Run the real transformers step (training, or prefill and decode with --task infer) under fake
-    tensors on the CPU and compare with the estimate. One process on the CPU: no --gpu or sharding."""
-    fields, from_config = _from_config(from_file, from_format, model, job_fields, searched=PARALLEL_OPTIONS,
-                                       why="the trace runs one process on the CPU")
+    tensors on the CPU and compare with the estimate. A sharded job (--num-gpus N > 1 with --sharding
+    fsdp_full | fsdp_grad_op | fsdp_hybrid) is traced as its rank 0, through a fake process group."""
+    for name, why in TRACE_REFUSED.items():
+        if name in job_fields:
+            fail(why)
+    fields, from_config = _from_config(from_file, from_format, model, job_fields, searched=tuple(TRACE_REFUSED),
+                                       why="the trace runs one process on the CPU, where offload changes nothing")
+    accel = None
+    if accelerate_file is not None:
+        # the sharding accelerate would build from the very file `recommend --emit accelerate` wrote
+        fields, accel = _with_accelerate_config(accelerate_file, fields, job_fields, revision, for_trace=True)
+        if fields.get("cpu_offload"):
+            fields["cpu_offload"] = False
+            accel["notes"].append("fsdp_offload_params: traced without offload (on the CPU the offloaded state "
+                                  "lands on the same device; docs/fsdp.md derives it)")
     job = _job(**fields)
     if not as_json:
         _print_from_config(from_config)
+        _print_accelerate_config(accel)
     if revision is not None and "revision" not in Job.model_fields:
         # validate/trace.py builds the model from the Job alone: a revision outside it would trace
         # the main branch's config against an estimate of another
@@ -605,11 +675,17 @@ def trace(
         # the trace runs the libraries installed here; another stack's step is traced in its own venv
         fail(f"trace --stack {job.stack}: this environment runs {default_stack()}; {job.stack}'s real step is traced "
              f"in its own venv (memplan.validate.stack_envs, tests/test_stack_*.py)")
+    sharded = job.task == "train" and job.num_gpus > 1
+    if sharded and not job.sharding.startswith("fsdp"):
+        fail(f"trace --sharding {job.sharding} over {job.num_gpus} GPUs: no fake-tensor trace for DeepSpeed/DDP, its "
+             "estimate is held by hand-derived tests; trace fsdp_full, fsdp_grad_op or fsdp_hybrid")
+    if detail and not sharded:
+        fail("trace --detail lists what a sharded rank holds at its peaks: give --num-gpus N > 1 and --sharding fsdp_*")
     # before torch, transformers and peft are first imported: their warnings are set up at import
     from memplan.validate.quiet import quiet_libraries
 
     quiet_libraries()
-    _require("trace", "trace", "torch", "transformers", "peft")
+    _require("trace", "trace", "torch", "transformers", "peft", *(("accelerate",) if sharded else ()))
     from .estimate import estimate_memory
     from .stacks import cpu_trace_stack
 
@@ -618,7 +694,12 @@ def trace(
     from memplan.validate.trace import trace_inference, trace_training
 
     try:
-        result = trace_inference(job) if job.task == "infer" else trace_training(job)
+        if sharded:
+            from memplan.validate.sharded import trace_sharded
+
+            result = trace_sharded(job, detail=detail)
+        else:
+            result = trace_inference(job) if job.task == "infer" else trace_training(job)
     except ValueError as exc:
         fail(str(exc))
     if as_json and from_config is None:
@@ -638,7 +719,12 @@ def trace(
             typer.echo(f"{snap.phase:16s}{gib(snap.peak_bytes):>14s}{gib(e):>14s}{100 * (e - snap.peak_bytes) / snap.peak_bytes:>+8.2f}%")
         return
     est_by_trace_phase = est.measured_phases()
-    typer.echo(f"trace of {arch.name} ({result.seconds:.1f} s, CPU, fake tensors); second iteration:")
+    if sharded:
+        typer.echo(f"trace of {arch.name}, rank 0 of {job.num_gpus} ({job.sharding}, FSDP{job.fsdp_version}, forward "
+                   f"autocast {'on' if result.autocast else 'off'}; {result.seconds:.1f} s, CPU, fake tensors, fake "
+                   "process group); second iteration:")
+    else:
+        typer.echo(f"trace of {arch.name} ({result.seconds:.1f} s, CPU, fake tensors); second iteration:")
     typer.echo(f"{'phase':16s}{'traced peak':>14s}{'estimate':>14s}{'error':>9s}")
     for snap in result.timeline:
         if snap.iteration != 1:
@@ -647,17 +733,22 @@ def trace(
         typer.echo(f"{snap.phase:16s}{gib(snap.peak_bytes):>14s}{gib(e):>14s}{100 * (e - snap.peak_bytes) / snap.peak_bytes:>+8.2f}%")
     err = 100 * (est.peak_allocated_bytes - result.peak_allocated_bytes) / result.peak_allocated_bytes
     typer.echo(f"{'peak':16s}{gib(result.peak_allocated_bytes):>14s}{gib(est.peak_allocated_bytes):>14s}{err:>+8.2f}%")
-    typer.echo("\nlive at the end of each phase (activations and temporaries = the rest):")
+    typer.echo("\nlive at the end of each phase (activations and temporaries = the rest)"
+               + (", parameters, gradients and optimizer states as this rank's shards:" if sharded else ":"))
     typer.echo(f"{'iter':>4s} {'phase':16s}{'parameters':>12s}{'gradients':>12s}{'optimizer':>12s}{'the rest':>12s}")
     for snap in result.timeline:
         rest = snap.end_bytes - snap.params_bytes - snap.grads_bytes - snap.optimizer_bytes
         cells = (snap.params_bytes, snap.grads_bytes, snap.optimizer_bytes, rest)
         typer.echo(f"{snap.iteration:>4d} {snap.phase:16s}" + "".join(f"{gib(c):>12s}" for c in cells))
+    if detail:
+        from memplan.validate.sharded import describe_live
+
+        typer.echo(describe_live(result))
 
 
 @app.command()
 def validate(
-    matrix: str = typer.Option("default", help="default (one 80 GB-class GPU) | holdout (jobs the default matrix lacks) | inference (generation and scoring) | quick (tiny models)"),
+    matrix: Optional[str] = typer.Option(None, help="default (one 80 GB-class GPU) | holdout (jobs the default matrix lacks) | inference (generation and scoring) | quick (tiny models) | sharded (7B rank-0 jobs) | sharded-quick (tiny ones) (default: default; with --num-gpus, sharded, or sharded-quick on --device cpu)"),
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="only these models (repeatable)"),
     out: Optional[str] = typer.Option(None, help="JSONL file results are appended to (default validate/results/<gpu>-<date>.jsonl)"),
     device: str = typer.Option("cuda", help="cuda | cpu (a dry run of the harness without a GPU)"),
@@ -665,8 +756,15 @@ def validate(
     timeout: float = typer.Option(900, help="seconds per job"),
     jobs_slice: Optional[str] = typer.Option(None, "--slice", help="only jobs START:END of the matrix (0-based, as Python slices)"),
     time_budget: Optional[float] = typer.Option(None, help="start no new job after this many seconds"),
+    num_gpus: Optional[int] = job_option("num_gpus", help="sharded jobs: rank 0 of this many GPUs, on the one device "
+                                         "here, through a fake process group (collectives are no-ops)"),
+    sharding: Optional[str] = job_option("sharding", help="with --num-gpus: fsdp_full | fsdp_grad_op | fsdp_hybrid"),
+    fsdp_version: Optional[int] = job_option("fsdp_version"),
+    fsdp_mixed_precision: Optional[str] = job_option("fsdp_mixed_precision"),
+    gpus_per_node: Optional[int] = job_option("gpus_per_node"),
 ) -> None:
-    """Run real training and inference steps on the local GPU, each job in its own process, and compare with the estimate."""
+    """Run real training and inference steps on the local GPU, each job in its own process, and compare with the estimate.
+    With --num-gpus N --sharding fsdp_*, each job is rank 0 of a sharded run, measured on the one device here."""
     import shlex
     from datetime import date
     from pathlib import Path
@@ -693,9 +791,25 @@ def validate(
     from memplan.validate.compare import calibrate, describe_job, table
     from memplan.profiles import load_gpu
 
+    sharding_fields = {k: v for k, v in dict(num_gpus=num_gpus, sharding=sharding, fsdp_version=fsdp_version,
+                                              fsdp_mixed_precision=fsdp_mixed_precision,
+                                              gpus_per_node=gpus_per_node).items() if v is not None}
+    if sharding_fields and not (num_gpus or 1) > 1:
+        fail(f"{_flag_of(next(iter(sharding_fields)))} measures rank 0 of a sharded job: give --num-gpus N > 1 and "
+             "--sharding fsdp_full | fsdp_grad_op | fsdp_hybrid")
+    if sharding_fields and not (sharding or "").startswith("fsdp"):
+        fail(f"validate --num-gpus {num_gpus} --sharding {sharding or 'none'}: only FSDP ranks run here "
+             "(fsdp_full, fsdp_grad_op, fsdp_hybrid); no fake-process-group run for DeepSpeed/DDP, its estimate is held "
+             "by hand-derived tests")
+    if matrix is None:
+        matrix = ("sharded-quick" if device == "cpu" else "sharded") if sharding_fields else "default"
     if matrix not in MATRICES:
         fail(f"unknown matrix {matrix!r}: use {' or '.join(MATRICES)}")
     jobs = [j for j in MATRICES[matrix]() if not model or j.model in model]
+    if sharding_fields:
+        from memplan.validate.matrix import shard
+
+        jobs = shard(jobs, **sharding_fields)
     if jobs_slice is not None:
         jobs = jobs[_parse_slice(jobs_slice)]
     if not jobs:
@@ -726,6 +840,10 @@ def validate(
     cal = calibrate(rows)
     console.print(f"results appended to {path}; median |error|: "
                   + ", ".join(f"{k} {v:.1%}" for k, v in cal.median_abs_error.items()))
+
+
+def _flag_of(field: str) -> str:
+    return JOB_OPTIONS[field].decls[0].split("/")[0]
 
 
 def _require(command: str, extra: str, *modules: str) -> None:

@@ -2,7 +2,8 @@
 --from is used), the DeepSpeed / FSDP files it references resolved relative to its folder, and one
 line for a file that is missing, unreadable or not a config; the command line's options on top
 (`job_from_file`) and the report of how each key was read (`describe`). The mapping itself is
-planner/from_config.py."""
+planner/from_config.py. An `accelerate launch` config file is read by `read_accelerate_file` (its
+mapping: planner/accelerate_config.py)."""
 
 from __future__ import annotations
 
@@ -10,33 +11,36 @@ import json
 from pathlib import Path
 from typing import Any, Collection
 
+from .accelerate_config import AccelerateRead, read_accelerate_config
+from .architecture import ModelArch
 from .errors import MemplanInputError
 from .from_config import FORMAT_NAMES, FromConfig, job_fields, merge_reference, read_training_config
 from .job import Job
 
 
-def read_file(path: Path, shown: str | None = None) -> Any:
-    """A YAML or JSON file's data (JSON is YAML, but a .json file is read as JSON for its messages)."""
+def read_file(path: Path, shown: str | None = None, what: str = "training config") -> Any:
+    """A YAML or JSON file's data (JSON is YAML, but a .json file is read as JSON for its messages);
+    `what` names the file in the messages."""
     shown = shown or str(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise MemplanInputError(f"training config {shown!r} does not exist") from None
+        raise MemplanInputError(f"{what} {shown!r} does not exist") from None
     except OSError as exc:  # a directory, permissions, an I/O error
-        raise MemplanInputError(f"training config {shown!r} cannot be read: {exc.strerror or type(exc).__name__}") from None
+        raise MemplanInputError(f"{what} {shown!r} cannot be read: {exc.strerror or type(exc).__name__}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise MemplanInputError(
-            f"training config {shown!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+            f"{what} {shown!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
     if path.suffix.lower() == ".json":
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise MemplanInputError(
-                f"training config {shown!r} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+                f"{what} {shown!r} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
         except (ValueError, RecursionError) as exc:
-            raise MemplanInputError(f"training config {shown!r} is not JSON memplan can read: {type(exc).__name__}") from None
+            raise MemplanInputError(f"{what} {shown!r} is not JSON memplan can read: {type(exc).__name__}") from None
     try:
         import yaml
     except ImportError:  # pragma: no cover - a dependency since --from
@@ -46,9 +50,9 @@ def read_file(path: Path, shown: str | None = None) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise MemplanInputError(f"training config {shown!r} is not valid YAML: {exc.problem}{where}") from None
+        raise MemplanInputError(f"{what} {shown!r} is not valid YAML: {exc.problem}{where}") from None
     except (yaml.YAMLError, RecursionError) as exc:
-        raise MemplanInputError(f"training config {shown!r} is not YAML memplan can read: {type(exc).__name__}") from None
+        raise MemplanInputError(f"{what} {shown!r} is not YAML memplan can read: {type(exc).__name__}") from None
 
 
 def load_training_config(path: str, fmt: str | None = None, overridden: Collection[str] = ()) -> FromConfig:
@@ -124,3 +128,23 @@ def describe(report: dict) -> str:
         lines.append(f"  note: {note}")
     return "\n".join(textwrap.fill(line, 110, subsequent_indent="      ", break_on_hyphens=False,
                                    break_long_words=False) for line in lines)
+
+
+def load_accelerate_config(path: str) -> dict:
+    """The data of an accelerate config file (`accelerate config`'s YAML, or JSON): a mapping, or one line."""
+    data = read_file(Path(path), path, what="accelerate config")
+    if data is None:
+        raise MemplanInputError(f"accelerate config {path!r} is empty")
+    if not isinstance(data, dict):
+        raise MemplanInputError(f"accelerate config {path!r} must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def read_accelerate_file(path: str, arch: ModelArch, for_trace: bool, method: str | None = None) -> AccelerateRead:
+    """`--accelerate-config FILE`: the Job fields the file sets (and notes), each bad key in one line
+    that names the file."""
+    data = load_accelerate_config(path)
+    try:
+        return read_accelerate_config(data, arch, for_trace, method)
+    except MemplanInputError as exc:
+        raise MemplanInputError(f"accelerate config {path!r}: {str(exc).removeprefix('accelerate config: ')}") from None

@@ -8,18 +8,18 @@ sum of every component.
 
 from __future__ import annotations
 
-from enum import Enum
 
 from . import activations as act
 from . import inference as inf
 from . import liger, offload, overhead
 from .attention import Kernel
-from .phases import PhaseName
+from .phases import Moment, PhaseName
 from .architecture import ModelArch
 from .errors import MemplanInputError
 from .gpu import GpuProfile
 from .job import Job
 from .dtypes import float_bytes
+from .fsdp import FsdpRank
 from .parallel import ShardPlan, shard, shard_plan
 from .params import HEAD_MODULE, count_params, embedding_module, lora_params
 from .results import Category, Component, Estimate, Phase
@@ -67,16 +67,6 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
 
 def _sum(saved: dict[str, int]) -> int:
     return sum(saved.values())
-
-
-class Moment(Enum):
-    """The moments of the training walk at which a sharding strategy adds buffers of its own."""
-
-    forward = "forward"  # inside the forward (a layer running, or the head and the loss)
-    loss = "loss"  # the loss's backward
-    backward = "backward"  # a decoder layer's backward
-    backward_end = "backward_end"  # the embedding's backward, every gradient produced
-    optimizer = "optimizer"
 
 
 class _State:
@@ -145,20 +135,42 @@ class _State:
             self.gathered = self.unit_grads = 0
             self.host = z.host
             self._zero_pb = pb
+        self.fsdp: FsdpRank | None = None
+        if job.fsdp:
+            self._fsdp(job, arch, targets, stack)
+
+    def _fsdp(self, job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack) -> None:
+        """FSDP's own per-tensor account (planner/fsdp.py) replaces the proportional one."""
+        copies = {"adamw": 2, "sgd_momentum": 1, "sgd": 0}.get(job.optimizer)
+        f = self.fsdp = FsdpRank(job, arch, targets, self.plan.group, copies or 0, self.plan.offload, stack)
+        self.gathered = self.unit_grads = 0
+        self.host = 0
+        self.gpu_weights = self._place(f.weights, 1, True)
+        self.gpu_adapters = self._place(f.adapters, 1, True)
+        if copies is not None:  # bitsandbytes optimizers keep their proportional share
+            self.gpu_states = self._place(f.states, 1, True)
+            self.gpu_paged_states = 0
+        else:
+            self.gpu_states = self._place(self.unpaged_states, self.plan.states_div, True)
+            self.gpu_paged_states = self._place(self.paged_states, self.plan.states_div, True)
+        self.gpu_grads = self._place(f.grads, 1, True)
+        if job.optimizer == "adamw" and not self.plan.offload:
+            self.gpu_temp = f.temp_foreach if job.foreach else 2 * f.largest_state
 
     def shard_rows(self, moment: "Moment") -> dict[str, int]:
         """The sharding strategy's own buffers live at `moment` of the walk (row name -> bytes)."""
         if self.zero is not None:  # [zero] planner/zero.py; "gradients" and the step temporary are ZeRO's own
-            z = self.zero
-            rows = {"fp32 master weights": z.master, **z.static_rows,
-                    **z.moment_rows[moment.value]}
+            rows = self.zero.rows_at(moment.value)
             if moment is Moment.optimizer:
                 rows = {"gradients": 0, "optimizer step temporary": 0, **rows}
             return rows
-        rows = {"gathered parameters": self.gathered} if moment in (Moment.forward, Moment.loss, Moment.backward) else {}
-        if moment is Moment.backward:
+        if self.fsdp is not None:
+            return self.fsdp.rows(moment)
+        in_pass = moment not in (Moment.backward_end, Moment.backward_root, Moment.optimizer)
+        rows = {"gathered parameters": self.gathered} if in_pass else {}
+        if moment in (Moment.backward_top, Moment.backward):
             rows["unsharded unit gradients"] = self.unit_grads
-        if moment in (Moment.backward, Moment.backward_end, Moment.optimizer):
+        if moment in (Moment.backward_top, Moment.backward, Moment.backward_end, Moment.optimizer):
             rows["DDP gradient buckets"] = self.ddp_buckets
         return rows
 
@@ -188,7 +200,8 @@ _C = Category
 ROW_CATEGORY: dict[str, Category] = {
     "weights": _C.weights, "buffers": _C.weights, "adapters": _C.weights, "gathered parameters": _C.weights,
     "gradients": _C.gradients, "DDP gradient buckets": _C.gradients, "unsharded unit gradients": _C.gradients,
-    "tied embedding gradient sum": _C.gradients,
+    "tied embedding gradient sum": _C.gradients, "all-gather buffers": _C.weights,
+    "reduce-scatter buffers": _C.gradients, "unsharded root gradients": _C.gradients,
     "optimizer states": _C.optimizer, "paged optimizer states": _C.optimizer, "optimizer step temporary": _C.optimizer,
     "activations": _C.activations, "autocast weight copies": _C.activations, "recomputed layer": _C.activations,
     "KV cache": _C.kv_cache, "KV cache append": _C.kv_cache,
@@ -201,7 +214,7 @@ ROW_CATEGORY: dict[str, Category] = {
     "lm_head LoRA output": _C.transients,
     "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead, "CUDA context": _C.overhead,
     # [zero] DeepSpeed ZeRO's own rows (planner/zero.py, docs/deepspeed.md)
-    "persistent parameters": _C.weights, "all-gather buffers": _C.transients, "fp32 master weights": _C.optimizer,
+    "persistent parameters": _C.weights, "fp32 master weights": _C.optimizer,
     "gradient partition": _C.gradients, "reduce buckets": _C.gradients, "bucket reduction copy": _C.transients,
     "unreduced gradient": _C.gradients, "fp32 gradient partition": _C.optimizer,
     "flattened gradient copy": _C.transients, "offload gradient staging buffer": _C.gradients,
@@ -270,6 +283,22 @@ def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_t
     walk.row("gradients", f"{count(n_train)} trainable x {pb} B{g_split} (in backward: those produced so far)")
     walk.row("DDP gradient buckets", "a second copy of the gradients (gradient_as_bucket_view=False)")
     walk.row("unsharded unit gradients", "one layer's gradients before reduce-scatter")
+    f = st.fsdp
+    if f is not None:
+        v = f"FSDP{f.version}"
+        outer = (f"the root unit (embeddings, final norm, lm_head) {human(f.tail.gathered)}" if f.version == 1 else
+                 f"the final norm and lm_head{' (and the tied embedding)' if f.tied else ''} {human(f.tail.gathered)} "
+                 "from their forward to their backward"
+                 + ("" if f.tied else f", the embedding {human(f.embed.gathered)} in its forward and backward"))
+        walk.row("gathered parameters", f"{v}: {outer}, + decoder layers x {human(f.layer.gathered)} unsharded in "
+                                        "param_dtype" + ("" if f.reshard else
+                                                         " (reshard_after_forward=False: every layer run so far)"))
+        walk.row("all-gather buffers", f"{v}: one layer's flat all-gather buffer {human(f.layer.ag_buffer)}, two while "
+                                       "the next layer is copied out in forward, one prefetched in backward")
+        walk.row("reduce-scatter buffers", f"{v}: the previous layer's reduce-scatter input {human(f.layer.rs_input)} "
+                                           "(reduce dtype), kept while the next layer runs backward; the root's at the end")
+        walk.row("unsharded root gradients", f"{v}: the gradients of the embedding (and of the head, when it is in "
+                                             "the same unit) unsharded until their unit's post-backward reduce-scatter")
     walk.row("optimizer step temporary", st.temp_formula + s_split)
     if st.zero is not None:  # [zero]
         _zero_rows(walk, job, st)
@@ -311,6 +340,41 @@ def _zero_rows(walk: _Walk, job: Job, st: _State) -> None:
                                          "(DeepSpeed's FusedAdam, --no-foreach: none)")
 
 
+def _fsdp_backward_layers(st: _State, static, acts_at, own: int, recompute: int, transients,
+                          casts: int, embed_lora: int, after_mlp: tuple[int, int]) -> list[tuple[str, dict[str, int]]]:
+    """FSDP: the backward of the layers where its buffers change (planner/fsdp.py `backward_layers`);
+    the saved activations go down linearly from the top layer's to the first's."""
+    f = st.fsdp
+    if f is None:
+        return []
+    out = []
+    L = f.layers
+    for i in f.backward_layers():
+        acts = acts_at(i)  # the saved tensors of layers 0..i (their checkpointed inputs), not its recomputation
+        below = max(acts - own, 0)  # once layer i's own are freed
+        # the start of its backward: every saved tensor (and the recomputed layer), its gradients not yet made
+        start = {**static, "activations": acts, "autocast weight copies": casts, "recomputed layer": recompute,
+                 **transients, "embedding LoRA activations": embed_lora,
+                 **f.rows(Moment.backward, layer=i, produced=False)}
+        out.append((f"backward of decoder layer {i} starting: its saved tensors and FSDP's buffers", start))
+        freed, attn = after_mlp
+        if f.mlp_grads:
+            # the MLP's backward done: its saved tensors freed, its gradients made, the attention's running
+            mid = {**start, "activations": max(acts - (0 if recompute else freed), 0),
+                   "recomputed layer": max(recompute - freed, 0) if recompute else 0,
+                   "backward transients": attn, "dequantized weight": 0,
+                   **f.rows(Moment.backward, layer=i, produced="mlp")}
+            out.append((f"backward of decoder layer {i}: its MLP's gradients beside the attention's backward", mid))
+        # its end: the layer's own saved tensors and transients are gone, its gradients made
+        end = {**static, "activations": below, "autocast weight copies": casts,
+               "embedding LoRA activations": embed_lora, **f.rows(Moment.backward, layer=i)}
+        out.append((f"backward of decoder layer {i} done: its unsharded gradients beside FSDP's buffers", end))
+        post = {**static, "activations": below, "autocast weight copies": casts,
+                "embedding LoRA activations": embed_lora, **f.rows(Moment.backward_post, layer=i)}
+        out.append((f"post-backward of decoder layer {i}: its gradients flattened for the reduce-scatter", post))
+    return out
+
+
 def _workspace_formula(ws: int, task: str) -> str:
     handles = overhead.cublas_handles(task)
     threads = "forward thread, autograd thread" if handles > 1 else "one thread"
@@ -348,6 +412,20 @@ def _outer_lora(job: Job, arch: ModelArch, targets: tuple[str, ...], ctx: act.Ct
     return embed, head, head_out
 
 
+def as_run(job: Job) -> Job:
+    """The job as its forward and backward compute it. FSDP mixed precision gathers fp32 sharded
+    weights (and adapters) in param_dtype, the compute dtype (planner/fsdp.py): the step is a 16-bit
+    model's, under autocast in accelerate's form, without it under an explicit policy."""
+    if not job.fsdp_mp:
+        return job
+    c = job.compute_dtype
+    # FSDP1 wraps each LoRA leaf as its own unit, so when peft casts a layer's input to
+    # `lora_A.weight.dtype` it reads the sharded fp32 view (the leaf is gathered in param_dtype only
+    # inside its own forward): the adapters' inputs are fp32, as over a 16-bit base (traced)
+    adapters = (job.lora_dtype if job.fsdp_version == 1 else c) if job.uses_lora else None
+    return job.model_copy(update={"weight_dtype": c, "adapter_dtype": adapters, "autocast": job.runs_autocast})
+
+
 def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     params = count_params(arch, stack)
     targets = stack.lora_targets(job, arch) if job.uses_lora else ()
@@ -382,8 +460,12 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                      "has no effect there, so every layer's activations are kept (docs/stacks/transformers.md)")
     # LoRA on the embedding: gradients flow into the first layer's input
     grad_in_first = job.method == "full" or ckpt or embedding_module(arch) in targets
-    ctx = act.make_ctx(job, arch, targets, stack, grad_in=True)
-    ctx0 = act.make_ctx(job, arch, targets, stack, grad_in=grad_in_first)
+    # what the forward and backward compute in: under FSDP mixed precision the gathered parameters
+    # (adapters included) are in param_dtype, so the step runs as a 16-bit model would, with
+    # accelerate's autocast around it or none (an explicit policy)
+    run = as_run(job)
+    ctx = act.make_ctx(run, arch, targets, stack, grad_in=True)
+    ctx0 = act.make_ctx(run, arch, targets, stack, grad_in=grad_in_first)
     layer_tensors = stack.layer_saved(arch, ctx)
     layer = _sum(layer_tensors)
     layer0 = _sum(stack.layer_saved(arch, ctx0))
@@ -415,7 +497,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
                       f"saved tensors (forward) and {offload.BACKWARD_NODES} nodes' tensors more (backward), "
                       f"the largest {human(largest)}")
     walk.row("activations", a_formula)
-    casts = autocast_weight_copies(job, arch, params)
+    casts = autocast_weight_copies(run, arch, params)
     # a checkpointed forward over frozen weights keeps only the head's cast (lm_head runs outside
     # the checkpointed layers); autocast's cache keeps every trainable weight's (training.py)
     casts_fwd = casts
@@ -438,7 +520,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         loss = liger.fused_linear_cross_entropy(arch, t, ctx.stream_bytes, ab, trainable_bytes_per_param(job),
                                                 head_trains=job.method == "full")
     else:
-        loss = stack.loss(job, arch, t, ab)
+        loss = stack.loss(run, arch, t, ab)
     logits_fwd, logits_bwd = loss.forward, loss.backward
     walk.row("logits and loss", loss.formula)
     walk.row("logits held by the loop", "the training loop still references the logits through backward and the step")
@@ -462,54 +544,83 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         return st.grads_share(stack.gradients_held(job, produced, st.g_largest))
     static = {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters,
               "optimizer states": st.gpu_states, "cuBLAS workspaces": ws, "logits held by the loop": loss.held}
-    live = {**static, **st.shard_rows(Moment.forward)}
+    def at(moment: Moment, rows: dict[str, int]) -> dict[str, int]:
+        """`rows` with the sharding strategy's own at `moment` (FSDP also replaces the gradients)."""
+        return {**rows, **st.shard_rows(moment)}
     embed_lora, head_lora, head_out = _outer_lora(job, arch, targets, ctx)
     walk.row("embedding LoRA activations", f"F.embedding(ids, lora_embedding_A.T): {count(t)} tokens x r={job.lora_rank}, "
                                            "kept by the product with lora_embedding_B")
     walk.row("lm_head LoRA activations", "the head's lora_A input (its cast of the final norm's output) and lora_A's output")
     walk.row("lm_head LoRA output", f"the head's lora_B output and its scaled copy, {count(t)} tokens x {arch.vocab:,} vocab, "
                                     "beside the base logits")
-    held = {"activations": kept, "autocast weight copies": casts_fwd,
+    held = {**static, "activations": kept, "autocast weight copies": casts_fwd,
             "embedding LoRA activations": embed_lora, "lm_head LoRA activations": head_lora}
     walk.phase(LOAD, ("weights and adapters",
                       {"weights": st.gpu_weights, "buffers": st.buffers, "adapters": st.gpu_adapters}))
-    walk.phase(FWD,
-               ("states + saved activations + the head's logits and loss",
-                {**live, **held, "autocast lm_head copy": head_copy, "logits and loss": logits_fwd}),
-               ("states + saved activations + one layer's attention transients",
-                {**live, **held, "layer forward transients": fwd_layer}),
-               ("states + saved activations + the head's vocab-wide LoRA output",
-                {**live, **held, "lm_head LoRA output": head_out}),
-               ("states + saved activations + one DoRA linear's weight norm",
-                {**live, **held, "DoRA weight-norm transients": dora_fwd}))
+    fwd_moments = [
+        ("states + saved activations + the head's logits and loss",
+         at(Moment.forward_head, {**held, "autocast lm_head copy": head_copy, "logits and loss": logits_fwd})),
+        ("states + saved activations + one layer's attention transients",
+         at(Moment.forward, {**held, "layer forward transients": fwd_layer})),
+        ("states + saved activations + the head's vocab-wide LoRA output",
+         at(Moment.forward_head, {**held, "lm_head LoRA output": head_out})),
+        ("states + saved activations + one DoRA linear's weight norm",
+         at(Moment.forward, {**held, "DoRA weight-norm transients": dora_fwd}))]
+    if st.fsdp is not None:
+        # the last layer's own saved tensors do not exist yet when its parameters are copied out
+        before_last = {**held, "activations": max(kept - (act.checkpoint_saved(arch, ctx) if ckpt else layer), 0)}
+        fwd_moments.append(("states + saved activations + the last layer's all-gather copied out",
+                            at(Moment.forward_copy_out, before_last)))
+        fwd_moments.append(("states + saved activations + the head's all-gather copied out",
+                            at(Moment.forward_tail_copy_out, held)))
+    walk.phase(FWD, *fwd_moments)
     walk.phase(LOSS, ("states + saved activations + the loss's backward (its saved tensors and gradients)",
-                      {**static, **st.shard_rows(Moment.loss), "activations": kept, "autocast weight copies": casts_bwd,
-                       "autocast lm_head copy": head_copy, "logits and loss": logits_bwd,
-                       "embedding LoRA activations": embed_lora, "lm_head LoRA activations": head_lora}))
-    transients = {"backward transients": trans, "dequantized weight": dequant, **st.shard_rows(Moment.backward)}
+                      at(Moment.loss, {**static, "activations": kept, "autocast weight copies": casts_bwd,
+                                       "autocast lm_head copy": head_copy, "logits and loss": logits_bwd,
+                                       "embedding LoRA activations": embed_lora, "lm_head LoRA activations": head_lora})))
+    transients = {"backward transients": trans, "dequantized weight": dequant}
     bottom_acts = layer0 + act.checkpoint_saved(arch, ctx) if ckpt else layer0
     if bottom_extra is not None:
         bottom_acts = min(bottom_acts, bottom_extra)
-    walk.phase(BWD,
-               ("top of backward: every activation, the last layer recomputed, head and layer gradients",
-                {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
-                 "gradients": g_share(st.g_head + st.g_layer), **transients, "embedding LoRA activations": embed_lora}),
-               ("top of backward: the last layer recomputed, one DoRA linear's weight norm",
-                {**live, "activations": kept_bwd, "autocast weight copies": casts_bwd, "recomputed layer": recompute,
-                 "gradients": g_share(st.g_head + st.g_layer),
-                 # the recomputation runs once the layer's output gradient has arrived
-                 "DoRA weight-norm transients": act.dora_recompute_transient(ctx) + 2 * t * arch.hidden * ctx.stream_bytes
-                 if ckpt and ctx.dora else 0,
-                 "embedding LoRA activations": embed_lora}),
-               ("bottom of backward: the first layer's activations beside nearly every gradient",
-                {**live, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late), **transients,
-                 "embedding LoRA activations": embed_lora}),
-               ("end of backward: every gradient, the embedding's last",
-                {**static, "gradients": g_share(st.g_all), "tied embedding gradient sum": g_share(st.g_tied_accum),
-                 "embedding input gradient": t * arch.hidden * ab, **st.shard_rows(Moment.backward_end)}))
+    # FSDP's per-layer walk: what layers 0..i saved (a checkpointed layer: its input), the shared
+    # tensors (rotary tables, the final norm's) until the last layer's backward; `own` is layer i's share
+    own = act.checkpoint_saved(arch, ctx) if ckpt else layer
+
+    def acts_at(i: int) -> int:
+        if job.activation_offloading:
+            return bottom_acts + (kept_bwd - bottom_acts) * i // max(arch.layers - 1, 1)
+        base = own * (i + 1) if ckpt else layer0 + layer * i
+        return base + (shared if i == arch.layers - 1 else 0)
+    bwd_moments = [
+        ("top of backward: every activation, the last layer recomputed, head and layer gradients",
+         at(Moment.backward_top, {**static, "activations": kept_bwd, "autocast weight copies": casts_bwd,
+                                  "recomputed layer": recompute, "gradients": g_share(st.g_head + st.g_layer),
+                                  **transients, "embedding LoRA activations": embed_lora})),
+        ("top of backward: the last layer recomputed, one DoRA linear's weight norm",
+         at(Moment.backward_top, {**static, "activations": kept_bwd, "autocast weight copies": casts_bwd,
+                                  "recomputed layer": recompute, "gradients": g_share(st.g_head + st.g_layer),
+                                  # the recomputation runs once the layer's output gradient has arrived
+                                  "DoRA weight-norm transients": act.dora_recompute_transient(ctx)
+                                  + 2 * t * arch.hidden * ctx.stream_bytes if ckpt and ctx.dora else 0,
+                                  "embedding LoRA activations": embed_lora})),
+        ("bottom of backward: the first layer's activations beside nearly every gradient",
+         at(Moment.backward, {**static, "activations": bottom_acts, "gradients": g_share(st.g_all - st.g_embed_late),
+                              **transients, "embedding LoRA activations": embed_lora})),
+        *_fsdp_backward_layers(st, static, acts_at, own, recompute, transients, casts_bwd, embed_lora,
+                               act.attention_backward_after_mlp(arch, ctx, layer_tensors)),
+        ("end of backward: every gradient, the embedding's last",
+         at(Moment.backward_end, {**static, "gradients": g_share(st.g_all),
+                                  "tied embedding gradient sum": g_share(st.g_tied_accum),
+                                  "embedding input gradient": t * arch.hidden * ab}))]
+    if st.fsdp is not None:
+        # FSDP walks the layers itself (`_fsdp_backward_layers`); the DoRA and end moments stay
+        bwd_moments = [m for m in bwd_moments if not m[0].startswith(("top of backward", "bottom of backward"))]
+        bwd_moments.append(("end of backward: the root unit's gradients reduce-scattered",
+                            at(Moment.backward_root, dict(static))))
+    walk.phase(BWD, *bwd_moments)
     walk.phase(OPT, ("states + gradients + update temporaries",
-                     {**static, "gradients": st.grads_share(stack.gradients_held(job, st.g_all, 0)),
-                      "optimizer step temporary": st.gpu_temp, **st.shard_rows(Moment.optimizer)}))
+                     at(Moment.optimizer, {**static, "gradients": st.grads_share(stack.gradients_held(job, st.g_all, 0)),
+                                           "optimizer step temporary": st.gpu_temp})))
     if ctx.attention is Kernel.math_fp32 and not arch.sdpa_always_math and job.attention == "sdpa" and not stack.cpu:
         notes.append("fp32 attention on a grouped-query model runs SDPA's math kernel on CUDA (transformers passes "
                      "enable_gqa, which only the 16-bit kernels take): the scores are materialised, quadratic in the "

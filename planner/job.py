@@ -192,12 +192,13 @@ class Job(BaseModel):
                 f"--fsdp-mixed-precision {self.fsdp_mixed_precision} applies to FSDP sharding over fp32 weights with "
                 "16-bit compute (--weight-dtype fp32 --compute-dtype bf16|fp16 --sharding fsdp_*): drop it"
             )
-        if self.fsdp_mixed_precision == "policy" and self.autocast:
+        if fsdp and self.num_gpus > 1 and self.autocast is not None:
             raise MemplanInputError(
-                "--fsdp-mixed-precision policy runs the forward in the policy's param_dtype, without autocast: "
-                "drop --autocast, or use --fsdp-mixed-precision accelerate"
+                f"--{'no-' if not self.autocast else ''}autocast is not read under FSDP: its mixed precision is FSDP's "
+                "own (--weight-dtype fp32 with a 16-bit --compute-dtype; --fsdp-mixed-precision accelerate autocasts "
+                "FSDP1's forward as accelerate does, policy does not): drop it"
             )
-        if self.autocast is False and self.mixed_precision and not self.fsdp_policy:
+        if self.autocast is False and self.mixed_precision:
             raise MemplanInputError(
                 f"fp32 weights with {self.compute_dtype.value} compute run under autocast: drop autocast=False, "
                 "or use compute dtype fp32"
@@ -341,7 +342,11 @@ class Job(BaseModel):
     def runs_autocast(self) -> bool:
         if self.autocast is not None:
             return self.autocast
-        return self.task == "train" and self.mixed_precision and not self.fsdp_policy
+        if self.fsdp_mp:
+            # accelerate wraps the forward in autocast in `prepare_model`, which FSDP1 models go
+            # through and FSDP2 models do not (`_prepare_fsdp2`); an explicit policy runs without it
+            return self.fsdp_mixed_precision == "accelerate" and self.fsdp_version == 1
+        return self.task == "train" and self.mixed_precision
 
     @property
     def checkpointing(self) -> bool:
@@ -369,4 +374,6 @@ class Job(BaseModel):
 
     @property
     def kbit_upcast(self) -> bool:
-        return self.uses_lora and self.quantized and self.kbit_prepare
+        from .stacks import get
+
+        return self.uses_lora and self.quantized and get(self.stack).kbit_prepares(self)

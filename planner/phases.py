@@ -38,3 +38,20 @@ def measured_view(phases: dict[str, int]) -> dict[str, int]:
         PhaseName.backward.value: max(phases[PhaseName.loss_backward.value], phases[PhaseName.backward.value]),
         PhaseName.optimizer_step.value: phases[PhaseName.optimizer_step.value],
     }
+
+
+class Moment(Enum):
+    """The moments of the training walk at which a sharding strategy adds buffers of its own
+    (planner/fsdp.py, planner/zero.py); `shard_rows(moment)` gives its rows then."""
+
+    forward = "forward"  # inside a decoder layer's forward
+    forward_copy_out = "forward_copy_out"  # the last layer's all-gather copied out (FSDP2)
+    forward_tail_copy_out = "forward_tail_copy_out"  # the final norm and head's all-gather copied out (FSDP2)
+    forward_head = "forward_head"  # the head and the loss, inside the model's forward
+    loss = "loss"  # the loss's backward
+    backward_top = "backward_top"  # the last decoder layer's backward
+    backward = "backward"  # the first decoder layer's backward (the bottom)
+    backward_post = "backward_post"  # a layer's post-backward: its gradients flattened for the reduce-scatter (FSDP)
+    backward_end = "backward_end"  # the embedding's backward, every gradient produced
+    backward_root = "backward_root"  # the root unit's gradients reduced, after the embedding's backward
+    optimizer = "optimizer"

@@ -198,12 +198,12 @@ def test_library_raises_memplan_input_error_with_the_cli_message(fields, cli):
 def test_trace_takes_every_job_option_estimate_does():
     import typer.main
 
-    from memplan.cli import JOB_OPTIONS, PARALLEL_OPTIONS, app
+    from memplan.cli import JOB_OPTIONS, app
 
     commands = typer.main.get_command(app).commands
     names = {c: {p.name for p in commands[c].params} for c in ("estimate", "trace")}
     assert set(JOB_OPTIONS) <= names["estimate"]
-    assert names["trace"] == names["estimate"] - set(PARALLEL_OPTIONS) - {"explain"}
+    assert names["trace"] == names["estimate"] - {"explain"} | {"detail"}
     for c in ("estimate", "trace", "fit", "recommend"):
         assert "revision" in {p.name for p in commands[c].params}
 

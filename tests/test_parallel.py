@@ -30,22 +30,6 @@ def test_zero3_optimizer_step_by_hand():
     assert _phase(est, "optimizer step") == by_hand == 21_282_356_224
 
 
-def test_fsdp_gathered_units_by_hand():
-    est = estimate("llama-2-7b", method="full", num_gpus=8, sharding="fsdp_full")
-    root = (32000 * 4096 * 2 + 4096) * 2  # embeddings, lm_head, final norm in bf16
-    layer = (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) * 2
-    assert est.component("gathered parameters").bytes == root + 2 * layer
-
-
-@pytest.mark.parametrize("sharding, divided", [("fsdp_grad_op", {"optimizer states", "gradients"})])
-def test_what_each_stage_divides(sharding, divided):
-    one = estimate("llama-2-7b", method="full")
-    four = estimate("llama-2-7b", method="full", num_gpus=4, sharding=sharding)
-    for name in ("optimizer states", "gradients", "weights"):
-        expected = math.ceil(one.component(name).bytes / 4) if name in divided else one.component(name).bytes
-        assert four.component(name).bytes == expected, name
-
-
 @pytest.mark.parametrize("sharding", ["zero1", "zero2", "zero3"])
 def test_what_each_zero_stage_divides(sharding):
     """DeepSpeed keeps fp32 Adam states (8 B) and an fp32 master (4 B) of 1/N of the trainable
@@ -90,13 +74,6 @@ def test_ddp_replicas_hold_everything_plus_buckets():
     assert ddp.component("DDP gradient buckets").bytes == one.component("gradients").bytes
 
 
-def test_qlora_with_fsdp_shards_the_quantized_base():
-    one = estimate("llama-2-70b", method="qlora")
-    fsdp = estimate("llama-2-70b", method="qlora", num_gpus=2, sharding="fsdp_full")
-    assert fsdp.component("weights").bytes == math.ceil(one.component("weights").bytes / 2)
-    assert fsdp.peak_allocated_bytes < one.peak_allocated_bytes
-
-
 def test_bad_parallel_input():
     with pytest.raises((MemplanInputError, ValidationError), match="offload"):
         estimate("phi-2", cpu_offload=True)
@@ -126,35 +103,17 @@ def test_more_shards_never_need_more_per_gpu(model, method, sharding, n, extra, 
         est = estimate_memory(job, arch)
         return est.peak_allocated_bytes, est.device_used_bytes
 
-    # DeepSpeed pads to the world size: ZeRO-1/2's replicated flat bf16 buffer to 2N elements, ZeRO-3's
-    # all-gather buffers to N per parameter (docs/deepspeed.md), so more ranks can add a few KiB
-    pad = 64 * 2**10 if sharding.startswith("zero") else 0
     more, fewer = peak(n + extra), peak(n)
-    assert more[0] <= fewer[0] + pad and more[1] <= fewer[1] + pad + pad // 4
-
-
-def test_two_gpus_can_need_more_than_one():
-    """QLoRA Llama-3-8B under FSDP full sharding, by hand. Root unit: embeddings + lm_head 2 x 128,256 x 4,096
-    + final norm 4,096 = 1,050,677,248 params, fp32 after prepare_model_for_kbit_training:
-    4,202,708,992 B. Each decoder layer's share of the rest of the weights, plus its adapters
-    (6,815,744 trainable x 4 B / 32 layers = 851,968 B), is gathered twice (current + prefetched).
-    On 2 GPUs sharding saves half the weights and adapters; the gathered bytes are more than that."""
-    arch = load_model("llama-3-8b")
-
-    def est(n):
-        return estimate_memory(Job(model="llama-3-8b", method="qlora", sharding="fsdp_full", num_gpus=n, seq_len=256), arch)
-
-    one, two, three = est(1), est(2), est(3)
-    w, a = one.component("weights").bytes, one.component("adapters").bytes
-    assert a == 6_815_744 * 4
-    root = (2 * 128_256 * 4_096 + 4_096) * 4
-    assert root == 4_202_708_992
-    gathered = root + 2 * ((w - root) // 32 + a // 32)
-    assert two.component("gathered parameters").bytes == gathered
-    saved = (w - -(-w // 2)) + (a - -(-a // 2))
-    assert gathered > saved
-    assert two.peak_allocated_bytes > one.peak_allocated_bytes
-    assert any("gathers nothing" in n for n in two.notes)
-    assert three.peak_allocated_bytes < two.peak_allocated_bytes
-    assert not any("gathers nothing" in n for n in estimate_memory(
-        Job(model="llama-2-7b", method="full", sharding="fsdp_full", num_gpus=2), load_model("llama-2-7b")).notes)
+    if sharding.startswith("fsdp"):
+        # FSDP2 pads every tensor to a multiple of the world size along dim 0 (planner/fsdp.py), so
+        # the gathered units grow by up to world - 1 rows per tensor: under 2% for these dense models
+        # (a fused expert stack, 8 rows, pads to the world size: test_fsdp.py)
+        if model != "mixtral-8x7b":
+            assert all(m <= f * 1.02 for m, f in zip(more, fewer))
+    elif sharding.startswith("zero"):
+        # DeepSpeed pads to the world size: ZeRO-1/2's replicated flat bf16 buffer to 2N elements, ZeRO-3's
+        # all-gather buffers to N per parameter (docs/deepspeed.md), so more ranks can add a few KiB
+        pad = 64 * 2**10
+        assert more[0] <= fewer[0] + pad and more[1] <= fewer[1] + pad + pad // 4
+    else:
+        assert more <= fewer

@@ -84,4 +84,48 @@ def quick_matrix() -> list[Job]:
     ]
 
 
-MATRICES = {"default": default_matrix, "holdout": holdout_matrix, "inference": inference_matrix, "quick": quick_matrix}
+def sharded_matrix() -> list[Job]:
+    """Jobs for rank 0 of a sharded run on one 80 GB-class GPU (`memplan validate --num-gpus N
+    --sharding fsdp_*` gives them their sharding): full fine-tuning and LoRA of 7B-8B models, pure
+    bf16 and fp32 weights under bf16 mixed precision, with and without checkpointing."""
+    return [
+        Job(model="llama-2-7b", method="full", micro_batch=1, seq_len=512),
+        Job(model="llama-2-7b", method="full", micro_batch=2, seq_len=1024, gradient_checkpointing=True),
+        Job(model="llama-2-7b", method="lora", micro_batch=2, seq_len=1024),
+        Job(model="llama-2-7b", method="full", weight_dtype="fp32", compute_dtype="bf16", micro_batch=1, seq_len=512),
+        Job(model="mistral-7b", method="full", micro_batch=2, seq_len=1024, gradient_checkpointing=True),
+        Job(model="llama-3-8b", method="full", micro_batch=1, seq_len=1024),
+    ]
+
+
+def sharded_quick_matrix() -> list[Job]:
+    """Tiny models for a sharded dry run on the CPU (`memplan validate --device cpu --num-gpus N ...`)."""
+    tiny = str(TINY_DIR / "tiny-llama.json")
+    return [
+        Job(model=tiny, method="full", micro_batch=1, seq_len=64),
+        Job(model=tiny, method="lora", micro_batch=1, seq_len=64),
+        Job(model=tiny, method="full", weight_dtype="fp32", compute_dtype="bf16", micro_batch=1, seq_len=64),
+    ]
+
+
+def shard(jobs: list[Job], **sharding) -> list[Job]:
+    """The jobs with `sharding` (num_gpus, sharding, fsdp_version, fsdp_mixed_precision, gpus_per_node)
+    applied; fsdp_mixed_precision only where the job is mixed precision (it reads it nowhere else). A job
+    the sharded step cannot run (validate/sharded.py refusal) is left out."""
+    from memplan.profiles import load_model
+
+    from .sharded import refusal
+
+    out = []
+    for job in jobs:
+        fields = {**job.model_dump(exclude_defaults=True), **sharding}
+        if not job.mixed_precision:
+            fields.pop("fsdp_mixed_precision", None)
+        sharded = Job(**fields)
+        if refusal(sharded, load_model(sharded.model)) is None:
+            out.append(sharded)
+    return out
+
+
+MATRICES = {"default": default_matrix, "holdout": holdout_matrix, "inference": inference_matrix, "quick": quick_matrix,
+            "sharded": sharded_matrix, "sharded-quick": sharded_quick_matrix}

@@ -72,8 +72,10 @@ class _CpuMeter:
 
 
 def _model_tensors(model):
+    from .tracker import local
+
     for p in model.parameters():
-        yield p
+        yield local(p)  # a sharded (FSDP2 DTensor) parameter: this rank's shard
         qs = getattr(p, "quant_state", None)
         for t in _quant_state_tensors(qs):
             yield t
@@ -120,11 +122,27 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         result.cuda_context_bytes = sampler.used() - baseline
     meter = _CpuMeter(capacity) if device == "cpu" else None
     arch = load_model(job.model)
+    group = contextlib.ExitStack()
+    if is_sharded(job):
+        # rank 0 of the job through torch.distributed's fake backend: real allocations on this one
+        # device, every collective a no-op (validate/sharded.py)
+        from .sharded import fake_process_group
+
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        group.enter_context(fake_process_group(job.num_gpus))
     phase_peaks = result.phase_peak_allocated_bytes
     peaks = {"reserved": 0}
     step_times: list[float] = []
     try:
-        model = build(job, arch, device)
+        if is_sharded(job):
+            from .sharded import build_sharded, init_weights
+
+            model, _ = build_sharded(job, arch, device, init=init_weights)
+            if device == "cuda":
+                torch.cuda.empty_cache()  # FSDP1 wraps a model built whole on the device: hand its memory back
+        else:
+            model = build(job, arch, device)
         result.model_bytes = torch.cuda.memory_allocated() if device == "cuda" else model_bytes(model)
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len), device=device)
         opt, one_step = (_training_step if job.task == "train" else _generation)(job, model, ids, device)
@@ -164,6 +182,7 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
     except Exception as exc:  # recorded, so one broken job does not stop the matrix
         result.status = "error"
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    group.close()
     if device == "cuda":
         # phases reset the peak as they end; what is left covers a phase cut short by an error
         result.peak_allocated_bytes = max([torch.cuda.max_memory_allocated(), *phase_peaks.values()])
@@ -175,16 +194,23 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
     return result
 
 
+def is_sharded(job: Job) -> bool:
+    """A sharded training job: measured as its rank 0 (validate/sharded.py)."""
+    return job.task == "train" and job.num_gpus > 1 and job.sharding.startswith("fsdp")
+
+
 def _training_step(job: Job, model, ids, device: str):
     """The optimizer, and one training step that yields each phase's name as it ends."""
     from .step import PHASES, forward_context, make_optimizer, run_phase
 
     opt = make_optimizer(job, [p for p in model.parameters() if p.requires_grad])
     state: dict = {}
+    # a sharded model carries its own autocast in its forward, as accelerate wraps it (sharded.py)
+    autocast = (lambda: contextlib.nullcontext()) if is_sharded(job) else (lambda: forward_context(job, device))
 
     def one_step():
         for phase in PHASES:
-            with forward_context(job, device) if phase == "forward" else contextlib.nullcontext():
+            with autocast() if phase == "forward" else contextlib.nullcontext():
                 run_phase(phase, model, opt, ids, state)
             yield phase
 

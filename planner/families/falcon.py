@@ -20,8 +20,8 @@ def _parse(r, name, mt) -> ModelArch:
     ffn = r.int("ffn_hidden_size", default=4 * h)
     sub = "Linear subclass"  # FalconLinear
     linears = (
-        LinearSpec(name="query_key_value", d_in=h, d_out=(heads + 2 * kv) * hd, bias=bias, module=sub),
-        LinearSpec(name="dense", d_in=h, d_out=h, bias=bias, module=sub),
+        LinearSpec(name="query_key_value", d_in=h, d_out=(heads + 2 * kv) * hd, bias=bias, module=sub, part="attention"),
+        LinearSpec(name="dense", d_in=h, d_out=h, bias=bias, module=sub, part="attention"),
         LinearSpec(name="dense_h_to_4h", d_in=h, d_out=ffn, bias=bias, module=sub),
         LinearSpec(name="dense_4h_to_h", d_in=ffn, d_out=h, bias=bias, module=sub),
     )

@@ -133,6 +133,12 @@ class Stack:
 
         return optimizer_step_temporary(job, n_train, largest)
 
+    def step_counter_bytes(self, job: "Job") -> int:
+        """Bytes per trainable tensor of AdamW's `step` counter. torch keeps it as a 0-d fp32 tensor
+        on the CPU unless fused or capturable (optim/adamw.py `_init_group`: `torch.tensor(0.0)`):
+        nothing on the GPU, but one 512-byte block each in the CPU trace."""
+        return 512 if self.cpu and job.optimizer == "adamw" else 0
+
     def gradients_held(self, job: "Job", produced: int, in_flight: int) -> int:
         """Gradient bytes live once `produced` bytes of gradients have been produced; `in_flight`
         is the largest single gradient that may still be awaiting its update (0 once backward is
@@ -149,10 +155,24 @@ class Stack:
 
     def default_adapter_dtype(self, job: "Job") -> "DType":
         """peft's get_peft_model(autocast_adapter_dtype=True) (peft tuners_utils.py
-        `_cast_adapter_dtype`): fp16/bf16 adapters are upcast to fp32."""
+        `_cast_adapter_dtype`): fp16/bf16 adapters are upcast to fp32; sharded QLoRA passes
+        autocast_adapter_dtype=False (see `sharded_qlora`): the model's dtype."""
         from ..dtypes import DType
 
-        return DType.fp32
+        return job.compute_dtype if self.sharded_qlora(job) else DType.fp32
+
+    def sharded_qlora(self, job: "Job") -> bool:
+        """QLoRA under FSDP as TRL runs it (trl 0.24 models/utils.py `prepare_peft_model`): the
+        4-bit weights are stored in the model's dtype (`bnb_4bit_quant_storage`, so FSDP can
+        shard them) and still on cpu/meta when the trainer sees them (`is_sharded_qlora`), so
+        prepare_model_for_kbit_training is skipped (no fp32 upcast) and the adapters are made
+        with autocast_adapter_dtype=False."""
+        return job.quantized and job.uses_lora and job.fsdp
+
+    def kbit_prepares(self, job: "Job") -> bool:
+        """Whether prepare_model_for_kbit_training runs (its fp32 upcast of every non-4/8-bit
+        parameter): as the job says, except for sharded QLoRA, where TRL skips it."""
+        return job.kbit_prepare and not self.sharded_qlora(job)
 
     # --- activations ---------------------------------------------------------------------------
     def checkpoints(self, arch: "ModelArch") -> bool:
