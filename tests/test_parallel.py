@@ -1,7 +1,6 @@
 """Sharding: hand formulas for ZeRO-3 and FSDP, and per-GPU memory never growing with more GPUs.
 ZeRO's own derivations (DeepSpeed's source, by hand) are in tests/test_zero.py."""
 
-import math
 
 import pytest
 from hypothesis import given
