@@ -17,7 +17,6 @@ Gradients go through fixed-size reduce ("ipg") buckets into a per-rank gradient 
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
