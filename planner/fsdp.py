@@ -278,16 +278,6 @@ class FsdpRank:
         hsdp = job.sharding == "fsdp_hybrid" and job.num_gpus > world
         casts = rbytes is not None and any(rbytes != p.nbytes for p in lp if p.trains)
         self.held_all_reduce = self.layer.rs_output if hsdp and v == 2 and casts else 0
-        # FSDP1 reshards a unit with no trainable parameter by a hook on its inputs' gradients
-        # (`_register_post_backward_reshard_only_hook`): the root's inputs (token ids) and, without
-        # checkpointing, the first layer's (a frozen embedding's output) never get one, so both stay
-        # unsharded after the backward, through the optimizer step, until the next forward (traced)
-        self.kept_after_backward = 0
-        if v == 1:
-            if not self.tail.trainable_shard:
-                self.kept_after_backward += self.tail.gathered
-            if not self.layer.trainable_shard and not job.checkpointing:
-                self.kept_after_backward += self.layer.gathered
 
     def _kept(self, sharded_grads: int) -> int:
         """Sharded gradients on the GPU: none under CPU offload (copied to host as they are reduced)."""
@@ -410,16 +400,15 @@ class FsdpRank:
             return self._rows(gathered=root.gathered + units * lay.gathered, unit_grads=lay.grads,
                               rs=lay.grad_cast + lay.rs_output, outer_grads=head,
                               grads=(L - 1 - i) * lay.sharded_grads)
-        kept = self.kept_after_backward
         if moment is Moment.backward_end:
             # the root's per-view gradients concatenated into its flat gradient
-            return self._rows(gathered=max(root.gathered, kept), outer_grads=head + self.embed_grads + root.grads,
+            return self._rows(gathered=root.gathered, outer_grads=head + self.embed_grads + root.grads,
                               grads=L * lay.sharded_grads)
         if moment is Moment.backward_root:  # its post-backward: resharded, cast, reduce-scattered
-            return self._rows(gathered=kept, rs=root.grad_cast + root.rs_output, outer_grads=root.grads,
+            return self._rows(rs=root.grad_cast + root.rs_output, outer_grads=root.grads,
                               grads=L * lay.sharded_grads)
         if moment is Moment.optimizer:
-            return self._rows(gathered=kept, grads=self.grads)
+            return self._rows(grads=self.grads)
         return {}
 
 
