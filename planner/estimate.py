@@ -69,13 +69,6 @@ def _sum(saved: dict[str, int]) -> int:
     return sum(saved.values())
 
 
-# planner/zero.py names the walk's moments coarser than FSDP does
-ZERO_MOMENT = {Moment.forward: "forward", Moment.forward_copy_out: "forward", Moment.forward_tail_copy_out: "forward",
-               Moment.forward_head: "forward", Moment.loss: "loss", Moment.backward_top: "backward",
-               Moment.backward: "backward", Moment.backward_post: "backward", Moment.backward_end: "backward_end",
-               Moment.backward_root: "backward_end", Moment.optimizer: "optimizer"}
-
-
 class _State:
     """Per-GPU bytes of the step-long state, after sharding and offload."""
 
@@ -167,14 +160,13 @@ class _State:
 
     def shard_rows(self, moment: "Moment") -> dict[str, int]:
         """The sharding strategy's own buffers live at `moment` of the walk (row name -> bytes)."""
-        if self.fsdp is not None:
-            return self.fsdp.rows(moment)
         if self.zero is not None:  # [zero] planner/zero.py; "gradients" and the step temporary are ZeRO's own
-            z = self.zero
-            rows = {"fp32 master weights": z.master, **z.static_rows, **z.moment_rows[ZERO_MOMENT[moment]]}
+            rows = self.zero.rows_at(moment.value)
             if moment is Moment.optimizer:
                 rows = {"gradients": 0, "optimizer step temporary": 0, **rows}
             return rows
+        if self.fsdp is not None:
+            return self.fsdp.rows(moment)
         in_pass = moment not in (Moment.backward_end, Moment.backward_root, Moment.optimizer)
         rows = {"gathered parameters": self.gathered} if in_pass else {}
         if moment in (Moment.backward_top, Moment.backward):
@@ -223,7 +215,7 @@ ROW_CATEGORY: dict[str, Category] = {
     "lm_head LoRA output": _C.transients,
     "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead, "CUDA context": _C.overhead,
     # [zero] DeepSpeed ZeRO's own rows (planner/zero.py, docs/deepspeed.md)
-    "persistent parameters": _C.weights, "all-gather buffers": _C.transients, "fp32 master weights": _C.optimizer,
+    "persistent parameters": _C.weights, "fp32 master weights": _C.optimizer,
     "gradient partition": _C.gradients, "reduce buckets": _C.gradients, "bucket reduction copy": _C.transients,
     "unreduced gradient": _C.gradients, "fp32 gradient partition": _C.optimizer,
     "flattened gradient copy": _C.transients, "offload gradient staging buffer": _C.gradients,

@@ -17,7 +17,6 @@ Gradients go through fixed-size reduce ("ipg") buckets into a per-rank gradient 
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -553,6 +552,18 @@ class ZeroRank:
     host_rows: dict[str, int] = field(default_factory=dict)
     full_grads: bool = False  # ZeRO-1 without overlap_comm: whole 16-bit gradients through backward
     formulas: dict[str, str] = field(default_factory=dict)
+
+    def rows_at(self, moment: str) -> dict[str, int]:
+        """The rows live at a moment of the estimate's walk (planner/phases.py `Moment`'s values): the
+        fp32 master and what lives from init, and the moment's own (a moment ZeRO does not tell apart
+        takes the one it falls in: the head's forward the forward's end, a layer's backward the backward)."""
+        mine = _MOMENTS.get(moment, moment)
+        return {"fp32 master weights": self.master, **self.static_rows, **self.moment_rows.get(mine, {})}
+
+
+# the walk's moments (planner/phases.py Moment) -> the ones this model tells apart
+_MOMENTS = {"forward_copy_out": "forward", "forward_tail_copy_out": "forward", "forward_head": "loss",
+            "backward_top": "backward", "backward_post": "backward", "backward_root": "backward_end"}
 
 
 def per_rank(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "Stack", n_train: int,

@@ -195,6 +195,15 @@ def test_layout_counts_every_parameter(name):
     job = Job(model=name, method="full")
     lay = layout(job, arch, (), get(job.stack))
     assert sum(q.numel for q in lay.params) == count_params(arch).total
+    # LoRA (all linears, DoRA): the trainable tensors are peft's adapters, as planner/params.py counts them
+    from memplan.training import trainable_params
+
+    lora = Job(model=name, method="lora", lora_targets="all-linear", dora=True)
+    stack = get(lora.stack)
+    targets = stack.lora_targets(lora, arch)
+    lay = layout(lora, arch, targets, stack)
+    assert sum(q.numel for q in lay.params if q.trainable) == trainable_params(lora, arch, count_params(arch, stack),
+                                                                             targets)
 
 
 def test_lora_adapters_are_persistent():
