@@ -266,6 +266,11 @@ class _Walk:
 def _state_rows(walk: _Walk, job: Job, arch: ModelArch, st: _State, targets, n_train: int) -> None:
     plan = st.plan
     split = f" / {plan.params_div} ({plan.describe})" if plan.params_div > 1 else ""
+    if st.fsdp is not None:
+        # FSDP shards every tensor (FSDP2: by rows, each padded to the world size) or each unit's flat
+        # parameter (FSDP1): not the total / N
+        split = (f"; rank 0's ceil(rows / {plan.group}) of each tensor (FSDP2, {plan.describe})" if st.fsdp.version == 2
+                 else f"; rank 0's 1/{plan.group} of each unit's flat parameter (FSDP1, {plan.describe})")
     walk.row("weights", st.weights_formula + split)
     walk.row("buffers", st.buffers_formula)
     pb = trainable_bytes_per_param(job)
