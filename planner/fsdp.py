@@ -200,6 +200,19 @@ def reduce_dtype_bytes(job: Job) -> int | None:
     return 4 if job.fsdp_mixed_precision == "policy" else float_bytes(job.compute_dtype)
 
 
+def unsupported(job: Job) -> str | None:
+    """An FSDP job torch 2.13 cannot run, in one line (None when it can)."""
+    if job.fsdp_version == 1 and job.sharding == "fsdp_grad_op" and job.uses_lora and job.fsdp_mp \
+            and job.checkpointing:
+        # peft casts each adapter's input to `lora_A.weight.dtype`: in the forward FSDP1 shows it the
+        # fp32 shard, in the recomputation the kept bf16 unsharded leaf, and torch.utils.checkpoint
+        # refuses the mismatch (traced: "recomputed metadata ... dtype torch.bfloat16", pytorch#166926)
+        return ("FSDP1 SHARD_GRAD_OP with LoRA under FSDP mixed precision and checkpointing fails torch's checkpoint "
+                "metadata check (the adapters' inputs are fp32 in the forward, bf16 in the recomputation): use "
+                "--fsdp-version 2, --sharding fsdp_full, or --no-gradient-checkpointing")
+    return None
+
+
 class FsdpRank:
     """Rank 0 of an FSDP job: the sharded state it keeps through the step, and the unsharded
     parameters, communication buffers and unsharded gradients live at each moment of the walk.
@@ -213,6 +226,9 @@ class FsdpRank:
 
     def __init__(self, job: Job, arch: ModelArch, targets: tuple[str, ...], world: int, state_copies: int,
                  offload: bool, stack) -> None:
+        why = unsupported(job)
+        if why:
+            raise MemplanInputError(why)
         self.offload = offload  # sharded parameters, gradients and states in host RAM (CPUOffloadPolicy / cpu_offload)
         self.version = v = job.fsdp_version
         self.layers = L = arch.layers

@@ -62,6 +62,10 @@ def refusal(job: Job, arch) -> str | None:
         return f"sharding {job.sharding!r} is not traced sharded: use one of {', '.join(SHARDINGS)}"
     if job.num_gpus < 2:
         return f"a sharded trace needs --num-gpus 2 or more, got {job.num_gpus}"
+    from memplan.fsdp import unsupported
+
+    if unsupported(job):
+        return unsupported(job)
     if job.cpu_offload:
         return ("--cpu-offload is not traced: on the CPU the offloaded states land on the same device, so the trace "
                 "equals the one without offload")
