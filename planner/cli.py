@@ -426,6 +426,8 @@ def recommend(
     top: int = typer.Option(10, help="plans to show"),
     emit: Optional[str] = typer.Option(None, help="accelerate: write a config for the best plan"),
     emit_path: str = typer.Option("accelerate_config.yaml", help="where --emit writes"),
+    fsdp_version: int = typer.Option(2, "--fsdp-version", help="FSDP plans: 2 (fully_shard) or 1 "
+                                     "(FullyShardedDataParallel), as accelerate's fsdp_version"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """GPU kinds, counts, micro-batch, accumulation, checkpointing and sharding that fit, ranked by cost per million tokens."""
@@ -459,7 +461,9 @@ def recommend(
     check_job(base, arch)
     kinds = [load_gpu(g.strip()) for g in gpus.split(",")] if gpus else [load_gpu(g) for g in gpu_names()]
     prices = _parse_prices(price)
-    result = search(base, arch, kinds, global_batch, max_gpus, safety_margin, mfu, prices, budget)
+    if fsdp_version not in (1, 2):
+        fail(f"fsdp-version must be 1 or 2, got {fsdp_version}")
+    result = search(base, arch, kinds, global_batch, max_gpus, safety_margin, mfu, prices, budget, fsdp_version)
     advice = None
     if not result.plans:
         from .advice import nothing_fits
@@ -467,12 +471,14 @@ def recommend(
         every = kinds if not gpus else [load_gpu(g) for g in gpu_names()]
         advice = nothing_fits(base, arch, kinds, global_batch, max_gpus, every, safety_margin, mfu, prices, budget)
     if emit and result.plans:
-        from .emit import accelerate_config
+        from .emit import accelerate_files
 
         best = result.plans[0]
         from pathlib import Path
 
-        Path(emit_path).write_text(accelerate_config(best.job, arch, best.grad_accum))
+        # the YAML, and beside it the DeepSpeed JSON a ZeRO plan's knobs need (emit.accelerate_files)
+        for name, text in accelerate_files(best.job, arch, best.grad_accum, Path(emit_path).name).items():
+            (Path(emit_path).parent / name).write_text(text)
     extra = {"from_config": from_config} if from_config else {}
     if as_json and advice is None and not extra:
         typer.echo(result.model_dump_json(indent=2))

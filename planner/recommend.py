@@ -60,10 +60,16 @@ def recommend(
     mfu: float | None = None,
     prices: dict[str, float] | None = None,
     budget_usd_per_hour: float | None = None,
+    fsdp_version: int = 2,
 ) -> Search:
     """Every (GPU, count, sharding, checkpointing) gets the largest micro-batch that fits, since
     memory never falls as the micro-batch grows; the rest of the global batch is accumulation.
-    `mfu=None` takes the utilisation measured for the job's kind of training."""
+    `mfu=None` takes the utilisation measured for the job's kind of training; FSDP plans run
+    `fsdp_version` (accelerate's: 2 = fully_shard, 1 = FullyShardedDataParallel)."""
+    if fsdp_version not in (1, 2):
+        from .errors import MemplanInputError
+
+        raise MemplanInputError(f"fsdp-version must be 1 or 2, got {fsdp_version}")
     check_safety_margin(safety_margin)
     mfu = default_mfu(base) if mfu is None else mfu
     plans: list[Plan] = []
@@ -82,9 +88,10 @@ def recommend(
                     for mb in MICRO_BATCHES:
                         if (global_batch // n) % mb:
                             continue
+                        version = {"fsdp_version": fsdp_version} if sharding.startswith("fsdp") else {}
                         job = base.model_copy(update=dict(
                             num_gpus=n, sharding=sharding, micro_batch=mb, gradient_checkpointing=ckpt,
-                            compute_dtype=compute, gpu=gpu.name))
+                            compute_dtype=compute, gpu=gpu.name, **version))
                         searched += 1
                         est = estimate_memory(job, arch, gpu)
                         if not fits_with_margin(est.device_used_bytes, gpu, safety_margin):

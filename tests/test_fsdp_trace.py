@@ -62,3 +62,66 @@ GAPS = [Job(model=tiny_path("mixtral"), method="lora", num_gpus=4, sharding="fsd
 def test_known_fsdp_gaps(job):
     assert fsdp_gap(job, "mixtral")
     _check(job)
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_recommended_plan_is_traced_from_its_emitted_config(version, tmp_path):
+    """estimate -> emitted config -> trace: recommend's FSDP plan for tiny Llama on a card too small
+    for one GPU, the accelerate YAML `--emit accelerate` writes for it (emit.accelerate_files), and
+    `memplan trace --accelerate-config` on that file: the trace shards as the file says and holds the
+    plan's estimate within 3% per phase."""
+    import json
+    import subprocess
+    import sys
+
+    from memplan import estimate_memory
+    from memplan.emit import accelerate_files
+    from memplan.profiles import load_gpu, load_model
+    from memplan.recommend import DEFAULT_SAFETY_MARGIN, recommend
+    from memplan.stacks import cpu_trace_stack
+
+    model = tiny_path("llama")
+    arch = load_model(model)
+    base = Job(model=model, seq_len=128)
+    l4 = load_gpu("L4")  # its CUDA context and workspaces, with as little memory as this test needs
+    one = estimate_memory(base, arch, l4).device_used_bytes
+    two = estimate_memory(base.model_copy(update=dict(num_gpus=2, sharding="fsdp_full", fsdp_version=version)),
+                          arch, l4).device_used_bytes
+    assert two < one
+    card = l4.model_copy(update={"memory_bytes": int((one + two) / 2 / (1 - DEFAULT_SAFETY_MARGIN))})
+    plans = recommend(base, arch, [card], global_batch=8, max_gpus=8, fsdp_version=version).plans
+    plan = next(p for p in plans if p.sharding == "fsdp_full")
+    assert plan.job.fsdp_version == version
+    files = accelerate_files(plan.job, arch, plan.grad_accum)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    out = subprocess.run([sys.executable, "-m", "memplan.cli", "trace", "-m", model, "-s", "128",
+                          "-b", str(plan.micro_batch), "--accelerate-config", str(tmp_path / "accelerate_config.yaml"),
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    traced = json.loads(out.stdout)
+    job = Job.model_validate(traced["job"])
+    assert (job.sharding, job.fsdp_version, job.num_gpus, job.checkpointing) == (
+        "fsdp_full", version, plan.num_gpus, plan.gradient_checkpointing)
+    est = estimate_memory(job, arch, stack=cpu_trace_stack(job)).measured_phases()
+    for snap in traced["timeline"]:
+        if snap["iteration"] == 1:
+            assert abs(est[snap["phase"]] - snap["peak_bytes"]) <= TOLERANCE * snap["peak_bytes"], snap["phase"]
+
+
+def test_deepspeed_and_ddp_configs_are_refused_by_the_trace(tmp_path):
+    import subprocess
+    import sys
+
+    from memplan.emit import accelerate_config
+    from memplan.profiles import load_model
+
+    model = tiny_path("llama")
+    arch = load_model(model)
+    for sharding in ("zero3", "ddp"):
+        path = tmp_path / f"{sharding}.yaml"
+        path.write_text(accelerate_config(Job(model=model, num_gpus=4, sharding=sharding), arch, 1))
+        out = subprocess.run([sys.executable, "-m", "memplan.cli", "trace", "-m", model, "--accelerate-config",
+                              str(path)], capture_output=True, text=True)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "no fake-tensor trace" in out.stderr
