@@ -220,7 +220,7 @@ class FsdpRank:
     The units are accelerate's. FSDP2 (`utils/fsdp_utils.py` `fsdp2_prepare_model`): every decoder
     layer; the input embedding alone; the final norm with lm_head as one group with
     reshard_after_forward=False (with tied embeddings the embedding joins it and has no unit of its
-    own); then the root, which holds nothing else. FSDP1 (`Accelerator.prepare_model`): the decoder
+    own); then the root, which keeps what no unit took (GPT-BigCode's learned positions). FSDP1 (`Accelerator.prepare_model`): the decoder
     layers and the root (embedding, final norm, lm_head); with peft every LoRA leaf is a unit of its
     own (transformers `distributed/fsdp.py` `update_fsdp_plugin_peft`, peft `fsdp_auto_wrap_policy`)."""
 
@@ -252,6 +252,8 @@ class FsdpRank:
             return unit_bytes(params, world, v, pbytes, rbytes, None) if params else EMPTY
 
         n_trainable = sum(p.trains for p in lp) * L + sum(p.trains for p in rp)
+        # AdamW without foreach: the sqrt and quotient of the largest trainable shard at once
+        self.largest_state = max((rounded(p.shard_numel(world) * p.nbytes) for p in lp + rp if p.trains), default=0)
         # the token embedding (get_input_embeddings); learned positions stay in the root unit
         n_pos = 1 if arch.learned_positions else 0
         embed, pos, tail = rp[:1], rp[1:1 + n_pos], rp[1 + n_pos:]  # tail: the final norm, lm_head, LoRA on them
@@ -287,7 +289,6 @@ class FsdpRank:
         self.states = state_copies * sum(u.states_per_copy for u in units) + n_trainable * stack.step_counter_bytes(job)
         self.temp_foreach = sum(u.states_per_copy for u in units)
         self.grads = sum(u.sharded_grads for u in units)
-        self.largest_state = max((rounded(p.shard_numel(world) * p.nbytes) for p in lp + rp if p.trains), default=0)
         # HSDP (FSDP2 over a replicate x shard mesh): each layer's reduce-dtype output, all-reduced
         # across replicas, stays referenced in `_all_reduce_state` until `finalize_backward` when
         # the cast to the parameters' dtype made it a copy (`foreach_reduce`, `post_backward`)
