@@ -55,6 +55,15 @@ def meta_model(cfg, dtype: torch.dtype):
     return model
 
 
+def training_meta_model(job, arch):
+    """The job's model on the meta device as the Trainer prepares it: checkpointing as the job says,
+    then wrapped in LoRA; the unsharded trace and the sharded builder both start from it."""
+    model = meta_model(hf_config(job.model, job.attention), DTYPES[job.base_weight_dtype.value])
+    if job.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": job.reentrant})
+    return apply_lora(model, job, arch) if job.uses_lora else model
+
+
 def apply_lora(model, job, arch):
     from peft import LoraConfig, get_peft_model
 

@@ -187,15 +187,6 @@ def _wrap_forward_amp(job: Job, model, device_type: str) -> None:
     model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
 
 
-def runs_autocast(job: Job) -> bool:
-    """Whether the sharded step's forward runs under autocast (see the module docstring)."""
-    if job.autocast is not None:
-        return job.autocast
-    if job.fsdp_policy:
-        return False
-    return job.fsdp_version == 1 and _accelerate_mixed_precision(job) != "no"
-
-
 def build_sharded(job: Job, arch, device: str, materialise=contextlib.nullcontext, init=None):
     """The model of `job` sharded for rank 0 on `device` ("cpu" for the trace, "cuda" on a GPU),
     inside a fake process group the caller holds. Built on the meta device, then given storage
@@ -203,21 +194,16 @@ def build_sharded(job: Job, arch, device: str, materialise=contextlib.nullcontex
     storage (the GPU worker draws random weights). Returns (model, mesh)."""
     import torch
 
-    from .models import DTYPES, apply_lora, hf_config, meta_model
+    from .models import training_meta_model
 
-    cfg = hf_config(job.model, job.attention)
-    model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
-    if job.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": job.reentrant})
-    if job.uses_lora:
-        model = apply_lora(model, job, arch)
+    model = training_meta_model(job, arch)
     plugin = _plugin(job, model, arch)
     mesh, dims = _mesh(job, torch.device(device).type)
     mp = _accelerate_mixed_precision(job)
     if job.fsdp_version == 2:
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        if runs_autocast(job):
+        if job.runs_autocast:
             _wrap_forward_amp(job, model, torch.device(device).type)
         model = fsdp2_prepare_model(_Accelerator(plugin, mesh, dims, mp, torch.device(device)), model)
         with materialise():
@@ -233,7 +219,7 @@ def build_sharded(job: Job, arch, device: str, materialise=contextlib.nullcontex
         _retie(model)
         if init is not None:
             init(model)
-        if runs_autocast(job):
+        if job.runs_autocast:
             _wrap_forward_amp(job, model, torch.device(device).type)
         kwargs = dict(
             sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
@@ -445,7 +431,7 @@ def trace_sharded(job: Job, iterations: int = 2, detail: bool = False) -> Sharde
     steady = [s for s in timeline if s.iteration == iterations - 1]
     top = max(steady, key=lambda s: s.peak_bytes)
     return ShardedTrace(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
-                        seconds=time.perf_counter() - started, autocast=runs_autocast(job), world_size=job.num_gpus)
+                        seconds=time.perf_counter() - started, autocast=job.runs_autocast, world_size=job.num_gpus)
 
 
 def _snapshot(tracker, iteration, phase, model, opt, detail) -> ShardedSnapshot:

@@ -95,19 +95,14 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
 
     from memplan.profiles import load_model
 
-    from .models import DTYPES, apply_lora, hf_config, meta_model
+    from .models import training_meta_model
     from .step import PHASES, forward_context, make_optimizer, run_phase
     from .tracker import LiveBytes
 
     _refuse(job)
     started = time.perf_counter()
     arch = load_model(job.model)
-    cfg = hf_config(job.model, job.attention)
-    model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
-    if job.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": job.reentrant})
-    if job.uses_lora:
-        model = apply_lora(model, job, arch)
+    model = training_meta_model(job, arch)
     tracker = LiveBytes()
     timeline: list[PhaseSnapshot] = []
     with FakeTensorMode(allow_non_fake_inputs=True), _unmaterialised_causal_mask():
