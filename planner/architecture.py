@@ -69,6 +69,12 @@ class ModelArch(BaseModel):
     resid_dropout: float = 0.0
     embd_dropout: float = 0.0
     sliding_window: int | None = None
+    # Per-layer sliding windows, from the config's `layer_types` (Gemma 2/3, gpt-oss, Qwen2's
+    # max_window_layers): None for a global layer. Empty: every layer has `sliding_window`.
+    layer_windows: tuple[int | None, ...] = ()
+    # Elements one cached position holds per layer, keys and values together, as the transformers
+    # attention caches them. None: 2 x kv_heads x head_dim. (MLA caches other widths.)
+    kv_cache_width: int | None = None
     rotary_fraction: float = 1.0
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k
     activation: str = "silu"  # the MLP's activation function (config hidden_act)
@@ -89,6 +95,15 @@ class ModelArch(BaseModel):
     @property
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer` (0-based), None when it attends globally."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    @property
+    def cache_width(self) -> int:
+        """Elements per cached position per layer, K and V together."""
+        return self.kv_cache_width if self.kv_cache_width is not None else 2 * self.kv_width
 
     @property
     def rotary_dim(self) -> int:

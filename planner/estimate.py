@@ -687,12 +687,11 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     walk.row("buffers", stack.buffers_formula(job, arch))
     kv = inf.kv_cache_bytes(job, arch)
     kv_prompt = inf.kv_cache_bytes(job, arch, generated=False)
-    positions = inf.kv_tokens(job, arch)
-    walk.row("KV cache", f"2 x {arch.layers} layers x {arch.kv_heads} kv heads x {arch.head_dim} head dim x "
-                         f"{positions:,} positions x batch {job.micro_batch} x {float_bytes(job.compute_dtype)} B "
-                         "(the prompt's positions during the prefill)")
-    if arch.sliding_window and job.seq_len + job.new_tokens > arch.sliding_window:
-        notes.append(f"sliding window: the cache keeps the last {arch.sliding_window} positions per layer")
+    walk.row("KV cache", inf.kv_cache_formula(job, arch))
+    windows = {w for w in (arch.window_of(i) for i in range(arch.layers)) if w}
+    if windows and job.seq_len + job.new_tokens > min(windows):
+        notes.append("sliding window: the cache keeps the last " + " or ".join(f"{w:,}" for w in sorted(windows))
+                     + " positions in each sliding layer")
     pre = inf.prefill_transient_bytes(job, arch, stack)
     # the prefill's high point inside a layer includes one dequantized 4-bit weight: its own row
     pre_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch * job.seq_len)

@@ -10,27 +10,47 @@ from .job import Job
 from .stacks import Stack
 
 
-def kv_tokens(job: Job, arch: ModelArch, generated: bool = True) -> int:
-    """Positions held per sequence: the prompt, plus the new tokens once they are generated.
-    Sliding-window layers (Mistral) keep only the window."""
+def kv_tokens(job: Job, arch: ModelArch, generated: bool = True, layer: int = 0) -> int:
+    """Positions decoder layer `layer` holds per sequence: the prompt, plus the new tokens once they
+    are generated; a sliding-window layer keeps only its window."""
     total = job.seq_len + (job.new_tokens if generated else 0)
-    if arch.sliding_window:
-        return min(total, arch.sliding_window)
-    return total
+    window = arch.window_of(layer)
+    return min(total, window) if window else total
+
+
+def layer_cache_bytes(job: Job, arch: ModelArch, layer: int, generated: bool = True) -> int:
+    """One layer's cache: (K + V width) x positions x batch x bytes."""
+    return arch.cache_width * kv_tokens(job, arch, generated, layer) * job.micro_batch * float_bytes(job.compute_dtype)
 
 
 def kv_cache_bytes(job: Job, arch: ModelArch, generated: bool = True) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x positions x batch x bytes."""
-    positions = kv_tokens(job, arch, generated)
-    return 2 * arch.layers * arch.kv_width * positions * job.micro_batch * float_bytes(job.compute_dtype)
+    """Every layer's cache: 2 (K and V) x kv_heads x head_dim x positions x batch x bytes, summed
+    over the layers (sliding-window layers hold fewer positions)."""
+    return sum(layer_cache_bytes(job, arch, i, generated) for i in range(arch.layers))
+
+
+def kv_cache_formula(job: Job, arch: ModelArch) -> str:
+    """The KV cache row's formula: one product when every layer holds the same positions, else the
+    layers grouped by the positions they hold."""
+    by_positions: dict[int, int] = {}
+    for i in range(arch.layers):
+        p = kv_tokens(job, arch, layer=i)
+        by_positions[p] = by_positions.get(p, 0) + 1
+    tail = f"batch {job.micro_batch} x {float_bytes(job.compute_dtype)} B (the prompt's positions during the prefill)"
+    if arch.kv_cache_width is None and len(by_positions) == 1:
+        return (f"2 x {arch.layers} layers x {arch.kv_heads} kv heads x {arch.head_dim} head dim x "
+                f"{next(iter(by_positions)):,} positions x {tail}")
+    layers = " + ".join(f"{n} layers x {p:,} positions" for p, n in by_positions.items())
+    return f"{arch.cache_width:,} cached elements (K and V) per position x ({layers}) x {tail}"
 
 
 def cache_append_bytes(job: Job, arch: ModelArch) -> int:
     """transformers' DynamicCache appends a decode step's keys and values with `torch.cat`: for a
-    moment one layer's old and new key (then value) tensors are both alive, one layer's K extra."""
+    moment one layer's old and new key (then value) tensors are both alive, one layer's K extra
+    (the largest layer's)."""
     if not job.new_tokens:
         return 0
-    return kv_cache_bytes(job, arch) // (2 * arch.layers)
+    return max(layer_cache_bytes(job, arch, i) for i in range(arch.layers)) // 2
 
 
 def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
