@@ -614,25 +614,27 @@ def stacks(
 
 @app.command()
 def models() -> None:
-    """Shipped model profiles and their aliases."""
-    from memplan.profiles import ALIASES, load_model
+    """Every shipped model: its aliases, family (config model_type) and exact parameter count."""
+    from memplan.profiles import ALIASES, load_model, shipped_models
     from .params import count_params
+    from .report import models_table
 
-    for alias, hub_id in ALIASES.items():
+    rows = []
+    for hub_id in shipped_models():
         arch = load_model(hub_id)
-        typer.echo(f"{alias:14s} {hub_id:34s} {arch.family:12s} {count_params(arch).total:>16,} params")
+        aliases = [a for a, h in ALIASES.items() if h == hub_id]
+        rows.append((hub_id, aliases, arch.family, count_params(arch).total))
+    rows.sort(key=lambda r: (r[2], r[3]))
+    typer.echo(models_table(rows))
 
 
 @app.command()
 def gpus() -> None:
-    """Shipped GPU profiles."""
+    """Shipped GPU profiles: memory as the driver reports it, throughput, bandwidth, price, and sources."""
     from memplan.profiles import gpu_profiles
-    from .units import gib
+    from .report import gpus_table
 
-    typer.echo(f"{'GPU':10s} {'memory':>12s} {'16-bit TFLOP/s':>15s} {'USD/h':>7s} {'bf16':>5s}")
-    for g in gpu_profiles():
-        typer.echo(f"{g.name:10s} {gib(g.memory_bytes):>12s} {g.peak_tflops_16bit:>15,.0f} {g.price_per_hour_usd:>7.2f} "
-                   f"{'yes' if g.supports_bf16 else 'no':>5s}")
+    typer.echo(gpus_table(gpu_profiles()))
 
 
 @app.command()

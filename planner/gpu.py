@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 # Share of each GPU's memory kept free by `fit` and `recommend`: the estimate is within a few percent
@@ -45,3 +48,57 @@ class GpuProfile(BaseModel):
     price_per_hour_usd: float
     price_source: str
     price_date: str
+    # ROCm's PyTorch runs the same caching allocator (HIPified from CUDACachingAllocator.cpp) and
+    # reports through torch.cuda; what differs is in docs/gpus.md
+    vendor: Literal["nvidia", "amd"] = "nvidia"
+    # datasheet peak memory bandwidth: the roofline's memory side in throughput.py (0: unknown)
+    memory_bandwidth_bytes_per_s: int = 0
+    bandwidth_source: str = ""
+    # a card named by its memory (--gpu 48GiB): no datasheet, throughput or price behind it
+    by_memory: bool = False
+
+    @property
+    def card(self) -> str:
+        """The product the profile is, as its datasheet line names it ('NVIDIA H100 SXM'), for headers
+        that must say which card an alias meant without quoting the datasheet's GB."""
+        name = self.datasheet.split(":", 1)[0]
+        for word in (" datasheet", " specifications"):
+            name = name.replace(word, "")
+        return name
+
+
+# --gpu 48GiB / 80GB / 24576MiB: any card by its memory. Binary and decimal units are kept apart,
+# since a "48 GB" datasheet card and 48 GiB differ by 7%.
+_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b)\s*$", re.I)
+
+
+def looks_like_memory(name: str) -> bool:
+    """A GPU name that is a memory size (a number and a unit) rather than a profile name."""
+    return bool(_MEMORY.match(name))
+
+
+def gpu_by_memory(name: str, context_bytes: int, workspace_bytes: int) -> GpuProfile:
+    """A card named by its memory: `name` is '<number><unit>' (GiB, GB, MiB, MB, TiB, TB). The CUDA
+    context and cuBLAS workspace take the defaults an estimate without --gpu uses; it has no
+    throughput or price, so recommend ranks it only with --price and --mfu-free rules (docs/gpus.md)."""
+    from .errors import MemplanInputError
+
+    m = _MEMORY.match(name)
+    if not m:
+        raise MemplanInputError(f"GPU memory {name!r} must be a number and a unit (GiB, GB, MiB, MB, TiB or TB), e.g. 48GiB")
+    number, unit = m.group(1), m.group(2).lower()
+    total = int(float(number) * _UNITS[unit])
+    if total < 1 << 30:
+        raise MemplanInputError(f"GPU memory {name!r} is under 1 GiB; give the card's total memory, e.g. 48GiB")
+    # named in GiB whatever unit was typed, as every memory figure memplan prints
+    gib = total / (1 << 30)
+    return GpuProfile(
+        name=f"{gib:g} GiB card" if gib == round(gib, 2) else f"{gib:,.2f} GiB card", memory_bytes=total, by_memory=True,
+        memory_source=f"given as --gpu {name.strip()}: {total:,} B, taken as what the driver reports (use the card's "
+                      "nvidia-smi memory.total, which is below its datasheet size)",
+        datasheet=f"named by its memory: {total:,} B", cuda_context_bytes=context_bytes,
+        cuda_context_source="default (a card named by its memory)", workspace_bytes=workspace_bytes,
+        peak_tflops_16bit=0, supports_bf16=True, tflops_source="unknown (a card named by its memory)",
+        price_per_hour_usd=0, price_source="unknown (a card named by its memory): pass --price", price_date="")

@@ -71,6 +71,13 @@ def recommend(
 
         raise MemplanInputError(f"fsdp-version must be 1 or 2, got {fsdp_version}")
     check_safety_margin(safety_margin)
+    for gpu in gpus:
+        if gpu.by_memory:
+            from .errors import MemplanInputError
+
+            raise MemplanInputError(f"recommend ranks GPU kinds by cost and speed, and {gpu.name!r} is named by its memory "
+                                    "alone (no price, no throughput): use memplan fit or estimate --gpu for it, "
+                                    "or name a profile (memplan gpus)")
     mfu = default_mfu(base) if mfu is None else mfu
     plans: list[Plan] = []
     searched = 0

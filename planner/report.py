@@ -41,7 +41,7 @@ def _title(est: Estimate) -> str:
     elif job.deepspeed_mp:
         compute = f"DeepSpeed's {job.compute_dtype.value} mode"
     return (f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {compute}, {job.attention}; "
-            f"on {est.stack} (--stack {job.stack})")
+            f"on {est.stack} (--stack {job.stack})" + (f"; GPU {est.gpu} ({est.gpu_card})" if est.gpu else ""))
 
 
 def _live_in(c) -> str:
@@ -183,3 +183,28 @@ def stacks_table(estimates: dict[str, "Estimate | str"]) -> str:
     why = [f"{n}: {e}" for n, e in estimates.items() if isinstance(e, str)]
     labels = [f"{n}: {e.stack}" for n, e in estimates.items() if not isinstance(e, str)]
     return "\n".join([out, *labels, *(f"not run: {w}" for w in why)])
+
+
+def gpus_table(profiles) -> str:
+    """`memplan gpus`: every shipped GPU profile, its memory as the driver reports it (GiB), and where
+    each figure comes from."""
+    columns = [Column("GPU"), Column("vendor"), Column("memory", right=True), Column("source"),
+               Column("datasheet", wrap=True), Column("16-bit TFLOP/s", right=True), Column("TB/s", right=True),
+               Column("bf16"), Column("USD/h", right=True), Column("aliases", wrap=True)]
+    rows = []
+    for g in sorted(profiles, key=lambda g: (g.vendor != "nvidia", g.memory_bytes, g.name)):
+        basis = "measured" if g.memory_source.startswith("measured") else "recalled"
+        rows.append([g.name, g.vendor, gib(g.memory_bytes), basis, g.datasheet.split(": ", 1)[-1], f"{g.peak_tflops_16bit:,.0f}",
+                     f"{g.memory_bandwidth_bytes_per_s / 1e12:.2f}", "yes" if g.supports_bf16 else "no",
+                     f"{g.price_per_hour_usd:.2f}", ", ".join(g.aliases + g.shared_names)])
+    return table(columns, rows, title="GPU profiles: memory as the driver reports it (profiles/gpus.json says where each "
+                                      "figure comes from; recalled: from the vendor's datasheet or nvidia-smi as remembered, "
+                                      "no network); any other card: --gpu 48GiB")
+
+
+def models_table(models) -> str:
+    """`memplan models`: (hub id, aliases, family, parameter count) of every shipped model."""
+    columns = [Column("model"), Column("aliases", wrap=True), Column("family"), Column("parameters", right=True)]
+    rows = [[hub_id, ", ".join(aliases) or "-", family, f"{params / 1e9:,.2f}B ({params:,})"]
+            for hub_id, aliases, family, params in models]
+    return table(columns, rows, title=f"{len(rows)} shipped models (profiles/models; any other: a config.json path or hub id)")

@@ -67,6 +67,7 @@ class Estimate(BaseModel):
     device_used_bytes: int
     gpu: str | None = None
     gpu_memory_bytes: int | None = None
+    gpu_card: str | None = None  # which card the profile is ('NVIDIA H100 SXM'), for the header
     fits: bool | None = None
     host_bytes: int = 0
     notes: list[str] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from memplan.architecture import ConfigReader, ModelArch, arch_from_hf_config, config_source
 from memplan.errors import MemplanInputError
-from memplan.gpu import GpuProfile
+from memplan.gpu import GpuProfile, gpu_by_memory, looks_like_memory
 
 _HERE = Path(__file__).parent
 MODELS_DIR = _HERE / "models"
@@ -28,6 +28,12 @@ ALIASES: dict[str, str] = {
     "llama-2-13b": "meta-llama/Llama-2-13b-hf",
     "llama-2-70b": "meta-llama/Llama-2-70b-hf",
     "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
+    "llama-3.1-405b": "meta-llama/Llama-3.1-405B",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+    "llama-3.3-70b": "meta-llama/Llama-3.3-70B-Instruct",
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "zephyr-7b": "HuggingFaceH4/zephyr-7b-beta",
     "gemma-2b": "google/gemma-2b",
@@ -182,7 +188,12 @@ def _gpu_names() -> tuple[dict[str, GpuProfile], dict[str, list[str]], list[tupl
 
 def load_gpu(name: str) -> GpuProfile:
     """The profile a user named: a profile name, an alias or a device name (any case). A name
-    several profiles share (`A100`) and an unknown name are one MemplanInputError."""
+    several profiles share (`A100`) and an unknown name are one MemplanInputError. A memory size
+    (`48GiB`, `80GB`) is any card with that much memory (gpu.gpu_by_memory)."""
+    if looks_like_memory(name):
+        from memplan.overhead import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES
+
+        return gpu_by_memory(name, DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES)
     exact, shared, _ = _gpu_names()
     key = _gpu_key(name)
     if key in exact:

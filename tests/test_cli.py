@@ -45,7 +45,7 @@ def test_local_config_path(tmp_path):
         (["-m", "llama-7b"], "llama-2-7b"),
         (["-m", "llama-2-7b", "--gpu", "H10"], "H100-80GB"),
         (["-m", "llama-2-7b", "--gpu", "H1OO"], "did you mean H100-80GB?"),  # matched through the alias h100
-        (["-m", "llama-2-7b", "--gpu", "l40"], "did you mean L40S"),
+        (["-m", "llama-2-7b", "--gpu", "l40x"], "did you mean L40"),
         (["-m", "llama-2-7b", "-b", "0"], "micro-batch"),
         (["-m", "llama-2-7b", "-s", "-1"], "seq-len"),
         (["-m", "llama-2-7b", "-s", "9000"], "4096"),
