@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import activations as act
 from . import inference as inf
-from . import liger, offload, overhead
+from . import liger, offload, overhead, prequantized
 from .attention import Kernel
 from .phases import Moment, PhaseName
 from .architecture import ModelArch
@@ -54,6 +54,8 @@ def check_job(job: Job, arch: ModelArch) -> None:
 def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, stack: Stack | None = None) -> Estimate:
     """Estimate one job's per-GPU memory under `stack` (default: the job's, on CUDA; the CPU trace
     compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels)."""
+    job = prequantized.effective_job(job, arch)  # a bitsandbytes checkpoint: its own 4/8-bit dtype
+    prequantized.check_job(job, arch)
     check_job(job, arch)
     liger.check(job, arch)
     stack = stack or get_stack(job.stack)
@@ -481,8 +483,12 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     ctx = act.make_ctx(run, arch, targets, stack, grad_in=True)
     ctx0 = act.make_ctx(run, arch, targets, stack, grad_in=grad_in_first)
     layer_tensors = stack.layer_saved(arch, ctx)
+    # a LoRA step over a GPTQ base also saves each linear's dequantized weight (planner/prequantized.py)
+    pq_saved = prequantized.backward_saved_per_layer(job, arch, ctx.act_bytes)
+    if pq_saved:
+        layer_tensors = {**layer_tensors, "dequantized GPTQ weights": pq_saved}
     layer = _sum(layer_tensors)
-    layer0 = _sum(stack.layer_saved(arch, ctx0))
+    layer0 = _sum(stack.layer_saved(arch, ctx0)) + pq_saved
     shared = act.rotary_tables(arch, ctx) + _sum(act.final_norm_saved(arch, ctx))
     if arch.embd_dropout > 0:
         shared += t * arch.hidden * ctx.dropout_mask(ctx.act_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import prequantized
 from .architecture import ModelArch
 from .attention import Kernel, attention_kernel
 from .dtypes import float_bytes
@@ -114,7 +115,10 @@ def dequant_bytes(job: Job, arch: ModelArch, stack: Stack, rows: int, into_bytes
     Up to 4 rows always run the fused kernel; between 5 and 1,536 rows bitsandbytes picks per GPU
     architecture, and the estimate assumes the dequantizing path (the larger). `into_bytes`: the
     dtype it is dequantized into, when not the compute dtype (the CPU trace's activation dtype)."""
-    if not job.quantized or rows <= BNB_FUSED_MAX_ROWS:
+    if not job.quantized:  # a pre-quantized checkpoint's kernels (planner/prequantized.py)
+        return prequantized.dequant_transient(job, arch, rows, job.task == "train",
+                                              into_bytes or float_bytes(job.compute_dtype))
+    if rows <= BNB_FUSED_MAX_ROWS:
         return 0
     largest = max((d_in * d_out for d_in, d_out, _ in stack.quantized_linears(arch)), default=0)
     return largest * (into_bytes or float_bytes(job.compute_dtype))
