@@ -56,6 +56,7 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels)."""
     job = prequantized.effective_job(job, arch)  # a bitsandbytes checkpoint: its own 4/8-bit dtype
     prequantized.check_job(job, arch)
+    inf.check_cache(job, arch)
     check_job(job, arch)
     liger.check(job, arch)
     stack = stack or get_stack(job.stack)
@@ -713,7 +714,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     decode_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch) if job.new_tokens else 0
     walk.row("decode dequantized weight", f"bitsandbytes dequantizes the largest 4-bit weight for {job.micro_batch} "
                                           f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")
-    walk.row("KV cache append", "DynamicCache torch.cat: one layer's old and new keys alive at once")
+    walk.row("KV cache append", inf.cache_append_formula(job))
     walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
     base = {"weights": w, "buffers": stack.buffer_bytes(job, arch), "cuBLAS workspaces": ws}
     walk.phase(LOAD, ("weights", {"weights": w, "buffers": stack.buffer_bytes(job, arch)}))

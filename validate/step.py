@@ -56,7 +56,7 @@ def run_phase(phase: str, model, opt, ids, state: dict) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def generation(model, ids, new_tokens: int):
+def generation(model, ids, new_tokens: int, past=None):
     """Greedy generation with a KV cache, as `generate()` runs it: the prompt's prefill keeps the
     logits of the last position only, generate copies them to fp32 and picks the next token, then
     one forward per new token. With no new tokens, a plain forward over the prompt with logits for
@@ -64,7 +64,9 @@ def generation(model, ids, new_tokens: int):
     yield), so callers can read and reset peaks between phases. Run it under no_grad."""
     import torch
 
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1 if new_tokens else 0)
+    # `past`: a cache built by the caller (a StaticCache or QuantizedCache, as generate() builds it for
+    # cache_implementation="static" / "quantized"); None: the model's DynamicCache
+    out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1 if new_tokens else 0)
     past = out.past_key_values
     if new_tokens:
         # transformers generation/utils.py `_sample`: logits[:, -1, :].to(copy=True, dtype=torch.float32)

@@ -66,6 +66,10 @@ def refusal(job: Job, arch) -> str | None:
         # transformers integrations/moe.py takes torch's grouped_mm on the CPU for every dtype, and
         # torch 2.13's meta_grouped_mm accepts bf16 inputs only ("Expected inputs of BF16 type")
         return f"{arch.name}'s grouped_mm experts run in bf16 only (torch meta_grouped_mm): trace it with bf16 weights"
+    if job.kv_cache_dtype in ("int4", "int8"):
+        return "int4/int8 KV caches cannot be traced: quanto and HQQ are not installed (derived, docs/quantization.md)"
+    if getattr(arch, "quantization", None) is not None and not arch.quantization.dequantize:
+        return "pre-quantized checkpoints cannot be traced: their quantized linears need gptqmodel / triton kernels"
     if job.quantized:
         return "4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors"
     if job.attention == "flash_attention_2":
@@ -179,12 +183,26 @@ def trace_inference(job: Job) -> TraceResult:
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len))
         with tracker:
             tracker.start_phase("prefill")
-            for phase in generation(model, ids, job.new_tokens):
+            for phase in generation(model, ids, job.new_tokens, _cache(job, model.config)):
                 timeline.append(_inference_snapshot(tracker, phase))
                 tracker.start_phase("decode")  # the phase after the prefill, if there is one
     top = max(timeline, key=lambda s: s.peak_bytes)
     return TraceResult(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
                        seconds=time.perf_counter() - started)
+
+
+def _cache(job: Job, config):
+    """The cache generate() would build for the job's cache options (None: DynamicCache). The static
+    cache's tensors are allocated lazily at the first update, inside the tracked region."""
+    if job.cache_implementation == "static":
+        from transformers import StaticCache
+
+        return StaticCache(config=config, max_cache_len=job.seq_len + job.new_tokens)
+    if job.kv_cache_dtype == "fp8":
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="fp8", config=config)
+    return None
 
 
 def _inference_snapshot(tracker, phase: str) -> PhaseSnapshot:
