@@ -20,6 +20,10 @@ def kv_tokens(job: Job, arch: ModelArch, generated: bool = True, layer: int = 0)
     static = job.cache_implementation == "static"
     total = job.seq_len + (job.new_tokens if generated or static else 0)
     window = arch.window_of(layer)
+    if window and not static and not generated:
+        # DynamicSlidingWindowLayer.update keeps `full_key_states[:, :, -window + 1:, :]`, a view: after the
+        # prefill the whole prompt's cat stays allocated until the layer's first decode update replaces it
+        return total
     return min(total, window) if window else total
 
 
@@ -34,7 +38,12 @@ def layer_cache_bytes(job: Job, arch: ModelArch, layer: int, generated: bool = T
 def kv_cache_bytes(job: Job, arch: ModelArch, generated: bool = True) -> int:
     """Every layer's cache: 2 (K and V) x kv_heads x head_dim x positions x batch x bytes, summed
     over the layers (sliding-window layers hold fewer positions)."""
-    return sum(layer_cache_bytes(job, arch, i, generated) for i in range(arch.layers))
+    held = sum(layer_cache_bytes(job, arch, i, generated) for i in range(arch.layers))
+    if generated and job.new_tokens:
+        # the decode starts from the prefill's cache, which a dynamic sliding layer holds larger than its
+        # window until its first update (kv_tokens); every other cache only grows
+        return max(held, kv_cache_bytes(job, arch, generated=False))
+    return held
 
 
 def kv_cache_formula(job: Job, arch: ModelArch) -> str:
