@@ -50,9 +50,12 @@ def test_sliding_by_hand(sliding):
     arch = load_model(sliding)
     assert arch.window_of(0) == 64 and arch.cache_width == 2 * 4 * 32
     dyn, st = _job(sliding), _job(sliding, cache_implementation="static")
-    assert kv_cache_bytes(dyn, arch) == 3 * 256 * 64 * 2 * 2
-    # the prefill: DynamicSlidingWindowLayer keeps a view of the prompt's cat, whose storage is all 100 positions
+    # the prefill: DynamicSlidingWindowLayer keeps a view of the prompt's cat, whose storage is all 100 positions,
+    # and the decode starts from it (each layer drops it at its first update, down to the window)
     assert kv_cache_bytes(dyn, arch, generated=False) == 3 * 256 * 100 * 2 * 2
+    assert kv_cache_bytes(dyn, arch) == 3 * 256 * 100 * 2 * 2
+    short = _job(sliding, seq_len=50)  # 50 + 20 > 64: the window at the end, the prompt's 50 before
+    assert kv_cache_bytes(short, arch) == 3 * 256 * 64 * 2 * 2
     # StaticSlidingWindowLayer: min(window, max_cache_len) = 64 positions from the first update
     assert kv_cache_bytes(st, arch, generated=False) == 3 * 256 * 64 * 2 * 2
     # a full static sliding layer rolls K and V into new tensors: one layer's K and V
