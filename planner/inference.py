@@ -56,9 +56,12 @@ def kv_cache_formula(job: Job, arch: ModelArch) -> str:
         return (f"{arch.layers} layers x {arch.cache_width:,} cached elements (K and V) per position x batch "
                 f"{job.micro_batch}: {q:,} positions at {what}, {r:,} residual positions x "
                 f"{float_bytes(job.compute_dtype)} B")
+    # the decode's cache is the prefill's when that is larger (dynamic sliding layers, kv_cache_bytes)
+    generated = not (job.new_tokens and kv_cache_bytes(job, arch) > sum(
+        layer_cache_bytes(job, arch, i) for i in range(arch.layers)))
     by_positions: dict[int, int] = {}
     for i in range(arch.layers):
-        p = kv_tokens(job, arch, layer=i)
+        p = kv_tokens(job, arch, generated, layer=i)
         by_positions[p] = by_positions.get(p, 0) + 1
     tail = f"batch {job.micro_batch} x {float_bytes(job.compute_dtype)} B (the prompt's positions during the prefill)"
     if arch.kv_cache_width is None and len(by_positions) == 1:
