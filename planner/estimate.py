@@ -554,7 +554,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     recompute = layer - act.recompute_input_alias(arch, ctx) if ckpt else 0
     walk.row("recomputed layer", "one checkpointed layer's saved tensors, recomputed for its backward")
     walk.row("backward transients", "one layer's backward: stream gradients + the MLP's or the attention's gradients")
-    walk.row("dequantized weight", "the largest 4/8-bit weight, dequantized for the input gradient (bitsandbytes)")
+    walk.row("dequantized weight", prequantized.dequant_row(arch) or
+             "the largest 4/8-bit weight, dequantized for the input gradient (bitsandbytes)")
     walk.row("tied embedding gradient sum", "tied embedding and head gradients, summed out of place")
     walk.row("embedding input gradient", f"{count(t)} tokens x {arch.hidden:,} x {ab} B into the embedding's backward")
     # autocast's cache of cast weights dies with the autocast region; only tensors saved for
@@ -703,8 +704,9 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     # the prefill's high point inside a layer includes one dequantized 4-bit weight: its own row
     pre_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch * job.seq_len)
     walk.row("activations", "one layer's no-grad intermediates during prefill")
-    walk.row("dequantized weight", "bitsandbytes dequantizes the largest 4-bit weight to the compute dtype "
-                                   f"for more than {inf.BNB_FUSED_MAX_ROWS} rows")
+    walk.row("dequantized weight", prequantized.dequant_row(arch) or
+             "bitsandbytes dequantizes the largest 4-bit weight to the compute dtype "
+             f"for more than {inf.BNB_FUSED_MAX_ROWS} rows")
     head = inf.head_bytes(job, arch)
     logits = inf.logits_bytes(job, arch)
     walk.row("logits", ("final norm output + last position's logits and their fp32 copy (generate); "
@@ -739,7 +741,7 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak", [peak.name], "reserved")
     walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
-    notes = job.notes() + notes
+    notes = job.notes() + prequantized.notes(job, arch) + notes
     if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(

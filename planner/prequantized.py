@@ -447,3 +447,68 @@ def dequant_transient(job, arch: "ModelArch", rows: int, grad: bool, compute_byt
     if spec.method == "fp8":
         return largest * compute_bytes if grad else 0
     return 0
+
+
+def dequant_row(arch: "ModelArch") -> str | None:
+    """The dequantized-weight row's text over a pre-quantized checkpoint (None: bitsandbytes' text)."""
+    if arch.quantization is None or not applies(None, arch):
+        return None
+    return {"gptq": "TorchQuantLinear's fp16 dequantized weight (and its cast), the largest linear (training)",
+            "awq": "AwqGemmFn dequantizes the largest weight to fp16 (and casts it) over 1,024 rows and in backward",
+            "fp8": "FP8LinearFunction.backward dequantizes the largest weight into the gradient's dtype",
+            }.get(arch.quantization.method, "fused kernels: no dequantized weight")
+
+
+def notes(job, arch: "ModelArch") -> list[str]:
+    """What an estimate over a pre-quantized checkpoint assumes, in words (Estimate.notes)."""
+    from .units import human
+
+    spec = arch.quantization
+    if spec is None:
+        return []
+    if spec.dequantize:
+        return [f"{arch.name}: quantization_config.dequantize is true: the {spec.method} weights are dequantized on "
+                f"load and counted in {job.compute_dtype.value}"]
+    if spec.method == "bitsandbytes":
+        return [f"{arch.name} is a pre-quantized bitsandbytes checkpoint: counted as {spec.job_dtype.value} weights"
+                f"{' with double quantization' if spec.double_quant else ''}, as its quantization_config says"]
+    out = [f"{arch.name} is a pre-quantized {spec.label} checkpoint: the converted linears hold the format's storage "
+           f"({spec.source}); embeddings, norms, the head and skipped modules stay in {job.compute_dtype.value}"]
+    if spec.method == "awq" and job.compute_dtype.value == "bf16":
+        out.append("transformers' AWQ quantizer loads bf16 as fp16 on CUDA (quantizer_awq.py update_dtype): the same "
+                   "bytes; --compute-dtype fp16 names what runs")
+    if spec.method in ("gptq", "awq") and job.task == "infer":
+        out.append("inference kernels assumed: GPTQ's Marlin/exllama fuse the dequantization into the matmul (no "
+                   "dequantized weight counted); AWQ's GEMM kernel dequantizes the whole weight for more than 1,024 "
+                   "rows (gemm_awq.py AwqGemmFn: counted)")
+    if job.uses_lora:
+        if spec.method == "gptq":
+            out.append("LoRA over GPTQ runs gptqmodel's TorchQuantLinear (the trainable kernel), whose forward "
+                       "multiplies by a dequantized weight that autograd keeps for backward: each layer saves its "
+                       "linears' weights in the activation dtype (derived from qlinear/torch.py, not traced)")
+        else:
+            out.append(f"LoRA over {spec.method}: the backward dequantizes one weight at a time for the input "
+                       "gradient (derived from the kernel's autograd function, not traced)")
+            rest = count_rest(job, arch)
+            out.append(f"peft's prepare_model_for_kbit_training, if called, casts the non-quantized parameters of a "
+                       f"{spec.method} base to fp32 (peft utils/other.py; skipped for GPTQ): +{human(rest * 2)} of "
+                       "weights and an fp32 residual stream, not counted here")
+        if not job.checkpointing:
+            out.append("prepare_model_for_kbit_training turns gradient checkpointing on: pass --gradient-checkpointing "
+                       "to estimate that run")
+    if spec.method == "mxfp4":
+        from .params import count_params
+
+        bf16 = count_params(arch).total * 2
+        out.append(f"MXFP4 needs triton >= 3.4, the `kernels` package and compute capability >= 7.5 "
+                   f"(quantizer_mxfp4.py validate_environment); without them transformers dequantizes the experts to "
+                   f"bf16 on load: {human(bf16)} of weights (a config with quantization_config.dequantize true)")
+    return out
+
+
+def count_rest(job, arch: "ModelArch") -> int:
+    """Parameters outside the converted linears (compute dtype)."""
+    from .params import count_params
+
+    _, q_params = quantized_layer_bytes(arch.quantization, arch, 2)
+    return count_params(arch).total - q_params
