@@ -136,8 +136,8 @@ class _Reader:
             if default is None:
                 self.fail(key, f"is missing; allowed: {', '.join(map(str, allowed))}")
             return default
-        if isinstance(v, bool) or (lower and isinstance(v, str) and v.lower() in allowed):
-            v = v.lower() if isinstance(v, str) else v
+        if lower and isinstance(v, str):
+            v = v.lower()
         if isinstance(v, bool) or v not in allowed:
             self.fail(key, f"must be one of {', '.join(map(str, allowed))}, got {v!r}")
         return v
@@ -178,7 +178,7 @@ def parse_quantization(r: "ConfigReader") -> QuantSpec | None:
                          desc_act=q.bool("desc_act", False), sym=q.bool("sym", True),
                          skip=q.names("modules_to_not_convert"))
     if method == "awq":
-        bits = q.choice("bits", (4,), default=q.get("w_bit") or None)
+        bits = q.choice("bits" if q.get("bits") is not None or q.get("w_bit") is None else "w_bit", (4,))
         g = q.get("group_size") if q.get("group_size") is not None else q.get("q_group_size")
         g = 128 if g is None else g
         if isinstance(g, bool) or not isinstance(g, int) or g <= 0:

@@ -114,3 +114,19 @@ def test_against_trace(model, kw, sliding):
            for p in estimate_memory(job, load_model(model), None, get(job.stack).on_cpu()).phases}
     for snap in trace_inference(job).timeline:
         assert est[snap.phase.value] == pytest.approx(snap.peak_bytes, rel=0.03), snap.phase
+
+
+@pytest.mark.parametrize("fields", [
+    # fp8 QuantizedCache on a whole model
+    dict(model="llama-2-7b", seq_len=256, new_tokens=8, micro_batch=2, kv_cache_dtype="fp8"),
+    # a prompt past Mistral's 4,096 window: the dynamic sliding layers hold the prompt's cat after the prefill
+    dict(model="mistral-7b", seq_len=4400, new_tokens=4, micro_batch=1),
+])
+def test_whole_models_against_trace(fields):
+    from memplan.validate.trace import trace_inference
+
+    job = Job(task="infer", **fields)
+    est = {p.name.value: p.allocated_bytes
+           for p in estimate_memory(job, load_model(job.model), None, get(job.stack).on_cpu()).phases}
+    for snap in trace_inference(job).timeline:
+        assert est[snap.phase.value] == pytest.approx(snap.peak_bytes, rel=0.01), snap.phase
