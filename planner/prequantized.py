@@ -470,8 +470,14 @@ def notes(job, arch: "ModelArch") -> list[str]:
         return [f"{arch.name}: quantization_config.dequantize is true: the {spec.method} weights are dequantized on "
                 f"load and counted in {job.compute_dtype.value}"]
     if spec.method == "bitsandbytes":
-        return [f"{arch.name} is a pre-quantized bitsandbytes checkpoint: counted as {spec.job_dtype.value} weights"
-                f"{' with double quantization' if spec.double_quant else ''}, as its quantization_config says"]
+        out = [f"{arch.name} is a pre-quantized bitsandbytes checkpoint: counted as {spec.job_dtype.value} weights"
+               f"{' with double quantization' if spec.double_quant else ''}, as its quantization_config says"]
+        skipped = sorted({lin.name for lin in arch.projections
+                          if any(_skipped(spec, lin, i) for i in range(arch.layers))})
+        if skipped:
+            out.append(f"llm_int8_skip_modules names block linears ({', '.join(skipped)}): memplan's bitsandbytes rows "
+                       "count them quantized, so the weights are under-counted by their 16-bit share")
+        return out
     out = [f"{arch.name} is a pre-quantized {spec.label} checkpoint: the converted linears hold the format's storage "
            f"({spec.source}); embeddings, norms, the head and skipped modules stay in {job.compute_dtype.value}"]
     if spec.method == "awq" and job.compute_dtype.value == "bf16":
