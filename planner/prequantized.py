@@ -11,8 +11,9 @@ its layout comes from (docs/quantization.md):
   qweight int32 [ceil(in*bits/32), out], qzeros int32 [ceil(in/g), ceil(out*bits/32)], scales fp16
   [ceil(in/g), out], g_idx int32 [in] (always registered; desc_act only reorders it), bias fp16 [out];
   group_size -1 is one group of `in` rows (`PackedGroupedQuantLinear.__init__`). transformers
-  quantizers/quantizer_gptq.py loads it through optimum's `convert_model` (every nn.Linear of the blocks,
-  subclasses included; the head stays: from memory of optimum's gptq/quantizer.py, not installed).
+  quantizers/quantizer_gptq.py loads it through optimum 2.3 gptq/quantizer.py `convert_model`: the layers
+  `gptq/utils.py get_layers` finds under the blocks' prefix, `type(module) is nn.Linear` exactly (subclasses
+  such as routers are skipped; the head is outside the blocks), kept to `modules_in_block_to_quantize`.
 - AWQ: gptqmodel `AWQuantLinear.__init__`: qweight int32 [in, ceil(out*bits/32)], qzeros int32
   [in // g, ceil(out*bits/32)], scales fp16 [in // g, out], bias fp16; transformers integrations/awq.py
   `replace_with_awq_linear` converts every `isinstance(module, nn.Linear)` outside modules_to_not_convert
@@ -53,7 +54,7 @@ METHODS: tuple[str, ...] = QuantMethod.__args__  # type: ignore[attr-defined]
 
 # The file each format's storage layout is read from (docs/quantization.md).
 SOURCES = {
-    "gptq": "gptqmodel 7.7 nn_modules/qlinear/__init__.py GPTQQuantLinear._register_gptq_buffers",
+    "gptq": "gptqmodel 7.7 nn_modules/qlinear/__init__.py GPTQQuantLinear._register_gptq_buffers; optimum 2.3 gptq",
     "awq": "gptqmodel 7.7 nn_modules/qlinear/__init__.py AWQuantLinear; transformers integrations/awq.py",
     "bitsandbytes": "bitsandbytes functional.py QuantState / Int8Params (memplan dtypes.linear_weight_bytes)",
     "fbgemm_fp8": "transformers integrations/fbgemm_fp8.py FbgemmFp8Linear",
@@ -84,6 +85,8 @@ class QuantSpec(BaseModel):
     scale_strategy: Literal["tensor", "channel", "block"] = "tensor"
     static_activation: bool = False  # FP8 activation_scheme "static": one fp32 activation scale per linear
     skip: tuple[str, ...] = ()  # modules_to_not_convert / llm_int8_skip_modules / ignore: compute dtype
+    # GPTQ modules_in_block_to_quantize (flattened): when given, only block linears whose name ends with one
+    only: tuple[str, ...] = ()
     dequantize: bool = False  # MXFP4 (and FP8) `dequantize: true`: the weights load in bf16
 
     @property
@@ -174,9 +177,13 @@ def parse_quantization(r: "ConfigReader") -> QuantSpec | None:
         g = 128 if g is None else g
         if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g > 0):
             q.fail("group_size", f"must be -1 (one group) or a positive integer, got {g!r}")
+        only = q.get("modules_in_block_to_quantize")
+        if only is not None and not (isinstance(only, list) and all(
+                isinstance(x, list) and all(isinstance(n, str) for n in x) for x in only)):
+            q.fail("modules_in_block_to_quantize", f"must be a list of lists of module names, got {only!r}")
         return QuantSpec(method=method, bits=bits, group_size=None if g == -1 else g,
                          desc_act=q.bool("desc_act", False), sym=q.bool("sym", True),
-                         skip=q.names("modules_to_not_convert"))
+                         skip=q.names("modules_to_not_convert"), only=tuple(n for x in only or [] for n in x))
     if method == "awq":
         bits = q.choice("bits" if q.get("bits") is not None or q.get("w_bit") is None else "w_bit", (4,))
         g = q.get("group_size") if q.get("group_size") is not None else q.get("q_group_size")
@@ -274,6 +281,9 @@ def converts(spec: QuantSpec, lin: "LinearSpec", stack=None) -> bool:
         return (stack or get("transformers-5")).bnb_converts(lin)
     if spec.method == "fp8":
         return lin.module in ("Linear", "fused experts")  # type(module) is nn.Linear, and `.experts` modules
+    if spec.method == "gptq":  # optimum gptq/utils.py get_layers: `type(module) is nn.Linear`
+        return lin.module == "Linear" and (not spec.only or any(
+            f"{'self_attn' if lin.part == 'attention' else 'mlp'}.{lin.name}".endswith(n) for n in spec.only))
     return lin.module in ("Linear", "Linear subclass")  # isinstance(module, nn.Linear)
 
 

@@ -156,3 +156,14 @@ def test_shipped_configs():
         assert arch.quantization.method == q and arch.quantization.bits == 4 and arch.quantization.group_size == 128
     # Llama-3.1-8B AWQ: 32 x (q 4096x4096, k/v 4096x1024, o 4096x4096, 3 MLP 4096 <-> 14336) + 2 x 128256 x 4096
     assert _weights("llama-3.1-8b-instruct-awq") == 5_727_854_592
+
+
+def test_gptq_modules_in_block_to_quantize():
+    """optimum's convert_model keeps only the listed block linears: the MLP here stays in fp16."""
+    cfg = _with_quant({"quant_method": "gptq", "bits": 4, "group_size": 128,
+                       "modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                                        ["self_attn.o_proj"]]})
+    arch = arch_from_hf_config(cfg, "x")
+    w = next(c.bytes for c in estimate_memory(Job(model="llama-2-7b", task="infer", compute_dtype="fp16"), arch
+                                              ).components if c.name == "weights")
+    assert w == 32 * (4 * 8_732_672 + 3 * 4096 * 11008 * 2) + REST
