@@ -77,7 +77,7 @@ class QuantSpec(BaseModel):
     desc_act: bool = False  # GPTQ act-order: g_idx is stored either way, desc_act only permutes it
     sym: bool = True
     zero_point: bool = True  # AWQ: qzeros are registered either way (AWQuantLinear)
-    version: str = "gemm"  # AWQ kernel layout: gemm or gemv (the same element counts)
+    version: str = "gemm"  # AWQ kernel layout: gemm, or gemv (its own padded layout); others counted as gemm
     bnb_quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = False
     # FP8: [rows, cols] of one fp32 scale block (DeepSeek-V3's weight_block_size); None: per tensor
@@ -297,6 +297,12 @@ def linear_storage_bytes(spec: QuantSpec, lin: "LinearSpec", compute_bytes: int)
         groups = -(-i // g)
         per = (4 * (-(-i * spec.bits // 32)) * o + 4 * groups * (-(-o * spec.bits // 32)) + 2 * groups * o + 4 * i
                + (2 * o if lin.bias else 0))
+    elif spec.method == "awq" and spec.version == "gemv":
+        # gptqmodel qlinear/gemv_awq.py AwqGEMVQuantLinear: qweight int32 [out, in/8], qzeros int32 [out, w],
+        # scales fp16 [out, 8 w], w = utils/gemv.py calculate_zeros_width (groups padded to a multiple of 8)
+        mult = {64: 2, 32: 4, 16: 8}.get(spec.group_size, 1)
+        w = -(-(-(-(i // spec.group_size) // 8)) // mult) * mult
+        per = 4 * o * (i * spec.bits // 32) + 4 * o * w + 2 * o * w * 8 + (2 * o if lin.bias else 0)
     elif spec.method == "awq":
         groups = i // spec.group_size
         packed_out = -(-o * spec.bits // 32)

@@ -167,3 +167,10 @@ def test_gptq_modules_in_block_to_quantize():
     w = next(c.bytes for c in estimate_memory(Job(model="llama-2-7b", task="infer", compute_dtype="fp16"), arch
                                               ).components if c.name == "weights")
     assert w == 32 * (4 * 8_732_672 + 3 * 4096 * 11008 * 2) + REST
+
+
+def test_awq_gemv_layout():
+    """gemv pads the groups to a multiple of 8 (utils/gemv.py calculate_zeros_width): 86 groups -> 88."""
+    v = QuantSpec(method="awq", bits=4, group_size=128, version="gemv")
+    assert linear_storage_bytes(v, SQ, 2) == 4096 * 512 * 4 + 4096 * 4 * 4 + 4096 * 32 * 2
+    assert linear_storage_bytes(v, DOWN, 2) == 4096 * 1376 * 4 + 4096 * 11 * 4 + 4096 * 88 * 2
