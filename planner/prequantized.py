@@ -27,9 +27,11 @@ its layout comes from (docs/quantization.md):
   weight [out, in], fp32 weight_scale_inv [ceil(out/b0), ceil(in/b1)] (one scalar per tensor without
   weight_block_size), a static activation_scale of one fp32; `type(module) is nn.Linear` and every
   `.experts` module (FP8Experts, fused 3-D stacks with the same per-block scales).
-- compressed-tensors (FP8 weight schemes only): fp8 weight plus a scale per tensor / output channel /
-  block in the compute dtype (from memory of compressed_tensors' `initialize_module_for_quantization`;
-  the package is not installed).
+- compressed-tensors (FP8 weight schemes only): transformers quantizers/quantizer_compressed_tensors.py
+  leaves the weights compressed at load and compressed-tensors decompresses them on the first forward
+  pass, so a run holds them dense in the model dtype; with `use_optimized_inference: true` (inference
+  only) they stay fp8 in `CompressedTensorsFP8Linear` (integrations/compressed_tensors.py: fp8 weight
+  [out, in], fp32 weight_scale [1, out]). `dequantize: true` loads them dense.
 - mxfp4: integrations/mxfp4.py `Mxfp4GptOssExperts`: the fused experts' packed FP4 blocks (two values a
   byte: uint8 [E, out, in/2], the checkpoint's [E, out, in/32, 16]), uint8 scales [E, out, in/32] (one
   E8M0 exponent per 32 values) and fp32 biases; everything else stays in the compute dtype.
@@ -59,7 +61,7 @@ SOURCES = {
     "bitsandbytes": "bitsandbytes functional.py QuantState / Int8Params (memplan dtypes.linear_weight_bytes)",
     "fbgemm_fp8": "transformers integrations/fbgemm_fp8.py FbgemmFp8Linear",
     "fp8": "transformers integrations/finegrained_fp8.py FP8Linear / FP8Experts",
-    "compressed-tensors": "compressed_tensors initialize_module_for_quantization (from memory, not installed)",
+    "compressed-tensors": "transformers integrations/compressed_tensors.py CompressedTensorsFP8Linear",
     "mxfp4": "transformers integrations/mxfp4.py Mxfp4GptOssExperts",
 }
 MXFP4_BLOCK = 32  # values per E8M0 scale (integrations/mxfp4.py: blocks (.., in/32, 16) bytes, scales (.., in/32))
@@ -88,6 +90,8 @@ class QuantSpec(BaseModel):
     # GPTQ modules_in_block_to_quantize (flattened): when given, only block linears whose name ends with one
     only: tuple[str, ...] = ()
     dequantize: bool = False  # MXFP4 (and FP8) `dequantize: true`: the weights load in bf16
+    # compressed-tensors without use_optimized_inference: decompressed to the model dtype on the first forward
+    decompressed_on_forward: bool = False
 
     @property
     def source(self) -> str:
@@ -242,8 +246,11 @@ def _compressed_tensors(q: _Reader) -> QuantSpec:
     if strategy == "block" and not (isinstance(block, list) and len(block) == 2
                                     and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
         q.fail(f"config_groups.{name}.weights.block_structure", f"must be two positive integers, got {block!r}")
-    return QuantSpec(method="compressed-tensors", bits=8, scale_strategy=strategy,
-                     block=tuple(block) if strategy == "block" else None, skip=q.names("ignore"))
+    # quantizer_compressed_tensors.py: without use_optimized_inference the weights are decompressed on the
+    # first forward pass (dense in the model dtype from then on), as with dequantize
+    optimized = q.bool("use_optimized_inference", False) and not q.bool("dequantize", False)
+    return QuantSpec(method="compressed-tensors", bits=8, scale_strategy="channel", skip=q.names("ignore"),
+                     dequantize=not optimized, decompressed_on_forward=not optimized and not q.bool("dequantize", False))
 
 
 # --- which linears a format converts ------------------------------------------------------------
@@ -312,13 +319,14 @@ def linear_storage_bytes(spec: QuantSpec, lin: "LinearSpec", compute_bytes: int)
         assert spec.job_dtype in (DType.nf4, DType.fp4, DType.int8)
     elif spec.method == "fbgemm_fp8":
         per = o * i + 4 * o + (4 * o if lin.bias else 0) + 4
-    elif spec.method in ("fp8", "compressed-tensors"):
+    elif spec.method == "compressed-tensors":  # CompressedTensorsFP8Linear: fp32 weight_scale [1, out]
+        per = o * i + 4 * o + (compute_bytes * o if lin.bias else 0)
+    elif spec.method == "fp8":
         if spec.block:
             scales = (-(-o // spec.block[0])) * (-(-i // spec.block[1]))
         else:
             scales = o if spec.scale_strategy == "channel" else 1
-        scale_bytes = 4 if spec.method == "fp8" else compute_bytes
-        per = o * i + scale_bytes * scales + (4 if spec.static_activation else 0) + (compute_bytes * o if lin.bias else 0)
+        per = o * i + 4 * scales + (4 if spec.static_activation else 0) + (compute_bytes * o if lin.bias else 0)
     else:  # mxfp4
         per = o * i // 2 + o * (i // MXFP4_BLOCK) + (4 * o if lin.bias else 0)
     return n * per
@@ -377,7 +385,11 @@ def check_job(job, arch: "ModelArch") -> None:
             raise MemplanInputError(
                 f"{arch.name}'s MXFP4 experts do not train (transformers quantizer_mxfp4.py is_trainable is False): "
                 "load it dequantized (a config with quantization_config.dequantize true) to train LoRA on it")
-        if spec.method in ("fbgemm_fp8", "compressed-tensors"):
+        if spec.method == "compressed-tensors":
+            raise MemplanInputError(
+                f"{arch.name}: use_optimized_inference runs FP8 kernels for inference only (quantizer_compressed_tensors.py "
+                "is_trainable); drop it from the quantization_config to fine-tune (the weights are then decompressed)")
+        if spec.method == "fbgemm_fp8":
             raise MemplanInputError(
                 f"LoRA over a {spec.method} checkpoint is not modelled (its linears' backward is not read off a "
                 "source): use a fp8 (finegrained), GPTQ, AWQ or bitsandbytes checkpoint, or inference")
@@ -482,6 +494,10 @@ def notes(job, arch: "ModelArch") -> list[str]:
     spec = arch.quantization
     if spec is None:
         return []
+    if spec.decompressed_on_forward:
+        return [f"{arch.name}: compressed-tensors decompresses the weights on the first forward pass "
+                "(quantizer_compressed_tensors.py, without use_optimized_inference), so they are counted dense in "
+                f"{job.compute_dtype.value}; use_optimized_inference: true keeps FP8 weights (inference, SM89+)"]
     if spec.dequantize:
         return [f"{arch.name}: quantization_config.dequantize is true: the {spec.method} weights are dequantized on "
                 f"load and counted in {job.compute_dtype.value}"]

@@ -174,3 +174,20 @@ def test_awq_gemv_layout():
     v = QuantSpec(method="awq", bits=4, group_size=128, version="gemv")
     assert linear_storage_bytes(v, SQ, 2) == 4096 * 512 * 4 + 4096 * 4 * 4 + 4096 * 32 * 2
     assert linear_storage_bytes(v, DOWN, 2) == 4096 * 1376 * 4 + 4096 * 11 * 4 + 4096 * 88 * 2
+
+
+def test_compressed_tensors_fp8():
+    group = {"group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8, "strategy": "channel",
+                                                            "symmetric": True, "dynamic": False}}}
+    qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": group,
+          "ignore": ["lm_head"], "quantization_status": "compressed"}
+    dense = arch_from_hf_config(_with_quant(qc), "x")
+    job = Job(model="llama-2-7b", task="infer")
+    # decompressed on the first forward pass: the dense model's bytes
+    assert estimate_memory(job, dense).peak_allocated_bytes == estimate_memory(job, load_model("llama-2-7b")).peak_allocated_bytes
+    fast = arch_from_hf_config(_with_quant({**qc, "use_optimized_inference": True}), "x")
+    w = next(c.bytes for c in estimate_memory(job, fast).components if c.name == "weights")
+    # CompressedTensorsFP8Linear: fp8 weight + fp32 weight_scale [1, out]
+    assert w == 32 * (4 * (4096 * 4096 + 4 * 4096) + 2 * (4096 * 11008 + 4 * 11008) + (4096 * 11008 + 4 * 4096)) + REST
+    with pytest.raises(MemplanInputError, match="inference only"):
+        estimate_memory(Job(model="llama-2-7b", method="lora"), fast)
