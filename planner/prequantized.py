@@ -534,6 +534,13 @@ def notes(job, arch: "ModelArch") -> list[str]:
         if not job.checkpointing:
             out.append("prepare_model_for_kbit_training turns gradient checkpointing on: pass --gradient-checkpointing "
                        "to estimate that run")
+    if spec.method == "fp8":
+        from .params import count_params
+
+        out.append("FP8 weights stay fp8 on GPUs of compute capability >= 8.9 (4090, L4, H100, ...); below it (A100, "
+                   "V100, T4) and without a GPU transformers dequantizes them to bf16 on load (quantizer_finegrained_fp8.py "
+                   f"validate_environment): {human(count_params(arch).total * 2)} of weights (a config with "
+                   "quantization_config.dequantize true)")
     if spec.method == "mxfp4":
         from .params import count_params
 
