@@ -191,3 +191,26 @@ def test_compressed_tensors_fp8():
     assert w == 32 * (4 * (4096 * 4096 + 4 * 4096) + 2 * (4096 * 11008 + 4 * 11008) + (4096 * 11008 + 4 * 4096)) + REST
     with pytest.raises(MemplanInputError, match="inference only"):
         estimate_memory(Job(model="llama-2-7b", method="lora"), fast)
+
+
+def test_mxfp4_and_fp8_experts_in_the_weights_row():
+    """Fused 3-D experts (Mixtral's shapes, standing in for gpt-oss): MXFP4 converts the experts only,
+    finegrained FP8 the experts and the attention; the router stays in the compute dtype."""
+    _, cfg = load_hf_config("mixtral-8x7b")
+    total = 46_702_792_704
+    experts = 32 * 8 * (4096 * 28672 + 14336 * 4096)
+    mx = arch_from_hf_config({**cfg, "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                            "model.embed_tokens", "lm_head"]}}, "x")
+    job = Job(model="mixtral-8x7b", task="infer")
+    w = next(c.bytes for c in estimate_memory(job, mx).components if c.name == "weights")
+    per_layer = 8 * (28672 * 4096 // 2 + 28672 * 128 + 4096 * 14336 // 2 + 4096 * 448)
+    assert w == 32 * per_layer + (total - experts) * 2
+    fp8 = arch_from_hf_config({**cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "x")
+    w = next(c.bytes for c in estimate_memory(job, fp8).components if c.name == "weights")
+    attn = 2 * (4096 * 4096 + 32 * 32 * 4) + 2 * (1024 * 4096 + 8 * 32 * 4)
+    moe = 8 * (28672 * 4096 + 224 * 32 * 4 + 4096 * 14336 + 32 * 112 * 4)
+    attn_params = 2 * 4096 * 4096 + 2 * 1024 * 4096
+    assert w == 32 * (attn + moe) + (total - experts - 32 * attn_params) * 2
+    with pytest.raises(MemplanInputError, match="MXFP4 experts do not train"):
+        estimate_memory(Job(model="mixtral-8x7b", method="lora"), mx)
