@@ -489,7 +489,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     if pq_saved:
         layer_tensors = {**layer_tensors, "dequantized GPTQ weights": pq_saved}
     layer = _sum(layer_tensors)
-    layer0 = _sum(stack.layer_saved(arch, ctx0)) + pq_saved
+    layer0 = _sum(stack.layer_saved(arch, ctx0)) + prequantized.backward_saved_per_layer(job, arch, ctx.act_bytes,
+                                                                                         grad_in_first)
     shared = act.rotary_tables(arch, ctx) + _sum(act.final_norm_saved(arch, ctx))
     if arch.embd_dropout > 0:
         shared += t * arch.hidden * ctx.dropout_mask(ctx.act_bytes)

@@ -439,7 +439,7 @@ def weight_bytes(job, arch: "ModelArch", params, stack) -> tuple[int, str]:
     return q + rest * cb, formula
 
 
-def backward_saved_per_layer(job, arch: "ModelArch", act_bytes: int) -> int:
+def backward_saved_per_layer(job, arch: "ModelArch", act_bytes: int, grad_in: bool = True) -> int:
     """What a LoRA step over the quantized base saves per layer beyond the model's activations. GPTQ's
     trainable kernel (gptqmodel qlinear/torch.py `TorchQuantLinear._forward_eager`: `weights =
     self.dequantize_weight(); torch.matmul(x, weights)`) multiplies by a dequantized copy of the weight, and
@@ -449,7 +449,15 @@ def backward_saved_per_layer(job, arch: "ModelArch", act_bytes: int) -> int:
     spec = arch.quantization
     if not (applies(job, arch) and job.uses_lora and spec.method == "gptq"):
         return 0
-    return converted_per_layer(spec, arch) * act_bytes
+    if grad_in:
+        return converted_per_layer(spec, arch) * act_bytes
+    # the first layer without a gradient into its input (frozen embeddings, no checkpointing): matmul saves
+    # the weight only where its input requires grad, so the projections reading the layer's input (the
+    # attention's, before its output projection, the last attention linear) save none
+    attn = [lin for lin in arch.projections if lin.part == "attention"]
+    reading_input = {lin.name for lin in attn[:-1]}
+    return sum(lin.d_in * lin.d_out * lin.copies for lin in arch.projections
+               if converts(spec, lin) and not _skipped(spec, lin, 0) and lin.name not in reading_input) * act_bytes
 
 
 def dequant_transient(job, arch: "ModelArch", rows: int, grad: bool, compute_bytes: int) -> int:

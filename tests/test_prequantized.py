@@ -214,3 +214,13 @@ def test_mxfp4_and_fp8_experts_in_the_weights_row():
     assert w == 32 * (attn + moe) + (total - experts - 32 * attn_params) * 2
     with pytest.raises(MemplanInputError, match="MXFP4 experts do not train"):
         estimate_memory(Job(model="mixtral-8x7b", method="lora"), mx)
+
+
+def test_lora_over_gptq_without_checkpointing():
+    """Every layer keeps its dequantized weights, except the first layer's q, k, v: their input (the
+    frozen embedding's norm) needs no gradient, so matmul saves no weight for them."""
+    kw = dict(method="lora", compute_dtype="fp16")
+    acts = {m: {c.name: c.bytes for c in estimate_memory(Job(model=m, **kw), load_model(m)).components}["activations"]
+            for m in ("llama-2-7b-gptq", "llama-2-7b-awq")}
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008
+    assert acts["llama-2-7b-gptq"] - acts["llama-2-7b-awq"] == (32 * layer - 3 * 4096 * 4096) * 2
