@@ -163,7 +163,7 @@ def trace_inference(job: Job) -> TraceResult:
     from memplan.profiles import load_model
 
     from .models import DTYPES, hf_config, meta_model
-    from .step import generation
+    from .step import generation, make_cache
     from .tracker import LiveBytes
 
     _refuse(job)
@@ -183,26 +183,12 @@ def trace_inference(job: Job) -> TraceResult:
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len))
         with tracker:
             tracker.start_phase("prefill")
-            for phase in generation(model, ids, job.new_tokens, _cache(job, model.config)):
+            for phase in generation(model, ids, job.new_tokens, make_cache(job, model.config)):
                 timeline.append(_inference_snapshot(tracker, phase))
                 tracker.start_phase("decode")  # the phase after the prefill, if there is one
     top = max(timeline, key=lambda s: s.peak_bytes)
     return TraceResult(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
                        seconds=time.perf_counter() - started)
-
-
-def _cache(job: Job, config):
-    """The cache generate() would build for the job's cache options (None: DynamicCache). The static
-    cache's tensors are allocated lazily at the first update, inside the tracked region."""
-    if job.cache_implementation == "static":
-        from transformers import StaticCache
-
-        return StaticCache(config=config, max_cache_len=job.seq_len + job.new_tokens)
-    if job.kv_cache_dtype == "fp8":
-        from transformers import QuantizedCache
-
-        return QuantizedCache(backend="fp8", config=config)
-    return None
 
 
 def _inference_snapshot(tracker, phase: str) -> PhaseSnapshot:
