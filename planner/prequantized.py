@@ -189,7 +189,8 @@ def parse_quantization(r: "ConfigReader") -> QuantSpec | None:
                          desc_act=q.bool("desc_act", False), sym=q.bool("sym", True),
                          skip=q.names("modules_to_not_convert"), only=tuple(n for x in only or [] for n in x))
     if method == "awq":
-        bits = q.choice("bits" if q.get("bits") is not None or q.get("w_bit") is None else "w_bit", (4,))
+        # AwqConfig: bits defaults to 4 (older configs write w_bit)
+        bits = q.choice("bits" if q.get("bits") is not None or q.get("w_bit") is None else "w_bit", (4,), default=4)
         g = q.get("group_size") if q.get("group_size") is not None else q.get("q_group_size")
         g = 128 if g is None else g
         if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
