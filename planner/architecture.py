@@ -13,6 +13,7 @@ from typing import Literal, NoReturn
 from pydantic import BaseModel, ConfigDict
 
 from .errors import MemplanInputError
+from .prequantized import QuantSpec, parse_quantization
 
 NormKind = Literal["rms", "rms_gemma", "layer"]
 # The module class a projection is built as, which decides whether bitsandbytes loading converts it
@@ -87,6 +88,9 @@ class ModelArch(BaseModel):
     linears: tuple[LinearSpec, ...]
     router: LinearSpec | None = None  # MoE: the router's projection (hidden -> experts)
     default_lora_targets: tuple[str, ...]
+    # A pre-quantized checkpoint's quantization_config (GPTQ, AWQ, bitsandbytes, FP8, MXFP4), parsed for
+    # every family in arch_from_hf_config (planner/prequantized.py); None: the weights are as the job loads them.
+    quantization: QuantSpec | None = None
 
     @property
     def q_width(self) -> int:
@@ -234,7 +238,9 @@ def arch_from_hf_config(cfg: dict, name: str) -> ModelArch:
     r = ConfigReader(cfg, name)
     model_type = r.cfg.get("model_type")
     if model_type in FAMILIES:
-        return FAMILIES[model_type].parse(r, name, model_type)
+        arch = FAMILIES[model_type].parse(r, name, model_type)
+        spec = parse_quantization(r)
+        return arch if spec is None else arch.model_copy(update={"quantization": spec})
     supported = ", ".join(supported_model_types())
     if model_type is None:
         r.fail(f"model_type is missing; supported: {supported}")

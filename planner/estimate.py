@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import activations as act
 from . import inference as inf
-from . import liger, offload, overhead
+from . import liger, offload, overhead, prequantized
 from .attention import Kernel
 from .phases import Moment, PhaseName
 from .architecture import ModelArch
@@ -54,6 +54,9 @@ def check_job(job: Job, arch: ModelArch) -> None:
 def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, stack: Stack | None = None) -> Estimate:
     """Estimate one job's per-GPU memory under `stack` (default: the job's, on CUDA; the CPU trace
     compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels)."""
+    job = prequantized.effective_job(job, arch)  # a bitsandbytes checkpoint: its own 4/8-bit dtype
+    prequantized.check_job(job, arch)
+    inf.check_cache(job, arch)
     check_job(job, arch)
     liger.check(job, arch)
     stack = stack or get_stack(job.stack)
@@ -481,8 +484,13 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     ctx = act.make_ctx(run, arch, targets, stack, grad_in=True)
     ctx0 = act.make_ctx(run, arch, targets, stack, grad_in=grad_in_first)
     layer_tensors = stack.layer_saved(arch, ctx)
+    # a LoRA step over a GPTQ base also saves each linear's dequantized weight (planner/prequantized.py)
+    pq_saved = prequantized.backward_saved_per_layer(job, arch, ctx.act_bytes)
+    if pq_saved:
+        layer_tensors = {**layer_tensors, "dequantized GPTQ weights": pq_saved}
     layer = _sum(layer_tensors)
-    layer0 = _sum(stack.layer_saved(arch, ctx0))
+    layer0 = _sum(stack.layer_saved(arch, ctx0)) + prequantized.backward_saved_per_layer(job, arch, ctx.act_bytes,
+                                                                                         grad_in_first)
     shared = act.rotary_tables(arch, ctx) + _sum(act.final_norm_saved(arch, ctx))
     if arch.embd_dropout > 0:
         shared += t * arch.hidden * ctx.dropout_mask(ctx.act_bytes)
@@ -547,7 +555,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     recompute = layer - act.recompute_input_alias(arch, ctx) if ckpt else 0
     walk.row("recomputed layer", "one checkpointed layer's saved tensors, recomputed for its backward")
     walk.row("backward transients", "one layer's backward: stream gradients + the MLP's or the attention's gradients")
-    walk.row("dequantized weight", "the largest 4/8-bit weight, dequantized for the input gradient (bitsandbytes)")
+    walk.row("dequantized weight", prequantized.dequant_row(arch) or
+             "the largest 4/8-bit weight, dequantized for the input gradient (bitsandbytes)")
     walk.row("tied embedding gradient sum", "tied embedding and head gradients, summed out of place")
     walk.row("embedding input gradient", f"{count(t)} tokens x {arch.hidden:,} x {ab} B into the embedding's backward")
     # autocast's cache of cast weights dies with the autocast region; only tensors saved for
@@ -696,8 +705,9 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     # the prefill's high point inside a layer includes one dequantized 4-bit weight: its own row
     pre_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch * job.seq_len)
     walk.row("activations", "one layer's no-grad intermediates during prefill")
-    walk.row("dequantized weight", "bitsandbytes dequantizes the largest 4-bit weight to the compute dtype "
-                                   f"for more than {inf.BNB_FUSED_MAX_ROWS} rows")
+    walk.row("dequantized weight", prequantized.dequant_row(arch) or
+             "bitsandbytes dequantizes the largest 4-bit weight to the compute dtype "
+             f"for more than {inf.BNB_FUSED_MAX_ROWS} rows")
     head = inf.head_bytes(job, arch)
     logits = inf.logits_bytes(job, arch)
     walk.row("logits", ("final norm output + last position's logits and their fp32 copy (generate); "
@@ -707,7 +717,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     decode_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch) if job.new_tokens else 0
     walk.row("decode dequantized weight", f"bitsandbytes dequantizes the largest 4-bit weight for {job.micro_batch} "
                                           f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")
-    walk.row("KV cache append", "DynamicCache torch.cat: one layer's old and new keys alive at once")
+    walk.row("KV cache append", inf.cache_append_formula(job))
     walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
     base = {"weights": w, "buffers": stack.buffer_bytes(job, arch), "cuBLAS workspaces": ws}
     walk.phase(LOAD, ("weights", {"weights": w, "buffers": stack.buffer_bytes(job, arch)}))
@@ -732,7 +742,7 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak", [peak.name], "reserved")
     walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
-    notes = job.notes() + notes
+    notes = job.notes() + prequantized.notes(job, arch) + notes
     if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import prequantized
 from .architecture import ModelArch
 from .attention import Kernel, attention_kernel
 from .dtypes import float_bytes
@@ -12,29 +13,55 @@ from .stacks import Stack
 
 def kv_tokens(job: Job, arch: ModelArch, generated: bool = True, layer: int = 0) -> int:
     """Positions decoder layer `layer` holds per sequence: the prompt, plus the new tokens once they
-    are generated; a sliding-window layer keeps only its window."""
-    total = job.seq_len + (job.new_tokens if generated else 0)
+    are generated; a sliding-window layer keeps only its window. A static cache (StaticCache,
+    cache_utils.py StaticLayer.lazy_initialization) allocates max_cache_len = prompt + new tokens at
+    its first update, so the prefill already holds them all; StaticSlidingWindowLayer holds
+    min(window, max_cache_len)."""
+    static = job.cache_implementation == "static"
+    total = job.seq_len + (job.new_tokens if generated or static else 0)
     window = arch.window_of(layer)
+    if window and not static and not generated:
+        # DynamicSlidingWindowLayer.update keeps `full_key_states[:, :, -window + 1:, :]`, a view: after the
+        # prefill the whole prompt's cat stays allocated until the layer's first decode update replaces it
+        return total
     return min(total, window) if window else total
 
 
 def layer_cache_bytes(job: Job, arch: ModelArch, layer: int, generated: bool = True) -> int:
-    """One layer's cache: (K + V width) x positions x batch x bytes."""
+    """One layer's cache: (K + V width) x positions x batch x bytes; a quantized cache
+    (--kv-cache-dtype) holds `quantized_cache_bytes` instead."""
+    if job.kv_cache_dtype is not None:
+        return quantized_layer_cache_bytes(job, arch, layer, generated)
     return arch.cache_width * kv_tokens(job, arch, generated, layer) * job.micro_batch * float_bytes(job.compute_dtype)
 
 
 def kv_cache_bytes(job: Job, arch: ModelArch, generated: bool = True) -> int:
     """Every layer's cache: 2 (K and V) x kv_heads x head_dim x positions x batch x bytes, summed
     over the layers (sliding-window layers hold fewer positions)."""
-    return sum(layer_cache_bytes(job, arch, i, generated) for i in range(arch.layers))
+    held = sum(layer_cache_bytes(job, arch, i, generated) for i in range(arch.layers))
+    if generated and job.new_tokens:
+        # the decode starts from the prefill's cache, which a dynamic sliding layer holds larger than its
+        # window until its first update (kv_tokens); every other cache only grows
+        return max(held, kv_cache_bytes(job, arch, generated=False))
+    return held
 
 
 def kv_cache_formula(job: Job, arch: ModelArch) -> str:
     """The KV cache row's formula: one product when every layer holds the same positions, else the
     layers grouped by the positions they hold."""
+    if job.kv_cache_dtype is not None:
+        q, r = max(quantized_positions(job, True), key=lambda qr: _quantized_bytes(job, arch, *qr))
+        what = ("1 B (float8_e4m3fn) + one fp32 scale per tensor" if job.kv_cache_dtype == "fp8" else
+                f"{KV_BITS[job.kv_cache_dtype]} bits + a scale and a zero point per {KV_QUANT_GROUP} values")
+        return (f"{arch.layers} layers x {arch.cache_width:,} cached elements (K and V) per position x batch "
+                f"{job.micro_batch}: {q:,} positions at {what}, {r:,} residual positions x "
+                f"{float_bytes(job.compute_dtype)} B")
+    # the decode's cache is the prefill's when that is larger (dynamic sliding layers, kv_cache_bytes)
+    generated = not (job.new_tokens and kv_cache_bytes(job, arch) > sum(
+        layer_cache_bytes(job, arch, i) for i in range(arch.layers)))
     by_positions: dict[int, int] = {}
     for i in range(arch.layers):
-        p = kv_tokens(job, arch, layer=i)
+        p = kv_tokens(job, arch, generated, layer=i)
         by_positions[p] = by_positions.get(p, 0) + 1
     tail = f"batch {job.micro_batch} x {float_bytes(job.compute_dtype)} B (the prompt's positions during the prefill)"
     if arch.kv_cache_width is None and len(by_positions) == 1:
@@ -47,10 +74,99 @@ def kv_cache_formula(job: Job, arch: ModelArch) -> str:
 def cache_append_bytes(job: Job, arch: ModelArch) -> int:
     """transformers' DynamicCache appends a decode step's keys and values with `torch.cat`: for a
     moment one layer's old and new key (then value) tensors are both alive, one layer's K extra
-    (the largest layer's)."""
+    (the largest layer's). A static cache writes in place (StaticLayer.update `index_copy_`), except a
+    full StaticSlidingWindowLayer, which rolls its keys and values into new tensors before copying them
+    back (`self.keys.roll(-1, dims=-2)`): one layer's K and V. A quantized cache: `quantized_update_bytes`."""
     if not job.new_tokens:
         return 0
+    if job.kv_cache_dtype is not None:
+        return quantized_update_bytes(job, arch)
+    if job.cache_implementation == "static":
+        rolled = [layer_cache_bytes(job, arch, i) for i in range(arch.layers)
+                  if arch.window_of(i) and job.seq_len + job.new_tokens > arch.window_of(i)]
+        return max(rolled, default=0)
     return max(layer_cache_bytes(job, arch, i) for i in range(arch.layers)) // 2
+
+
+def cache_append_formula(job: Job) -> str:
+    if job.kv_cache_dtype == "fp8":
+        return ("Fp8QuantizedLayer.update: one layer's keys returned in the compute dtype beside its values' "
+                "dequantization (fp32 copy and fp32 product)")
+    if job.kv_cache_dtype is not None:
+        return ("QuantizedLayer.update: one layer's dequantized K and V and their cat with the residual "
+                "(derived: quanto/HQQ not installed)")
+    if job.cache_implementation == "static":
+        return "StaticCache writes in place; a full sliding layer rolls its K and V into new tensors"
+    return "DynamicCache torch.cat: one layer's old and new keys alive at once"
+
+
+# [kv cache] transformers cache_utils.py QuantizedLayer defaults (QuantizedCache passes none by default)
+KV_QUANT_GROUP = 64  # q_group_size: one scale and one zero point per 64 values
+KV_RESIDUAL = 128  # residual_length: positions kept in the compute dtype until they are flushed
+KV_BITS = {"int4": 4, "int8": 8}
+
+
+def quantized_positions(job: Job, generated: bool) -> list[tuple[int, int]]:
+    """(quantized, residual) positions a QuantizedLayer holds: the prefill quantizes the whole prompt
+    (QuantizedLayer.update's first call); each decode update appends to the residual, and once residual +
+    new reaches residual_length the whole cache is re-quantized and the residual emptied. So after m
+    updates the residual holds m mod 128 positions. Candidates: the end, and the last moment before a flush
+    (127 residual positions), whichever holds more. Fp8QuantizedLayer has no residual."""
+    s, m = job.seq_len, job.new_tokens if generated else 0
+    if job.kv_cache_dtype == "fp8" or m == 0:
+        return [(s + m, 0)]
+    out = [(s + m - m % KV_RESIDUAL, m % KV_RESIDUAL)]
+    last_full = m - (m + 1) % KV_RESIDUAL  # the largest m' <= m with m' % 128 == 127
+    if 0 < last_full <= m:
+        out.append((s + last_full - (KV_RESIDUAL - 1), KV_RESIDUAL - 1))
+    return out
+
+
+def quantized_layer_cache_bytes(job: Job, arch: ModelArch, layer: int, generated: bool = True) -> int:
+    """One layer's quantized cache. int4/int8 (QuantizedLayer: quanto nbits 2/4, HQQ 1/2/3/4/8): per key
+    and value tensor, the values packed to nbits, and per group of 64 one scale and one zero point in the
+    compute dtype (HQQ `meta["scale"]`, `meta["zero"]` cast to compute_dtype; quanto's scale and shift in the
+    input's dtype: from memory, neither is installed), plus the residual positions in the compute dtype.
+    fp8 (Fp8QuantizedLayer): one float8_e4m3fn byte per value and one fp32 scale per tensor."""
+    return max(_quantized_bytes(job, arch, q, r) for q, r in quantized_positions(job, generated))
+
+
+def _quantized_bytes(job: Job, arch: ModelArch, q: int, r: int) -> int:
+    ab, b = float_bytes(job.compute_dtype), job.micro_batch
+    n = b * q * arch.cache_width // 2  # values of one of K or V
+    if job.kv_cache_dtype == "fp8":
+        stored = 2 * (n + 4)
+    else:
+        groups = -(-n // KV_QUANT_GROUP)
+        stored = 2 * (-(-n * KV_BITS[job.kv_cache_dtype] // 8) + 2 * groups * ab)
+    return stored + b * r * arch.cache_width * ab
+
+
+def quantized_update_bytes(job: Job, arch: ModelArch) -> int:
+    """A decode update of the quantized cache, for one layer (derived from cache_utils.py, the largest layer):
+    - QuantizedLayer.update: `dequant_keys`, `dequant_values` (the quantized positions in the compute dtype)
+      and `keys_to_return`, `values_to_return` (their cat with the residual and the new position) are alive
+      together: two copies of the layer's full K and V in the compute dtype;
+    - Fp8QuantizedLayer.update: `keys_to_return` (compute dtype) is held while the values are dequantized as
+      `(quant_tensor.float() * scale).to(dtype)`: an fp32 copy and the fp32 product, 8 B per value."""
+    ab, b = float_bytes(job.compute_dtype), job.micro_batch
+    n = b * (job.seq_len + job.new_tokens) * arch.cache_width // 2
+    if job.kv_cache_dtype == "fp8":
+        return n * ab + 8 * n
+    return 2 * 2 * n * ab
+
+
+def check_cache(job: Job, arch: ModelArch) -> None:
+    """transformers' QuantizedCache refuses models with sliding-window layers (cache_utils.py
+    QuantizedCache.__init__: 'only supported for models with only full attention layers')."""
+    if job.kv_cache_dtype is None:
+        return
+    if any(arch.window_of(i) for i in range(arch.layers)):
+        from .errors import MemplanInputError
+
+        raise MemplanInputError(
+            f"--kv-cache-dtype {job.kv_cache_dtype}: transformers' QuantizedCache supports only models whose layers "
+            f"all attend globally, and {arch.name} has sliding-window layers; drop --kv-cache-dtype")
 
 
 def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
@@ -114,7 +230,10 @@ def dequant_bytes(job: Job, arch: ModelArch, stack: Stack, rows: int, into_bytes
     Up to 4 rows always run the fused kernel; between 5 and 1,536 rows bitsandbytes picks per GPU
     architecture, and the estimate assumes the dequantizing path (the larger). `into_bytes`: the
     dtype it is dequantized into, when not the compute dtype (the CPU trace's activation dtype)."""
-    if not job.quantized or rows <= BNB_FUSED_MAX_ROWS:
+    if not job.quantized:  # a pre-quantized checkpoint's kernels (planner/prequantized.py)
+        return prequantized.dequant_transient(job, arch, rows, job.task == "train",
+                                              into_bytes or float_bytes(job.compute_dtype))
+    if rows <= BNB_FUSED_MAX_ROWS:
         return 0
     largest = max((d_in * d_out for d_in, d_out, _ in stack.quantized_linears(arch)), default=0)
     return largest * (into_bytes or float_bytes(job.compute_dtype))

@@ -33,7 +33,7 @@ TRAINING_ONLY: tuple[str, ...] = (
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
 # Fields that only inference reads.
-INFERENCE_ONLY: tuple[str, ...] = ("new_tokens",)
+INFERENCE_ONLY: tuple[str, ...] = ("new_tokens", "kv_cache_dtype", "cache_implementation")
 
 
 def _flag(field: str, value) -> str:
@@ -130,6 +130,13 @@ class Job(BaseModel):
     # [zero] DeepSpeed's zero_optimization knobs for --sharding zero1/zero2/zero3 (planner/zero.py); None:
     # what accelerate's DeepSpeed plugin writes (stage and offload devices only: DeepSpeed's defaults)
     deepspeed: ZeroConfig | None = None
+    # [kv cache] generate()'s cache (inference only; planner/inference.py): None = the compute dtype; int4/int8 =
+    # transformers' QuantizedCache (cache_utils.py QuantizedLayer: quanto or HQQ, groups of 64, the last <128
+    # positions kept in the compute dtype); fp8 = QuantizedCache(backend="fp8") (Fp8QuantizedLayer, per-tensor scale)
+    kv_cache_dtype: Literal["int4", "int8", "fp8"] | None = None
+    # generate(cache_implementation=...): "dynamic" = DynamicCache (grows by torch.cat), "static" = StaticCache
+    # (StaticLayer preallocates prompt + new tokens for every layer at the first update)
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
 
     def __init__(self, **fields) -> None:
         # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
@@ -212,6 +219,10 @@ class Job(BaseModel):
             )
         if self.adapter_dtype is not None and not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
+        if self.kv_cache_dtype is not None and self.cache_implementation == "static":  # [kv cache]
+            raise MemplanInputError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is transformers' QuantizedCache, a dynamic cache: drop "
+                "--cache-implementation static, or the quantized cache")
         if self.deepspeed is not None:  # [zero]
             if self.sharding not in ("zero1", "zero2", "zero3"):
                 raise MemplanInputError(f"DeepSpeed ZeRO settings apply to --sharding zero1, zero2 or zero3, not to "

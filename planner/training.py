@@ -9,6 +9,7 @@ allocates `_foreach_sqrt(exp_avg_sqs)`), bitsandbytes optim/optimizer.py (`Optim
 
 from __future__ import annotations
 
+from . import prequantized
 from .architecture import ModelArch
 from .dtypes import bytes_per_param_formula, float_bytes, linear_weight_bytes
 from .errors import MemplanInputError
@@ -45,6 +46,8 @@ def resolve_targets(job: Job, arch: ModelArch) -> tuple[str, ...]:
 
 def weight_bytes(job: Job, arch: ModelArch, params: ParamCounts, stack: Stack) -> tuple[int, str]:
     """Base-model weights as loaded (and, for k-bit training, after peft's fp32 upcast)."""
+    if prequantized.applies(job, arch):  # a pre-quantized checkpoint's own storage (planner/prequantized.py)
+        return prequantized.weight_bytes(job, arch, params, stack)
     w = job.base_weight_dtype
     if w.is_float:
         return params.total * float_bytes(w), f"{count(params.total)} params x {float_bytes(w)} B ({w.value})"

@@ -43,6 +43,10 @@ ALIASES: dict[str, str] = {
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
     "qwen3-8b": "Qwen/Qwen3-8B",
+    # pre-quantized checkpoints (planner/prequantized.py)
+    "llama-2-7b-gptq": "TheBloke/Llama-2-7B-GPTQ",
+    "llama-2-7b-awq": "TheBloke/Llama-2-7B-AWQ",
+    "llama-3.1-8b-instruct-awq": "hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4",
 }
 
 

@@ -230,7 +230,9 @@ def test_any_numbers_are_refused_or_estimated_sanely(name, data):
     try:
         with _integer_bytes_only():
             est = estimate_memory(job, arch)
-    except MemplanInputError:  # seq-len past the (overwritten) max_position_embeddings
+    except MemplanInputError as exc:  # seq-len past the (overwritten) max_position_embeddings
+        if arch.quantization is not None and "quantiz" in str(exc):
+            return  # a job a pre-quantized checkpoint cannot run (planner/prequantized.py check_job)
         assert arch.max_positions < job.seq_len + job.new_tokens
         return
     # a zero-byte row is not listed: every row that is listed holds something

@@ -56,7 +56,28 @@ def run_phase(phase: str, model, opt, ids, state: dict) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def generation(model, ids, new_tokens: int):
+def make_cache(job, config):
+    """The cache generate() builds for the job's cache options (None: the model's DynamicCache):
+    cache_implementation="static" -> StaticCache(max_cache_len = prompt + new tokens), its tensors
+    allocated at the first update; kv_cache_dtype fp8 -> QuantizedCache(backend="fp8"); int4/int8 ->
+    QuantizedCache with quanto (nbits 4) or HQQ (nbits 8), which must be installed."""
+    if job.cache_implementation == "static":
+        from transformers import StaticCache
+
+        return StaticCache(config=config, max_cache_len=job.seq_len + job.new_tokens)
+    if job.kv_cache_dtype == "fp8":
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="fp8", config=config)
+    if job.kv_cache_dtype in ("int4", "int8"):
+        from transformers import QuantizedCache
+
+        backend = "quanto" if job.kv_cache_dtype == "int4" else "hqq"
+        return QuantizedCache(backend=backend, config=config, nbits=4 if job.kv_cache_dtype == "int4" else 8)
+    return None
+
+
+def generation(model, ids, new_tokens: int, past=None):
     """Greedy generation with a KV cache, as `generate()` runs it: the prompt's prefill keeps the
     logits of the last position only, generate copies them to fp32 and picks the next token, then
     one forward per new token. With no new tokens, a plain forward over the prompt with logits for
@@ -64,7 +85,9 @@ def generation(model, ids, new_tokens: int):
     yield), so callers can read and reset peaks between phases. Run it under no_grad."""
     import torch
 
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1 if new_tokens else 0)
+    # `past`: a cache built by the caller (a StaticCache or QuantizedCache, as generate() builds it for
+    # cache_implementation="static" / "quantized"); None: the model's DynamicCache
+    out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1 if new_tokens else 0)
     past = out.past_key_values
     if new_tokens:
         # transformers generation/utils.py `_sample`: logits[:, -1, :].to(copy=True, dtype=torch.float32)

@@ -66,6 +66,10 @@ def refusal(job: Job, arch) -> str | None:
         # transformers integrations/moe.py takes torch's grouped_mm on the CPU for every dtype, and
         # torch 2.13's meta_grouped_mm accepts bf16 inputs only ("Expected inputs of BF16 type")
         return f"{arch.name}'s grouped_mm experts run in bf16 only (torch meta_grouped_mm): trace it with bf16 weights"
+    if job.kv_cache_dtype in ("int4", "int8"):
+        return "int4/int8 KV caches cannot be traced: quanto and HQQ are not installed (derived, docs/quantization.md)"
+    if getattr(arch, "quantization", None) is not None and not arch.quantization.dequantize:
+        return "pre-quantized checkpoints cannot be traced: their quantized linears need gptqmodel / triton kernels"
     if job.quantized:
         return "4-bit and 8-bit bases cannot be traced: bitsandbytes Params4bit does not run under fake tensors"
     if job.attention == "flash_attention_2":
@@ -159,7 +163,7 @@ def trace_inference(job: Job) -> TraceResult:
     from memplan.profiles import load_model
 
     from .models import DTYPES, hf_config, meta_model
-    from .step import generation
+    from .step import generation, make_cache
     from .tracker import LiveBytes
 
     _refuse(job)
@@ -179,7 +183,7 @@ def trace_inference(job: Job) -> TraceResult:
         ids = torch.randint(0, arch.vocab, (job.micro_batch, job.seq_len))
         with tracker:
             tracker.start_phase("prefill")
-            for phase in generation(model, ids, job.new_tokens):
+            for phase in generation(model, ids, job.new_tokens, make_cache(job, model.config)):
                 timeline.append(_inference_snapshot(tracker, phase))
                 tracker.start_phase("decode")  # the phase after the prefill, if there is one
     top = max(timeline, key=lambda s: s.peak_bytes)

@@ -221,11 +221,11 @@ def _generation(job: Job, model, ids, device: str):
     """No optimizer, and one generation (prefill, then the new tokens) that yields each phase's name."""
     import torch
 
-    from .step import generation
+    from .step import generation, make_cache
 
     def one_step():
         with torch.no_grad():
-            yield from generation(model, ids, job.new_tokens)
+            yield from generation(model, ids, job.new_tokens, make_cache(job, model.config))
 
     return None, one_step
 
