@@ -760,6 +760,7 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
         gpu=gpu.name if gpu else None,
         gpu_memory_bytes=gpu.memory_bytes if gpu else None,
         gpu_card=gpu.card if gpu else None,
+        weights_label=arch.quantization.label if prequantized.applies(job, arch) else None,
         fits=(device <= gpu.memory_bytes) if gpu else None,
         host_bytes=host,
         notes=notes,

@@ -40,7 +40,8 @@ def _title(est: Estimate) -> str:
             ", under autocast" if job.runs_autocast else "")
     elif job.deepspeed_mp:
         compute = f"DeepSpeed's {job.compute_dtype.value} mode"
-    return (f"{est.model_name}: {what}, {job.base_weight_dtype.value} weights / {compute}, {job.attention}; "
+    weights = f"{est.weights_label} weights" if est.weights_label else f"{job.base_weight_dtype.value} weights"
+    return (f"{est.model_name}: {what}, {weights} / {compute}, {job.attention}; "
             f"on {est.stack} (--stack {job.stack})" + (f"; GPU {est.gpu} ({est.gpu_card})" if est.gpu else ""))
 
 

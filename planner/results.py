@@ -67,6 +67,7 @@ class Estimate(BaseModel):
     device_used_bytes: int
     gpu: str | None = None
     gpu_memory_bytes: int | None = None
+    weights_label: str | None = None  # a pre-quantized checkpoint's storage ('gptq 4-bit (group 128)')
     gpu_card: str | None = None  # which card the profile is ('NVIDIA H100 SXM'), for the header
     fits: bool | None = None
     host_bytes: int = 0
