@@ -87,6 +87,24 @@ class ModelArch(BaseModel):
     linears: tuple[LinearSpec, ...]
     router: LinearSpec | None = None  # MoE: the router's projection (hidden -> experts)
     default_lora_targets: tuple[str, ...]
+    # MoE with a shared expert (Qwen2-MoE, models/qwen2_moe/modeling_qwen2_moe.py
+    # Qwen2MoeSparseMoeBlock): a gated MLP of this width every token runs beside the routed experts,
+    # scaled by sigmoid(shared_expert_gate(x)). 0: none.
+    shared_expert_intermediate: int = 0
+    # MoE routers (the `gate`/`router` module of the sparse block), as the modeling files write them:
+    # softmax over every expert, then top-k (Mixtral, Qwen2/3-MoE), or top-k of the raw logits,
+    # then a softmax over those k (GptOssTopKRouter: `router_topk_first`); whether the top-k
+    # weights are renormalised by their sum (`norm_topk_prob`; Mixtral always) and cast back to the
+    # compute dtype (Qwen2/3-MoE `.to(router_logits.dtype)`; Mixtral keeps them fp32).
+    router_topk_first: bool = False
+    router_norm_topk: bool = True
+    router_scores_cast: bool = False
+    # gpt-oss experts' activation (GptOssExperts._apply_gate): gate and up interleaved in gate_up,
+    # both clamped, glu = gate * sigmoid(alpha * gate), (up + 1) * glu. False: act(gate) * up.
+    expert_clamped_swiglu: bool = False
+    # gpt-oss attention sinks (GptOssAttention.sinks): one learned logit per head, concatenated to
+    # the scores as an extra column before the softmax (eager) or passed to the kernel as s_aux.
+    attention_sinks: bool = False
 
     @property
     def q_width(self) -> int:
