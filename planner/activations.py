@@ -585,7 +585,12 @@ def routed_prefill_per_token(arch: ModelArch, ab: int) -> int:
     """The routed block's widest no-grad moment per token: k copies of the gathered input with
     the up output, the activation and the product (4i + h), or at the combine the gathered
     input, the down output, `weighted_out` and its reordered copy (4h); gpt-oss's clamped SwiGLU
-    holds the up output, the two clamps and sigmoid and glu (6i + h)."""
+    holds the up output, the two clamps and sigmoid and glu (6i + h). Qwen2-MoE's shared expert
+    runs first (Qwen2MoeSparseMoeBlock.forward): its own gated moment (act, up and product), then
+    its output (h) alive through the routed experts."""
     i, h = arch.intermediate, arch.hidden
     up = (6 * i if arch.expert_clamped_swiglu else 4 * i) + h
-    return arch.experts_per_token * max(up, 4 * h) * ab
+    routed = arch.experts_per_token * max(up, 4 * h) * ab
+    if arch.shared_expert_intermediate:
+        return max(routed + h * ab, 3 * arch.shared_expert_intermediate * ab)
+    return routed

@@ -105,6 +105,11 @@ class ModelArch(BaseModel):
     # gpt-oss attention sinks (GptOssAttention.sinks): one learned logit per head, concatenated to
     # the scores as an extra column before the softmax (eager) or passed to the kernel as s_aux.
     attention_sinks: bool = False
+    # The model builds a sliding-window causal mask on every forward that no SDPA skip applies to,
+    # a (1, 1, q, kv) bool tensor expanded over the batch: Qwen2MoeModel.forward builds it
+    # unconditionally and Qwen2MoeConfig sets sliding_window 0 without use_sliding_window
+    # (masking_utils `_ignore_causal_mask_sdpa`: kv_length >= local_attention_size).
+    sliding_mask_always: bool = False
 
     @property
     def q_width(self) -> int:

@@ -100,7 +100,9 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
         mlp += t * a * s * ab + mask
     if arch.learned_positions:  # the token embeddings, and the position embeddings of one sequence
         mlp += (t + s) * h * ab
-    return max(attention, mlp) + dequant_bytes(job, arch, stack, t)
+    # a materialised sliding-window mask no layer needs, alive through the forward (one s x s storage)
+    unused_mask = s * s if arch.sliding_mask_always and kernel is Kernel.fused else 0
+    return max(attention, mlp) + unused_mask + dequant_bytes(job, arch, stack, t)
 
 
 # bitsandbytes backends/cuda/ops.py: at most this many rows always take the fused 4-bit kernel

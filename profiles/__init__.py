@@ -37,6 +37,7 @@ ALIASES: dict[str, str] = {
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
     "qwen3-8b": "Qwen/Qwen3-8B",
+    "qwen1.5-moe-a2.7b": "Qwen/Qwen1.5-MoE-A2.7B",
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
     "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
 }
