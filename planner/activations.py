@@ -384,10 +384,18 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
     """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward; packed
     rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
-        return batch * ctx.seq * ctx.seq * ctx.act_bytes
+        return mask_kinds(arch) * batch * ctx.seq * ctx.seq * ctx.act_bytes
     if ctx.packed_mask:
         return batch * ctx.seq * ctx.seq
     return 0
+
+
+def mask_kinds(arch: ModelArch) -> int:
+    """Masks a forward builds: one per attention kind its layers mix (the models with `layer_types`
+    build `create_causal_mask` and `create_sliding_window_causal_mask` once each, e.g.
+    GptOssModel.forward `causal_mask_mapping`)."""
+    windows = arch.layer_windows
+    return 2 if windows and None in windows and any(w is not None for w in windows) else 1
 
 
 def checkpoint_saved(arch: ModelArch, ctx: Ctx) -> int:
@@ -542,7 +550,7 @@ def routed_layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     if arch.qk_norm:
         head_norms(ctx, arch, saved)
     o_proj(ctx, arch, "o_proj", attention_core(ctx, arch, False, saved), saved)
-    consumers = ("gate",)
+    consumers = (arch.router.name,) if arch.router else ()
     if arch.shared_expert_intermediate:
         consumers += ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert_gate")
     rms_norm(ctx, arch, "post_attn_norm", consumers, saved)
@@ -594,3 +602,65 @@ def routed_prefill_per_token(arch: ModelArch, ab: int) -> int:
     if arch.shared_expert_intermediate:
         return max(routed + h * ab, 3 * arch.shared_expert_intermediate * ab)
     return routed
+
+
+# --- attention sinks in the model's own attention (gpt-oss) ---------------------------------------
+
+
+def sink_attention(ctx: Ctx, arch: ModelArch, saved: Saved) -> str:
+    """gpt-oss's eager attention (models/gpt_oss/modeling_gpt_oss.py `eager_attention_forward`, the
+    path transformers runs for it on the CPU and by default: no SDPA path): keys and values
+    repeated to every head (`repeat_kv` copies, kept by the two matmuls with q after RoPE), the
+    scores in the compute dtype, `torch.cat([scores, sinks])` (a + 1 column), minus their max
+    (`max(dim=-1)` keeps its int64 indices), `softmax(..., dtype=combined_logits.dtype)` keeps its
+    output (s + 1 wide, in the compute dtype: no fp32 upcast), whose view without the sink column
+    the second matmul keeps. Returns the tensor o_proj consumes."""
+    t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
+    q = arch.q_width
+    saved["attn.q_scaled"] = t * q * ab
+    saved["attn.k_expanded"] = t * q * ab
+    saved["attn.v_expanded"] = t * q * ab
+    saved["attn.probs"] = t * a * (s + 1) * ab
+    saved["attn.max_indices"] = t * a * 8
+    return "attn.out_contiguous"
+
+
+def sink_layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
+    """GptOssDecoderLayer: RMSNorm (GptOssRMSNorm `(weight * x).to(dtype)`: the weight multiplies
+    the fp32 normalised input, which that product keeps when the weight trains), biased q/k/v/o,
+    the sink attention, RMSNorm, the router (with bias) and the grouped_mm experts with biases and
+    the clamped SwiGLU."""
+    saved: Saved = {}
+    t, h = ctx.tokens, arch.hidden
+    rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
+    o_proj(ctx, arch, "o_proj", sink_attention(ctx, arch, saved), saved)
+    rms_norm(ctx, arch, "post_attn_norm", (arch.router.name,) if arch.router else (), saved)
+    for prefix in ("input_norm", "post_attn_norm"):
+        if f"{prefix}.normed" in saved:
+            saved[f"{prefix}.normed"] = 4 * t * h
+    grouped_experts(ctx, arch, saved)
+    return saved
+
+
+def _own_softmax(ctx: Ctx) -> Ctx:
+    """The context with the model's own softmax in the compute dtype (Kernel.math) for the shared
+    backward formula: gpt-oss's eager attention does not upcast."""
+    from dataclasses import replace
+
+    return replace(ctx, attention=Kernel.math)
+
+
+def sink_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointed: bool) -> int:
+    """The larger of the routed block's high point and the attention's at its softmax: the masked
+    scores (still referenced as `attn_weights`) and the max-subtracted logits beside the
+    probabilities (saved), a x s x (s + 1) each; a checkpointed layer also holds its attention's
+    tensors then."""
+    t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
+    held = sum(v for k, v in saved.items() if k.startswith("attn.")) if checkpointed else 0
+    attention = t * a * s * ab + t * a * (s + 1) * ab + held
+    return max(attention, routed_forward_transient(arch, ctx, saved, checkpointed))
+
+
+def sink_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
+    """As `routed_backward_transient`, the attention's softmax backward in the compute dtype."""
+    return routed_backward_transient(arch, _own_softmax(ctx), saved)

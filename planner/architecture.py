@@ -110,6 +110,9 @@ class ModelArch(BaseModel):
     # unconditionally and Qwen2MoeConfig sets sliding_window 0 without use_sliding_window
     # (masking_utils `_ignore_causal_mask_sdpa`: kv_length >= local_attention_size).
     sliding_mask_always: bool = False
+    # The modeling file has no SDPA path (GptOssPreTrainedModel `_supports_sdpa = False`): asked for
+    # sdpa, transformers' default there is its eager attention, which memplan counts instead.
+    sdpa_supported: bool = True
 
     @property
     def q_width(self) -> int:
