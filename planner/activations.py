@@ -560,18 +560,33 @@ def routed_layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     return saved
 
 
+def _expert_bias(arch: ModelArch) -> bool:
+    return any(lin.bias for lin in arch.linears if lin.module == "fused experts")
+
+
 def routed_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointed: bool) -> int:
     """The routed block's forward high point, at `weighted_out[inv_perm]` (integrations/moe.py):
     the gathered hidden states (unless saved), the down output (unless saved), `weighted_out` and
-    its reordered copy, S x h each; beside them the residual, the post-attention norm's output
-    (unless saved) and the layer's input, which the decoder loop still references (unless
-    saved). A checkpointed layer saves nothing: all of them are counted."""
-    t, h, ab = ctx.tokens, arch.hidden, ctx.act_bytes
+    its reordered copy, S x h each, and with expert biases the gathered down bias (still named by
+    `selected_biases`); beside them the residual, the post-attention norm's output (unless saved)
+    and the layer's input, which the decoder loop still references (unless saved). gpt-oss's
+    clamped SwiGLU has a second candidate, its last product `(up + 1) * glu`: the gathered up bias
+    (S x 2i), the clamped up (S x i, kept by nothing) and the product itself (unless saved), beside
+    the gathered input (unless saved). A checkpointed layer saves nothing: all of them are counted."""
+    t, h, i, ab = ctx.tokens, arch.hidden, arch.intermediate, ctx.act_bytes
     s = t * arch.experts_per_token
     kept = {} if checkpointed else saved
-    routed = 2 + ("moe.routed_inputs" not in kept) + ("moe.expert_out" not in kept)
+    bias = _expert_bias(arch)
+    routed = 2 + ("moe.routed_inputs" not in kept) + ("moe.expert_out" not in kept) + bias
+    if arch.expert_clamped_swiglu:
+        parts = [k for k in ("moe.gate_up_out", "moe.act_out", "moe.product") if k not in kept]
+        own = {"moe.gate_up_out": 2 * i, "moe.act_out": 4 * i, "moe.product": i}
+        up = 2 * i * bias + i + sum(own[k] for k in parts) + h * ("moe.routed_inputs" not in kept)
+        width = max(routed * h, up)
+    else:
+        width = routed * h
     stream = 1 + ("post_attn_norm.out" not in kept) + (0 if checkpointed else 1)
-    return routed * s * h * ab + stream * t * h * ab
+    return width * s * ab + stream * t * h * ab
 
 
 def routed_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
@@ -593,12 +608,14 @@ def routed_prefill_per_token(arch: ModelArch, ab: int) -> int:
     """The routed block's widest no-grad moment per token: k copies of the gathered input with
     the up output, the activation and the product (4i + h), or at the combine the gathered
     input, the down output, `weighted_out` and its reordered copy (4h); gpt-oss's clamped SwiGLU
-    holds the up output, the two clamps and sigmoid and glu (6i + h). Qwen2-MoE's shared expert
+    at its last product holds the up output, the two clamps, glu, up + 1 and the product (7i + h),
+    and its gathered biases add 2i there and h at the combine. Qwen2-MoE's shared expert
     runs first (Qwen2MoeSparseMoeBlock.forward): its own gated moment (act, up and product), then
     its output (h) alive through the routed experts."""
     i, h = arch.intermediate, arch.hidden
-    up = (6 * i if arch.expert_clamped_swiglu else 4 * i) + h
-    routed = arch.experts_per_token * max(up, 4 * h) * ab
+    bias = _expert_bias(arch)  # the gathered biases (up: 2i, down: h), alive to the next grouped_mm / the end
+    up = (7 * i if arch.expert_clamped_swiglu else 4 * i) + h + 2 * i * bias
+    routed = arch.experts_per_token * max(up, (4 + bias) * h) * ab
     if arch.shared_expert_intermediate:
         return max(routed + h * ab, 3 * arch.shared_expert_intermediate * ab)
     return routed
