@@ -148,8 +148,9 @@ def _cut(model: str) -> str:
 
 
 WHOLE = [
-    dict(model="qwen3-30b-a3b", method="lora", gradient_checkpointing=True, micro_batch=2, seq_len=512),
-    dict(model="gpt-oss-20b", method="full", gradient_checkpointing=True, micro_batch=1, seq_len=512),
+    dict(model="qwen3-30b-a3b", method="full", gradient_checkpointing=True, micro_batch=1, seq_len=512),
+    dict(model="qwen3-30b-a3b", task="infer", micro_batch=2, seq_len=1024, new_tokens=4),
+    dict(model="gpt-oss-20b", method="lora", gradient_checkpointing=True, micro_batch=2, seq_len=512),
     dict(model="gpt-oss-20b", task="infer", micro_batch=2, seq_len=512, new_tokens=4),
 ]
 CUT = [
