@@ -387,6 +387,8 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
         return mask_kinds(arch) * batch * ctx.seq * ctx.seq * ctx.act_bytes
     if ctx.packed_mask:
         return batch * ctx.seq * ctx.seq
+    if arch.sliding_mask_always:  # a bool (1, 1, s, s) expanded over the batch (ModelArch.sliding_mask_always)
+        return ctx.seq * ctx.seq
     return 0
 
 
@@ -395,7 +397,8 @@ def mask_kinds(arch: ModelArch) -> int:
     build `create_causal_mask` and `create_sliding_window_causal_mask` once each, e.g.
     GptOssModel.forward `causal_mask_mapping`)."""
     windows = arch.layer_windows
-    return 2 if windows and None in windows and any(w is not None for w in windows) else 1
+    mixed = windows and None in windows and any(w is not None for w in windows)
+    return 2 if mixed or arch.sliding_mask_always else 1
 
 
 def checkpoint_saved(arch: ModelArch, ctx: Ctx) -> int:
