@@ -384,10 +384,21 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
     """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward; packed
     rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
-        return batch * ctx.seq * ctx.seq * ctx.act_bytes
+        return mask_kinds(arch) * batch * ctx.seq * ctx.seq * ctx.act_bytes
     if ctx.packed_mask:
         return batch * ctx.seq * ctx.seq
+    if arch.sliding_mask_always:  # a bool (1, 1, s, s) expanded over the batch (ModelArch.sliding_mask_always)
+        return ctx.seq * ctx.seq
     return 0
+
+
+def mask_kinds(arch: ModelArch) -> int:
+    """Masks a forward builds: one per attention kind its layers mix (the models with `layer_types`
+    build `create_causal_mask` and `create_sliding_window_causal_mask` once each, e.g.
+    GptOssModel.forward `causal_mask_mapping`)."""
+    windows = arch.layer_windows
+    mixed = windows and None in windows and any(w is not None for w in windows)
+    return 2 if mixed or arch.sliding_mask_always else 1
 
 
 def checkpoint_saved(arch: ModelArch, ctx: Ctx) -> int:
@@ -469,3 +480,207 @@ def dora_fields(job: Job, arch: ModelArch, targets: tuple[str, ...]) -> dict:
     return dict(dora=tuple((lin.name, lin.d_out) for lin in lins), dora_d_in=tuple(lin.d_in for lin in lins),
                 dora_weight_copy=base != float_bytes(job.lora_dtype),
                 dora_dequant=float_bytes(job.compute_dtype) if job.quantized else 0)
+
+
+# --- routed experts through transformers 5's grouped_mm path (Qwen2-MoE, Qwen3-MoE, gpt-oss) -----
+# integrations/moe.py `grouped_mm_experts_forward`: transformers selects `grouped_mm` whenever the
+# experts class is decorated with @use_experts_implementation (modeling_utils.py
+# `get_correct_experts_implementation`: "grouped_mm" unless another is asked for), and
+# `_can_use_grouped_mm` takes torch's grouped_mm on the CPU (torch >= 2.10) as on CUDA (SM80+),
+# so the CPU trace runs the same ops as the GPU. With S = tokens x k routed copies:
+# `expert_ids.sort()` (int64 ids and perm), `hidden_states[perm // k]` (S x h), the up grouped_mm
+# (S x 2i, plus the gathered per-row bias `gate_up_proj_bias[expert_ids_g]` where the experts have
+# biases, added in place), the gate, the down grouped_mm (S x h, bias likewise), `proj_out *
+# sample_weights_g` (S x h), `weighted_out[inv_perm]` (S x h), `.view(t, k, h).sum(1)`.
+# Mixtral's layers keep `moe_mlp` above (their numbers are held as they were).
+
+
+def grouped_router_saved(ctx: Ctx, arch: ModelArch) -> int:
+    """The router's and the grouped path's bookkeeping, per layer. Softmax-first routers
+    (Qwen2/3-MoE `TopKRouter.forward`) keep the fp32 softmax over all experts; the top-k values in
+    fp32 (and their sum when renormalised); int64 top-k indices. Top-k-first (GptOssTopKRouter)
+    keeps the k-wide softmax of the top logits in the compute dtype. Then the grouped path keeps
+    the sorted order (`perm`, `perm // k`), `inv_perm` (int64 each) and the gathered sample weights
+    (the score dtype: fp32 unless cast back)."""
+    t, k, e, ab = ctx.tokens, arch.experts_per_token, arch.experts, ctx.act_bytes
+    if arch.router_topk_first:
+        router = k * (8 + ab)
+        score = ab
+    else:
+        router = 4 * e + k * (8 + 4) + (4 if arch.router_norm_topk else 0)
+        score = ab if arch.router_scores_cast else 4
+    return t * (router + k * (8 + 8 + 8 + score))
+
+
+def grouped_experts(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """What the routed experts save (integrations/moe.py `grouped_mm_experts_forward`): each
+    grouped_mm keeps its input only for its weight's gradient (full fine-tuning: the gathered
+    hidden states and the gated product); the gate keeps the up output (S x 2i: `chunk`/strided
+    views of it are what SiLU, the clamps and `* up` save) and, for `act(gate) * up`, the
+    activation (S x i); gpt-oss's clamped SwiGLU (GptOssExperts._apply_gate) keeps the clamped
+    gate, sigmoid(alpha * gate), up + 1 and glu (4 x S x i); `proj_out * sample_weights` keeps the
+    down output (S x h) for the router's gradient."""
+    t, h, i, ab = ctx.tokens, arch.hidden, arch.intermediate, ctx.act_bytes
+    s = t * arch.experts_per_token
+    saved["moe.router"] = grouped_router_saved(ctx, arch)
+    if ctx.base_trains:
+        saved["moe.routed_inputs"] = s * h * ab
+        saved["moe.product"] = s * i * ab
+    saved["moe.gate_up_out"] = s * 2 * i * ab
+    saved["moe.act_out"] = s * (4 if arch.expert_clamped_swiglu else 1) * i * ab
+    saved["moe.expert_out"] = s * h * ab
+
+
+def shared_expert_saved(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """Qwen2MoeSparseMoeBlock's shared expert (a Qwen2MoeMLP over every token, like `gated_mlp`)
+    and `sigmoid(shared_expert_gate(x)) * shared_expert_output`: the product keeps the sigmoid
+    (t x 1) and the shared expert's output (t x h)."""
+    t, h, i, ab = ctx.tokens, arch.hidden, arch.shared_expert_intermediate, ctx.act_bytes
+    saved["shared.gate_out"] = t * i * ab
+    saved["shared.act_out"] = t * i * ab
+    saved["shared.up_out"] = t * i * ab
+    linear_input(ctx, ("shared_expert.down_proj",), i, "shared.product", saved)
+    saved["shared.sigmoid"] = t * ab
+    saved["shared.out"] = t * h * ab
+
+
+def routed_layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
+    """A Llama-like layer (input RMSNorm, attention with q/k norms where the arch has them,
+    post-attention RMSNorm) whose MLP is the grouped_mm routed block: the post-attention norm's
+    output feeds the router (and the shared expert and its gate), the experts gather their own copy."""
+    saved: Saved = {}
+    rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
+    if arch.qk_norm:
+        head_norms(ctx, arch, saved)
+    o_proj(ctx, arch, "o_proj", attention_core(ctx, arch, False, saved), saved)
+    consumers = (arch.router.name,) if arch.router else ()
+    if arch.shared_expert_intermediate:
+        consumers += ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert_gate")
+    rms_norm(ctx, arch, "post_attn_norm", consumers, saved)
+    grouped_experts(ctx, arch, saved)
+    if arch.shared_expert_intermediate:
+        shared_expert_saved(ctx, arch, saved)
+    return saved
+
+
+def _expert_bias(arch: ModelArch) -> bool:
+    return any(lin.bias for lin in arch.linears if lin.module == "fused experts")
+
+
+def routed_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointed: bool) -> int:
+    """The routed block's forward high point, at `weighted_out[inv_perm]` (integrations/moe.py):
+    the gathered hidden states (unless saved), the down output (unless saved), `weighted_out` and
+    its reordered copy, S x h each, and with expert biases the gathered down bias (still named by
+    `selected_biases`); beside them the residual, the post-attention norm's output (unless saved)
+    and the layer's input, which the decoder loop still references (unless saved). gpt-oss's
+    clamped SwiGLU has a second candidate, its last product `(up + 1) * glu`: the gathered up bias
+    (S x 2i), the clamped up (S x i, kept by nothing) and the product itself (unless saved), beside
+    the gathered input (unless saved). A checkpointed layer saves nothing: all of them are counted."""
+    t, h, i, ab = ctx.tokens, arch.hidden, arch.intermediate, ctx.act_bytes
+    s = t * arch.experts_per_token
+    kept = {} if checkpointed else saved
+    bias = _expert_bias(arch)
+    routed = 2 + ("moe.routed_inputs" not in kept) + ("moe.expert_out" not in kept) + bias
+    if arch.expert_clamped_swiglu:
+        parts = [k for k in ("moe.gate_up_out", "moe.act_out", "moe.product") if k not in kept]
+        own = {"moe.gate_up_out": 2 * i, "moe.act_out": 4 * i, "moe.product": i}
+        up = 2 * i * bias + i + sum(own[k] for k in parts) + h * ("moe.routed_inputs" not in kept)
+        width = max(routed * h, up)
+    else:
+        width = routed * h
+    stream = 1 + ("post_attn_norm.out" not in kept) + (0 if checkpointed else 1)
+    return width * s * ab + stream * t * h * ab
+
+
+def routed_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
+    """The layer's backward as `layer_backward_transient`, or, larger with many small experts
+    (h > i), the first step of the routed block's backward, the reorder's: the S x h gradient of the
+    summed view made contiguous, the zeros `index` backward scatters into and the scattered
+    result, beside the stream gradients. The walk holds a layer's transient beside its own weight
+    gradients; at the reorder the experts' are not produced yet (the grouped_mm backward makes
+    them), so where they train their bytes (in the weights' dtype, the stream's) are not there."""
+    t, h, ab = ctx.tokens, arch.hidden, ctx.act_bytes
+    s = t * arch.experts_per_token
+    reorder = 2 * t * h * ctx.stream_bytes + 3 * s * h * ab
+    if ctx.base_trains:
+        reorder -= sum(lin.params for lin in arch.linears if lin.module == "fused experts") * ctx.stream_bytes
+    return max(layer_backward_transient(arch, ctx, saved), reorder)
+
+
+def routed_prefill_per_token(arch: ModelArch, ab: int) -> int:
+    """The routed block's widest no-grad moment per token: k copies of the gathered input with
+    the up output, the activation and the product (4i + h), or at the combine the gathered
+    input, the down output, `weighted_out` and its reordered copy (4h); gpt-oss's clamped SwiGLU
+    at its last product holds the up output, the two clamps, glu, up + 1 and the product (7i + h),
+    and its gathered biases add 2i there and h at the combine. Qwen2-MoE's shared expert
+    runs first (Qwen2MoeSparseMoeBlock.forward): its own gated moment (act, up and product), then
+    its output (h) alive through the routed experts."""
+    i, h = arch.intermediate, arch.hidden
+    bias = _expert_bias(arch)  # the gathered biases (up: 2i, down: h), alive to the next grouped_mm / the end
+    up = (7 * i if arch.expert_clamped_swiglu else 4 * i) + h + 2 * i * bias
+    routed = arch.experts_per_token * max(up, (4 + bias) * h) * ab
+    if arch.shared_expert_intermediate:
+        return max(routed + h * ab, 3 * arch.shared_expert_intermediate * ab)
+    return routed
+
+
+# --- attention sinks in the model's own attention (gpt-oss) ---------------------------------------
+
+
+def sink_attention(ctx: Ctx, arch: ModelArch, saved: Saved) -> str:
+    """gpt-oss's eager attention (models/gpt_oss/modeling_gpt_oss.py `eager_attention_forward`, the
+    path transformers runs for it on the CPU and by default: no SDPA path): keys and values
+    repeated to every head (`repeat_kv` copies, kept by the two matmuls with q after RoPE), the
+    scores in the compute dtype, `torch.cat([scores, sinks])` (a + 1 column), minus their max
+    (`max(dim=-1)` keeps its int64 indices), `softmax(..., dtype=combined_logits.dtype)` keeps its
+    output (s + 1 wide, in the compute dtype: no fp32 upcast), whose view without the sink column
+    the second matmul keeps. Returns the tensor o_proj consumes."""
+    t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
+    q = arch.q_width
+    saved["attn.q_scaled"] = t * q * ab
+    saved["attn.k_expanded"] = t * q * ab
+    saved["attn.v_expanded"] = t * q * ab
+    saved["attn.probs"] = t * a * (s + 1) * ab
+    saved["attn.max_indices"] = t * a * 8
+    return "attn.out_contiguous"
+
+
+def sink_layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
+    """GptOssDecoderLayer: RMSNorm (GptOssRMSNorm `(weight * x).to(dtype)`: the weight multiplies
+    the fp32 normalised input, which that product keeps when the weight trains), biased q/k/v/o,
+    the sink attention, RMSNorm, the router (with bias) and the grouped_mm experts with biases and
+    the clamped SwiGLU."""
+    saved: Saved = {}
+    t, h = ctx.tokens, arch.hidden
+    rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
+    o_proj(ctx, arch, "o_proj", sink_attention(ctx, arch, saved), saved)
+    rms_norm(ctx, arch, "post_attn_norm", (arch.router.name,) if arch.router else (), saved)
+    for prefix in ("input_norm", "post_attn_norm"):
+        if f"{prefix}.normed" in saved:
+            saved[f"{prefix}.normed"] = 4 * t * h
+    grouped_experts(ctx, arch, saved)
+    return saved
+
+
+def _own_softmax(ctx: Ctx) -> Ctx:
+    """The context with the model's own softmax in the compute dtype (Kernel.math) for the shared
+    backward formula: gpt-oss's eager attention does not upcast."""
+    from dataclasses import replace
+
+    return replace(ctx, attention=Kernel.math)
+
+
+def sink_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointed: bool) -> int:
+    """The larger of the routed block's high point and the attention's at its softmax: the masked
+    scores (still referenced as `attn_weights`) and the max-subtracted logits beside the
+    probabilities (saved), a x s x (s + 1) each; a checkpointed layer also holds its attention's
+    tensors then."""
+    t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
+    held = sum(v for k, v in saved.items() if k.startswith("attn.")) if checkpointed else 0
+    attention = t * a * s * ab + t * a * (s + 1) * ab + held
+    return max(attention, routed_forward_transient(arch, ctx, saved, checkpointed))
+
+
+def sink_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
+    """As `routed_backward_transient`, the attention's softmax backward in the compute dtype."""
+    return routed_backward_transient(arch, _own_softmax(ctx), saved)

@@ -91,6 +91,32 @@ class ModelArch(BaseModel):
     # A pre-quantized checkpoint's quantization_config (GPTQ, AWQ, bitsandbytes, FP8, MXFP4), parsed for
     # every family in arch_from_hf_config (planner/prequantized.py); None: the weights are as the job loads them.
     quantization: QuantSpec | None = None
+    # MoE with a shared expert (Qwen2-MoE, models/qwen2_moe/modeling_qwen2_moe.py
+    # Qwen2MoeSparseMoeBlock): a gated MLP of this width every token runs beside the routed experts,
+    # scaled by sigmoid(shared_expert_gate(x)). 0: none.
+    shared_expert_intermediate: int = 0
+    # MoE routers (the `gate`/`router` module of the sparse block), as the modeling files write them:
+    # softmax over every expert, then top-k (Mixtral, Qwen2/3-MoE), or top-k of the raw logits,
+    # then a softmax over those k (GptOssTopKRouter: `router_topk_first`); whether the top-k
+    # weights are renormalised by their sum (`norm_topk_prob`; Mixtral always) and cast back to the
+    # compute dtype (Qwen2/3-MoE `.to(router_logits.dtype)`; Mixtral keeps them fp32).
+    router_topk_first: bool = False
+    router_norm_topk: bool = True
+    router_scores_cast: bool = False
+    # gpt-oss experts' activation (GptOssExperts._apply_gate): gate and up interleaved in gate_up,
+    # both clamped, glu = gate * sigmoid(alpha * gate), (up + 1) * glu. False: act(gate) * up.
+    expert_clamped_swiglu: bool = False
+    # gpt-oss attention sinks (GptOssAttention.sinks): one learned logit per head, concatenated to
+    # the scores as an extra column before the softmax (eager) or passed to the kernel as s_aux.
+    attention_sinks: bool = False
+    # The model builds a sliding-window causal mask on every forward that no SDPA skip applies to,
+    # a (1, 1, q, kv) bool tensor expanded over the batch: Qwen2MoeModel.forward builds it
+    # unconditionally and Qwen2MoeConfig sets sliding_window 0 without use_sliding_window
+    # (masking_utils `_ignore_causal_mask_sdpa`: kv_length >= local_attention_size).
+    sliding_mask_always: bool = False
+    # The modeling file has no SDPA path (GptOssPreTrainedModel `_supports_sdpa = False`): asked for
+    # sdpa, transformers' default there is its eager attention, which memplan counts instead.
+    sdpa_supported: bool = True
 
     @property
     def q_width(self) -> int:

@@ -43,11 +43,13 @@ class Kernel(str, Enum):
 def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: bool, sdpa_bytes: int) -> Kernel:
     """`grad`: the forward records for backward (training); `sdpa_bytes`: the dtype SDPA sees."""
     grouped = arch.kv_heads != arch.heads
+    eager = job.attention == "eager" or (job.attention == "sdpa" and not arch.sdpa_supported)
     if job.attention == "flash_attention_2":
         # flash-attn takes grouped keys natively and never materialises scores, in every family
         # (flash_attn_interface.py FlashAttnFunc / FlashAttnVarlenFunc)
         return Kernel.fused
-    if job.attention == "eager":
+    if eager:
+        # a model without an SDPA path runs its eager attention (ModelArch.sdpa_supported);
         # Falcon's eager softmax stays in the compute dtype; GPT-BigCode's training path is counted
         # the same way (docs/activations.md, Known gaps)
         if arch.sdpa_always_math or (grad and arch.sdpa_broadcast_kv):

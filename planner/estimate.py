@@ -743,6 +743,9 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
     notes = job.notes() + prequantized.notes(job, arch) + notes
+    if job.attention == "sdpa" and not arch.sdpa_supported:
+        notes = notes + [f"{arch.name}: transformers 5 has no SDPA path for {arch.family} (_supports_sdpa = False); "
+                         "counted with its eager attention, which transformers picks by default there"]
     if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import prequantized
 from .architecture import ModelArch
+from .activations import mask_kinds
 from .attention import Kernel, attention_kernel
 from .dtypes import float_bytes
 from .families import family_of
@@ -190,6 +191,8 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
     kernel = attention_kernel(job, arch, stack, grad=False, sdpa_bytes=ab)
     own = kernel in (Kernel.eager, Kernel.math)  # the model's own matmul-softmax
     mask = b * s * s * ab if kernel is not Kernel.fused else 0  # explicit additive (b, 1, s, s) mask
+    if mask and kernel is Kernel.eager:
+        mask *= mask_kinds(arch)  # one per attention kind the layers mix (full and sliding)
     if own:
         # keys and values repeated to every head (repeat_kv, or Falcon's broadcast) are copies
         repeat_kv = 2 * arch.q_width * ab if arch.kv_heads != arch.heads else 0
@@ -197,6 +200,11 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
         # and the probabilities, and the previous layer's probabilities, which FalconModel's loop
         # still holds in that layer's outputs; eager adds an fp32 copy and an fp32 softmax
         per_score = 4 * ab if kernel is Kernel.math else ab + 4 + 4
+        if arch.attention_sinks:
+            # gpt-oss's eager attention (modeling_gpt_oss.py `eager_attention_forward`) stays in the
+            # compute dtype: the masked scores (still named by `attn_weights`), the sink-extended
+            # logits less their max, and their softmax
+            per_score = 3 * ab
         attention = t * (4 * h * ab + repeat_kv) + t * a * s * per_score + mask
         if arch.rotary_fraction < 1:
             # partial rotary (Phi): the rotated slices of q and k live beside the concatenated q and k
@@ -216,7 +224,9 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
         mlp += t * a * s * ab + mask
     if arch.learned_positions:  # the token embeddings, and the position embeddings of one sequence
         mlp += (t + s) * h * ab
-    return max(attention, mlp) + dequant_bytes(job, arch, stack, t)
+    # a materialised sliding-window mask no layer needs, alive through the forward (one s x s storage)
+    unused_mask = s * s if arch.sliding_mask_always and kernel is Kernel.fused else 0
+    return max(attention, mlp) + unused_mask + dequant_bytes(job, arch, stack, t)
 
 
 # bitsandbytes backends/cuda/ops.py: at most this many rows always take the fused 4-bit kernel

@@ -47,6 +47,11 @@ ALIASES: dict[str, str] = {
     "llama-2-7b-gptq": "TheBloke/Llama-2-7B-GPTQ",
     "llama-2-7b-awq": "TheBloke/Llama-2-7B-AWQ",
     "llama-3.1-8b-instruct-awq": "hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4",
+    "qwen1.5-moe-a2.7b": "Qwen/Qwen1.5-MoE-A2.7B",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
+    "gpt-oss-120b": "openai/gpt-oss-120b",
 }
 
 

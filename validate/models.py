@@ -11,12 +11,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def hf_config(model: str, attention: str):
     from transformers import AutoConfig
 
-    from memplan.profiles import load_hf_config
+    from memplan.profiles import load_hf_config, load_model
 
     _, raw = load_hf_config(model)
     raw = dict(raw)
     model_type = raw.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **raw)
+    if attention == "sdpa" and not load_model(model).sdpa_supported:
+        attention = "eager"  # no SDPA path in the modeling file (gpt-oss): transformers' default, eager
     cfg._attn_implementation = attention
     cfg.use_cache = False
     return cfg

@@ -22,3 +22,9 @@ class Family:
     # bytes the MLP holds at its widest moment of a no-grad forward, per token, in the compute dtype
     # (inference.prefill_transient_bytes adds the stream tensors around it)
     prefill_mlp_per_token: "Callable[[ModelArch, int], int]"
+    # Optional moments of the layer's MLP that the shared formulas do not hold (routed experts
+    # combined by transformers' grouped_mm path, integrations/moe.py): bytes above the saved tensors
+    # at the MLP's forward high point (the walk takes the larger of it and the attention's), and
+    # the layer's whole backward transient in place of activations.layer_backward_transient.
+    forward_transient: "Callable[[ModelArch, Ctx, Saved, bool], int] | None" = None
+    backward_transient: "Callable[[ModelArch, Ctx, Saved], int] | None" = None

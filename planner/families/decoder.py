@@ -10,13 +10,18 @@ from ..architecture import ConfigReader, LinearSpec, ModelArch, attention_linear
 
 def llama_like(r: ConfigReader, name: str, family: str, *, decoder_layer: str, default_targets: tuple[str, ...],
                qkv_bias: bool | None = None, tied_default: bool = False, norm: str = "rms",
-               sliding_window: int | None = None, qk_norm: bool = False, experts: tuple[int, int] | None = None) -> ModelArch:
+               sliding_window: int | None = None, qk_norm: bool = False, experts: tuple[int, int] | None = None,
+               expert_intermediate: int | None = None, shared_expert: int = 0,
+               layer_windows: tuple[int | None, ...] = (), **traits) -> ModelArch:
     """`qkv_bias`: q, k and v carry a bias and o does not (Qwen2Attention); None reads attention_bias.
-    `experts`: (num_local_experts, num_experts_per_tok) of a routed MLP of fused experts."""
+    `experts`: (num_local_experts, num_experts_per_tok) of a routed MLP of fused experts, each
+    `expert_intermediate` wide (None: intermediate_size, as Mixtral); `shared_expert`: the width of
+    Qwen2-MoE's shared expert (a gated MLP beside the routed ones, scaled by a sigmoid gate), 0 for
+    none. `traits`: further ModelArch fields the family sets."""
     h = r.int("hidden_size")
     heads, hd = r.heads(h)
     kv = r.kv_heads(heads)
-    inter = r.int("intermediate_size")
+    inter = r.int("intermediate_size") if expert_intermediate is None else expert_intermediate
     mlp_bias = r.bool("mlp_bias", False)
     if qkv_bias is None:
         linears = attention_linears(h, heads * hd, kv * hd, r.bool("attention_bias", False))
@@ -31,6 +36,13 @@ def llama_like(r: ConfigReader, name: str, family: str, *, decoder_layer: str, d
             LinearSpec(name="experts.down_proj", d_in=inter, d_out=h, module="fused experts", copies=n_experts),
         ]
         router = LinearSpec(name="gate", d_in=h, d_out=n_experts, module="router")
+        if shared_expert:  # Qwen2MoeSparseMoeBlock: shared_expert (Qwen2MoeMLP) and shared_expert_gate
+            linears += [
+                LinearSpec(name="shared_expert.gate_proj", d_in=h, d_out=shared_expert),
+                LinearSpec(name="shared_expert.up_proj", d_in=h, d_out=shared_expert),
+                LinearSpec(name="shared_expert.down_proj", d_in=shared_expert, d_out=h),
+                LinearSpec(name="shared_expert_gate", d_in=h, d_out=1),
+            ]
     else:
         linears += [
             LinearSpec(name="gate_proj", d_in=h, d_out=inter, bias=mlp_bias),
@@ -62,6 +74,9 @@ def llama_like(r: ConfigReader, name: str, family: str, *, decoder_layer: str, d
         linears=tuple(linears),
         router=router,
         default_lora_targets=default_targets,
+        **({"layer_windows": layer_windows} if layer_windows else {}),
+        **({"shared_expert_intermediate": shared_expert} if shared_expert else {}),
+        **traits,
     )
 
 

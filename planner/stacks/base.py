@@ -189,13 +189,18 @@ class Stack:
 
     def layer_backward_transient(self, arch: "ModelArch", ctx: "Ctx", saved: "Saved") -> int:
         from .. import activations
+        from ..families import family_of
 
-        return activations.layer_backward_transient(arch, ctx, saved)
+        own = family_of(arch).backward_transient
+        return own(arch, ctx, saved) if own else activations.layer_backward_transient(arch, ctx, saved)
 
     def layer_forward_transient(self, arch: "ModelArch", ctx: "Ctx", saved: "Saved", checkpointed: bool) -> int:
         from .. import activations
+        from ..families import family_of
 
-        return activations.layer_forward_transient(arch, ctx, saved, checkpointed)
+        attention = activations.layer_forward_transient(arch, ctx, saved, checkpointed)
+        own = family_of(arch).forward_transient
+        return max(attention, own(arch, ctx, saved, checkpointed)) if own else attention
 
     # --- loss ----------------------------------------------------------------------------------
     def loss(self, job: "Job", arch: "ModelArch", tokens: int, logit_bytes: int) -> LossTerms:
