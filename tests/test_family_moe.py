@@ -8,6 +8,8 @@ where the layers' activations decide every phase (memplan.validate.models.cut_co
 """
 
 import json
+import os
+import tempfile
 
 import pytest
 
@@ -123,20 +125,48 @@ def test_qwen2_moe_sliding_layers_follow_transformers(tmp_path):
 @pytest.mark.parametrize("seq, new", [(100, 20), (1024, 8), (4096, 64)])
 def test_gpt_oss_kv_cache_by_hand(seq, new):
     """12 full layers hold every position; 12 sliding layers (window 128) hold at most 128 (the
-    DynamicSlidingWindowLayer cat of its last 127 and the new one); 8 kv heads x 64, K and V, bf16."""
+    DynamicSlidingWindowLayer cat of its last 127 and the new one) once decoding, but after the prefill
+    the whole prompt (its kept slice is a view of the prompt's cat); 8 kv heads x 64, K and V, bf16."""
     job = Job(model="gpt-oss-20b", task="infer", micro_batch=2, seq_len=seq, new_tokens=new)
     per_position = 2 * 8 * 64 * 2 * job.micro_batch
-    by_hand = 12 * (seq + new) * per_position + 12 * min(seq + new, 128) * per_position
+    decoding = 12 * (seq + new) * per_position + 12 * min(seq + new, 128) * per_position
+    by_hand = max(decoding, 24 * seq * per_position)
     est = estimate_memory(job, load_model("gpt-oss-20b"))
     assert next(c for c in est.components if c.name == "KV cache").bytes == by_hand
 
 
 # --- real-size rows against the CPU trace ---------------------------------------------------------
 
+def _bf16_experts(model: str) -> str:
+    """gpt-oss with bf16 experts: its config without the MXFP4 quantization_config, which the trace
+    cannot run (from_config builds bf16 experts either way); the estimate then counts the same model."""
+    from memplan.profiles import load_hf_config
+
+    _, cfg = load_hf_config(model)
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    path = os.path.join(tempfile.mkdtemp(), f"{model}-bf16-experts.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def test_gpt_oss_mxfp4_weights_by_hand():
+    """transformers integrations/mxfp4.py: each expert weight in blocks of 32 values, 16 B of packed
+    4-bit values and a 1 B E8M0 scale per block, fp32 biases; the rest (attention, router, sinks,
+    embeddings, norms) bf16. gpt-oss-20b: 24 layers x 32 experts, hidden 2880, expert width 2880."""
+    arch = load_model("gpt-oss-20b")
+    gate_up = 32 * (5760 * 2880 // 2 + 5760 * 2880 // 32 + 4 * 5760)
+    down = 32 * (2880 * 2880 // 2 + 2880 * 2880 // 32 + 4 * 2880)
+    expert_params = 24 * 32 * (2880 * 5760 + 5760 + 2880 * 2880 + 2880)
+    rest = count_params(arch).total - expert_params
+    est = estimate_memory(Job(model="gpt-oss-20b", task="infer"), arch)
+    assert est.component("weights").bytes == 24 * (gate_up + down) + 2 * rest
+
+
 def _cut(model: str) -> str:
     from memplan.validate.models import cut_config
 
-    path = cut_config(model, 2, vocab=3000)
+    path = cut_config(_bf16_experts(model) if model.startswith("gpt-oss") else model, 2, vocab=3000)
     cfg = json.loads(open(path).read())
     if "layer_types" in cfg:
         cfg["layer_types"] = cfg["layer_types"][:2]
@@ -180,6 +210,8 @@ def _id(row: dict) -> str:
 
 @pytest.mark.parametrize("row", WHOLE, ids=[_id(r) for r in WHOLE])
 def test_whole_model_matches_trace(row):
+    if row["model"].startswith("gpt-oss"):
+        row = {**row, "model": _bf16_experts(row["model"])}
     _check(Job(**row))
 
 
