@@ -408,7 +408,7 @@ def recompute_input_alias(arch: ModelArch, ctx: Ctx) -> int:
 
 def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
     """cos and sin for the positions of one sequence, shared by all layers (batch dimension 1)."""
-    if arch.learned_positions:
+    if arch.learned_positions or arch.alibi:
         return 0
     return 2 * ctx.seq * arch.rotary_dim * ctx.stream_bytes
 
@@ -469,3 +469,28 @@ def dora_fields(job: Job, arch: ModelArch, targets: tuple[str, ...]) -> dict:
     return dict(dora=tuple((lin.name, lin.d_out) for lin in lins), dora_d_in=tuple(lin.d_in for lin in lins),
                 dora_weight_copy=base != float_bytes(job.lora_dtype),
                 dora_dequant=float_bytes(job.compute_dtype) if job.quantized else 0)
+
+
+# --- GPT-NeoX, Bloom, Falcon's new decoder architecture (LayerNorm families) -----------------------
+
+
+def second_layer_norm_same_input(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...],
+                                 saved: Saved) -> None:
+    """A second LayerNorm over the same layer input as the first (GPT-NeoX's parallel residual:
+    post_attention_layernorm(hidden_states); Falcon's new architecture: ln_mlp beside ln_attn).
+    native_layer_norm saves its input, which the first norm already keeps (one storage): only its
+    own mean and rstd, and its output for the consuming linears."""
+    t, h = ctx.tokens, arch.hidden
+    if ctx.grad_in:
+        saved[f"{prefix}.mean_rstd"] = 2 * t * ctx.stats_bytes
+    linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
+
+
+def fused_qkv_value_view(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """GPT-NeoX splits `query_key_value`'s output by `.view(...).transpose(1, 2).chunk(3)`: the value
+    SDPA gets is a view into the fused projection output, and a fused kernel saves its inputs as
+    given, so the whole (q + k + v)-wide output stays alive where only v was counted (q and k are
+    new tensors after the rotary's torch.cat). The materialising paths copy v (batched matmul)."""
+    if ctx.attention is not Kernel.fused or ctx.kernel_bytes != ctx.act_bytes or ctx.packed_mask:
+        return
+    saved["attn.v"] = ctx.tokens * (arch.q_width + 2 * arch.kv_width) * ctx.act_bytes

@@ -43,6 +43,10 @@ class Kernel(str, Enum):
 def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: bool, sdpa_bytes: int) -> Kernel:
     """`grad`: the forward records for backward (training); `sdpa_bytes`: the dtype SDPA sees."""
     grouped = arch.kv_heads != arch.heads
+    if arch.own_attention:
+        # BloomAttention has no SDPA path: alibi.baddbmm, then softmax(dtype=float32) and its cast
+        # back, under attn_implementation "sdpa" too (models/bloom/modeling_bloom.py BloomAttention.forward)
+        return Kernel.eager
     if job.attention == "flash_attention_2":
         # flash-attn takes grouped keys natively and never materialises scores, in every family
         # (flash_attn_interface.py FlashAttnFunc / FlashAttnVarlenFunc)

@@ -37,6 +37,10 @@ ALIASES: dict[str, str] = {
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
     "qwen3-8b": "Qwen/Qwen3-8B",
+    "pythia-6.9b": "EleutherAI/pythia-6.9b",
+    "pythia-1.4b": "EleutherAI/pythia-1.4b",
+    "bloom-7b1": "bigscience/bloom-7b1",
+    "bloom-560m": "bigscience/bloom-560m",
 }
 
 

@@ -17,9 +17,20 @@ def hf_config(model: str, attention: str):
     raw = dict(raw)
     model_type = raw.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **raw)
+    if attention == "sdpa" and not _supports_sdpa(cfg):
+        # a model without an SDPA path (Bloom) loads with eager attention when none is asked for
+        # (modeling_utils `_check_and_adjust_attn_implementation`); asking for sdpa raises
+        attention = "eager"
     cfg._attn_implementation = attention
     cfg.use_cache = False
     return cfg
+
+
+def _supports_sdpa(cfg) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(cfg), None)
+    return cls is None or bool(getattr(cls, "_supports_sdpa", False))
 
 
 def cut_config(model: str, layers: int, vocab: int | None = None) -> str:

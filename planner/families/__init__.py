@@ -8,7 +8,7 @@ import importlib
 
 from .base import Family
 
-_MODULES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode")
+_MODULES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode", "gpt_neox", "bloom")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:
