@@ -81,6 +81,14 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
         # and the probabilities, and the previous layer's probabilities, which FalconModel's loop
         # still holds in that layer's outputs; eager adds an fp32 copy and an fp32 softmax
         per_score = 4 * ab if kernel is Kernel.math else ab + 4 + 4
+        if arch.own_attention:
+            # BloomAttention: the baddbmm scores stay referenced (`attention_scores`) beside their
+            # masked sum, the fp32 copy and fp32 softmax; BloomModel's loop still holds the previous
+            # layer's probabilities in `outputs` (models/bloom/modeling_bloom.py BloomModel.forward)
+            per_score = 3 * ab + 4 + 4
+            # and q, k and v reshaped to (b x heads, s, head_dim): copies of the head-interleaved
+            # fused output, which is still alive (BloomAttention._reshape, then .reshape)
+            repeat_kv += 3 * h * ab
         attention = t * (4 * h * ab + repeat_kv) + t * a * s * per_score + mask
         if arch.rotary_fraction < 1:
             # partial rotary (Phi): the rotated slices of q and k live beside the concatenated q and k
@@ -98,6 +106,8 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
     mlp = t * family_of(arch).prefill_mlp_per_token(arch, ab) + 4 * t * h * ab
     if own:
         mlp += t * a * s * ab + mask
+        if arch.own_attention:  # and the previous layer's, held by BloomModel's loop
+            mlp += t * a * s * ab
     if arch.learned_positions:  # the token embeddings, and the position embeddings of one sequence
         mlp += (t + s) * h * ab
     return max(attention, mlp) + dequant_bytes(job, arch, stack, t)
