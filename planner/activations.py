@@ -385,7 +385,7 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
     rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
         return batch * ctx.seq * ctx.seq * ctx.act_bytes
-    if ctx.packed_mask:
+    if ctx.packed_mask or (arch.sdpa_explicit_mask and ctx.attention is Kernel.fused):
         return batch * ctx.seq * ctx.seq
     return 0
 
@@ -494,3 +494,11 @@ def fused_qkv_value_view(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     if ctx.attention is not Kernel.fused or ctx.kernel_bytes != ctx.act_bytes or ctx.packed_mask:
         return
     saved["attn.v"] = ctx.tokens * (arch.q_width + 2 * arch.kv_width) * ctx.act_bytes
+
+
+def explicit_mask_saved(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """A fused SDPA kernel handed an explicit bool mask (Falcon) turns it into an additive one in
+    its own dtype per call (attention.cpp `convert_boolean_attn_mask`) and saves it: one (b, 1, s, s)
+    per layer, as with packed rows."""
+    if arch.sdpa_explicit_mask and ctx.attention is Kernel.fused and not ctx.packed_mask:
+        saved["attn.explicit_mask"] = ctx.batch * ctx.seq * ctx.seq * ctx.kernel_bytes

@@ -98,6 +98,15 @@ class ModelArch(BaseModel):
     own_attention: bool = False
     # ALiBi biases instead of rotary positions (Bloom): no rotary tables or inverse frequencies
     alibi: bool = False
+    # SDPA always gets an explicit bool causal mask (Falcon: create_causal_mask(allow_is_causal_skip=False)),
+    # which it turns into an additive one per call (attention.cpp convert_boolean_attn_mask)
+    sdpa_explicit_mask: bool = False
+    # The model's own (eager) attention keeps its softmax in the compute dtype (FalconAttention:
+    # softmax(..., dtype=hidden_states.dtype)); read for configs whose SDPA is not always math
+    eager_softmax_compute_dtype: bool = False
+    # The MLP's own norm runs before the attention (Falcon's new architecture: ln_mlp beside ln_attn),
+    # so its output is alive through the attention
+    mlp_norm_before_attention: bool = False
 
     @property
     def q_width(self) -> int:

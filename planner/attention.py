@@ -54,7 +54,7 @@ def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: boo
     if job.attention == "eager":
         # Falcon's eager softmax stays in the compute dtype; GPT-BigCode's training path is counted
         # the same way (docs/activations.md, Known gaps)
-        if arch.sdpa_always_math or (grad and arch.sdpa_broadcast_kv):
+        if arch.sdpa_always_math or (grad and arch.sdpa_broadcast_kv) or arch.eager_softmax_compute_dtype:
             return Kernel.math
         return Kernel.eager
     if not grad:

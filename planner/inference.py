@@ -74,6 +74,9 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
     kernel = attention_kernel(job, arch, stack, grad=False, sdpa_bytes=ab)
     own = kernel in (Kernel.eager, Kernel.math)  # the model's own matmul-softmax
     mask = b * s * s * ab if kernel is not Kernel.fused else 0  # explicit additive (b, 1, s, s) mask
+    if kernel is Kernel.fused and arch.sdpa_explicit_mask:
+        # Falcon's bool mask, and SDPA's additive copy of it (convert_boolean_attn_mask)
+        mask = b * s * s * (ab + 1)
     if own:
         # keys and values repeated to every head (repeat_kv, or Falcon's broadcast) are copies
         repeat_kv = 2 * arch.q_width * ab if arch.kv_heads != arch.heads else 0
@@ -104,6 +107,11 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
         upcast_q = t * arch.q_width * 4 if ab != 4 else 0
         attention += t * a * s * (8 + inside) + upcast_q + mask
     mlp = t * family_of(arch).prefill_mlp_per_token(arch, ab) + 4 * t * h * ab
+    if arch.mlp_norm_before_attention:
+        # Falcon's ln_mlp output, computed before the attention, alive through it and beside the
+        # MLP's input; and the bool mask FalconModel built for every layer
+        attention += t * h * ab
+        mlp += t * h * ab + (b * s * s if arch.sdpa_explicit_mask else 0)
     if own:
         mlp += t * a * s * ab + mask
         if arch.own_attention:  # and the previous layer's, held by BloomModel's loop

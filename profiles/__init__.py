@@ -41,6 +41,8 @@ ALIASES: dict[str, str] = {
     "pythia-1.4b": "EleutherAI/pythia-1.4b",
     "bloom-7b1": "bigscience/bloom-7b1",
     "bloom-560m": "bigscience/bloom-560m",
+    "falcon-40b": "tiiuae/falcon-40b",
+    "falcon-180b": "tiiuae/falcon-180B",
 }
 
 
