@@ -377,7 +377,7 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
     # the math kernel's _safe_softmax builds a bool mask of the -inf scores inside one aten op: the
     # CUDA allocator sees it (H200 trace of a Mistral layer), the CPU trace's dispatch mode cannot
     inside = ctx.tokens * arch.heads * ctx.seq if ctx.cuda_math else 0
-    return scores + held + inside
+    return scores + held + inside + own_attention_forward_extra(arch, ctx, checkpointed)
 
 
 def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
@@ -502,3 +502,15 @@ def explicit_mask_saved(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     per layer, as with packed rows."""
     if arch.sdpa_explicit_mask and ctx.attention is Kernel.fused and not ctx.packed_mask:
         saved["attn.explicit_mask"] = ctx.batch * ctx.seq * ctx.seq * ctx.kernel_bytes
+
+
+def own_attention_forward_extra(arch: ModelArch, ctx: Ctx, checkpointed: bool) -> int:
+    """Bloom's attention forward beyond eager's scores (models/bloom/modeling_bloom.py): the baddbmm
+    scores stay referenced by `attention_scores` while their masked sum goes through the softmax;
+    and a checkpointed layer returns its probabilities (saved nowhere, but BloomModel's loop holds
+    them in `outputs` through the next layer's forward); and the fused query_key_value output, which
+    q, k and v were reshaped (copied) out of, is alive through the attention."""
+    if not arch.own_attention:
+        return 0
+    fused = ctx.tokens * (arch.q_width + 2 * arch.kv_width) * ctx.act_bytes
+    return ctx.tokens * arch.heads * ctx.seq * ctx.act_bytes * (2 if checkpointed else 1) + fused

@@ -1,0 +1,117 @@
+"""The LayerNorm families of issue 12 at real size against the CPU trace: GPT-NeoX (Pythia-6.9B),
+Bloom (bloom-7b1) and Falcon's new decoder architecture (falcon-40b). Full and LoRA training, one
+checkpointed row, and a prefill + decode each, every phase within 3%; hand-derived counts and
+KV-cache bytes (tiny configs run through tests/test_trace.py and tests/test_params.py)."""
+
+import pytest
+
+from memplan import Job, count_params, estimate_memory
+from memplan.inference import kv_cache_bytes
+from memplan.profiles import load_model
+from memplan.stacks import cpu_trace_stack, get
+
+TOLERANCE = 0.03
+
+TRAIN = [
+    dict(model="pythia-6.9b", method="full", micro_batch=1, seq_len=256),
+    dict(model="pythia-6.9b", method="lora", micro_batch=2, seq_len=512),
+    dict(model="bloom-7b1", method="full", micro_batch=1, seq_len=256),
+    dict(model="bloom-7b1", method="lora", micro_batch=2, seq_len=512),
+    dict(model="falcon-40b", method="lora", micro_batch=1, seq_len=512),
+    dict(model="falcon-40b", method="lora", micro_batch=2, seq_len=256, gradient_checkpointing=True),
+    dict(model="pythia-6.9b", method="lora", micro_batch=2, seq_len=512, gradient_checkpointing=True),
+]
+INFER = [
+    dict(model="pythia-6.9b", micro_batch=2, seq_len=512, new_tokens=4),
+    dict(model="bloom-7b1", micro_batch=2, seq_len=512, new_tokens=4),
+    dict(model="falcon-40b", micro_batch=1, seq_len=512, new_tokens=4),
+]
+
+
+def _id(row):
+    return "-".join(str(v) for v in row.values())
+
+
+@pytest.mark.parametrize("row", TRAIN, ids=[_id(r) for r in TRAIN])
+def test_training_phases_match_trace(row):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from memplan.validate.trace import trace_training
+
+    job = Job(**row)
+    traced = trace_training(job)
+    est = estimate_memory(job, load_model(job.model), stack=cpu_trace_stack(job)).measured_phases()
+    for snap in traced.timeline:
+        if snap.iteration == 1:
+            err = (est[snap.phase] - snap.peak_bytes) / snap.peak_bytes
+            assert abs(err) <= TOLERANCE, f"{snap.phase} {err:+.2%}"
+
+
+@pytest.mark.parametrize("row", INFER, ids=[_id(r) for r in INFER])
+def test_generation_phases_match_trace(row):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from memplan.validate.trace import trace_inference
+
+    job = Job(task="infer", **row)
+    est = {p.name: p.allocated_bytes for p in estimate_memory(job, load_model(job.model), stack=get(job.stack).on_cpu()).phases}
+    traced = trace_inference(job)
+    assert [s.phase for s in traced.timeline] == ["prefill", "decode"]
+    for snap in traced.timeline:
+        err = (est[snap.phase] - snap.peak_bytes) / snap.peak_bytes
+        assert abs(err) <= TOLERANCE, f"{snap.phase} {err:+.2%}"
+
+
+@pytest.mark.parametrize("name, published", [
+    ("pythia-6.9b", 6_857_302_016), ("pythia-1.4b", 1_414_647_808),  # the Pythia paper's table
+    ("bloom-7b1", 7_069_016_064), ("bloom-560m", 559_214_592),  # the BLOOM model cards
+    ("falcon-40b", 41_303_293_952),
+])
+def test_published_counts(name, published):
+    assert count_params(load_model(name)).total == published
+
+
+def test_pythia_by_hand():
+    """Pythia-6.9B: fused biased qkv (3h), biased dense and MLP (4h), two LayerNorms per layer in the
+    parallel residual, an untied head, vocab 50,432."""
+    h, i, v, layers = 4096, 16384, 50432, 32
+    per_layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h
+    arch = load_model("pythia-6.9b")
+    assert arch.norms_per_layer == 2 and arch.parallel_attn and arch.rotary_dim == 32
+    assert count_params(arch).total == 2 * v * h + layers * per_layer + 2 * h
+
+
+def test_bloom_by_hand():
+    """bloom-7b1: tied 250,880 vocab, word_embeddings_layernorm beside ln_f, no rotary buffers."""
+    h, v, layers = 4096, 250880, 30
+    per_layer = 12 * h * h + 9 * h + 2 * 2 * h
+    arch = load_model("bloom-7b1")
+    assert count_params(arch).total == v * h + 2 * h + layers * per_layer + 2 * h
+    assert arch.alibi and arch.rotary_dim == 128  # rotary_dim unused: alibi drops the tables
+    from memplan.params import buffer_bytes
+    assert buffer_bytes(arch) == 0
+
+
+def test_falcon_40b_cache_by_hand():
+    """falcon-40b groups 128 query heads over 8 key/value heads in query_key_value
+    ((128 + 2 x 8) x 64 wide), but _split_heads broadcasts the keys to every head and the cache keeps
+    them so: 2 x 60 layers x 128 heads x 64 x positions x batch x 2 B."""
+    arch = load_model("falcon-40b")
+    qkv = next(lin for lin in arch.linears if lin.name == "query_key_value")
+    assert qkv.d_out == (128 + 2 * 8) * 64
+    job = Job(model="falcon-40b", task="infer", micro_batch=2, seq_len=1000, new_tokens=24)
+    assert kv_cache_bytes(job, arch) == 2 * 60 * 128 * 64 * 1024 * 2 * 2
+
+
+def test_falcon_new_architecture_one_norm(tmp_path):
+    """num_ln_in_parallel_attn = 1: one input_layernorm per layer, as FalconDecoderLayer builds."""
+    import json
+
+    from memplan.profiles import MODELS_DIR
+
+    cfg = json.loads((MODELS_DIR / "tiiuae--falcon-40b.json").read_text())
+    cfg["num_ln_in_parallel_attn"] = 1
+    path = tmp_path / "falcon-40b-one-ln.json"
+    path.write_text(json.dumps(cfg))
+    one, two = count_params(load_model(str(path))).total, count_params(load_model("falcon-40b")).total
+    assert two - one == 60 * 2 * 8192
