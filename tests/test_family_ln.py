@@ -115,3 +115,43 @@ def test_falcon_new_architecture_one_norm(tmp_path):
     path.write_text(json.dumps(cfg))
     one, two = count_params(load_model(str(path))).total, count_params(load_model("falcon-40b")).total
     assert two - one == 60 * 2 * 8192
+
+
+def _tiny(name: str, **changes) -> dict:
+    import json
+
+    from memplan.profiles import TINY_DIR
+
+    cfg = json.loads((TINY_DIR / f"tiny-{name}.json").read_text())
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.mark.parametrize("cfg, words", [
+    (_tiny("gpt-neox", rotary_pct=0), "rotary_pct must be a number in (0, 1], got 0"),
+    (_tiny("gpt-neox", rope_parameters={"partial_rotary_factor": 2}), "partial_rotary_factor must be a number in (0, 1], got 2"),
+    (_tiny("gpt-neox", rope_parameters=[1]), "rope_parameters must be a JSON object, got [1]"),
+    (_tiny("gpt-neox", hidden_act="relu"), "hidden_act must be one of gelu, got 'relu'"),
+    (_tiny("gpt-neox", use_parallel_residual="yes"), "use_parallel_residual must be true or false, got 'yes'"),
+    (_tiny("bloom", n_head=7), "n_head (7) must divide hidden_size (256)"),
+    (_tiny("bloom", apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm must be false"),
+    (_tiny("bloom", pretraining_tp=2, slow_but_exact=True), "slow_but_exact with pretraining_tp > 1"),
+    (_tiny("falcon-new", num_kv_heads=3), "num_kv_heads must divide num_attention_heads (8), got 3"),
+    (_tiny("falcon-new", parallel_attn=False), "parallel_attn must be true with new_decoder_architecture"),
+    (_tiny("falcon-new", num_ln_in_parallel_attn=3), "num_ln_in_parallel_attn must be 1 or 2, got 3"),
+])
+def test_bad_config_is_one_line(cfg, words):
+    from memplan.architecture import arch_from_hf_config
+    from memplan.errors import MemplanInputError
+
+    with pytest.raises(MemplanInputError) as e:
+        arch_from_hf_config(cfg, "x.json")
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gpt_neox_rope_parameters_win_over_rotary_pct():
+    from memplan.architecture import arch_from_hf_config
+
+    arch = arch_from_hf_config(_tiny("gpt-neox", rotary_pct=0.5, rope_parameters={"partial_rotary_factor": 1.0}), "x.json")
+    assert arch.rotary_fraction == 1.0
+    assert arch_from_hf_config(_tiny("gpt-neox", rotary_pct=None), "x.json").rotary_fraction == 0.25
