@@ -62,6 +62,10 @@ def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
     saved: act.Saved = {}
     act.layer_norm(ctx, arch, "input_norm", ("query_key_value",), saved)
     act.o_proj(ctx, arch, "dense", act.attention_core(ctx, arch, False, saved), saved)
+    if ctx.attention is act.Kernel.eager and ctx.act_bytes == 4:
+        # in fp32, softmax(dtype=float32).to(query_layer.dtype) is a no-op: the probabilities the bmm
+        # saves are the softmax output itself
+        saved.pop("attn.probs", None)
     act.layer_norm(ctx, arch, "post_attn_norm", ("dense_h_to_4h",), saved)
     act.plain_mlp(ctx, arch, "dense_h_to_4h", "dense_4h_to_h", saved)
     act.dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
@@ -69,4 +73,7 @@ def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
 
 
 FAMILY = Family(model_types=("bloom",), parse=_parse, layer_saved=_layer_saved,
-                prefill_mlp_per_token=lambda arch, ab: 2 * arch.intermediate * ab)
+                # bloom_gelu_forward, `x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))`,
+                # evaluated left to right: x, x * 0.5, 0.79788456 * x, 0.044715 * x and its product
+                # with x are alive at once
+                prefill_mlp_per_token=lambda arch, ab: 5 * arch.intermediate * ab)
