@@ -88,7 +88,8 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
             # BloomAttention: the baddbmm scores stay referenced (`attention_scores`) beside their
             # masked sum, the fp32 copy and fp32 softmax; BloomModel's loop still holds the previous
             # layer's probabilities in `outputs` (models/bloom/modeling_bloom.py BloomModel.forward)
-            per_score = 3 * ab + 4 + 4
+            # (in fp32 the softmax's input cast is a no-op: no fp32 copy)
+            per_score = 3 * ab + 4 + (4 if ab != 4 else 0)
             # and q, k and v reshaped to (b x heads, s, head_dim): copies of the head-interleaved
             # fused output, which is still alive (BloomAttention._reshape, then .reshape)
             repeat_kv += 3 * h * ab
