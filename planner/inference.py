@@ -93,6 +93,11 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
             # and q, k and v reshaped to (b x heads, s, head_dim): copies of the head-interleaved
             # fused output, which is still alive (BloomAttention._reshape, then .reshape)
             repeat_kv += 3 * h * ab
+            if ab == 4:
+                # in fp32 the softmax moment holds no extra copy, so the attention's end, where the
+                # same scores are still referenced, is higher: there the bmm context, its merged copy
+                # for dense and dense's output are alive too (three more hidden-wide tensors)
+                repeat_kv += 3 * h * ab
         attention = t * (4 * h * ab + repeat_kv) + t * a * s * per_score + mask
         if arch.rotary_fraction < 1:
             # partial rotary (Phi): the rotated slices of q and k live beside the concatenated q and k
