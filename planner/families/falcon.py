@@ -1,6 +1,8 @@
-"""Falcon (models/falcon/modeling_falcon.py): one LayerNorm before a parallel attention and MLP,
-fused query_key_value, multi-query attention, every projection a FalconLinear (an nn.Linear
-subclass). FalconAttention hands SDPA keys broadcast over heads and an explicit mask."""
+"""Falcon (models/falcon/modeling_falcon.py): a parallel attention and MLP, fused query_key_value,
+every projection a FalconLinear (an nn.Linear subclass). The original architecture (falcon-7b): one
+LayerNorm, multi-query attention, keys broadcast over heads and an explicit mask handed to SDPA
+(its math kernel). The new decoder architecture (falcon-40b, falcon-180B): num_kv_heads grouped in
+query_key_value but copied to every head before the attention and the cache, ln_attn and ln_mlp."""
 
 from .. import activations as act
 from ..architecture import LinearSpec, ModelArch
