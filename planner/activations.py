@@ -377,7 +377,7 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
     # the math kernel's _safe_softmax builds a bool mask of the -inf scores inside one aten op: the
     # CUDA allocator sees it (H200 trace of a Mistral layer), the CPU trace's dispatch mode cannot
     inside = ctx.tokens * arch.heads * ctx.seq if ctx.cuda_math else 0
-    return scores + held + inside
+    return scores + held + inside + own_attention_forward_extra(arch, ctx, checkpointed)
 
 
 def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
@@ -385,7 +385,7 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
     rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
         return mask_kinds(arch) * batch * ctx.seq * ctx.seq * ctx.act_bytes
-    if ctx.packed_mask:
+    if ctx.packed_mask or (arch.sdpa_explicit_mask and ctx.attention is Kernel.fused):
         return batch * ctx.seq * ctx.seq
     if arch.sliding_mask_always:  # a bool (1, 1, s, s) expanded over the batch (ModelArch.sliding_mask_always)
         return ctx.seq * ctx.seq
@@ -419,7 +419,7 @@ def recompute_input_alias(arch: ModelArch, ctx: Ctx) -> int:
 
 def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
     """cos and sin for the positions of one sequence, shared by all layers (batch dimension 1)."""
-    if arch.learned_positions:
+    if arch.learned_positions or arch.alibi:
         return 0
     return 2 * ctx.seq * arch.rotary_dim * ctx.stream_bytes
 
@@ -684,3 +684,48 @@ def sink_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointed
 def sink_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
     """As `routed_backward_transient`, the attention's softmax backward in the compute dtype."""
     return routed_backward_transient(arch, _own_softmax(ctx), saved)
+
+
+# --- GPT-NeoX, Bloom, Falcon's new decoder architecture (LayerNorm families) -----------------------
+
+
+def second_layer_norm_same_input(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...],
+                                 saved: Saved) -> None:
+    """A second LayerNorm over the same layer input as the first (GPT-NeoX's parallel residual:
+    post_attention_layernorm(hidden_states); Falcon's new architecture: ln_mlp beside ln_attn).
+    native_layer_norm saves its input, which the first norm already keeps (one storage): only its
+    own mean and rstd, and its output for the consuming linears."""
+    t, h = ctx.tokens, arch.hidden
+    if ctx.grad_in:
+        saved[f"{prefix}.mean_rstd"] = 2 * t * ctx.stats_bytes
+    linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
+
+
+def fused_qkv_value_view(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """GPT-NeoX splits `query_key_value`'s output by `.view(...).transpose(1, 2).chunk(3)`: the value
+    SDPA gets is a view into the fused projection output, and a fused kernel saves its inputs as
+    given, so the whole (q + k + v)-wide output stays alive where only v was counted (q and k are
+    new tensors after the rotary's torch.cat). The materialising paths copy v (batched matmul)."""
+    if ctx.attention is not Kernel.fused or ctx.kernel_bytes != ctx.act_bytes or ctx.packed_mask:
+        return
+    saved["attn.v"] = ctx.tokens * (arch.q_width + 2 * arch.kv_width) * ctx.act_bytes
+
+
+def explicit_mask_saved(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """A fused SDPA kernel handed an explicit bool mask (Falcon) turns it into an additive one in
+    its own dtype per call (attention.cpp `convert_boolean_attn_mask`) and saves it: one (b, 1, s, s)
+    per layer, as with packed rows."""
+    if arch.sdpa_explicit_mask and ctx.attention is Kernel.fused and not ctx.packed_mask:
+        saved["attn.explicit_mask"] = ctx.batch * ctx.seq * ctx.seq * ctx.kernel_bytes
+
+
+def own_attention_forward_extra(arch: ModelArch, ctx: Ctx, checkpointed: bool) -> int:
+    """Bloom's attention forward beyond eager's scores (models/bloom/modeling_bloom.py): the baddbmm
+    scores stay referenced by `attention_scores` while their masked sum goes through the softmax;
+    and a checkpointed layer returns its probabilities (saved nowhere, but BloomModel's loop holds
+    them in `outputs` through the next layer's forward); and the fused query_key_value output, which
+    q, k and v were reshaped (copied) out of, is alive through the attention."""
+    if not arch.own_attention:
+        return 0
+    fused = ctx.tokens * (arch.q_width + 2 * arch.kv_width) * ctx.act_bytes
+    return ctx.tokens * arch.heads * ctx.seq * ctx.act_bytes * (2 if checkpointed else 1) + fused

@@ -117,6 +117,26 @@ class ModelArch(BaseModel):
     # The modeling file has no SDPA path (GptOssPreTrainedModel `_supports_sdpa = False`): asked for
     # sdpa, transformers' default there is its eager attention, which memplan counts instead.
     sdpa_supported: bool = True
+    # LayerNorms per decoder layer when a parallel block keeps two (GPT-NeoX's input_layernorm and
+    # post_attention_layernorm; Falcon's new architecture's ln_attn and ln_mlp). None: one for a
+    # parallel block, two otherwise.
+    layer_norms: int | None = None
+    # A LayerNorm over the token embeddings before the first layer (Bloom's word_embeddings_layernorm)
+    embedding_norm: bool = False
+    # The attention has no SDPA path and always runs its own matmul-softmax with an fp32 softmax
+    # (BloomAttention: alibi.baddbmm, softmax(dtype=float32)), whatever attn_implementation says
+    own_attention: bool = False
+    # ALiBi biases instead of rotary positions (Bloom): no rotary tables or inverse frequencies
+    alibi: bool = False
+    # SDPA always gets an explicit bool causal mask (Falcon: create_causal_mask(allow_is_causal_skip=False)),
+    # which it turns into an additive one per call (attention.cpp convert_boolean_attn_mask)
+    sdpa_explicit_mask: bool = False
+    # The model's own (eager) attention keeps its softmax in the compute dtype (FalconAttention:
+    # softmax(..., dtype=hidden_states.dtype)); read for configs whose SDPA is not always math
+    eager_softmax_compute_dtype: bool = False
+    # The MLP's own norm runs before the attention (Falcon's new architecture: ln_mlp beside ln_attn),
+    # so its output is alive through the attention
+    mlp_norm_before_attention: bool = False
 
     @property
     def q_width(self) -> int:
@@ -146,6 +166,8 @@ class ModelArch(BaseModel):
 
     @property
     def norms_per_layer(self) -> int:
+        if self.layer_norms is not None:
+            return self.layer_norms
         return 1 if self.parallel_attn else 2
 
     @property
@@ -224,6 +246,26 @@ class ConfigReader:
         if not isinstance(value, bool):
             self.fail(f"{key} must be true or false, got {value!r}")
         return value
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        """One of `allowed` (a string), or `default` when absent."""
+        _, value = self._find((key,))
+        if value is None:
+            return default
+        if value not in allowed:
+            self.fail(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def nested(self, key: str) -> "ConfigReader | None":
+        """A reader over a JSON object nested under `key` (e.g. rope_parameters), None when absent."""
+        _, value = self._find((key,))
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.fail(f"{key} must be a JSON object, got {value!r}")
+        sub = ConfigReader(value, "")
+        sub.source = f"{self.source}, {key}"
+        return sub
 
     def heads(self, hidden: int, heads_keys: tuple[str, ...] = ("num_attention_heads",),
               stated_head_dim: bool = True) -> tuple[int, int]:

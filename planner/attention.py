@@ -43,6 +43,10 @@ class Kernel(str, Enum):
 def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: bool, sdpa_bytes: int) -> Kernel:
     """`grad`: the forward records for backward (training); `sdpa_bytes`: the dtype SDPA sees."""
     grouped = arch.kv_heads != arch.heads
+    if arch.own_attention:
+        # BloomAttention has no SDPA path: alibi.baddbmm, then softmax(dtype=float32) and its cast
+        # back, under attn_implementation "sdpa" too (models/bloom/modeling_bloom.py BloomAttention.forward)
+        return Kernel.eager
     eager = job.attention == "eager" or (job.attention == "sdpa" and not arch.sdpa_supported)
     if job.attention == "flash_attention_2":
         # flash-attn takes grouped keys natively and never materialises scores, in every family
@@ -52,7 +56,7 @@ def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: boo
         # a model without an SDPA path runs its eager attention (ModelArch.sdpa_supported);
         # Falcon's eager softmax stays in the compute dtype; GPT-BigCode's training path is counted
         # the same way (docs/activations.md, Known gaps)
-        if arch.sdpa_always_math or (grad and arch.sdpa_broadcast_kv):
+        if arch.sdpa_always_math or (grad and arch.sdpa_broadcast_kv) or arch.eager_softmax_compute_dtype:
             return Kernel.math
         return Kernel.eager
     if not grad:

@@ -79,7 +79,7 @@ class _State:
                  stack: Stack):
         pb = trainable_bytes_per_param(job)
         self.weights, self.weights_formula = weight_bytes(job, arch, params, stack)
-        root_params = params.embedding + params.lm_head + params.final_norm
+        root_params = params.embedding + params.lm_head + params.final_norm + params.embedding_norm
         # embeddings, final norm and lm_head are never quantized
         root_bytes = 4 if job.kbit_upcast else float_bytes(job.compute_dtype if job.quantized else job.base_weight_dtype)
         self.root_weights = root_params * root_bytes

@@ -193,6 +193,9 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
     mask = b * s * s * ab if kernel is not Kernel.fused else 0  # explicit additive (b, 1, s, s) mask
     if mask and kernel is Kernel.eager:
         mask *= mask_kinds(arch)  # one per attention kind the layers mix (full and sliding)
+    if kernel is Kernel.fused and arch.sdpa_explicit_mask:
+        # Falcon's bool mask, and SDPA's additive copy of it (convert_boolean_attn_mask)
+        mask = b * s * s * (ab + 1)
     if own:
         # keys and values repeated to every head (repeat_kv, or Falcon's broadcast) are copies
         repeat_kv = 2 * arch.q_width * ab if arch.kv_heads != arch.heads else 0
@@ -205,6 +208,20 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
             # compute dtype: the masked scores (still named by `attn_weights`), the sink-extended
             # logits less their max, and their softmax
             per_score = 3 * ab
+        elif arch.own_attention:
+            # BloomAttention: the baddbmm scores stay referenced (`attention_scores`) beside their
+            # masked sum, the fp32 copy and fp32 softmax; BloomModel's loop still holds the previous
+            # layer's probabilities in `outputs` (models/bloom/modeling_bloom.py BloomModel.forward)
+            # (in fp32 the softmax's input cast is a no-op: no fp32 copy)
+            per_score = 3 * ab + 4 + (4 if ab != 4 else 0)
+            # and q, k and v reshaped to (b x heads, s, head_dim): copies of the head-interleaved
+            # fused output, which is still alive (BloomAttention._reshape, then .reshape)
+            repeat_kv += 3 * h * ab
+            if ab == 4:
+                # in fp32 the softmax moment holds no extra copy, so the attention's end, where the
+                # same scores are still referenced, is higher: there the bmm context, its merged copy
+                # for dense and dense's output are alive too (three more hidden-wide tensors)
+                repeat_kv += 3 * h * ab
         attention = t * (4 * h * ab + repeat_kv) + t * a * s * per_score + mask
         if arch.rotary_fraction < 1:
             # partial rotary (Phi): the rotated slices of q and k live beside the concatenated q and k
@@ -220,8 +237,15 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
         upcast_q = t * arch.q_width * 4 if ab != 4 else 0
         attention += t * a * s * (8 + inside) + upcast_q + mask
     mlp = t * family_of(arch).prefill_mlp_per_token(arch, ab) + 4 * t * h * ab
+    if arch.mlp_norm_before_attention:
+        # Falcon's ln_mlp output, computed before the attention, alive through it and beside the
+        # MLP's input; and the bool mask FalconModel built for every layer
+        attention += t * h * ab
+        mlp += t * h * ab + (b * s * s if arch.sdpa_explicit_mask else 0)
     if own:
         mlp += t * a * s * ab + mask
+        if arch.own_attention:  # and the previous layer's, held by BloomModel's loop
+            mlp += t * a * s * ab
     if arch.learned_positions:  # the token embeddings, and the position embeddings of one sequence
         mlp += (t + s) * h * ab
     # a materialised sliding-window mask no layer needs, alive through the forward (one s x s storage)

@@ -22,6 +22,7 @@ class ParamCounts(BaseModel):
     quantizable_linear: int
     # Largest single block, for FSDP units and checkpointed recomputation.
     total: int
+    embedding_norm: int = 0  # a LayerNorm over the embeddings (Bloom's word_embeddings_layernorm), in the root
 
     @property
     def blocks(self) -> int:
@@ -45,7 +46,8 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
     embedding = arch.vocab * arch.hidden + (arch.max_positions * arch.hidden if arch.learned_positions else 0)
     lm_head = 0 if arch.tied_embeddings else arch.vocab * arch.hidden + (arch.vocab if arch.lm_head_bias else 0)
     quantizable = arch.layers * sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(arch))
-    total = embedding + per_layer * arch.layers + arch.norm_params + lm_head
+    embedding_norm = arch.norm_params if arch.embedding_norm else 0  # Bloom's word_embeddings_layernorm
+    total = embedding + embedding_norm + per_layer * arch.layers + arch.norm_params + lm_head
     return ParamCounts(
         embedding=embedding,
         per_layer=per_layer,
@@ -54,6 +56,7 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
         lm_head=lm_head,
         quantizable_linear=quantizable,
         total=total,
+        embedding_norm=embedding_norm,
     )
 
 
@@ -89,4 +92,6 @@ def buffer_bytes(arch: ModelArch) -> int:
     mask, and the rotary inverse frequencies (and their original copy) in fp32."""
     if arch.learned_positions:
         return arch.max_positions * arch.max_positions
+    if arch.alibi:  # Bloom registers no buffer: its ALiBi slopes are built every forward
+        return 0
     return 2 * (arch.rotary_dim // 2) * 4

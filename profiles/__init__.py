@@ -52,6 +52,12 @@ ALIASES: dict[str, str] = {
     "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
     "gpt-oss-20b": "openai/gpt-oss-20b",
     "gpt-oss-120b": "openai/gpt-oss-120b",
+    "pythia-6.9b": "EleutherAI/pythia-6.9b",
+    "pythia-1.4b": "EleutherAI/pythia-1.4b",
+    "bloom-7b1": "bigscience/bloom-7b1",
+    "bloom-560m": "bigscience/bloom-560m",
+    "falcon-40b": "tiiuae/falcon-40b",
+    "falcon-180b": "tiiuae/falcon-180B",
 }
 
 

@@ -11,17 +11,26 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def hf_config(model: str, attention: str):
     from transformers import AutoConfig
 
-    from memplan.profiles import load_hf_config, load_model
+    from memplan.profiles import load_hf_config
 
     _, raw = load_hf_config(model)
     raw = dict(raw)
     model_type = raw.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **raw)
-    if attention == "sdpa" and not load_model(model).sdpa_supported:
-        attention = "eager"  # no SDPA path in the modeling file (gpt-oss): transformers' default, eager
+    if attention == "sdpa" and not _supports_sdpa(cfg):
+        # a model without an SDPA path (Bloom) loads with eager attention when none is asked for
+        # (modeling_utils `_check_and_adjust_attn_implementation`); asking for sdpa raises
+        attention = "eager"
     cfg._attn_implementation = attention
     cfg.use_cache = False
     return cfg
+
+
+def _supports_sdpa(cfg) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(cfg), None)
+    return cls is None or bool(getattr(cls, "_supports_sdpa", False))
 
 
 def cut_config(model: str, layers: int, vocab: int | None = None) -> str:

@@ -8,7 +8,8 @@ import importlib
 
 from .base import Family
 
-_MODULES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode", "qwen3_moe", "qwen2_moe", "gpt_oss")
+_MODULES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode", "qwen3_moe", "qwen2_moe",
+            "gpt_oss", "gpt_neox", "bloom")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:
