@@ -384,7 +384,8 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
     """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward; packed
     rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
-        return batch * ctx.seq * ctx.seq * ctx.act_bytes
+        # one per layer type (Gemma 2/3: a causal and a sliding-window causal mask)
+        return batch * ctx.seq * ctx.seq * ctx.act_bytes * (len(set(arch.layer_windows)) or 1)
     if ctx.packed_mask:
         return batch * ctx.seq * ctx.seq
     return 0
@@ -410,7 +411,7 @@ def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
     """cos and sin for the positions of one sequence, shared by all layers (batch dimension 1)."""
     if arch.learned_positions:
         return 0
-    return 2 * ctx.seq * arch.rotary_dim * ctx.stream_bytes
+    return 2 * ctx.seq * arch.rotary_dim * ctx.stream_bytes * arch.rope_kinds  # Gemma 3: one per layer type
 
 
 def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
@@ -469,3 +470,56 @@ def dora_fields(job: Job, arch: ModelArch, targets: tuple[str, ...]) -> dict:
     return dict(dora=tuple((lin.name, lin.d_out) for lin in lins), dora_d_in=tuple(lin.d_in for lin in lins),
                 dora_weight_copy=base != float_bytes(job.lora_dtype),
                 dora_dequant=float_bytes(job.compute_dtype) if job.quantized else 0)
+
+
+# --- Gemma 2/3, Phi-3, OLMo 2 (issue 12, fam-gemma) ---------------------------------------------
+
+def post_norm_saved(ctx: Ctx, arch: ModelArch, prefix: str, saved: Saved) -> None:
+    """An RMSNorm whose output only joins the residual sum (Gemma 2/3 post_attention_layernorm and
+    post_feedforward_layernorm, OLMo 2's post-norms): what `rms_norm` saves for the norm itself
+    (fp32 input, rsqrt, and with a trainable weight the product `weight *` keeps), no linear input."""
+    scratch: Saved = {}
+    rms_norm(ctx, arch, prefix, (), scratch)
+    scratch.pop(f"{prefix}.out", None)  # no projection reads it
+    saved.update(scratch)
+
+
+def attention_softcap_saved(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """Gemma 2's attention soft-capping in eager_attention_forward (models/gemma2/modeling_gemma2.py):
+    `scores / cap` then `tanh` then `* cap`; tanh saves its output (t x heads x s in the scores'
+    dtype), the scalar divisions save nothing. Fused kernels (flash-attn's `softcap`) keep nothing."""
+    if arch.attn_softcap is None or ctx.attention is Kernel.fused:
+        return
+    md = ctx.act_bytes if ctx.attention is Kernel.eager else materialised_bytes(ctx)
+    saved["attn.softcap_tanh"] = ctx.tokens * arch.heads * ctx.seq * md
+
+
+def full_width_qk_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """OLMo 2's q_norm and k_norm (models/olmo2/modeling_olmo2.py Olmo2Attention.forward:
+    `q_norm(q_proj(x))`, an Olmo2RMSNorm over all heads x head_dim at once): as the hidden-size
+    norm saves, fp32 input, one rsqrt per token, the cast-back product when the weight trains, and
+    the cast-back output that RoPE reads (only the ops after it save it: RoPE's multiplications by
+    cos and sin save the cos/sin tables, not the input, so it is not kept)."""
+    t = ctx.tokens
+    for name, width in (("q", arch.q_width), ("k", arch.kv_width)):
+        if not (ctx.grad_in or ctx.base_trains or f"{name}_proj" in ctx.targets):
+            continue
+        saved[f"{name}_norm.fp32_input"] = 4 * t * width
+        saved[f"{name}_norm.rsqrt"] = 4 * t
+        if ctx.base_trains:
+            saved[f"{name}_norm.normed"] = t * width * ctx.act_bytes
+
+
+def gemma_head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """Gemma 3's q_norm and k_norm (models/gemma3/modeling_gemma3.py Gemma3Attention.forward): a
+    Gemma3RMSNorm over each head, `x.float()` normalised then `* (1 + w)` in fp32 and cast back, so
+    where a gradient flows it saves the fp32 input and one rsqrt per head, and with a trainable
+    weight the fp32 normalised product (not a cast-back copy, as Qwen3's `head_norms` keeps)."""
+    t = ctx.tokens
+    for name, width, heads in (("q", arch.q_width, arch.heads), ("k", arch.kv_width, arch.kv_heads)):
+        if not (ctx.grad_in or ctx.base_trains or f"{name}_proj" in ctx.targets):
+            continue
+        saved[f"{name}_norm.fp32_input"] = 4 * t * width
+        saved[f"{name}_norm.rsqrt"] = 4 * t * heads
+        if ctx.base_trains:
+            saved[f"{name}_norm.normed"] = 4 * t * width

@@ -87,6 +87,24 @@ class ModelArch(BaseModel):
     linears: tuple[LinearSpec, ...]
     router: LinearSpec | None = None  # MoE: the router's projection (hidden -> experts)
     default_lora_targets: tuple[str, ...]
+    # --- added for Gemma 2/3, Phi-3 and OLMo 2 (issue 12, fam-gemma) ---
+    # Hidden-size norms per decoder layer where a block has neither the parallel block's one nor
+    # Llama's two: Gemma 2/3 have four (pre- and post-attention, pre- and post-feedforward), OLMo 2
+    # two post-norms. None: 1 if parallel_attn else 2.
+    layer_norm_count: int | None = None
+    # q_norm/k_norm over the whole q and k projection width (OLMo 2: Olmo2Attention builds
+    # Olmo2RMSNorm(heads x head_dim)) instead of over each head (Qwen3, Gemma 3)
+    qk_norm_full_width: bool = False
+    # tanh soft-capping (Gemma 2): of the attention scores (attn_logit_softcapping, eager
+    # attention's `tanh(scores / cap) * cap`) and of the final logits (final_logit_softcapping)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    # The model class refuses SDPA (Gemma2PreTrainedModel._supports_sdpa = False: transformers 5
+    # raises for attn_implementation="sdpa" and its default resolution picks eager)
+    sdpa_supported: bool = True
+    # Rotary embeddings with their own bases (Gemma 3: one inv_freq pair and one cos/sin table per
+    # layer type, Gemma3RotaryEmbedding)
+    rope_kinds: int = 1
 
     @property
     def q_width(self) -> int:
@@ -116,7 +134,17 @@ class ModelArch(BaseModel):
 
     @property
     def norms_per_layer(self) -> int:
+        if self.layer_norm_count is not None:
+            return self.layer_norm_count
         return 1 if self.parallel_attn else 2
+
+    @property
+    def qk_norm_widths(self) -> tuple[int, int]:
+        """Parameters of q_norm and k_norm (0, 0 without q/k norms): one head's width, or the whole
+        projection's (qk_norm_full_width)."""
+        if not self.qk_norm:
+            return 0, 0
+        return (self.q_width, self.kv_width) if self.qk_norm_full_width else (self.head_dim, self.head_dim)
 
     @property
     def norm_params(self) -> int:

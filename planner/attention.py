@@ -47,6 +47,11 @@ def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: boo
         # flash-attn takes grouped keys natively and never materialises scores, in every family
         # (flash_attn_interface.py FlashAttnFunc / FlashAttnVarlenFunc)
         return Kernel.fused
+    if job.attention == "sdpa" and not arch.sdpa_supported:
+        # Gemma 2 (Gemma2PreTrainedModel._supports_sdpa = False): transformers 5 refuses sdpa and
+        # resolves a model loaded without attn_implementation to eager (modeling_utils.py
+        # `get_correct_attn_implementation`), so an sdpa job runs the eager path
+        return Kernel.eager
     if job.attention == "eager":
         # Falcon's eager softmax stays in the compute dtype; GPT-BigCode's training path is counted
         # the same way (docs/activations.md, Known gaps)

@@ -703,7 +703,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     walk.row("logits", ("final norm output + last position's logits and their fp32 copy (generate); "
                         "in decode, one step's logits" if job.new_tokens
                         else "final norm output + logits for every position (plain forward)"))
-    append = inf.cache_append_bytes(job, arch)
+    append = inf.cache_append_bytes(job, arch, stack)
     decode_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch) if job.new_tokens else 0
     walk.row("decode dequantized weight", f"bitsandbytes dequantizes the largest 4-bit weight for {job.micro_batch} "
                                           f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")

@@ -15,6 +15,12 @@ def kv_tokens(job: Job, arch: ModelArch, generated: bool = True, layer: int = 0)
     are generated; a sliding-window layer keeps only its window."""
     total = job.seq_len + (job.new_tokens if generated else 0)
     window = arch.window_of(layer)
+    if window and arch.layer_windows and not (generated and job.new_tokens):
+        # per-layer windows (layer_types): DynamicSlidingWindowLayer.update keeps a *view* of the
+        # last window - 1 positions of `torch.cat([keys, new])`, so after the prompt's forward the
+        # layer still holds the storage of every prompt position (transformers cache_utils.py);
+        # only a decode step's concatenation (window positions at most) replaces it
+        return job.seq_len
     return min(total, window) if window else total
 
 
@@ -44,13 +50,59 @@ def kv_cache_formula(job: Job, arch: ModelArch) -> str:
     return f"{arch.cache_width:,} cached elements (K and V) per position x ({layers}) x {tail}"
 
 
-def cache_append_bytes(job: Job, arch: ModelArch) -> int:
+def cache_append_bytes(job: Job, arch: ModelArch, stack: Stack | None = None) -> int:
     """transformers' DynamicCache appends a decode step's keys and values with `torch.cat`: for a
     moment one layer's old and new key (then value) tensors are both alive, one layer's K extra
     (the largest layer's)."""
     if not job.new_tokens:
         return 0
+    if arch.layer_windows:
+        return max(windowed_decode_cache_bytes(job, arch, stack) - kv_cache_bytes(job, arch), 0)
     return max(layer_cache_bytes(job, arch, i) for i in range(arch.layers)) // 2
+
+
+def windowed_decode_cache_bytes(job: Job, arch: ModelArch, stack: Stack | None = None) -> int:
+    """The cache's high point during decode for a model of sliding and global layers (ModelArch.
+    layer_windows), walked layer by layer through the first and the last decode step, as
+    transformers 5's DynamicCache runs them (cache_utils.py):
+    - a global layer (DynamicLayer.update) reassigns `self.keys = cat([keys, k])` before it
+      concatenates the values: its old keys live beside the new keys and the old values;
+    - a sliding layer (DynamicSlidingWindowLayer.update) concatenates keys and values, then keeps
+      views of their last window - 1 positions: old and new keys and values are alive together,
+      and the concatenation (at most `window` positions) replaces the prompt's storage, so the first
+      step shrinks a sliding layer from the prompt's length to the window;
+    - eager attention over grouped keys (repeat_kv) copies the layer's keys and values to every
+      query head while it attends.
+    Before a layer updates it holds its positions of the previous step. Later steps only grow, so
+    the first and the last step bound the phase."""
+    from .stacks import get
+
+    s, n, layers = job.seq_len, job.new_tokens, arch.layers
+    kernel = attention_kernel(job, arch, stack or get(job.stack), grad=False, sdpa_bytes=float_bytes(job.compute_dtype))
+    rep = arch.heads // arch.kv_heads if kernel in (Kernel.eager, Kernel.math) and arch.kv_heads != arch.heads else 0
+
+    def held(i: int, step: int) -> int:  # positions (storage) layer i holds after decode step `step`
+        w = arch.window_of(i)
+        return s + step if step == 0 or not w else min(w, s + step)
+
+    peak = 0  # in half positions (one K or one V of a position is 1)
+    for step in sorted({1, n}):
+        before = [2 * held(i, step - 1) for i in range(layers)]
+        after = [2 * held(i, step) for i in range(layers)]
+        done, waiting = 0, sum(before)
+        for i in range(layers):
+            waiting -= before[i]
+            update = after[i] + (before[i] if arch.window_of(i) else before[i] // 2)
+            attend = after[i] * (1 + rep)
+            peak = max(peak, done + waiting + max(update, attend))
+            done += after[i]
+    return peak * arch.cache_width // 2 * job.micro_batch * float_bytes(job.compute_dtype)
+
+
+def mask_kinds(arch: ModelArch) -> int:
+    """Distinct attention masks a forward builds: one per layer type (Gemma 2/3 build a causal and a
+    sliding-window causal mask, Gemma2Model.forward `causal_mask_mapping`), else one."""
+    return len({w for w in arch.layer_windows}) or 1
 
 
 def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
@@ -74,6 +126,7 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
     kernel = attention_kernel(job, arch, stack, grad=False, sdpa_bytes=ab)
     own = kernel in (Kernel.eager, Kernel.math)  # the model's own matmul-softmax
     mask = b * s * s * ab if kernel is not Kernel.fused else 0  # explicit additive (b, 1, s, s) mask
+    mask *= mask_kinds(arch)
     if own:
         # keys and values repeated to every head (repeat_kv, or Falcon's broadcast) are copies
         repeat_kv = 2 * arch.q_width * ab if arch.kv_heads != arch.heads else 0

@@ -39,7 +39,7 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
 
         stack = get("transformers-5")
     linear_params = sum(lin.params for lin in arch.projections)
-    head_norms = 2 * arch.head_dim if arch.qk_norm else 0
+    head_norms = sum(arch.qk_norm_widths)
     per_layer = linear_params + arch.norms_per_layer * arch.norm_params + head_norms
     embedding = arch.vocab * arch.hidden + (arch.max_positions * arch.hidden if arch.learned_positions else 0)
     lm_head = 0 if arch.tied_embeddings else arch.vocab * arch.hidden + (arch.vocab if arch.lm_head_bias else 0)
@@ -88,4 +88,4 @@ def buffer_bytes(arch: ModelArch) -> int:
     mask, and the rotary inverse frequencies (and their original copy) in fp32."""
     if arch.learned_positions:
         return arch.max_positions * arch.max_positions
-    return 2 * (arch.rotary_dim // 2) * 4
+    return 2 * (arch.rotary_dim // 2) * 4 * arch.rope_kinds  # Gemma 3: a pair per layer type

@@ -17,9 +17,21 @@ def hf_config(model: str, attention: str):
     raw = dict(raw)
     model_type = raw.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **raw)
-    cfg._attn_implementation = attention
+    cfg._attn_implementation = _supported_attention(cfg, attention)
     cfg.use_cache = False
     return cfg
+
+
+def _supported_attention(cfg, attention: str) -> str:
+    """A model class that refuses SDPA (Gemma 2: `_supports_sdpa = False`) runs what transformers'
+    default resolution gives it, eager (modeling_utils.py `get_correct_attn_implementation`), as
+    the estimate assumes (planner/attention.py, `ModelArch.sdpa_supported`)."""
+    from transformers import AutoModelForCausalLM
+
+    if attention != "sdpa":
+        return attention
+    cls = AutoModelForCausalLM._model_mapping.get(type(cfg), None)
+    return attention if cls is None or getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 def cut_config(model: str, layers: int, vocab: int | None = None) -> str:
