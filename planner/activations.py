@@ -186,7 +186,7 @@ def rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...],
         if ctx.base_trains:
             # weight * x_normed: Llama saves the cast-back copy, Gemma the fp32 product before (1 + w)
             # (with an fp32 stream the cast back is a no-op: the fp32 product is kept)
-            saved[f"{prefix}.normed"] = t * h * (4 if arch.norm == "rms_gemma" else ctx.stream_bytes)
+            saved[f"{prefix}.normed"] = t * h * (4 if arch.norm in ("rms_gemma", "rms_fp32") else ctx.stream_bytes)
     linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
 
 
@@ -523,3 +523,28 @@ def gemma_head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
         saved[f"{name}_norm.rsqrt"] = 4 * t * heads
         if ctx.base_trains:
             saved[f"{name}_norm.normed"] = 4 * t * width
+
+
+def fused_qkv_view(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """A fused qkv projection (Phi-3 `qkv_proj`) whose value slice reaches the attention as a view:
+    whatever keeps v keeps the whole qkv output, q and k columns included (the fused kernels save
+    v itself; eager keeps it only when repeat_kv has nothing to repeat)."""
+    if ctx.attention is Kernel.fused:
+        kept = "attn.v" in saved and not ctx.packed_mask
+    elif ctx.attention is Kernel.eager:
+        kept = arch.kv_heads == arch.heads
+    else:
+        kept = False
+    if kept:
+        saved["attn.qkv_rest"] = ctx.tokens * (arch.q_width + arch.kv_width) * (
+            ctx.kernel_bytes if ctx.attention is Kernel.fused else ctx.act_bytes)
+
+
+def fused_gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """Phi3MLP: `gate, up = gate_up_proj(x).chunk(2)`, `up * act(gate)`: act saves gate and the
+    product saves up and act's output; gate and up are views of one (tokens, 2i) output, so that
+    storage is what stays (the same bytes as the separate gate and up of `gated_mlp`)."""
+    t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
+    saved["mlp.gate_up_out"] = 2 * t * i * ab
+    saved["mlp.act_out"] = t * i * ab
+    linear_input(ctx, ("down_proj",), i, "mlp.product", saved)

@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import MemplanInputError
 
-NormKind = Literal["rms", "rms_gemma", "layer"]
+# rms: Llama's (weight x the normalised input cast back); rms_gemma: x (1 + weight) in fp32, then cast;
+# rms_fp32: weight x the fp32 normalised input, then cast (OLMo 2's Olmo2RMSNorm); layer: LayerNorm
+NormKind = Literal["rms", "rms_gemma", "layer", "rms_fp32"]
 # The module class a projection is built as, which decides whether bitsandbytes loading converts it
 # (Stack.bnb_converts): an exact nn.Linear, a subclass of it (FalconLinear), a fused 3-D expert
 # tensor (transformers 5 Mixtral), or an MoE router.

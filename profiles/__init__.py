@@ -41,6 +41,9 @@ ALIASES: dict[str, str] = {
     "gemma-2-9b": "google/gemma-2-9b",
     "gemma-2-27b": "google/gemma-2-27b",
     "gemma-3-1b": "google/gemma-3-1b-pt",
+    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+    "phi-4": "microsoft/phi-4",
+    "olmo-2-7b": "allenai/OLMo-2-1124-7B",
 }
 
 
