@@ -497,17 +497,17 @@ def attention_softcap_saved(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
 def full_width_qk_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     """OLMo 2's q_norm and k_norm (models/olmo2/modeling_olmo2.py Olmo2Attention.forward:
     `q_norm(q_proj(x))`, an Olmo2RMSNorm over all heads x head_dim at once): as the hidden-size
-    norm saves, fp32 input, one rsqrt per token, the cast-back product when the weight trains, and
-    the cast-back output that RoPE reads (only the ops after it save it: RoPE's multiplications by
-    cos and sin save the cos/sin tables, not the input, so it is not kept)."""
+    norm saves, fp32 input, one rsqrt per token and, when the weight trains, the fp32 normalised
+    input `weight *` keeps (Olmo2RMSNorm multiplies before it casts back). The cast-back output
+    that RoPE reads is not kept: RoPE's products save the cos/sin tables, not their input."""
     t = ctx.tokens
     for name, width in (("q", arch.q_width), ("k", arch.kv_width)):
         if not (ctx.grad_in or ctx.base_trains or f"{name}_proj" in ctx.targets):
             continue
         saved[f"{name}_norm.fp32_input"] = 4 * t * width
         saved[f"{name}_norm.rsqrt"] = 4 * t
-        if ctx.base_trains:
-            saved[f"{name}_norm.normed"] = t * width * ctx.act_bytes
+        if ctx.base_trains:  # `weight * x` keeps the fp32 normalised input (Olmo2RMSNorm casts after)
+            saved[f"{name}_norm.normed"] = 4 * t * width
 
 
 def gemma_head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
