@@ -384,8 +384,10 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
     """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward; packed
     rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
-        # one per layer type (Gemma 2/3: a causal and a sliding-window causal mask)
-        return batch * ctx.seq * ctx.seq * ctx.act_bytes * (len(set(arch.layer_windows)) or 1)
+        # Gemma 2/3 build one per layer type, but the model's forward drops them before the head
+        # and a checkpointed backward holds one (CPU trace of tiny-gemma2): one is counted here,
+        # both in the prefill's layer moments (inference.mask_kinds)
+        return batch * ctx.seq * ctx.seq * ctx.act_bytes
     if ctx.packed_mask:
         return batch * ctx.seq * ctx.seq
     return 0
@@ -491,7 +493,10 @@ def attention_softcap_saved(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     if arch.attn_softcap is None or ctx.attention is Kernel.fused:
         return
     md = ctx.act_bytes if ctx.attention is Kernel.eager else materialised_bytes(ctx)
-    saved["attn.softcap_tanh"] = ctx.tokens * arch.heads * ctx.seq * md
+    # not an "attn." key: a checkpointed forward saves nothing, and `* cap` frees tanh's output
+    # before the softmax's high point, so it is not among the attention tensors a checkpointed
+    # layer holds while it runs (layer_forward_transient)
+    saved["softcap.attn_tanh"] = ctx.tokens * arch.heads * ctx.seq * md
 
 
 def full_width_qk_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:

@@ -733,6 +733,9 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
     notes = job.notes() + notes
+    if job.attention == "sdpa" and not arch.sdpa_supported:
+        notes.append(f"{arch.name}: transformers 5 refuses attn_implementation='sdpa' for this model class "
+                     "(_supports_sdpa = False) and loads it with eager attention by default: estimated as eager")
     if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(

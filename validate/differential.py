@@ -23,7 +23,7 @@ from memplan.job import Job
 
 TOLERANCE = 0.03
 from memplan.profiles import TINY_DIR  # noqa: E402  (the tiny configs ship with the package)
-TINY_FAMILIES = ("llama", "mistral", "mixtral", "gemma", "phi", "falcon", "starcoder")
+TINY_FAMILIES = ("llama", "mistral", "mixtral", "gemma", "phi", "falcon", "starcoder", "gemma2", "gemma3", "phi3", "olmo2")
 # real-size models at short sequences (a trace costs 2-8 s)
 REAL = ("llama-2-7b", "mistral-7b", "qwen2.5-7b", "gemma-2b", "phi-2", "falcon-7b")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -33,6 +33,8 @@ SUBSETS = {
     "mixtral": ("k_proj,o_proj",), "gemma": ("o_proj,gate_proj", "v_proj"), "qwen2": ("k_proj,up_proj",),
     "phi": ("k_proj,dense", "fc1"), "falcon": ("dense", "dense_h_to_4h,dense_4h_to_h"),
     "gpt_bigcode": ("c_proj", "c_fc,mlp.c_proj"),
+    "gemma2": ("o_proj,gate_proj", "k_proj,down_proj"), "gemma3_text": ("k_proj,o_proj", "up_proj"),
+    "phi3": ("o_proj", "gate_up_proj,down_proj"), "olmo2": ("k_proj,o_proj", "gate_proj,down_proj"),
 }
 
 Pick = Callable[[Sequence], object]
