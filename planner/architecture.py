@@ -107,6 +107,9 @@ class ModelArch(BaseModel):
     # Rotary embeddings with their own bases (Gemma 3: one inv_freq pair and one cos/sin table per
     # layer type, Gemma3RotaryEmbedding)
     rope_kinds: int = 1
+    # What of the checkpoint the estimate leaves out, for a note (the multimodal Gemma 3's vision
+    # tower and projector: only its text_config's language model is counted)
+    partial_model: str | None = None
 
     @property
     def q_width(self) -> int:

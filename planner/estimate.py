@@ -733,6 +733,8 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
     notes = job.notes() + notes
+    if arch.partial_model:
+        notes.append(arch.partial_model)
     if job.attention == "sdpa" and not arch.sdpa_supported:
         notes.append(f"{arch.name}: transformers 5 refuses attn_implementation='sdpa' for this model class "
                      "(_supports_sdpa = False) and loads it with eager attention by default: estimated as eager")

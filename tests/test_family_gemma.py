@@ -133,12 +133,47 @@ def test_gemma2_sdpa_job_is_eager():
     assert attention_kernel(job, arch, get(job.stack), grad=True, sdpa_bytes=2) is Kernel.eager
 
 
-def test_multimodal_gemma3_is_refused_naming_gemma3_text(tmp_path):
+def _gemma3_27b_config() -> dict:
+    """gemma-3-27b-pt's config.json as published (written from memory, no network), the part the
+    language model reads."""
+    return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+            "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+            "text_config": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504, "model_type": "gemma3_text",
+                            "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16,
+                            "query_pre_attn_scalar": 168, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                            "sliding_window": 1024},
+            "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                              "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}}
+
+
+def test_multimodal_gemma3_counts_its_language_model(tmp_path):
+    """The multimodal gemma3 model_type is estimated from its text_config: exactly the language
+    model of Gemma3ForConditionalGeneration on the meta device (its lm_head tied to the embedding),
+    with a note naming what is left out."""
+    import json
+
+    path = tmp_path / "gemma-3-27b.json"
+    path.write_text(json.dumps(_gemma3_27b_config()))
+    arch = load_model(str(path))
+    assert arch.family == "gemma3" and arch.partial_model
+    est = estimate_memory(Job(model=str(path), task="infer", micro_batch=1, seq_len=512, new_tokens=1), arch)
+    assert any("vision tower" in n for n in est.notes)
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from memplan.validate.models import hf_config, meta_model
+
+    real = meta_model(hf_config(str(path), "sdpa"), torch.bfloat16)
+    language = sum(p.numel() for p in real.model.language_model.parameters())
+    assert count_params(arch).total == language
+    assert 27.0e9 < language < 27.5e9  # published: 27.4B with the 0.4B vision tower
+
+
+def test_multimodal_gemma3_without_text_config_is_one_line(tmp_path):
     import json
 
     from memplan.errors import MemplanInputError
 
     path = tmp_path / "gemma3.json"
-    path.write_text(json.dumps({"model_type": "gemma3", "text_config": {"hidden_size": 2560}}))
-    with pytest.raises(MemplanInputError, match="gemma3_text"):
+    path.write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(MemplanInputError, match="text_config"):
         load_model(str(path))

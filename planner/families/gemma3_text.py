@@ -6,8 +6,10 @@ two RoPE bases (Gemma3RotaryEmbedding: one inv_freq pair per layer type, and Gem
 computes one cos/sin table per layer type), no soft-capping by default, and SDPA supported.
 
 The multimodal `gemma3` model_type (Gemma 3 4B and larger: Gemma3ForConditionalGeneration, a
-SigLIP vision tower and a projector around this language model) is refused: give the
-`text_config` as a gemma3_text config to estimate the language model alone."""
+SigLIP vision tower and a projector around this language model) is estimated from its
+`text_config` alone (Gemma3Config builds the language model from it as a Gemma3TextConfig): the
+language model's parameters, activations and cache, with a note that the vision tower and the
+projector (about 0.4B parameters, and the image tokens' activations) are not counted."""
 
 from __future__ import annotations
 
@@ -19,8 +21,7 @@ from .gemma2 import gemma_sandwich_arch, sandwich_layer_saved
 
 def _parse(r: ConfigReader, name: str, mt: str) -> ModelArch:
     if mt == "gemma3":
-        r.fail("model_type 'gemma3' is the multimodal Gemma 3 (vision tower and projector): not supported; "
-               "write its text_config as a config with model_type 'gemma3_text' to estimate the language model")
+        return _multimodal(r, name)
     pattern = r.int("sliding_window_pattern", default=6)
     arch = gemma_sandwich_arch(r, name, mt, decoder_layer="Gemma3DecoderLayer",
                                windows_default=lambda i: "sliding_attention" if (i + 1) % pattern else "full_attention",
@@ -32,3 +33,18 @@ def _parse(r: ConfigReader, name: str, mt: str) -> ModelArch:
 
 FAMILY = Family(model_types=("gemma3_text", "gemma3"), parse=_parse, layer_saved=sandwich_layer_saved,
                 prefill_mlp_per_token=gated_prefill_mlp)
+
+
+def _multimodal(r: ConfigReader, name: str) -> ModelArch:
+    text = r.cfg.get("text_config")
+    if not isinstance(text, dict):
+        r.fail("model_type 'gemma3' (multimodal Gemma 3) needs text_config, the language model's gemma3_text config "
+               f"as a JSON object; got {text!r}")
+    inner = ConfigReader(dict(text, model_type="gemma3_text"), name)
+    inner.source = f"{r.source} (text_config)"
+    arch = _parse(inner, name, "gemma3_text")
+    return arch.model_copy(update={
+        "family": "gemma3",
+        "partial_model": (f"{name} is the multimodal Gemma 3: only its language model (text_config) is counted; "
+                          "the SigLIP vision tower, the projector and image tokens are not"),
+    })
