@@ -186,7 +186,7 @@ def rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...],
         if ctx.base_trains:
             # weight * x_normed: Llama saves the cast-back copy, Gemma the fp32 product before (1 + w)
             # (with an fp32 stream the cast back is a no-op: the fp32 product is kept)
-            saved[f"{prefix}.normed"] = t * h * (4 if arch.norm == "rms_gemma" else ctx.stream_bytes)
+            saved[f"{prefix}.normed"] = t * h * (4 if arch.norm in ("rms_gemma", "rms_fp32") else ctx.stream_bytes)
     linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
 
 
@@ -384,7 +384,10 @@ def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
     """Eager attention needs an explicit (b, 1, s, s) additive mask, built once per forward; packed
     rows under SDPA a (b, 1, s, s) bool block-diagonal causal one (masking_utils `sdpa_mask`)."""
     if ctx.attention is Kernel.eager:
-        return mask_kinds(arch) * batch * ctx.seq * ctx.seq * ctx.act_bytes
+        # Gemma 2/3 build one per layer type, but the model's forward drops them before the head
+        # and a checkpointed backward holds one (CPU trace of tiny-gemma2): one is counted here,
+        # both in the prefill's layer moments (inference.mask_kinds)
+        return batch * ctx.seq * ctx.seq * ctx.act_bytes
     if ctx.packed_mask or (arch.sdpa_explicit_mask and ctx.attention is Kernel.fused):
         return batch * ctx.seq * ctx.seq
     if arch.sliding_mask_always:  # a bool (1, 1, s, s) expanded over the batch (ModelArch.sliding_mask_always)
@@ -421,7 +424,7 @@ def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
     """cos and sin for the positions of one sequence, shared by all layers (batch dimension 1)."""
     if arch.learned_positions or arch.alibi:
         return 0
-    return 2 * ctx.seq * arch.rotary_dim * ctx.stream_bytes
+    return 2 * ctx.seq * arch.rotary_dim * ctx.stream_bytes * arch.rope_kinds  # Gemma 3: one per layer type
 
 
 def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
@@ -729,3 +732,84 @@ def own_attention_forward_extra(arch: ModelArch, ctx: Ctx, checkpointed: bool) -
         return 0
     fused = ctx.tokens * (arch.q_width + 2 * arch.kv_width) * ctx.act_bytes
     return ctx.tokens * arch.heads * ctx.seq * ctx.act_bytes * (2 if checkpointed else 1) + fused
+
+
+# --- Gemma 2/3, Phi-3, OLMo 2 (issue 12, fam-gemma) ---------------------------------------------
+
+def post_norm_saved(ctx: Ctx, arch: ModelArch, prefix: str, saved: Saved) -> None:
+    """An RMSNorm whose output only joins the residual sum (Gemma 2/3 post_attention_layernorm and
+    post_feedforward_layernorm, OLMo 2's post-norms): what `rms_norm` saves for the norm itself
+    (fp32 input, rsqrt, and with a trainable weight the product `weight *` keeps), no linear input."""
+    scratch: Saved = {}
+    rms_norm(ctx, arch, prefix, (), scratch)
+    scratch.pop(f"{prefix}.out", None)  # no projection reads it
+    saved.update(scratch)
+
+
+def attention_softcap_saved(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """Gemma 2's attention soft-capping in eager_attention_forward (models/gemma2/modeling_gemma2.py):
+    `scores / cap` then `tanh` then `* cap`; tanh saves its output (t x heads x s in the scores'
+    dtype), the scalar divisions save nothing. Fused kernels (flash-attn's `softcap`) keep nothing."""
+    if arch.attn_softcap is None or ctx.attention is Kernel.fused:
+        return
+    md = ctx.act_bytes if ctx.attention is Kernel.eager else materialised_bytes(ctx)
+    # not an "attn." key: a checkpointed forward saves nothing, and `* cap` frees tanh's output
+    # before the softmax's high point, so it is not among the attention tensors a checkpointed
+    # layer holds while it runs (layer_forward_transient)
+    saved["softcap.attn_tanh"] = ctx.tokens * arch.heads * ctx.seq * md
+
+
+def full_width_qk_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """OLMo 2's q_norm and k_norm (models/olmo2/modeling_olmo2.py Olmo2Attention.forward:
+    `q_norm(q_proj(x))`, an Olmo2RMSNorm over all heads x head_dim at once): as the hidden-size
+    norm saves, fp32 input, one rsqrt per token and, when the weight trains, the fp32 normalised
+    input `weight *` keeps (Olmo2RMSNorm multiplies before it casts back). The cast-back output
+    that RoPE reads is not kept: RoPE's products save the cos/sin tables, not their input."""
+    t = ctx.tokens
+    for name, width in (("q", arch.q_width), ("k", arch.kv_width)):
+        if not (ctx.grad_in or ctx.base_trains or f"{name}_proj" in ctx.targets):
+            continue
+        saved[f"{name}_norm.fp32_input"] = 4 * t * width
+        saved[f"{name}_norm.rsqrt"] = 4 * t
+        if ctx.base_trains:  # `weight * x` keeps the fp32 normalised input (Olmo2RMSNorm casts after)
+            saved[f"{name}_norm.normed"] = 4 * t * width
+
+
+def gemma_head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """Gemma 3's q_norm and k_norm (models/gemma3/modeling_gemma3.py Gemma3Attention.forward): a
+    Gemma3RMSNorm over each head, `x.float()` normalised then `* (1 + w)` in fp32 and cast back, so
+    where a gradient flows it saves the fp32 input and one rsqrt per head, and with a trainable
+    weight the fp32 normalised product (not a cast-back copy, as Qwen3's `head_norms` keeps)."""
+    t = ctx.tokens
+    for name, width, heads in (("q", arch.q_width, arch.heads), ("k", arch.kv_width, arch.kv_heads)):
+        if not (ctx.grad_in or ctx.base_trains or f"{name}_proj" in ctx.targets):
+            continue
+        saved[f"{name}_norm.fp32_input"] = 4 * t * width
+        saved[f"{name}_norm.rsqrt"] = 4 * t * heads
+        if ctx.base_trains:
+            saved[f"{name}_norm.normed"] = 4 * t * width
+
+
+def fused_qkv_view(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """A fused qkv projection (Phi-3 `qkv_proj`) whose value slice reaches the attention as a view:
+    whatever keeps v keeps the whole qkv output, q and k columns included (the fused kernels save
+    v itself; eager keeps it only when repeat_kv has nothing to repeat)."""
+    if ctx.attention is Kernel.fused:
+        kept = "attn.v" in saved and not ctx.packed_mask
+    elif ctx.attention is Kernel.eager:
+        kept = arch.kv_heads == arch.heads
+    else:
+        kept = False
+    if kept:
+        saved["attn.qkv_rest"] = ctx.tokens * (arch.q_width + arch.kv_width) * (
+            ctx.kernel_bytes if ctx.attention is Kernel.fused else ctx.act_bytes)
+
+
+def fused_gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """Phi3MLP: `gate, up = gate_up_proj(x).chunk(2)`, `up * act(gate)`: act saves gate and the
+    product saves up and act's output; gate and up are views of one (tokens, 2i) output, so that
+    storage is what stays (the same bytes as the separate gate and up of `gated_mlp`)."""
+    t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
+    saved["mlp.gate_up_out"] = 2 * t * i * ab
+    saved["mlp.act_out"] = t * i * ab
+    linear_input(ctx, ("down_proj",), i, "mlp.product", saved)

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict
 from .errors import MemplanInputError
 from .prequantized import QuantSpec, parse_quantization
 
-NormKind = Literal["rms", "rms_gemma", "layer"]
+# rms: Llama's (weight x the normalised input cast back); rms_gemma: x (1 + weight) in fp32, then cast;
+# rms_fp32: weight x the fp32 normalised input, then cast (OLMo 2's Olmo2RMSNorm); layer: LayerNorm
+NormKind = Literal["rms", "rms_gemma", "layer", "rms_fp32"]
 # The module class a projection is built as, which decides whether bitsandbytes loading converts it
 # (Stack.bnb_converts): an exact nn.Linear, a subclass of it (FalconLinear), a fused 3-D expert
 # tensor (transformers 5 Mixtral), or an MoE router.
@@ -114,12 +116,14 @@ class ModelArch(BaseModel):
     # unconditionally and Qwen2MoeConfig sets sliding_window 0 without use_sliding_window
     # (masking_utils `_ignore_causal_mask_sdpa`: kv_length >= local_attention_size).
     sliding_mask_always: bool = False
-    # The modeling file has no SDPA path (GptOssPreTrainedModel `_supports_sdpa = False`): asked for
-    # sdpa, transformers' default there is its eager attention, which memplan counts instead.
+    # The model class has no SDPA path (`_supports_sdpa = False`: GptOssPreTrainedModel; Gemma 2,
+    # "sdpa does not support softcapping"): transformers 5 raises for attn_implementation="sdpa"
+    # and its default resolution picks eager, which memplan counts instead.
     sdpa_supported: bool = True
-    # LayerNorms per decoder layer when a parallel block keeps two (GPT-NeoX's input_layernorm and
-    # post_attention_layernorm; Falcon's new architecture's ln_attn and ln_mlp). None: one for a
-    # parallel block, two otherwise.
+    # Hidden-size norms per decoder layer where a block has neither the parallel block's one nor
+    # Llama's two: two in a parallel block (GPT-NeoX's input_layernorm and post_attention_layernorm;
+    # Falcon's new architecture's ln_attn and ln_mlp), four in Gemma 2/3 (pre- and post-attention,
+    # pre- and post-feedforward), OLMo 2's two post-norms. None: 1 if parallel_attn else 2.
     layer_norms: int | None = None
     # A LayerNorm over the token embeddings before the first layer (Bloom's word_embeddings_layernorm)
     embedding_norm: bool = False
@@ -137,6 +141,20 @@ class ModelArch(BaseModel):
     # The MLP's own norm runs before the attention (Falcon's new architecture: ln_mlp beside ln_attn),
     # so its output is alive through the attention
     mlp_norm_before_attention: bool = False
+    # --- added for Gemma 2/3, Phi-3 and OLMo 2 (issue 12, fam-gemma) ---
+    # q_norm/k_norm over the whole q and k projection width (OLMo 2: Olmo2Attention builds
+    # Olmo2RMSNorm(heads x head_dim)) instead of over each head (Qwen3, Gemma 3)
+    qk_norm_full_width: bool = False
+    # tanh soft-capping (Gemma 2): of the attention scores (attn_logit_softcapping, eager
+    # attention's `tanh(scores / cap) * cap`) and of the final logits (final_logit_softcapping)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    # Rotary embeddings with their own bases (Gemma 3: one inv_freq pair and one cos/sin table per
+    # layer type, Gemma3RotaryEmbedding)
+    rope_kinds: int = 1
+    # What of the checkpoint the estimate leaves out, for a note (the multimodal Gemma 3's vision
+    # tower and projector: only its text_config's language model is counted)
+    partial_model: str | None = None
 
     @property
     def q_width(self) -> int:
@@ -169,6 +187,14 @@ class ModelArch(BaseModel):
         if self.layer_norms is not None:
             return self.layer_norms
         return 1 if self.parallel_attn else 2
+
+    @property
+    def qk_norm_widths(self) -> tuple[int, int]:
+        """Parameters of q_norm and k_norm (0, 0 without q/k norms): one head's width, or the whole
+        projection's (qk_norm_full_width)."""
+        if not self.qk_norm:
+            return 0, 0
+        return (self.q_width, self.kv_width) if self.qk_norm_full_width else (self.head_dim, self.head_dim)
 
     @property
     def norm_params(self) -> int:

@@ -713,7 +713,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     walk.row("logits", ("final norm output + last position's logits and their fp32 copy (generate); "
                         "in decode, one step's logits" if job.new_tokens
                         else "final norm output + logits for every position (plain forward)"))
-    append = inf.cache_append_bytes(job, arch)
+    append = inf.cache_append_bytes(job, arch, stack)
     decode_dequant = inf.dequant_bytes(job, arch, stack, job.micro_batch) if job.new_tokens else 0
     walk.row("decode dequantized weight", f"bitsandbytes dequantizes the largest 4-bit weight for {job.micro_batch} "
                                           f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")
@@ -743,6 +743,8 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
     notes = job.notes() + prequantized.notes(job, arch) + notes
+    if arch.partial_model:
+        notes.append(arch.partial_model)
     if job.attention == "sdpa" and not arch.sdpa_supported:
         notes = notes + [f"{arch.name}: transformers 5 has no SDPA path for {arch.family} (_supports_sdpa = False); "
                          "counted with its eager attention, which transformers picks by default there"]

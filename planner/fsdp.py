@@ -88,7 +88,7 @@ def layer_params(job: Job, arch: ModelArch, targets: tuple[str, ...], wb: int, a
     norms = [Param(arch.hidden, arch.hidden, wb, full)] * (2 if arch.norm_bias else 1)
     out += norms * arch.norms_per_layer
     if arch.qk_norm:
-        out += [Param(arch.head_dim, arch.head_dim, wb, full)] * 2
+        out += [Param(w, w, wb, full) for w in arch.qk_norm_widths]
     return out
 
 

@@ -40,9 +40,11 @@ def kv_cache_bytes(job: Job, arch: ModelArch, generated: bool = True) -> int:
     """Every layer's cache: 2 (K and V) x kv_heads x head_dim x positions x batch x bytes, summed
     over the layers (sliding-window layers hold fewer positions)."""
     held = sum(layer_cache_bytes(job, arch, i, generated) for i in range(arch.layers))
-    if generated and job.new_tokens:
+    if generated and job.new_tokens and not (arch.layer_windows and job.cache_implementation == "dynamic"):
         # the decode starts from the prefill's cache, which a dynamic sliding layer holds larger than its
-        # window until its first update (kv_tokens); every other cache only grows
+        # window until its first update (kv_tokens); every other cache only grows. Models that mix
+        # sliding and global layers walk that first step layer by layer instead (cache_append_bytes,
+        # windowed_decode_cache_bytes), so their row is what the cache holds after the last step
         return max(held, kv_cache_bytes(job, arch, generated=False))
     return held
 
@@ -72,7 +74,7 @@ def kv_cache_formula(job: Job, arch: ModelArch) -> str:
     return f"{arch.cache_width:,} cached elements (K and V) per position x ({layers}) x {tail}"
 
 
-def cache_append_bytes(job: Job, arch: ModelArch) -> int:
+def cache_append_bytes(job: Job, arch: ModelArch, stack: Stack | None = None) -> int:
     """transformers' DynamicCache appends a decode step's keys and values with `torch.cat`: for a
     moment one layer's old and new key (then value) tensors are both alive, one layer's K extra
     (the largest layer's). A static cache writes in place (StaticLayer.update `index_copy_`), except a
@@ -86,6 +88,8 @@ def cache_append_bytes(job: Job, arch: ModelArch) -> int:
         rolled = [layer_cache_bytes(job, arch, i) for i in range(arch.layers)
                   if arch.window_of(i) and job.seq_len + job.new_tokens > arch.window_of(i)]
         return max(rolled, default=0)
+    if arch.layer_windows:
+        return max(windowed_decode_cache_bytes(job, arch, stack) - kv_cache_bytes(job, arch), 0)
     return max(layer_cache_bytes(job, arch, i) for i in range(arch.layers)) // 2
 
 
@@ -168,6 +172,44 @@ def check_cache(job: Job, arch: ModelArch) -> None:
         raise MemplanInputError(
             f"--kv-cache-dtype {job.kv_cache_dtype}: transformers' QuantizedCache supports only models whose layers "
             f"all attend globally, and {arch.name} has sliding-window layers; drop --kv-cache-dtype")
+
+
+def windowed_decode_cache_bytes(job: Job, arch: ModelArch, stack: Stack | None = None) -> int:
+    """The cache's high point during decode for a model of sliding and global layers (ModelArch.
+    layer_windows), walked layer by layer through the first and the last decode step, as
+    transformers 5's DynamicCache runs them (cache_utils.py):
+    - a global layer (DynamicLayer.update) reassigns `self.keys = cat([keys, k])` before it
+      concatenates the values: its old keys live beside the new keys and the old values;
+    - a sliding layer (DynamicSlidingWindowLayer.update) concatenates keys and values, then keeps
+      views of their last window - 1 positions: old and new keys and values are alive together,
+      and the concatenation (at most `window` positions) replaces the prompt's storage, so the first
+      step shrinks a sliding layer from the prompt's length to the window;
+    - eager attention over grouped keys (repeat_kv) copies the layer's keys and values to every
+      query head while it attends.
+    Before a layer updates it holds its positions of the previous step. Later steps only grow, so
+    the first and the last step bound the phase."""
+    from .stacks import get
+
+    s, n, layers = job.seq_len, job.new_tokens, arch.layers
+    kernel = attention_kernel(job, arch, stack or get(job.stack), grad=False, sdpa_bytes=float_bytes(job.compute_dtype))
+    rep = arch.heads // arch.kv_heads if kernel in (Kernel.eager, Kernel.math) and arch.kv_heads != arch.heads else 0
+
+    def held(i: int, step: int) -> int:  # positions (storage) layer i holds after decode step `step`
+        w = arch.window_of(i)
+        return s + step if step == 0 or not w else min(w, s + step)
+
+    peak = 0  # in half positions (one K or one V of a position is 1)
+    for step in sorted({1, n}):
+        before = [2 * held(i, step - 1) for i in range(layers)]
+        after = [2 * held(i, step) for i in range(layers)]
+        done, waiting = 0, sum(before)
+        for i in range(layers):
+            waiting -= before[i]
+            update = after[i] + (before[i] if arch.window_of(i) else before[i] // 2)
+            attend = after[i] * (1 + rep)
+            peak = max(peak, done + waiting + max(update, attend))
+            done += after[i]
+    return peak * arch.cache_width // 2 * job.micro_batch * float_bytes(job.compute_dtype)
 
 
 def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:

@@ -40,7 +40,7 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
 
         stack = get("transformers-5")
     linear_params = sum(lin.params for lin in arch.projections)
-    head_norms = 2 * arch.head_dim if arch.qk_norm else 0
+    head_norms = sum(arch.qk_norm_widths)
     sinks = arch.heads if arch.attention_sinks else 0  # GptOssAttention.sinks: one logit per head
     per_layer = linear_params + arch.norms_per_layer * arch.norm_params + head_norms + sinks
     embedding = arch.vocab * arch.hidden + (arch.max_positions * arch.hidden if arch.learned_positions else 0)
@@ -94,4 +94,4 @@ def buffer_bytes(arch: ModelArch) -> int:
         return arch.max_positions * arch.max_positions
     if arch.alibi:  # Bloom registers no buffer: its ALiBi slopes are built every forward
         return 0
-    return 2 * (arch.rotary_dim // 2) * 4
+    return 2 * (arch.rotary_dim // 2) * 4 * arch.rope_kinds  # Gemma 3: a pair per layer type

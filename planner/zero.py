@@ -334,12 +334,14 @@ def layout(job: "Job", arch: "ModelArch", targets: tuple[str, ...], stack: "Stac
                 parent.children.append(Node())  # the activation module
         if experts:
             mlp.children.append(leaf(*experts))
-        for q in qk:
-            q.params = (add(arch.head_dim, full),)
+        for q, width in zip(qk, arch.qk_norm_widths):
+            q.params = (add(width, full),)
         norm1.params = norm().params
-        if arch.norms_per_layer == 2:
+        if arch.norms_per_layer >= 2:
             norm2.params = norm().params
             block.children.append(norm2)
+        for _ in range(arch.norms_per_layer - 2):  # Gemma 2/3's pre- and post-feedforward norms
+            block.children.append(norm())
         block.children.append(mlp)
         body.children.append(block)
     body.children.append(norm())

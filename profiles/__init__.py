@@ -58,6 +58,13 @@ ALIASES: dict[str, str] = {
     "bloom-560m": "bigscience/bloom-560m",
     "falcon-40b": "tiiuae/falcon-40b",
     "falcon-180b": "tiiuae/falcon-180B",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "gemma-2-9b": "google/gemma-2-9b",
+    "gemma-2-27b": "google/gemma-2-27b",
+    "gemma-3-1b": "google/gemma-3-1b-pt",
+    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+    "phi-4": "microsoft/phi-4",
+    "olmo-2-7b": "allenai/OLMo-2-1124-7B",
 }
 
 

@@ -92,6 +92,8 @@ GAPS = [
          gradient_checkpointing=True, attention="eager", micro_batch=3, seq_len=128),
     dict(model=tiny_path("starcoder"), method="full", weight_dtype="fp32", compute_dtype="fp32", micro_batch=3, seq_len=33),
     dict(model=tiny_path("falcon"), task="infer", micro_batch=4, seq_len=64),
+    dict(model=tiny_path("gemma3"), method="lora", weight_dtype="fp32", compute_dtype="fp32", optimizer="sgd",
+         lora_rank=8, gradient_checkpointing=True, attention="eager", autocast=False, micro_batch=2, seq_len=128),
 ]
 
 

@@ -109,7 +109,7 @@ RAISED = {
     "GatedRepoError": f"model '{HUB_ID}' is a gated repository on the Hugging Face Hub: accept its terms on "
                       f"https://huggingface.co/{HUB_ID} and set HF_TOKEN",
     "RepositoryNotFoundError": f"the Hugging Face Hub has no repository '{HUB_ID}' (a private one needs HF_TOKEN); "
-                               "did you mean microsoft/phi-2?",
+                               "did you mean microsoft/phi-2",  # (and the nearest others shipped)
     "RevisionNotFoundError": f"revision 'v9' of '{HUB_ID}' was not found on the Hugging Face Hub",
     "RemoteEntryNotFoundError": f"repository '{HUB_ID}' at revision 'v9' has no config.json",
 }

@@ -210,10 +210,22 @@ class Stack:
         v = arch.vocab
         upcast = 4 if logit_bytes != 4 else 0
         parts = f"{logit_bytes} B logits + an fp32 copy + fp32 log-softmax" if upcast else "fp32 logits + fp32 log-softmax"
-        return LossTerms(
+        terms = LossTerms(
             forward=tokens * v * (logit_bytes + upcast + 4),
             backward=tokens * v * 12,
             held=0,
             formula=(f"{tokens:,} tokens x {v:,} vocab x {logit_bytes + upcast + 4} B in forward ({parts}), "
                      "x 12 B in loss backward (fp32 log-softmax + 2 fp32 gradients)"),
         )
+        return softcapped_loss(terms, arch, tokens, logit_bytes)
+
+
+def softcapped_loss(terms: LossTerms, arch: "ModelArch", tokens: int, logit_bytes: int) -> LossTerms:
+    """Final-logit soft-capping (Gemma 2 `final_logit_softcapping`, Gemma2ForCausalLM.forward:
+    `logits / cap`, `tanh`, `* cap` before the loss): tanh saves its output, one more logits-sized
+    tensor in the logits' dtype, kept from the forward's head through the loss's backward."""
+    if arch.final_softcap is None:
+        return terms
+    extra = tokens * arch.vocab * logit_bytes
+    return dataclasses.replace(terms, forward=terms.forward + extra, backward=terms.backward + extra,
+                               formula=terms.formula + f"; + {logit_bytes} B tanh output of the final-logit soft-capping")
