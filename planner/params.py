@@ -45,6 +45,19 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
     lm_head = 0 if arch.tied_embeddings else arch.vocab * arch.hidden + (arch.vocab if arch.lm_head_bias else 0)
     quantizable = arch.layers * sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(arch))
     total = embedding + per_layer * arch.layers + arch.norm_params + lm_head
+    if arch.mla is not None or arch.dense_layers:
+        # [fam-mla] MLA's latent norms in every layer; DeepSeek's first dense layers hold their dense
+        # MLP in place of the routed one: per_layer stays the routed (largest) layer's
+        per_layer += arch.mla.norm_params if arch.mla else 0
+        total += arch.layers * (arch.mla.norm_params if arch.mla else 0)
+        if arch.dense_layers:
+            dense = arch.dense_view()
+            routed = per_layer - sum(lin.params for lin in dense.projections)
+            routed -= arch.norms_per_layer * arch.norm_params + (arch.mla.norm_params if arch.mla else 0)
+            total -= arch.dense_layers * routed
+            quantizable -= arch.dense_layers * (
+                sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(arch))
+                - sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(dense)))
     return ParamCounts(
         embedding=embedding,
         per_layer=per_layer,
@@ -88,4 +101,8 @@ def buffer_bytes(arch: ModelArch) -> int:
     mask, and the rotary inverse frequencies (and their original copy) in fp32."""
     if arch.learned_positions:
         return arch.max_positions * arch.max_positions
+    if arch.deepseek_router == "sigmoid_grouped":
+        # [fam-mla] DeepseekV3TopkRouter.e_score_correction_bias: one fp32 value per expert per MoE
+        # layer (kept fp32: DeepseekV3PreTrainedModel._keep_in_fp32_modules_strict)
+        return 2 * (arch.rotary_dim // 2) * 4 + arch.moe_layers * arch.experts * 4
     return 2 * (arch.rotary_dim // 2) * 4

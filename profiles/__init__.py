@@ -37,6 +37,8 @@ ALIASES: dict[str, str] = {
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
     "qwen3-8b": "Qwen/Qwen3-8B",
+    "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
 }
 
 

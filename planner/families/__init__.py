@@ -8,7 +8,8 @@ import importlib
 
 from .base import Family
 
-_MODULES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode")
+_MODULES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode",
+            "deepseek_v2", "deepseek_v3")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:
