@@ -135,6 +135,15 @@ class ModelArch(BaseModel):
     # [fam-mla] DeepSeek's router: "softmax" (V2: fp32 logits, softmax, top-k) or "sigmoid_grouped"
     # (V3: fp32 sigmoid + e_score_correction_bias, an fp32 buffer per MoE layer, grouped top-k)
     deepseek_router: Literal["softmax", "sigmoid_grouped"] | None = None
+    # [fam-mla] its grouped top-k: (n_group, topk_group); and whether the top-k weights are
+    # normalised (norm_topk_prob: DeepseekV3TopkRouter divides by their sum)
+    router_groups: tuple[int, int] = (1, 1)
+    router_norm_topk: bool = False
+
+    @property
+    def sdpa_value_width_differs(self) -> bool:
+        """[fam-mla] MLA hands SDPA values narrower than its queries and keys (v_head_dim < qk_head_dim)."""
+        return self.mla is not None and self.mla.v_head_dim != self.mla.qk_head_dim
 
     @property
     def moe_layers(self) -> int:

@@ -104,6 +104,10 @@ class _State:
             self.g_layer = (n_train - head - embed) // arch.layers * pb
             self.g_head, self.g_embed_late, self.g_tied_accum = head * pb, embed * pb, 0
         self.g_all = self.g_layer * arch.layers + self.g_head + self.g_embed_late
+        if params.all_blocks is not None and job.method == "full":
+            # [fam-mla] layers of different sizes (DeepSeek's dense first layers): g_layer stays the
+            # largest layer's, the sum is every layer's
+            self.g_all = params.blocks * pb + self.g_head + self.g_embed_late
         self.g_largest = largest * pb
         self.plan = plan
         # per GPU; with offload the optimizer (states and its temporaries) runs on the host, and
@@ -483,6 +487,13 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     layer_tensors = stack.layer_saved(arch, ctx)
     layer = _sum(layer_tensors)
     layer0 = _sum(stack.layer_saved(arch, ctx0))
+    dense_extra = 0
+    if arch.dense_layers:
+        # [fam-mla] DeepSeek's first dense layers (first_k_dense_replace) save their dense MLP's
+        # tensors in place of the routed ones; layer 0 is one of them
+        dense = arch.dense_view()
+        layer0 = _sum(stack.layer_saved(dense, ctx0))
+        dense_extra = (_sum(stack.layer_saved(dense, ctx)) - layer) * (arch.dense_layers - 1)
     shared = act.rotary_tables(arch, ctx) + _sum(act.final_norm_saved(arch, ctx))
     if arch.embd_dropout > 0:
         shared += t * arch.hidden * ctx.dropout_mask(ctx.act_bytes)
@@ -496,7 +507,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         a_formula = (f"{arch.layers} checkpointed layer inputs x {human(act.checkpoint_saved(arch, ctx))}; "
                      f"backward recomputes one layer ({human(layer)})")
     else:
-        kept = layer0 + layer * (arch.layers - 1) + shared
+        kept = layer0 + layer * (arch.layers - 1) + dense_extra + shared
         a_formula = f"{arch.layers} layers x {human(layer)} saved for backward"
     offloaded = 0
     kept_bwd, bottom_extra = kept, None

@@ -22,10 +22,13 @@ class ParamCounts(BaseModel):
     quantizable_linear: int
     # Largest single block, for FSDP units and checkpointed recomputation.
     total: int
+    # [fam-mla] every decoder layer's parameters when the layers differ (DeepSeek's first dense
+    # layers are smaller than `per_layer`, the routed ones'); None: per_layer x layers
+    all_blocks: int | None = None
 
     @property
     def blocks(self) -> int:
-        return self.per_layer * self.layers
+        return self.per_layer * self.layers if self.all_blocks is None else self.all_blocks
 
     @property
     def unquantized(self) -> int:
@@ -58,7 +61,11 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
             quantizable -= arch.dense_layers * (
                 sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(arch))
                 - sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(dense)))
+    all_blocks = None
+    if arch.dense_layers:
+        all_blocks = total - embedding - arch.norm_params - lm_head
     return ParamCounts(
+        all_blocks=all_blocks,
         embedding=embedding,
         per_layer=per_layer,
         layers=arch.layers,

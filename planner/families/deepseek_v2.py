@@ -65,18 +65,22 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
     linears = mla_linears(h, heads, m, r.bool("attention_bias", False))
     per_tok = moe_inter = shared = 0
     router_spec = None
+    groups = (1, 1)
     if dense < layers:
         per_tok = r.int("num_experts_per_tok")
         if per_tok > n_experts:
             r.fail(f"num_experts_per_tok must be at most {experts_key} ({n_experts}), got {per_tok}")
         moe_inter = r.int("moe_intermediate_size")
         shared = moe_inter * r.int("n_shared_experts", default=2 if mlp_bias else 1, minimum=0)
+        groups = (1, 1)
         if router == "sigmoid_grouped" or r.cfg.get("topk_method") == "group_limited_greedy":
-            groups = r.int("n_group")
-            if n_experts % groups:
-                r.fail(f"n_group must divide {experts_key} ({n_experts}), got {groups}")
-            if r.int("topk_group") > groups:
-                r.fail(f"topk_group must be at most n_group ({groups}), got {r.cfg['topk_group']}")
+            groups = (r.int("n_group"), r.int("topk_group"))
+            if n_experts % groups[0]:
+                r.fail(f"n_group must divide {experts_key} ({n_experts}), got {groups[0]}")
+            if groups[1] > groups[0]:
+                r.fail(f"topk_group must be at most n_group ({groups[0]}), got {groups[1]}")
+        if router == "softmax" and r.cfg.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
+            r.fail(f"topk_method must be greedy or group_limited_greedy, got {r.cfg['topk_method']!r}")
         linears += [
             LinearSpec(name="experts.gate_up_proj", d_in=h, d_out=2 * moe_inter, module="fused experts", copies=n_experts),
             LinearSpec(name="experts.down_proj", d_in=moe_inter, d_out=h, module="fused experts", copies=n_experts),
@@ -128,6 +132,9 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
         dense_linears=dense_mlp if routed and dense else (),
         shared_intermediate=shared,
         deepseek_router=router if routed else None,
+        router_groups=groups if routed else (1, 1),
+        # DeepseekV3TopkRouter normalises the top-k weights with norm_topk_prob; V2's router never does
+        router_norm_topk=routed and router == "sigmoid_grouped" and r.bool("norm_topk_prob", True),
     )
 
 
