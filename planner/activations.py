@@ -617,7 +617,8 @@ def deepseek_prefill_mlp(arch: ModelArch, ab: int) -> int:
 
 def mla_forward_live(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
     """What DeepseekV2Attention.forward holds at its scores beyond what the layer saves: its locals
-    keep q_proj's (q_b_proj's) output (q_nope and q_pe are views of it), the concatenated query,
+    keep q_proj's (q_b_proj's) output (q_nope and q_pe are views of it; q_a_proj's output and its
+    norm's are temporaries of one expression), the concatenated query,
     kv_b_proj's output (the value is a view of it), the new key, the latent projection, its norm's
     output and the rotated q_pe and k_pe; the math kernel adds its unscaled fp32 copy of q
     (CPU trace of a checkpointed DeepSeek-V2 layer). Those the layer saves are not counted twice."""
@@ -633,9 +634,6 @@ def mla_forward_live(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
         "kv_a_norm.out": t * m.kv_lora_rank * ab,
         "rope": t * (a + 1) * m.qk_rope_head_dim * ab,
     }
-    if m.q_lora_rank is not None:
-        live["q_a_out"] = t * m.q_lora_rank * ab
-        live["q_a_norm.out"] = t * m.q_lora_rank * ab
     # the saved tensors that are these same tensors
     same = {"attn.q": ("attn.q", "attn.q_scaled"), "attn.k": ("attn.k", "attn.k_expanded"),
             "attn.v": ("attn.v", "attn.v_expanded"), "kv_a_norm.out": ("kv_a_norm.out",),

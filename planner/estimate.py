@@ -210,6 +210,7 @@ ROW_CATEGORY: dict[str, Category] = {
     "optimizer states": _C.optimizer, "paged optimizer states": _C.optimizer, "optimizer step temporary": _C.optimizer,
     "activations": _C.activations, "autocast weight copies": _C.activations, "recomputed layer": _C.activations,
     "KV cache": _C.kv_cache, "KV cache append": _C.kv_cache,
+    "MLA decompressed keys and values": _C.transients,
     "logits and loss": _C.transients, "logits held by the loop": _C.transients, "autocast lm_head copy": _C.transients,
     "layer forward transients": _C.transients, "backward transients": _C.transients,
     "dequantized weight": _C.transients, "decode dequantized weight": _C.transients,
@@ -727,10 +728,19 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
                 {**base, "KV cache": kv_prompt, "activations": pre - pre_dequant, "dequantized weight": pre_dequant}),
                ("weights + the prompt's KV cache + the head",
                 {**base, "KV cache": kv_prompt, "logits": head}))
+    decode_moments = [("weights + full KV cache + one step's logits",
+                       {**base, "KV cache": kv, "KV cache append": append,
+                        "decode dequantized weight": decode_dequant, "logits": logits})]
+    if arch.mla is not None:
+        # [fam-mla] each decode step decompresses one layer's whole cache to per-head keys and values
+        walk.row("MLA decompressed keys and values", "expand_kv: kv_b_proj over every cached latent and the new "
+                                                     "key, one layer at a time (the kernel's copies too)")
+        decode_moments.append(("weights + full KV cache + one layer's decompressed keys and values",
+                               {**base, "KV cache": kv, "MLA decompressed keys and values":
+                                inf.mla_decode_bytes(job, arch, stack), "decode dequantized weight": decode_dequant}))
+        notes.append(inf.mla_cache_note(job, arch))
     if job.new_tokens:
-        walk.phase(DECODE, ("weights + full KV cache + one step's logits",
-                            {**base, "KV cache": kv, "KV cache append": append,
-                             "decode dequantized weight": decode_dequant, "logits": logits}))
+        walk.phase(DECODE, *decode_moments)
     return walk, params, 0, notes, 0, 0
 
 
