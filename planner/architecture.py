@@ -139,6 +139,9 @@ class ModelArch(BaseModel):
     # normalised (norm_topk_prob: DeepseekV3TopkRouter divides by their sum)
     router_groups: tuple[int, int] = (1, 1)
     router_norm_topk: bool = False
+    # [fam-mla] DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers): in the
+    # checkpoint, not built by transformers (DeepseekV3PreTrainedModel._keys_to_ignore_on_load_unexpected)
+    unbuilt_mtp_layers: int = 0
 
     @property
     def sdpa_value_width_differs(self) -> bool:

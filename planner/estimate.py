@@ -754,6 +754,11 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
     device = reserved + context + unified
     notes = job.notes() + notes
+    if arch.unbuilt_mtp_layers:
+        # [fam-mla] DeepSeek-V3's multi-token-prediction module is in the checkpoint only
+        notes = notes + [f"{arch.name}: its {arch.unbuilt_mtp_layers} multi-token-prediction layer(s) "
+                         "(num_nextn_predict_layers) are not loaded by transformers (DeepseekV3PreTrainedModel "
+                         "drops model.layers.61.* on load): not counted"]
     if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(

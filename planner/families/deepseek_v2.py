@@ -135,6 +135,7 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
         router_groups=groups if routed else (1, 1),
         # DeepseekV3TopkRouter normalises the top-k weights with norm_topk_prob; V2's router never does
         router_norm_topk=routed and router == "sigmoid_grouped" and r.bool("norm_topk_prob", True),
+        unbuilt_mtp_layers=r.int("num_nextn_predict_layers", default=0, minimum=0),
     )
 
 
