@@ -16,10 +16,28 @@ from .base import Family
 ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 
-def _mla(r: ConfigReader) -> MLADims:
-    q_rank = r.int("q_lora_rank", default=None)
-    return MLADims(q_lora_rank=q_rank, kv_lora_rank=r.int("kv_lora_rank"), qk_nope_head_dim=r.int("qk_nope_head_dim"),
-                   qk_rope_head_dim=r.int("qk_rope_head_dim"), v_head_dim=r.int("v_head_dim"))
+# The config classes' defaults for keys a config.json may leave out (configuration_deepseek_v2.py,
+# configuration_deepseek_v3.py): a key written as null reads as absent, except q_lora_rank, where
+# null means a plain q_proj and absence the default rank
+V2_DEFAULTS = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                   first_k_dense_replace=0, n_routed_experts=64, n_shared_experts=2, moe_intermediate_size=1407,
+                   num_experts_per_tok=None, n_group=None, topk_group=None, norm_topk_prob=False)
+V3_DEFAULTS = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                   first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1, moe_intermediate_size=2048,
+                   num_experts_per_tok=8, n_group=8, topk_group=4, norm_topk_prob=True)
+
+
+def _int(r: ConfigReader, key: str, defaults: dict, minimum: int = 1) -> int:
+    d = defaults[key]
+    return r.int(key, minimum=minimum) if d is None else r.int(key, default=d, minimum=minimum)
+
+
+def _mla(r: ConfigReader, defaults: dict) -> MLADims:
+    explicit_none = "q_lora_rank" in r.cfg and r.cfg["q_lora_rank"] is None
+    q_rank = None if explicit_none else _int(r, "q_lora_rank", defaults)
+    return MLADims(q_lora_rank=q_rank, kv_lora_rank=_int(r, "kv_lora_rank", defaults),
+                   qk_nope_head_dim=_int(r, "qk_nope_head_dim", defaults),
+                   qk_rope_head_dim=_int(r, "qk_rope_head_dim", defaults), v_head_dim=_int(r, "v_head_dim", defaults))
 
 
 def mla_linears(h: int, heads: int, m: MLADims, bias: bool) -> list[LinearSpec]:
@@ -46,13 +64,14 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
     h = r.int("hidden_size")
     heads = r.int("num_attention_heads")
     r.kv_heads(heads)  # read (MLA expands keys and values to every head, num_key_value_groups is 1 in the shipped configs)
-    m = _mla(r)
+    defaults = V3_DEFAULTS if router == "sigmoid_grouped" else V2_DEFAULTS
+    m = _mla(r, defaults)
     layers = r.int("num_hidden_layers")
     inter = r.int("intermediate_size")
-    n_experts = r.int(experts_key, default=0, minimum=0)
-    dense = r.int("first_k_dense_replace", default=0, minimum=0) if n_experts else layers
-    if dense > layers:
-        r.fail(f"first_k_dense_replace must be at most num_hidden_layers ({layers}), got {dense}")
+    # DeepseekV2DecoderLayer: the routed MLP from layer first_k_dense_replace on, whatever the
+    # experts' count (a first_k_dense_replace of num_hidden_layers or more: every layer dense)
+    dense = min(_int(r, "first_k_dense_replace", defaults, minimum=0), layers)
+    n_experts = _int(r, experts_key, defaults) if dense < layers else 0
     if r.has("moe_layer_freq") and r.int("moe_layer_freq") != 1:
         # transformers' DeepseekV2/V3DecoderLayer route every layer from first_k_dense_replace on
         # (layer_idx >= config.first_k_dense_replace) and ignore moe_layer_freq
@@ -67,14 +86,14 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
     router_spec = None
     groups = (1, 1)
     if dense < layers:
-        per_tok = r.int("num_experts_per_tok")
+        per_tok = _int(r, "num_experts_per_tok", defaults)
         if per_tok > n_experts:
             r.fail(f"num_experts_per_tok must be at most {experts_key} ({n_experts}), got {per_tok}")
-        moe_inter = r.int("moe_intermediate_size")
-        shared = moe_inter * r.int("n_shared_experts", default=2 if mlp_bias else 1, minimum=0)
+        moe_inter = _int(r, "moe_intermediate_size", defaults)
+        shared = moe_inter * _int(r, "n_shared_experts", defaults, minimum=0)
         groups = (1, 1)
         if router == "sigmoid_grouped" or r.cfg.get("topk_method") == "group_limited_greedy":
-            groups = (r.int("n_group"), r.int("topk_group"))
+            groups = (_int(r, "n_group", defaults), _int(r, "topk_group", defaults))
             if n_experts % groups[0]:
                 r.fail(f"n_group must divide {experts_key} ({n_experts}), got {groups[0]}")
             if groups[1] > groups[0]:
@@ -134,7 +153,7 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
         deepseek_router=router if routed else None,
         router_groups=groups if routed else (1, 1),
         # DeepseekV3TopkRouter normalises the top-k weights with norm_topk_prob; V2's router never does
-        router_norm_topk=routed and router == "sigmoid_grouped" and r.bool("norm_topk_prob", True),
+        router_norm_topk=routed and router == "sigmoid_grouped" and r.bool("norm_topk_prob", defaults["norm_topk_prob"]),
         unbuilt_mtp_layers=r.int("num_nextn_predict_layers", default=0, minimum=0),
     )
 
