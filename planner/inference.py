@@ -92,7 +92,8 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
     else:
         attention = t * (3 * h * ab + 4 * h + ab * (2 * arch.q_width + 2 * arch.kv_width))
     if arch.mla is not None:  # [fam-mla]
-        attention = mla_prefill_attention(job, arch, kernel, stack)
+        # eager: transformers' explicit additive mask as well
+        attention = mla_prefill_attention(job, arch, kernel, stack) + (mask if kernel is Kernel.eager else 0)
     elif kernel is Kernel.math_fp32:
         # CUDA's _safe_softmax also builds a bool mask of the -inf scores inside one op (allocator
         # trace of a training layer, H200): the CPU's dispatch mode cannot see it
@@ -165,6 +166,12 @@ def _mla_expanded(job: Job, arch: ModelArch, kernel: Kernel, queries: int, posit
         # the scores and their masked copy, and the causal mask SDPA builds from is_causal: one
         # (queries, positions) fp32 tensor broadcast over the batch (`where`, CPU trace)
         kernel_bytes += 2 * b * a * queries * positions * 4 + (queries * positions * 4 if queries > 1 else 0)
+    elif kernel is Kernel.eager:
+        # eager_attention_forward: the masked scores, their fp32 copy and the fp32 softmax; then
+        # `matmul(attn_weights, value_states)` copies the strided value (a view of kv_b_proj's
+        # output) beside the probabilities: the larger of the two moments (CPU trace)
+        scores = b * a * queries * positions
+        kernel_bytes = max(scores * (ab + 8), scores * ab + b * positions * a * m.v_head_dim * ab)
     elif job.attention == "flash_attention_2":
         kernel_bytes = b * positions * qk * ab + b * queries * qk * ab
     return q_side + kv_side + kernel_bytes
