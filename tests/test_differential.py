@@ -92,6 +92,7 @@ GAPS = [
          gradient_checkpointing=True, attention="eager", micro_batch=3, seq_len=128),
     dict(model=tiny_path("starcoder"), method="full", weight_dtype="fp32", compute_dtype="fp32", micro_batch=3, seq_len=33),
     dict(model=tiny_path("falcon"), task="infer", micro_batch=4, seq_len=64),
+    dict(model=tiny_path("deepseek_v3"), method="lora", lora_targets="all-linear", lora_rank=8, micro_batch=4, seq_len=64),
 ]
 
 
