@@ -11,9 +11,6 @@ from .. import activations as act
 from ..architecture import ConfigReader, LinearSpec, MLADims, ModelArch
 from .base import Family
 
-# peft 0.21 utils/constants.py has no deepseek entry (peft asks for target_modules): memplan's
-# default is every projection of the latent attention, as q_proj/v_proj are the attention's elsewhere
-ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 
 # The config classes' defaults for keys a config.json may leave out (configuration_deepseek_v2.py,
@@ -111,6 +108,9 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
         router_spec = LinearSpec(name="gate", d_in=h, d_out=n_experts, module="router")
     else:
         linears += dense_mlp
+    # peft 0.21 utils/constants.py has no deepseek entry (peft asks for target_modules): memplan's
+    # default is every projection of the latent attention (q_proj or q_a_proj and q_b_proj,
+    # kv_a_proj_with_mqa, kv_b_proj, o_proj), as q_proj/v_proj are the attention's elsewhere
     attn = tuple(lin.name for lin in linears if lin.part == "attention")
     routed = dense < layers
     return ModelArch(
@@ -177,7 +177,7 @@ def layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
 
 
 def prefill_mlp(arch: ModelArch, ab: int) -> int:
-    """The routed layer's widest no-grad moment per token (activations.deepseek_moe_prefill)."""
+    """The widest no-grad MLP moment per token (activations.deepseek_prefill_mlp)."""
     return act.deepseek_prefill_mlp(arch, ab)
 
 
