@@ -50,6 +50,7 @@ class Ctx:
     dora_d_in: tuple[int, ...] = ()  # their d_in, in the same order
     dora_weight_copy: bool = False  # the base weight's dtype differs from the adapters': .to() copies it
     dora_dequant: int = 0  # bytes per element of a 4-bit weight's dequantized copy (0: not quantized)
+    flash_attn: bool = False  # [fam-mla] attention="flash_attention_2" (MLA's values are padded for it)
 
     @property
     def cuda_math(self) -> bool:
@@ -333,6 +334,11 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
         # eager softmax runs in fp32; the math kernel in its own dtype (fp32 on the CPU)
         score = 4 if ctx.attention in (Kernel.eager, Kernel.math_fp32) else ab
         after = ("mlp.", "moe.", "post_attn_norm.", "attn.out_contiguous", "attn.v_expanded")
+        if arch.mla is not None:
+            # [fam-mla] o_proj's backward has run too: its LoRA input cast and lora_A output are
+            # gone (CPU trace of a checkpointed DeepSeek-V2 layer). The same holds in every family
+            # whose o_proj LoRA targets; left to the lead so that their numbers do not move here
+            after += ("o_proj.",)
         dropout = ("attn.probs_dropped", "attn.dropout_mask")
         eager_probs = ("attn.probs",) if ctx.attention is Kernel.eager else ()
         freed = sum(v for k, v in saved.items() if k.startswith(after + dropout + eager_probs))
@@ -377,7 +383,10 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
     # the math kernel's _safe_softmax builds a bool mask of the -inf scores inside one aten op: the
     # CUDA allocator sees it (H200 trace of a Mistral layer), the CPU trace's dispatch mode cannot
     inside = ctx.tokens * arch.heads * ctx.seq if ctx.cuda_math else 0
-    return scores + held + inside + own_attention_forward_extra(arch, ctx, checkpointed)
+    extra = own_attention_forward_extra(arch, ctx, checkpointed)
+    if arch.mla is not None:  # [fam-mla]
+        extra += mla_forward_live(arch, ctx, saved)
+    return scores + held + inside + extra
 
 
 def attention_mask_bytes(arch: ModelArch, ctx: Ctx, batch: int) -> int:
@@ -470,6 +479,7 @@ def make_ctx(job: Job, arch: ModelArch, targets: tuple[str, ...], stack: Stack, 
         lora_autocast=job.uses_lora and job.runs_autocast,
         stats_bytes=act_bytes if stack.cpu else 4,
         cpu=stack.cpu,
+        flash_attn=fa2,
         **dora_fields(job, arch, targets),
     )
 
@@ -813,3 +823,174 @@ def fused_gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     saved["mlp.gate_up_out"] = 2 * t * i * ab
     saved["mlp.act_out"] = t * i * ab
     linear_input(ctx, ("down_proj",), i, "mlp.product", saved)
+
+
+# --- [fam-mla] DeepSeek-V2/V3: multi-head latent attention, routed experts with a shared MLP -----
+# models/deepseek_v2/modeling_deepseek_v2.py and models/deepseek_v3/modeling_deepseek_v3.py
+# (transformers 5); each rule read off the modeling file and confirmed on the CPU trace of the tiny
+# and real-size configs (docs/activations.md, "DeepSeek-V2 / V3").
+
+
+def _small_rms_norm(ctx: Ctx, prefix: str, width: int, flows: bool, consumer: str, saved: Saved) -> None:
+    """DeepseekV2RMSNorm over a latent (q_a_layernorm, kv_a_layernorm), as the hidden-size one
+    saves: its fp32 input and rsqrt where a gradient flows through it, the cast-back copy when its
+    weight trains; its output is the next projection's input."""
+    t = ctx.tokens
+    if flows:
+        saved[f"{prefix}.fp32_input"] = 4 * t * width
+        saved[f"{prefix}.rsqrt"] = 4 * t
+        if ctx.base_trains:
+            saved[f"{prefix}.normed"] = t * width * ctx.act_bytes
+    linear_input(ctx, (consumer,), width, f"{prefix}.out", saved)
+
+
+def mla_attention(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """DeepseekV2Attention.forward after the input norm (whose output q_proj or q_a_proj and
+    kv_a_proj_with_mqa consume): q_a_layernorm -> q_b_proj when q is low-rank; kv_a_layernorm over
+    the latent -> kv_b_proj; RoPE on the rotary slices (V2: complex multiplication by freqs_cis, V3:
+    rotate_half or its interleaved form; either saves only the shared tables, as the tables need no
+    gradient); `torch.cat((q_nope, q_pe))` a new query, `expand_kv` a new key (`new_empty` +
+    `copy_`) and the value a view of kv_b_proj's output. Then the kernel, and o_proj's input, the
+    output made contiguous (heads x v_head_dim)."""
+    m = arch.mla
+    t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
+    flows = ctx.grad_in or ctx.base_trains
+    if m.q_lora_rank is not None:
+        _small_rms_norm(ctx, "q_a_norm", m.q_lora_rank, flows or "q_a_proj" in ctx.targets, "q_b_proj", saved)
+    _small_rms_norm(ctx, "kv_a_norm", m.kv_lora_rank, flows or "kv_a_proj_with_mqa" in ctx.targets, "kv_b_proj", saved)
+    qk, v = a * m.qk_head_dim, a * m.v_head_dim
+    kv_b_out = a * (m.qk_nope_head_dim + m.v_head_dim)  # the value's storage: kv_b_proj's whole output
+    if ctx.attention is Kernel.fused:
+        kb = ctx.kernel_bytes
+        saved["attn.q"] = t * qk * kb
+        saved["attn.k"] = t * qk * kb
+        if ctx.packed_mask:
+            saved["attn.packed_mask"] = ctx.batch * s * s * kb
+        # flash-attn pads the values to the query width (integrations/flash_attention.py: `pad`
+        # to head_dim, output cropped) and keeps the padded output; SDPA's memory-efficient
+        # kernel takes the narrower values as they are, a view of kv_b_proj's output
+        saved["attn.v"] = t * (qk if ctx.flash_attn else kv_b_out) * kb
+        saved["attn.out"] = t * (qk if ctx.flash_attn else v) * kb
+        saved["attn.logsumexp"] = 4 * t * a
+    elif ctx.attention is Kernel.eager:
+        # eager_attention_forward: q and k for the scores, the fp32 softmax and its cast back, and v
+        saved["attn.q_scaled"] = t * qk * ab
+        saved["attn.k_expanded"] = t * qk * ab
+        saved["attn.softmax_fp32"] = 4 * t * a * s
+        saved["attn.probs"] = ab * t * a * s
+        saved["attn.v_expanded"] = t * kv_b_out * ab
+    else:
+        # SDPA's math kernel: q (scaled) and k in its dtype, the probabilities and v (a new copy)
+        md = materialised_bytes(ctx)
+        saved["attn.q_scaled"] = t * qk * md
+        saved["attn.k_expanded"] = t * qk * md
+        saved["attn.probs"] = md * t * a * s
+        if arch.attn_dropout > 0:
+            saved["attn.dropout_mask"] = t * a * s * ctx.dropout_mask(md)
+            saved["attn.probs_dropped"] = md * t * a * s
+        saved["attn.v_expanded"] = t * v * md
+    linear_input(ctx, ("o_proj",), v, "attn.out_contiguous", saved)
+
+
+def deepseek_router(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """DeepseekV2TopkRouter / DeepseekV3TopkRouter: `F.linear(x.float(), weight.float())` keeps the
+    fp32 copy of the input when the router's weight trains and the fp32 copy of the weight
+    (hidden x experts) for the input's gradient; V2's softmax keeps its output and topk its indices;
+    V3's sigmoid keeps its output, the grouped top-k its group indices (top-2 per group, then the
+    topk_group best groups), the bool mask of the kept experts and the top-k indices; with
+    norm_topk_prob the sum and the normalised weights' copy."""
+    t, h, e, k = ctx.tokens, arch.hidden, arch.experts, arch.experts_per_token
+    if ctx.base_trains:
+        saved["moe.router_fp32_input"] = 4 * t * h
+    saved["moe.router_fp32_weight"] = 4 * h * e
+    saved["moe.router_scores"] = 4 * t * e
+    saved["moe.router_topk"] = 8 * t * k
+    groups, best = arch.router_groups
+    if arch.deepseek_router == "sigmoid_grouped":
+        saved["moe.router_groups"] = 8 * t * (2 * groups + best) + t * e
+    elif groups > 1:
+        # V2's group_limited_greedy: the max per group keeps its indices, then the best groups'
+        # indices and the bool mask (read off the modeling file; no shipped config runs it)
+        saved["moe.router_groups"] = 8 * t * (groups + best) + t * e
+        if arch.router_norm_topk:
+            saved["moe.router_norm"] = 4 * t + 4 * t * k
+
+
+def deepseek_experts(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """DeepseekV2Experts (fused 3-D weights, the grouped_mm experts implementation, as Mixtral's):
+    the sort of the routed tokens (three int64 index vectors of tokens x k, the int32 offsets per
+    expert), the inputs gathered per expert and the product (for the experts' weight gradients
+    only), the fused gate-up output, the activation, the experts' output and their fp32 routing
+    weights, both kept by the weighting."""
+    t, h, i, ab = ctx.tokens, arch.hidden, arch.intermediate, ctx.act_bytes
+    k, e = arch.experts_per_token, arch.experts
+    saved["moe.sort"] = 3 * 8 * t * k + 4 * e
+    saved["moe.weights"] = 4 * t * k
+    if ctx.base_trains:
+        saved["moe.routed_inputs"] = t * k * h * ab
+        saved["moe.product"] = t * k * i * ab
+    saved["moe.gate_up_out"] = t * k * 2 * i * ab
+    saved["moe.act_out"] = t * k * i * ab
+    saved["moe.expert_out"] = t * k * h * ab
+
+
+def shared_gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """DeepseekV2Moe.shared_experts: a gated MLP of shared_intermediate beside the routed experts
+    (its input, the post-attention norm's output, is kept by its gate and up projections)."""
+    t, i, ab = ctx.tokens, arch.shared_intermediate, ctx.act_bytes
+    saved["mlp.shared_gate_out"] = t * i * ab
+    if not ctx.liger:
+        saved["mlp.shared_act_out"] = t * i * ab
+    saved["mlp.shared_up_out"] = t * i * ab
+    linear_input(ctx, ("shared_experts.down_proj",), i, "mlp.shared_product", saved)
+
+
+def deepseek_moe(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+    """DeepseekV2Moe / DeepseekV3MoE.forward: router, routed experts, shared experts."""
+    deepseek_router(ctx, arch, saved)
+    deepseek_experts(ctx, arch, saved)
+    if arch.shared_intermediate:
+        shared_gated_mlp(ctx, arch, saved)
+
+
+def deepseek_prefill_mlp(arch: ModelArch, ab: int) -> int:
+    """A routed layer's widest no-grad moment per token: the routed experts' (k routed inputs, the
+    fused gate-up, act and product), the dense layers' gated MLP when wider."""
+    routed = arch.experts_per_token * (4 * arch.intermediate + arch.hidden) * ab if arch.experts else 0
+    return max(routed, 3 * (arch.dense_intermediate or arch.intermediate) * ab)
+
+
+def mla_forward_live(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
+    """What DeepseekV2Attention.forward holds at its scores beyond what the layer saves: its locals
+    keep q_proj's (q_b_proj's) output (q_nope and q_pe are views of it; q_a_proj's output and its
+    norm's are temporaries of one expression), the concatenated query,
+    kv_b_proj's output (the value is a view of it), the new key, the latent projection, its norm's
+    output and the rotated q_pe and k_pe; the math kernel adds its unscaled fp32 copy of q
+    (CPU trace of a checkpointed DeepSeek-V2 layer). Those the layer saves are not counted twice."""
+    m = arch.mla
+    t, a, ab = ctx.tokens, arch.heads, ctx.act_bytes
+    qk = a * m.qk_head_dim
+    live = {
+        "q_out": t * qk * ab,
+        "attn.q": t * qk * ab,
+        "attn.k": t * qk * ab,
+        "attn.v": t * a * (m.qk_nope_head_dim + m.v_head_dim) * ab,
+        "kv_a_out": t * m.latent_width * ab,
+        "kv_a_norm.out": t * m.kv_lora_rank * ab,
+        "rope": t * (a + 1) * m.qk_rope_head_dim * ab,
+    }
+    # the saved tensors that are these same tensors
+    same = {"attn.q": ("attn.q", "attn.q_scaled"), "attn.k": ("attn.k", "attn.k_expanded"),
+            "attn.v": ("attn.v", "attn.v_expanded"), "kv_a_norm.out": ("kv_a_norm.out",),
+            "q_a_norm.out": ("q_a_norm.out",)}
+    fp32_copies = ctx.attention is Kernel.math_fp32 and ctx.act_bytes != 4
+    total = 0
+    for name, n in live.items():
+        aliases = same.get(name, ())
+        if fp32_copies and name in ("attn.q", "attn.k", "attn.v"):
+            aliases = ()  # the math kernel saved fp32 copies, not these
+        if not any(k in saved for k in aliases):
+            total += n
+    if fp32_copies:
+        total += t * qk * 4  # q.float() before the scaling (the scaled copy is saved)
+    return total

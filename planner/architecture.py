@@ -44,6 +44,35 @@ class LinearSpec(BaseModel):
         return self.copies * (self.d_in * self.d_out + (self.d_out if self.bias else 0))
 
 
+class MLADims(BaseModel):
+    """Multi-head latent attention's widths (DeepSeek-V2/V3, models/deepseek_v2/modeling_deepseek_v2.py
+    `DeepseekV2Attention.__init__`): q through q_proj, or q_a_proj -> q_a_layernorm -> q_b_proj when
+    `q_lora_rank` is set; kv_a_proj_with_mqa makes the latent (kv_lora_rank) and one shared rotary key
+    (qk_rope_head_dim); kv_b_proj expands the normed latent to every head's nope key and value."""
+
+    model_config = ConfigDict(frozen=True)
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_width(self) -> int:
+        """What one position's latent holds: the compressed kv and the shared rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def norm_params(self) -> int:
+        """kv_a_layernorm, and q_a_layernorm when q is low-rank (RMSNorm weights)."""
+        return self.kv_lora_rank + (self.q_lora_rank or 0)
+
+
 class ModelArch(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -155,6 +184,48 @@ class ModelArch(BaseModel):
     # What of the checkpoint the estimate leaves out, for a note (the multimodal Gemma 3's vision
     # tower and projector: only its text_config's language model is counted)
     partial_model: str | None = None
+    # [fam-mla] DeepSeek-V2/V3 multi-head latent attention: its widths (None: q/k/v/o attention)
+    mla: MLADims | None = None
+    # [fam-mla] Elements one cached position holds per layer in an MLA-aware serving engine (vLLM,
+    # SGLang): the compressed latent, kv_lora_rank + qk_rope_head_dim. None: not an MLA model.
+    latent_cache_width: int | None = None
+    # [fam-mla] Of kv_cache_width, the keys' share (DynamicCache grows keys and values by torch.cat
+    # one after the other): None, half. MLA caches the latent as keys and the rotary key as values.
+    kv_cache_key_width: int | None = None
+    # [fam-mla] DeepSeek's first_k_dense_replace: the first `dense_layers` decoder layers run a dense
+    # gated MLP of `dense_intermediate` whose linears are `dense_linears`, in place of the routed
+    # MLP (the `part="mlp"` linears and the router) the other layers run
+    dense_layers: int = 0
+    dense_intermediate: int = 0
+    dense_linears: tuple[LinearSpec, ...] = ()
+    # [fam-mla] routed experts beside a shared gated MLP (DeepseekV2Moe.shared_experts): its width; 0: none
+    shared_intermediate: int = 0
+    # [fam-mla] DeepSeek's router: "softmax" (V2: fp32 logits, softmax, top-k) or "sigmoid_grouped"
+    # (V3: fp32 sigmoid + e_score_correction_bias, an fp32 buffer per MoE layer, grouped top-k)
+    deepseek_router: Literal["softmax", "sigmoid_grouped"] | None = None
+    # [fam-mla] its grouped top-k: (n_group, topk_group); whether its top-k weights are normalised
+    # (norm_topk_prob: DeepseekV3TopkRouter divides by their sum) is router_norm_topk, which the parser sets
+    router_groups: tuple[int, int] = (1, 1)
+    # [fam-mla] DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers): in the
+    # checkpoint, not built by transformers (DeepseekV3PreTrainedModel._keys_to_ignore_on_load_unexpected)
+    unbuilt_mtp_layers: int = 0
+
+    @property
+    def sdpa_value_width_differs(self) -> bool:
+        """[fam-mla] MLA hands SDPA values narrower than its queries and keys (v_head_dim < qk_head_dim)."""
+        return self.mla is not None and self.mla.v_head_dim != self.mla.qk_head_dim
+
+    @property
+    def moe_layers(self) -> int:
+        """Decoder layers running the routed MLP (all of them unless some are dense)."""
+        return self.layers - self.dense_layers if self.experts else 0
+
+    def dense_view(self) -> "ModelArch":
+        """The architecture as its dense layers see it: the dense MLP in place of the routed one."""
+        attn = tuple(lin for lin in self.linears if lin.part == "attention")
+        return self.model_copy(update=dict(linears=attn + self.dense_linears, router=None, experts=0,
+                                           experts_per_token=0, intermediate=self.dense_intermediate,
+                                           shared_intermediate=0, dense_layers=0, dense_linears=()))
 
     @property
     def q_width(self) -> int:

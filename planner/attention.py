@@ -59,6 +59,11 @@ def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: boo
         if arch.sdpa_always_math or (grad and arch.sdpa_broadcast_kv) or arch.eager_softmax_compute_dtype:
             return Kernel.math
         return Kernel.eager
+    if stack.cpu and job.attention == "sdpa" and arch.sdpa_value_width_differs:
+        # [fam-mla] the CPU's flash kernel needs one head width for q, k and v (aten
+        # sdp_utils_cpp.cpp `check_head_dim_size_cpp`): MLA's narrower values take the math kernel
+        # (CPU trace of DeepSeek-V2/V3 layers); on CUDA the memory-efficient kernel takes them
+        return Kernel.math_fp32
     if not grad:
         if arch.sdpa_always_math:
             return Kernel.math_fp32

@@ -107,6 +107,10 @@ class _State:
             self.g_layer = (n_train - head - embed) // arch.layers * pb
             self.g_head, self.g_embed_late, self.g_tied_accum = head * pb, embed * pb, 0
         self.g_all = self.g_layer * arch.layers + self.g_head + self.g_embed_late
+        if params.all_blocks is not None and job.method == "full":
+            # [fam-mla] layers of different sizes (DeepSeek's dense first layers): g_layer stays the
+            # largest layer's, the sum is every layer's
+            self.g_all = params.blocks * pb + self.g_head + self.g_embed_late
         self.g_largest = largest * pb
         self.plan = plan
         # per GPU; with offload the optimizer (states and its temporaries) runs on the host, and
@@ -209,6 +213,7 @@ ROW_CATEGORY: dict[str, Category] = {
     "optimizer states": _C.optimizer, "paged optimizer states": _C.optimizer, "optimizer step temporary": _C.optimizer,
     "activations": _C.activations, "autocast weight copies": _C.activations, "recomputed layer": _C.activations,
     "KV cache": _C.kv_cache, "KV cache append": _C.kv_cache,
+    "MLA decompressed keys and values": _C.transients,
     "logits and loss": _C.transients, "logits held by the loop": _C.transients, "autocast lm_head copy": _C.transients,
     "layer forward transients": _C.transients, "backward transients": _C.transients,
     "dequantized weight": _C.transients, "decode dequantized weight": _C.transients,
@@ -489,8 +494,15 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     if pq_saved:
         layer_tensors = {**layer_tensors, "dequantized GPTQ weights": pq_saved}
     layer = _sum(layer_tensors)
-    layer0 = _sum(stack.layer_saved(arch, ctx0)) + prequantized.backward_saved_per_layer(job, arch, ctx.act_bytes,
-                                                                                         grad_in_first)
+    layer0 = _sum(stack.layer_saved(arch, ctx0))
+    dense_extra = 0
+    if arch.dense_layers:
+        # [fam-mla] DeepSeek's first dense layers (first_k_dense_replace) save their dense MLP's
+        # tensors in place of the routed ones; layer 0 is one of them
+        dense = arch.dense_view()
+        layer0 = _sum(stack.layer_saved(dense, ctx0))
+        dense_extra = (_sum(stack.layer_saved(dense, ctx)) - layer) * (arch.dense_layers - 1)
+    layer0 += prequantized.backward_saved_per_layer(job, arch, ctx.act_bytes, grad_in_first)
     shared = act.rotary_tables(arch, ctx) + _sum(act.final_norm_saved(arch, ctx))
     if arch.embd_dropout > 0:
         shared += t * arch.hidden * ctx.dropout_mask(ctx.act_bytes)
@@ -504,7 +516,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         a_formula = (f"{arch.layers} checkpointed layer inputs x {human(act.checkpoint_saved(arch, ctx))}; "
                      f"backward recomputes one layer ({human(layer)})")
     else:
-        kept = layer0 + layer * (arch.layers - 1) + shared
+        kept = layer0 + layer * (arch.layers - 1) + dense_extra + shared
         a_formula = f"{arch.layers} layers x {human(layer)} saved for backward"
     offloaded = 0
     kept_bwd, bottom_extra = kept, None
@@ -726,10 +738,19 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
                 {**base, "KV cache": kv_prompt, "activations": pre - pre_dequant, "dequantized weight": pre_dequant}),
                ("weights + the prompt's KV cache + the head",
                 {**base, "KV cache": kv_prompt, "logits": head}))
+    decode_moments = [("weights + full KV cache + one step's logits",
+                       {**base, "KV cache": kv, "KV cache append": append,
+                        "decode dequantized weight": decode_dequant, "logits": logits})]
+    if arch.mla is not None:
+        # [fam-mla] each decode step decompresses one layer's whole cache to per-head keys and values
+        walk.row("MLA decompressed keys and values", "expand_kv: kv_b_proj over every cached latent and the new "
+                                                     "key, one layer at a time (the kernel's copies too)")
+        decode_moments.append(("weights + full KV cache + one layer's decompressed keys and values",
+                               {**base, "KV cache": kv, "MLA decompressed keys and values":
+                                inf.mla_decode_bytes(job, arch, stack), "decode dequantized weight": decode_dequant}))
+        notes.append(inf.mla_cache_note(job, arch))
     if job.new_tokens:
-        walk.phase(DECODE, ("weights + full KV cache + one step's logits",
-                            {**base, "KV cache": kv, "KV cache append": append,
-                             "decode dequantized weight": decode_dequant, "logits": logits}))
+        walk.phase(DECODE, *decode_moments)
     return walk, params, 0, notes, 0, 0
 
 
@@ -748,6 +769,11 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     if job.attention == "sdpa" and not arch.sdpa_supported:
         notes = notes + [f"{arch.name}: transformers 5 has no SDPA path for {arch.family} (_supports_sdpa = False); "
                          "counted with its eager attention, which transformers picks by default there"]
+    if arch.unbuilt_mtp_layers:
+        # [fam-mla] DeepSeek-V3's multi-token-prediction module is in the checkpoint only
+        notes = notes + [f"{arch.name}: its {arch.unbuilt_mtp_layers} multi-token-prediction layer(s) "
+                         "(num_nextn_predict_layers) are not loaded by transformers (DeepseekV3PreTrainedModel "
+                         "drops model.layers.61.* on load): not counted"]
     if gpu and not gpu.supports_bf16 and job.compute_dtype.value == "bf16":
         notes = notes + [f"{gpu.name} has no bf16 support: use --compute-dtype fp16 (same memory, different numerics)"]
     return Estimate(

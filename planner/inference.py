@@ -90,6 +90,8 @@ def cache_append_bytes(job: Job, arch: ModelArch, stack: Stack | None = None) ->
         return max(rolled, default=0)
     if arch.layer_windows:
         return max(windowed_decode_cache_bytes(job, arch, stack) - kv_cache_bytes(job, arch), 0)
+    if arch.kv_cache_key_width is not None:  # [fam-mla] keys and values of different widths
+        return max(layer_cache_bytes(job, arch, i) for i in range(arch.layers)) * arch.kv_cache_key_width // arch.cache_width
     return max(layer_cache_bytes(job, arch, i) for i in range(arch.layers)) // 2
 
 
@@ -272,7 +274,10 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
             attention += t * (arch.q_width + arch.kv_width + rotated) * ab
     else:
         attention = t * (3 * h * ab + 4 * h + ab * (2 * arch.q_width + 2 * arch.kv_width))
-    if kernel is Kernel.math_fp32:
+    if arch.mla is not None:  # [fam-mla]
+        # eager: transformers' explicit additive mask as well
+        attention = mla_prefill_attention(job, arch, kernel, stack) + (mask if kernel is Kernel.eager else 0)
+    elif kernel is Kernel.math_fp32:
         # CUDA's _safe_softmax also builds a bool mask of the -inf scores inside one op (allocator
         # trace of a training layer, H200): the CPU's dispatch mode cannot see it
         inside = 0 if stack.cpu else 1
@@ -328,3 +333,71 @@ def head_bytes(job: Job, arch: ModelArch) -> int:
     """Live at the head of the prefill, beside weights and cache: the final norm's output for every
     position (the norm runs before the positions are sliced) and the logits."""
     return job.micro_batch * job.seq_len * arch.hidden * float_bytes(job.compute_dtype) + logits_bytes(job, arch)
+
+
+# --- [fam-mla] multi-head latent attention (models/deepseek_v2/modeling_deepseek_v2.py) ---------
+
+
+def _mla_expanded(job: Job, arch: ModelArch, kernel: Kernel, queries: int, positions: int) -> int:
+    """What DeepseekV2Attention holds while it attends, `queries` new tokens per sequence over
+    `positions` cached ones (no grad): `expand_kv` decompresses every cached latent each call,
+    kv_b_proj's output (the values are a view of it) and the new key (`new_empty` + `copy_`),
+    beside the query (q_proj's or q_b_proj's output, its rotated q_pe and the concatenated query)
+    and the new tokens' latent projection. The math kernel (the CPU's, narrower values) adds fp32
+    copies of q (and its scaled copy), k and v, and the scores with their masked copy in fp32;
+    flash_attention_2 pads the values to the query width (integrations/flash_attention.py)."""
+    m, a, b = arch.mla, arch.heads, job.micro_batch
+    ab = float_bytes(job.compute_dtype)
+    qk, kv_b = a * m.qk_head_dim, a * (m.qk_nope_head_dim + m.v_head_dim)
+    q_side = b * queries * (2 * qk + a * m.qk_rope_head_dim + m.latent_width) * ab
+    kv_side = b * positions * (kv_b + qk) * ab
+    kernel_bytes = 0
+    if kernel is Kernel.math_fp32:
+        fp32_q = 2 * b * queries * qk * 4 if ab != 4 else b * queries * qk * 4
+        # the key's fp32 copy and the values' (and in decode, where the query is one position,
+        # the scaled key beside its copy: CPU trace; in the prefill the query's copies are larger)
+        k_copies = qk * (2 if queries == 1 else 1)
+        kernel_bytes = fp32_q + b * positions * (k_copies + a * m.v_head_dim) * (4 if ab != 4 else 0)
+        # the scores and their masked copy, and the causal mask SDPA builds from is_causal: one
+        # (queries, positions) fp32 tensor broadcast over the batch (`where`, CPU trace)
+        kernel_bytes += 2 * b * a * queries * positions * 4 + (queries * positions * 4 if queries > 1 else 0)
+    elif kernel is Kernel.eager:
+        # eager_attention_forward: the masked scores, their fp32 copy and the fp32 softmax; then
+        # `matmul(attn_weights, value_states)` copies the strided value (a view of kv_b_proj's
+        # output) beside the probabilities: the larger of the two moments (CPU trace)
+        scores = b * a * queries * positions
+        kernel_bytes = max(scores * (ab + 8), scores * ab + b * positions * a * m.v_head_dim * ab)
+    elif job.attention == "flash_attention_2":
+        kernel_bytes = b * positions * qk * ab + b * queries * qk * ab
+    return q_side + kv_side + kernel_bytes
+
+
+def mla_prefill_attention(job: Job, arch: ModelArch, kernel: Kernel, stack: Stack) -> int:
+    """The prefill's attention moment for MLA: the stream (embedding output, residual, norm output)
+    and `_mla_expanded` over the prompt (CPU trace of DeepSeek-V2/V3 prefills)."""
+    t = job.micro_batch * job.seq_len
+    ab = float_bytes(job.compute_dtype)
+    return 3 * t * arch.hidden * ab + _mla_expanded(job, arch, kernel, job.seq_len, job.seq_len)
+
+
+def mla_decode_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
+    """A decode step's attention over the whole cache: every cached latent decompressed to per-head
+    keys and values for one layer at a time (`_mla_expanded`, one query per sequence)."""
+    if arch.mla is None or not job.new_tokens:
+        return 0
+    kernel = attention_kernel(job, arch, stack, grad=False, sdpa_bytes=float_bytes(job.compute_dtype))
+    return _mla_expanded(job, arch, kernel, 1, job.seq_len + job.new_tokens)
+
+
+def mla_cache_note(job: Job, arch: ModelArch) -> str | None:
+    """What the KV cache holds for MLA: transformers' and an MLA-aware engine's."""
+    if arch.latent_cache_width is None:
+        return None
+    ab = float_bytes(job.compute_dtype)
+    per_token = arch.layers * ab
+    return (f"transformers caches {arch.cache_width:,} elements per position per layer (the compressed latent, "
+            f"kv_lora_rank + qk_rope_head_dim: {arch.cache_width * per_token:,} B per token over {arch.layers} layers; "
+            f"DeepseekV2Attention updates the cache before expand_kv); an MLA-aware engine (vLLM, SGLang) caches "
+            f"{arch.latent_cache_width:,} ({arch.latent_cache_width * per_token:,} B per token); decompressed per-head "
+            f"keys and values would be {arch.heads * (arch.mla.qk_head_dim + arch.mla.v_head_dim):,} "
+            f"({arch.heads * (arch.mla.qk_head_dim + arch.mla.v_head_dim) * per_token:,} B per token)")

@@ -23,10 +23,13 @@ class ParamCounts(BaseModel):
     # Largest single block, for FSDP units and checkpointed recomputation.
     total: int
     embedding_norm: int = 0  # a LayerNorm over the embeddings (Bloom's word_embeddings_layernorm), in the root
+    # [fam-mla] every decoder layer's parameters when the layers differ (DeepSeek's first dense
+    # layers are smaller than `per_layer`, the routed ones'); None: per_layer x layers
+    all_blocks: int | None = None
 
     @property
     def blocks(self) -> int:
-        return self.per_layer * self.layers
+        return self.per_layer * self.layers if self.all_blocks is None else self.all_blocks
 
     @property
     def unquantized(self) -> int:
@@ -48,7 +51,24 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
     quantizable = arch.layers * sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(arch))
     embedding_norm = arch.norm_params if arch.embedding_norm else 0  # Bloom's word_embeddings_layernorm
     total = embedding + embedding_norm + per_layer * arch.layers + arch.norm_params + lm_head
+    if arch.mla is not None or arch.dense_layers:
+        # [fam-mla] MLA's latent norms in every layer; DeepSeek's first dense layers hold their dense
+        # MLP in place of the routed one: per_layer stays the routed (largest) layer's
+        per_layer += arch.mla.norm_params if arch.mla else 0
+        total += arch.layers * (arch.mla.norm_params if arch.mla else 0)
+        if arch.dense_layers:
+            dense = arch.dense_view()
+            routed = per_layer - sum(lin.params for lin in dense.projections)
+            routed -= arch.norms_per_layer * arch.norm_params + (arch.mla.norm_params if arch.mla else 0)
+            total -= arch.dense_layers * routed
+            quantizable -= arch.dense_layers * (
+                sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(arch))
+                - sum(d_in * d_out * n for d_in, d_out, n in stack.quantized_linears(dense)))
+    all_blocks = None
+    if arch.dense_layers:
+        all_blocks = total - embedding - embedding_norm - arch.norm_params - lm_head
     return ParamCounts(
+        all_blocks=all_blocks,
         embedding=embedding,
         per_layer=per_layer,
         layers=arch.layers,
@@ -94,4 +114,9 @@ def buffer_bytes(arch: ModelArch) -> int:
         return arch.max_positions * arch.max_positions
     if arch.alibi:  # Bloom registers no buffer: its ALiBi slopes are built every forward
         return 0
-    return 2 * (arch.rotary_dim // 2) * 4 * arch.rope_kinds  # Gemma 3: a pair per layer type
+    rotary = 2 * (arch.rotary_dim // 2) * 4 * arch.rope_kinds  # Gemma 3: a pair per layer type
+    if arch.deepseek_router == "sigmoid_grouped":
+        # [fam-mla] DeepseekV3TopkRouter.e_score_correction_bias: one fp32 value per expert per MoE
+        # layer (kept fp32: DeepseekV3PreTrainedModel._keep_in_fp32_modules_strict)
+        return rotary + arch.moe_layers * arch.experts * 4
+    return rotary

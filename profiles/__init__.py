@@ -65,6 +65,8 @@ ALIASES: dict[str, str] = {
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "phi-4": "microsoft/phi-4",
     "olmo-2-7b": "allenai/OLMo-2-1124-7B",
+    "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
 }
 
 

@@ -94,6 +94,7 @@ GAPS = [
     dict(model=tiny_path("falcon"), task="infer", micro_batch=4, seq_len=64),
     dict(model=tiny_path("gemma3"), method="lora", weight_dtype="fp32", compute_dtype="fp32", optimizer="sgd",
          lora_rank=8, gradient_checkpointing=True, attention="eager", autocast=False, micro_batch=2, seq_len=128),
+    dict(model=tiny_path("deepseek_v3"), method="lora", lora_targets="all-linear", lora_rank=8, micro_batch=4, seq_len=64),
 ]
 
 

@@ -16,6 +16,9 @@ def hf_config(model: str, attention: str):
     _, raw = load_hf_config(model)
     raw = dict(raw)
     model_type = raw.pop("model_type")
+    # a pre-quantized checkpoint's storage (DeepSeek-V3's fp8) is not built on the meta device or
+    # traced: the model is built as the unquantized one it dequantizes to
+    raw.pop("quantization_config", None)
     cfg = AutoConfig.for_model(model_type, **raw)
     if attention == "sdpa" and not _supports_sdpa(cfg):
         # a model without an SDPA path (Bloom) loads with eager attention when none is asked for

@@ -9,7 +9,7 @@ import importlib
 from .base import Family
 
 _MODULES = ("llama", "mistral", "mixtral", "gemma", "qwen2", "qwen3", "falcon", "phi", "gpt_bigcode", "qwen3_moe", "qwen2_moe",
-            "gpt_oss", "gpt_neox", "bloom", "gemma2", "gemma3_text", "phi3", "olmo2")
+            "gpt_oss", "gpt_neox", "bloom", "gemma2", "gemma3_text", "phi3", "olmo2", "deepseek_v2", "deepseek_v3")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:
