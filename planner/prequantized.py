@@ -334,10 +334,12 @@ def linear_storage_bytes(spec: QuantSpec, lin: "LinearSpec", compute_bytes: int)
 
 
 def quantized_layer_bytes(spec: QuantSpec, arch: "ModelArch", compute_bytes: int, stack=None) -> tuple[int, int]:
-    """(bytes of the converted projections over every layer, their parameter count)."""
+    """(bytes of the converted projections over every layer, their parameter count). DeepSeek's first
+    dense layers (ModelArch.dense_layers) hold their dense MLP's projections, not the routed ones."""
     total = params = 0
+    dense = arch.dense_view().projections if arch.dense_layers else ()
     for layer in range(arch.layers):
-        for lin in arch.projections:
+        for lin in (dense if layer < arch.dense_layers else arch.projections):
             if converts(spec, lin, stack) and not _skipped(spec, lin, layer):
                 total += linear_storage_bytes(spec, lin, compute_bytes)
                 params += lin.params

@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from memplan import Job, estimate_memory
+from memplan import Job, count_params, estimate_memory
 from memplan.architecture import LinearSpec, arch_from_hf_config
 from memplan.errors import MemplanInputError
 from memplan.prequantized import QuantSpec, linear_storage_bytes
-from memplan.profiles import load_hf_config, load_model
+from memplan.profiles import load_hf_config, load_model, shipped_models
 
 REST = 524_820_480
 SQ = LinearSpec(name="q_proj", d_in=4096, d_out=4096)
@@ -224,3 +224,27 @@ def test_lora_over_gptq_without_checkpointing():
             for m in ("llama-2-7b-gptq", "llama-2-7b-awq")}
     layer = 4 * 4096 * 4096 + 3 * 4096 * 11008
     assert acts["llama-2-7b-gptq"] - acts["llama-2-7b-awq"] == (32 * layer - 3 * 4096 * 4096) * 2
+
+
+def test_every_shipped_prequantized_config_splits_its_parameters():
+    """The converted linears and the rest add up to the model's parameters for every shipped
+    checkpoint with a quantization_config, DeepSeek-V3's first dense layers included (their dense
+    MLP is converted, not the routed experts they do not have)."""
+    from memplan.prequantized import quantized_layer_bytes
+
+    seen = 0
+    for hub_id in shipped_models():
+        arch = load_model(hub_id)
+        if arch.quantization is None:
+            continue
+        seen += 1
+        _, q_params = quantized_layer_bytes(arch.quantization, arch, 2)
+        assert 0 < q_params < count_params(arch).total, hub_id
+    assert seen >= 6  # GPTQ, two AWQ, gpt-oss x 2, DeepSeek-V3
+    # DeepSeek-V3 by hand: 3 dense layers (MLA + a dense MLP of 18,432) and 58 routed ones (MLA, 256
+    # routed experts and one shared of 2,048); every projection but the routers is converted
+    arch = load_model("deepseek-v3")
+    h, mla = 7168, 128 * 192 * 1536 + 7168 * 1536 + 7168 * 576 + 512 * 128 * (128 + 128) + 128 * 128 * 7168
+    dense_mlp, routed_mlp = 3 * 7168 * 18432, (256 + 1) * 3 * 7168 * 2048
+    _, q_params = quantized_layer_bytes(arch.quantization, arch, 2)
+    assert q_params == 3 * (mla + dense_mlp) + 58 * (mla + routed_mlp) and h == arch.hidden
