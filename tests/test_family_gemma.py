@@ -8,7 +8,9 @@ import pytest
 
 from memplan import Job, count_params, estimate_memory
 from memplan.profiles import load_model
-from memplan.stacks import cpu_trace_stack, get
+from memplan.stacks import get
+
+from .trace_check import assert_matches_trace
 
 TOLERANCE = 0.03
 
@@ -39,34 +41,12 @@ def _id(row):
 
 @pytest.mark.parametrize("row", TRAIN, ids=[_id(r) for r in TRAIN])
 def test_training_matches_trace(row):
-    pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    from memplan.validate.trace import trace_training
-
-    job = Job(**row)
-    traced = trace_training(job)
-    est = estimate_memory(job, load_model(job.model), stack=cpu_trace_stack(job))
-    err = (est.peak_allocated_bytes - traced.peak_allocated_bytes) / traced.peak_allocated_bytes
-    assert abs(err) <= TOLERANCE, f"peak {err:+.2%}"
-    by_phase = est.measured_phases()
-    for snap in traced.timeline:
-        if snap.iteration == 1:
-            phase_err = (by_phase[snap.phase] - snap.peak_bytes) / snap.peak_bytes
-            assert abs(phase_err) <= TOLERANCE, f"{snap.phase} {phase_err:+.2%}"
+    assert_matches_trace(Job(**row), TOLERANCE)
 
 
 @pytest.mark.parametrize("row", INFER, ids=[_id(r) for r in INFER])
 def test_generation_matches_trace(row):
-    pytest.importorskip("torch")
-    from memplan.validate.trace import trace_inference
-
-    job = Job(task="infer", **row)
-    est = {p.name: p.allocated_bytes for p in estimate_memory(job, load_model(job.model), stack=get(job.stack).on_cpu()).phases}
-    traced = trace_inference(job)
-    assert [s.phase for s in traced.timeline] == ["prefill", "decode"]
-    for snap in traced.timeline:
-        err = (est[snap.phase] - snap.peak_bytes) / snap.peak_bytes
-        assert abs(err) <= TOLERANCE, f"{snap.phase} {err:+.2%}"
+    assert_matches_trace(Job(task="infer", **row), TOLERANCE)
 
 
 def test_gemma2_9b_kv_cache_by_hand():

@@ -5,10 +5,11 @@ KV-cache bytes (tiny configs run through tests/test_trace.py and tests/test_para
 
 import pytest
 
-from memplan import Job, count_params, estimate_memory
+from memplan import Job, count_params
 from memplan.inference import kv_cache_bytes
 from memplan.profiles import load_model
-from memplan.stacks import cpu_trace_stack, get
+
+from .trace_check import assert_matches_trace
 
 TOLERANCE = 0.03
 
@@ -35,32 +36,12 @@ def _id(row):
 
 @pytest.mark.parametrize("row", TRAIN, ids=[_id(r) for r in TRAIN])
 def test_training_phases_match_trace(row):
-    pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    from memplan.validate.trace import trace_training
-
-    job = Job(**row)
-    traced = trace_training(job)
-    est = estimate_memory(job, load_model(job.model), stack=cpu_trace_stack(job)).measured_phases()
-    for snap in traced.timeline:
-        if snap.iteration == 1:
-            err = (est[snap.phase] - snap.peak_bytes) / snap.peak_bytes
-            assert abs(err) <= TOLERANCE, f"{snap.phase} {err:+.2%}"
+    assert_matches_trace(Job(**row), TOLERANCE)
 
 
 @pytest.mark.parametrize("row", INFER, ids=[_id(r) for r in INFER])
 def test_generation_phases_match_trace(row):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from memplan.validate.trace import trace_inference
-
-    job = Job(task="infer", **row)
-    est = {p.name: p.allocated_bytes for p in estimate_memory(job, load_model(job.model), stack=get(job.stack).on_cpu()).phases}
-    traced = trace_inference(job)
-    assert [s.phase for s in traced.timeline] == ["prefill", "decode"]
-    for snap in traced.timeline:
-        err = (est[snap.phase] - snap.peak_bytes) / snap.peak_bytes
-        assert abs(err) <= TOLERANCE, f"{snap.phase} {err:+.2%}"
+    assert_matches_trace(Job(task="infer", **row), TOLERANCE)
 
 
 @pytest.mark.parametrize("name, published", [

@@ -10,6 +10,7 @@ from memplan.inference import kv_cache_bytes
 from memplan.profiles import load_model
 
 from .conftest import DATA
+from .trace_check import assert_matches_trace
 
 TOLERANCE = 0.03
 
@@ -91,20 +92,7 @@ ROWS = [
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items() if k != "model"))
 def test_v2_lite_matches_trace(row):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
-    from memplan.stacks import cpu_trace_stack
-    from memplan.validate.trace import trace_inference, trace_training
-
-    job = Job(**row)
-    traced = trace_inference(job) if job.task == "infer" else trace_training(job)
-    est = estimate_memory(job, load_model(job.model), stack=cpu_trace_stack(job))
-    by_phase = est.measured_phases()
-    for snap in traced.timeline:
-        if job.task == "infer" or snap.iteration == 1:
-            err = (by_phase[snap.phase] - snap.peak_bytes) / snap.peak_bytes
-            assert abs(err) <= TOLERANCE, f"{snap.phase} {err:+.2%}"
+    assert_matches_trace(Job(**row), TOLERANCE)
 
 
 def _tiny(family: str, **changes) -> dict:

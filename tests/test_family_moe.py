@@ -16,7 +16,8 @@ import pytest
 from memplan import Job, count_params, estimate_memory
 from memplan.errors import MemplanInputError
 from memplan.profiles import MODELS_DIR, load_model
-from memplan.stacks import cpu_trace_stack
+
+from .trace_check import assert_matches_trace
 
 TOLERANCE = 0.03
 
@@ -193,15 +194,7 @@ CUT_MODELS = ["qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "gpt-oss-20b"]
 
 
 def _check(job: Job) -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from memplan.validate.trace import trace_inference, trace_training
-
-    traced = trace_training(job) if job.task == "train" else trace_inference(job)
-    by_phase = estimate_memory(job, load_model(job.model), stack=cpu_trace_stack(job)).measured_phases()
-    steady = 1 if job.task == "train" else 0
-    errors = {s.phase: (by_phase[s.phase] - s.peak_bytes) / s.peak_bytes for s in traced.timeline if s.iteration == steady}
-    assert errors and all(abs(e) <= TOLERANCE for e in errors.values()), {k: f"{v:+.2%}" for k, v in errors.items()}
+    assert_matches_trace(job, TOLERANCE)
 
 
 def _id(row: dict) -> str:
