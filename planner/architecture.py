@@ -275,6 +275,12 @@ class ModelArch(BaseModel):
 # The largest count a config may state: an int32, the width torch and transformers index shapes with.
 # Anything larger is a typo (or a fuzzer), and the formulas' float steps would lose precision on it.
 MAX_CONFIG_INT = 2**31 - 1
+# The most decoder layers a config may state. The estimate follows layers one by one where they differ
+# (per-layer sliding windows, DeepSeek's dense first layers, caches per layer, skipped modules of a
+# pre-quantized checkpoint), and a config of millions of layers, which transformers could not build
+# either, would stall it; the deepest shipped model has 126 (Llama-3.1-405B).
+MAX_LAYERS = 10_000
+_MAXIMA = {"num_hidden_layers": MAX_LAYERS, "n_layer": MAX_LAYERS}
 _REQUIRED = object()
 _JSON_KIND = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
@@ -322,6 +328,8 @@ class ConfigReader:
             self.fail(f"{key} must be {kind}, got {value!r}")
         if value > MAX_CONFIG_INT:
             self.fail(f"{key} must be {kind} up to {MAX_CONFIG_INT}, got {value!r}")
+        if value > _MAXIMA.get(key, MAX_CONFIG_INT):
+            self.fail(f"{key} must be {kind} up to {_MAXIMA[key]:,}, got {value!r}")
         return value
 
     def fraction(self, key: str, default: float, *, zero: bool) -> float:

@@ -64,6 +64,9 @@ BAD_CONFIGS = [
     (_with("llama", hidden_size=0), "hidden_size must be a positive integer, got 0"),
     (_with("llama", num_hidden_layers=-2), "num_hidden_layers must be a positive integer, got -2"),
     (_with("llama", num_hidden_layers=True), "num_hidden_layers must be a positive integer, got True"),
+    # the estimate follows layers one by one: a config of millions is refused, not walked
+    (_with("llama", num_hidden_layers=10_001), "num_hidden_layers must be a positive integer up to 10,000, got 10001"),
+    (_with("starcoder", n_layer=2**31 - 1), "n_layer must be a positive integer up to 10,000"),
     (_with("llama", num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
     (_with("llama", num_attention_heads=-8), "num_attention_heads must be a positive integer, got -8"),
     (_with("llama", num_key_value_heads=3), "num_key_value_heads must divide num_attention_heads (8), got 3"),
