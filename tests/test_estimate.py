@@ -2,7 +2,8 @@
 
 import pytest
 
-from memplan import Job, estimate
+from memplan import Job, estimate, inference
+from memplan.profiles import load_model
 from memplan.errors import MemplanInputError
 from pydantic import ValidationError
 
@@ -125,7 +126,13 @@ def test_inference_kv_cache_by_hand():
 
 def test_mistral_sliding_window_caps_kv_cache():
     est = estimate("mistral-7b", task="infer", seq_len=8000, new_tokens=100)
-    assert est.component("KV cache").bytes == 2 * 32 * 8 * 128 * 4096 * 2
+    kv = est.component("KV cache")
+    # the decode's cache keeps the 4,096-position window; after the prefill each layer still holds
+    # the whole prompt (DynamicSlidingWindowLayer keeps a view of the prompt's torch.cat)
+    assert kv.phase_bytes["prefill"] == 2 * 32 * 8 * 128 * 8000 * 2
+    assert est.phases[-1].name == "decode"
+    assert inference.kv_cache_bytes(est.job, load_model("mistral-7b"), generated=True) == kv.phase_bytes["decode"]
+    assert inference.layer_cache_bytes(est.job, load_model("mistral-7b"), 0) == 2 * 8 * 128 * 4096 * 2
 
 
 @pytest.mark.parametrize(
