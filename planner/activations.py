@@ -50,7 +50,7 @@ class Ctx:
     dora_d_in: tuple[int, ...] = ()  # their d_in, in the same order
     dora_weight_copy: bool = False  # the base weight's dtype differs from the adapters': .to() copies it
     dora_dequant: int = 0  # bytes per element of a 4-bit weight's dequantized copy (0: not quantized)
-    flash_attn: bool = False  # [fam-mla] attention="flash_attention_2" (MLA's values are padded for it)
+    flash_attn: bool = False  # attention="flash_attention_2" (MLA's values are padded for it)
 
     @property
     def cuda_math(self) -> bool:
@@ -335,7 +335,7 @@ def layer_backward_transient(arch: ModelArch, ctx: Ctx, saved: Saved) -> int:
         score = 4 if ctx.attention in (Kernel.eager, Kernel.math_fp32) else ab
         after = ("mlp.", "moe.", "post_attn_norm.", "attn.out_contiguous", "attn.v_expanded")
         if arch.mla is not None:
-            # [fam-mla] o_proj's backward has run too: its LoRA input cast and lora_A output are
+            # o_proj's backward has run too: its LoRA input cast and lora_A output are
             # gone (CPU trace of a checkpointed DeepSeek-V2 layer). The same holds in every family
             # whose o_proj LoRA targets; left to the lead so that their numbers do not move here
             after += ("o_proj.",)
@@ -384,7 +384,7 @@ def layer_forward_transient(arch: ModelArch, ctx: Ctx, saved: Saved, checkpointe
     # CUDA allocator sees it (H200 trace of a Mistral layer), the CPU trace's dispatch mode cannot
     inside = ctx.tokens * arch.heads * ctx.seq if ctx.cuda_math else 0
     extra = own_attention_forward_extra(arch, ctx, checkpointed)
-    if arch.mla is not None:  # [fam-mla]
+    if arch.mla is not None:
         extra += mla_forward_live(arch, ctx, saved)
     return scores + held + inside + extra
 
@@ -744,7 +744,7 @@ def own_attention_forward_extra(arch: ModelArch, ctx: Ctx, checkpointed: bool) -
     return ctx.tokens * arch.heads * ctx.seq * ctx.act_bytes * (2 if checkpointed else 1) + fused
 
 
-# --- Gemma 2/3, Phi-3, OLMo 2 (issue 12, fam-gemma) ---------------------------------------------
+# --- Gemma 2/3, Phi-3, OLMo 2 ---------------------------------------------------------------------
 
 def post_norm_saved(ctx: Ctx, arch: ModelArch, prefix: str, saved: Saved) -> None:
     """An RMSNorm whose output only joins the residual sum (Gemma 2/3 post_attention_layernorm and
@@ -825,7 +825,7 @@ def fused_gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     linear_input(ctx, ("down_proj",), i, "mlp.product", saved)
 
 
-# --- [fam-mla] DeepSeek-V2/V3: multi-head latent attention, routed experts with a shared MLP -----
+# --- DeepSeek-V2/V3: multi-head latent attention, routed experts with a shared MLP -----
 # models/deepseek_v2/modeling_deepseek_v2.py and models/deepseek_v3/modeling_deepseek_v3.py
 # (transformers 5); each rule read off the modeling file and confirmed on the CPU trace of the tiny
 # and real-size configs (docs/activations.md, "DeepSeek-V2 / V3").

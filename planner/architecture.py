@@ -170,7 +170,7 @@ class ModelArch(BaseModel):
     # The MLP's own norm runs before the attention (Falcon's new architecture: ln_mlp beside ln_attn),
     # so its output is alive through the attention
     mlp_norm_before_attention: bool = False
-    # --- added for Gemma 2/3, Phi-3 and OLMo 2 (issue 12, fam-gemma) ---
+    # Gemma 2/3, Phi-3 and OLMo 2
     # q_norm/k_norm over the whole q and k projection width (OLMo 2: Olmo2Attention builds
     # Olmo2RMSNorm(heads x head_dim)) instead of over each head (Qwen3, Gemma 3)
     qk_norm_full_width: bool = False
@@ -184,35 +184,35 @@ class ModelArch(BaseModel):
     # What of the checkpoint the estimate leaves out, for a note (the multimodal Gemma 3's vision
     # tower and projector: only its text_config's language model is counted)
     partial_model: str | None = None
-    # [fam-mla] DeepSeek-V2/V3 multi-head latent attention: its widths (None: q/k/v/o attention)
+    # DeepSeek-V2/V3 multi-head latent attention: its widths (None: q/k/v/o attention)
     mla: MLADims | None = None
-    # [fam-mla] Elements one cached position holds per layer in an MLA-aware serving engine (vLLM,
+    # Elements one cached position holds per layer in an MLA-aware serving engine (vLLM,
     # SGLang): the compressed latent, kv_lora_rank + qk_rope_head_dim. None: not an MLA model.
     latent_cache_width: int | None = None
-    # [fam-mla] Of kv_cache_width, the keys' share (DynamicCache grows keys and values by torch.cat
+    # Of kv_cache_width, the keys' share (DynamicCache grows keys and values by torch.cat
     # one after the other): None, half. MLA caches the latent as keys and the rotary key as values.
     kv_cache_key_width: int | None = None
-    # [fam-mla] DeepSeek's first_k_dense_replace: the first `dense_layers` decoder layers run a dense
+    # DeepSeek's first_k_dense_replace: the first `dense_layers` decoder layers run a dense
     # gated MLP of `dense_intermediate` whose linears are `dense_linears`, in place of the routed
     # MLP (the `part="mlp"` linears and the router) the other layers run
     dense_layers: int = 0
     dense_intermediate: int = 0
     dense_linears: tuple[LinearSpec, ...] = ()
-    # [fam-mla] routed experts beside a shared gated MLP (DeepseekV2Moe.shared_experts): its width; 0: none
+    # routed experts beside a shared gated MLP (DeepseekV2Moe.shared_experts): its width; 0: none
     shared_intermediate: int = 0
-    # [fam-mla] DeepSeek's router: "softmax" (V2: fp32 logits, softmax, top-k) or "sigmoid_grouped"
+    # DeepSeek's router: "softmax" (V2: fp32 logits, softmax, top-k) or "sigmoid_grouped"
     # (V3: fp32 sigmoid + e_score_correction_bias, an fp32 buffer per MoE layer, grouped top-k)
     deepseek_router: Literal["softmax", "sigmoid_grouped"] | None = None
-    # [fam-mla] its grouped top-k: (n_group, topk_group); whether its top-k weights are normalised
+    # its grouped top-k: (n_group, topk_group); whether its top-k weights are normalised
     # (norm_topk_prob: DeepseekV3TopkRouter divides by their sum) is router_norm_topk, which the parser sets
     router_groups: tuple[int, int] = (1, 1)
-    # [fam-mla] DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers): in the
+    # DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers): in the
     # checkpoint, not built by transformers (DeepseekV3PreTrainedModel._keys_to_ignore_on_load_unexpected)
     unbuilt_mtp_layers: int = 0
 
     @property
     def sdpa_value_width_differs(self) -> bool:
-        """[fam-mla] MLA hands SDPA values narrower than its queries and keys (v_head_dim < qk_head_dim)."""
+        """MLA hands SDPA values narrower than its queries and keys (v_head_dim < qk_head_dim)."""
         return self.mla is not None and self.mla.v_head_dim != self.mla.qk_head_dim
 
     @property

@@ -60,7 +60,7 @@ def attention_kernel(job: "Job", arch: "ModelArch", stack: "Stack", *, grad: boo
             return Kernel.math
         return Kernel.eager
     if stack.cpu and job.attention == "sdpa" and arch.sdpa_value_width_differs:
-        # [fam-mla] the CPU's flash kernel needs one head width for q, k and v (aten
+        # the CPU's flash kernel needs one head width for q, k and v (aten
         # sdp_utils_cpp.cpp `check_head_dim_size_cpp`): MLA's narrower values take the math kernel
         # (CPU trace of DeepSeek-V2/V3 layers); on CUDA the memory-efficient kernel takes them
         return Kernel.math_fp32

@@ -197,7 +197,7 @@ JOB_OPTIONS: dict[str, _JobOption] = {
     "micro_batch": _JobOption(Optional[int], ("--micro-batch", "-b"), "sequences per GPU per step"),
     "seq_len": _JobOption(Optional[int], ("--seq-len", "-s"), "tokens per sequence (prompt length for inference)"),
     "new_tokens": _JobOption(Optional[int], ("--new-tokens",), "inference: tokens generated after the prompt"),
-    # [kv cache] (planner/inference.py)
+    # (planner/inference.py)
     "kv_cache_dtype": _JobOption(Optional[str], ("--kv-cache-dtype",),
                                  "inference: int4 | int8 (transformers QuantizedCache, quanto/HQQ) | fp8 "
                                  "(QuantizedCache backend fp8)", "the compute dtype"),
@@ -520,8 +520,8 @@ def fit(
     seq_len: int = job_option("seq_len", 2048, help="sequence (prompt) length for the batch search"),
     micro_batch: int = job_option("micro_batch", 1, help="micro-batch for the sequence search"),
     new_tokens: Optional[int] = job_option("new_tokens"),
-    kv_cache_dtype: Optional[str] = job_option("kv_cache_dtype"),  # [kv cache]
-    cache_implementation: Optional[str] = job_option("cache_implementation"),  # [kv cache]
+    kv_cache_dtype: Optional[str] = job_option("kv_cache_dtype"),
+    cache_implementation: Optional[str] = job_option("cache_implementation"),
     optimizer: Optional[str] = job_option("optimizer"),
     weight_dtype: Optional[str] = job_option("weight_dtype"),
     compute_dtype: Optional[str] = job_option("compute_dtype"),
@@ -543,7 +543,7 @@ def fit(
     fields = dict(task=task, method=method, stack=stack, optimizer=optimizer, weight_dtype=weight_dtype,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                   new_tokens=new_tokens, autocast=autocast)
-    fields.update(kv_cache_dtype=kv_cache_dtype, cache_implementation=cache_implementation)  # [kv cache]
+    fields.update(kv_cache_dtype=kv_cache_dtype, cache_implementation=cache_implementation)
     from_config = None
     if from_file is not None:  # the file's values, unless an option is typed (fit's own defaults do not override)
         typed = _typed_options()

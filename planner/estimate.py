@@ -108,7 +108,7 @@ class _State:
             self.g_head, self.g_embed_late, self.g_tied_accum = head * pb, embed * pb, 0
         self.g_all = self.g_layer * arch.layers + self.g_head + self.g_embed_late
         if params.all_blocks is not None and job.method == "full":
-            # [fam-mla] layers of different sizes (DeepSeek's dense first layers): g_layer stays the
+            # layers of different sizes (DeepSeek's dense first layers): g_layer stays the
             # largest layer's, the sum is every layer's
             self.g_all = params.blocks * pb + self.g_head + self.g_embed_late
         self.g_largest = largest * pb
@@ -497,7 +497,7 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     layer0 = _sum(stack.layer_saved(arch, ctx0))
     dense_extra = 0
     if arch.dense_layers:
-        # [fam-mla] DeepSeek's first dense layers (first_k_dense_replace) save their dense MLP's
+        # DeepSeek's first dense layers (first_k_dense_replace) save their dense MLP's
         # tensors in place of the routed ones; layer 0 is one of them
         dense = arch.dense_view()
         layer0 = _sum(stack.layer_saved(dense, ctx0))
@@ -742,7 +742,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
                        {**base, "KV cache": kv, "KV cache append": append,
                         "decode dequantized weight": decode_dequant, "logits": logits})]
     if arch.mla is not None:
-        # [fam-mla] each decode step decompresses one layer's whole cache to per-head keys and values
+        # each decode step decompresses one layer's whole cache to per-head keys and values
         walk.row("MLA decompressed keys and values", "expand_kv: kv_b_proj over every cached latent and the new "
                                                      "key, one layer at a time (the kernel's copies too)")
         decode_moments.append(("weights + full KV cache + one layer's decompressed keys and values",
@@ -770,7 +770,7 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
         notes = notes + [f"{arch.name}: transformers 5 has no SDPA path for {arch.family} (_supports_sdpa = False); "
                          "counted with its eager attention, which transformers picks by default there"]
     if arch.unbuilt_mtp_layers:
-        # [fam-mla] DeepSeek-V3's multi-token-prediction module is in the checkpoint only
+        # DeepSeek-V3's multi-token-prediction module is in the checkpoint only
         notes = notes + [f"{arch.name}: its {arch.unbuilt_mtp_layers} multi-token-prediction layer(s) "
                          "(num_nextn_predict_layers) are not loaded by transformers (DeepseekV3PreTrainedModel "
                          "drops model.layers.61.* on load): not counted"]

@@ -90,7 +90,7 @@ def cache_append_bytes(job: Job, arch: ModelArch, stack: Stack | None = None) ->
         return max(rolled, default=0)
     if arch.layer_windows:
         return max(windowed_decode_cache_bytes(job, arch, stack) - kv_cache_bytes(job, arch), 0)
-    if arch.kv_cache_key_width is not None:  # [fam-mla] keys and values of different widths
+    if arch.kv_cache_key_width is not None:  # keys and values of different widths
         return max(layer_cache_bytes(job, arch, i) for i in range(arch.layers)) * arch.kv_cache_key_width // arch.cache_width
     return max(layer_cache_bytes(job, arch, i) for i in range(arch.layers)) // 2
 
@@ -107,7 +107,7 @@ def cache_append_formula(job: Job) -> str:
     return "DynamicCache torch.cat: one layer's old and new keys alive at once"
 
 
-# [kv cache] transformers cache_utils.py QuantizedLayer defaults (QuantizedCache passes none by default)
+# transformers cache_utils.py QuantizedLayer defaults (QuantizedCache passes none by default)
 KV_QUANT_GROUP = 64  # q_group_size: one scale and one zero point per 64 values
 KV_RESIDUAL = 128  # residual_length: positions kept in the compute dtype until they are flushed
 KV_BITS = {"int4": 4, "int8": 8}
@@ -274,7 +274,7 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
             attention += t * (arch.q_width + arch.kv_width + rotated) * ab
     else:
         attention = t * (3 * h * ab + 4 * h + ab * (2 * arch.q_width + 2 * arch.kv_width))
-    if arch.mla is not None:  # [fam-mla]
+    if arch.mla is not None:
         # eager: transformers' explicit additive mask as well
         attention = mla_prefill_attention(job, arch, kernel, stack) + (mask if kernel is Kernel.eager else 0)
     elif kernel is Kernel.math_fp32:
@@ -335,7 +335,7 @@ def head_bytes(job: Job, arch: ModelArch) -> int:
     return job.micro_batch * job.seq_len * arch.hidden * float_bytes(job.compute_dtype) + logits_bytes(job, arch)
 
 
-# --- [fam-mla] multi-head latent attention (models/deepseek_v2/modeling_deepseek_v2.py) ---------
+# --- multi-head latent attention (models/deepseek_v2/modeling_deepseek_v2.py) ---------
 
 
 def _mla_expanded(job: Job, arch: ModelArch, kernel: Kernel, queries: int, positions: int) -> int:

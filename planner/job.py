@@ -130,7 +130,7 @@ class Job(BaseModel):
     # [zero] DeepSpeed's zero_optimization knobs for --sharding zero1/zero2/zero3 (planner/zero.py); None:
     # what accelerate's DeepSpeed plugin writes (stage and offload devices only: DeepSpeed's defaults)
     deepspeed: ZeroConfig | None = None
-    # [kv cache] generate()'s cache (inference only; planner/inference.py): None = the compute dtype; int4/int8 =
+    # generate()'s cache (inference only; planner/inference.py): None = the compute dtype; int4/int8 =
     # transformers' QuantizedCache (cache_utils.py QuantizedLayer: quanto or HQQ, groups of 64, the last <128
     # positions kept in the compute dtype); fp8 = QuantizedCache(backend="fp8") (Fp8QuantizedLayer, per-tensor scale)
     kv_cache_dtype: Literal["int4", "int8", "fp8"] | None = None
@@ -219,7 +219,7 @@ class Job(BaseModel):
             )
         if self.adapter_dtype is not None and not self.adapter_dtype.is_float:
             raise MemplanInputError(f"adapter dtype {self.adapter_dtype.value!r} is not allowed: use fp32, fp16 or bf16")
-        if self.kv_cache_dtype is not None and self.cache_implementation == "static":  # [kv cache]
+        if self.kv_cache_dtype is not None and self.cache_implementation == "static":
             raise MemplanInputError(
                 f"--kv-cache-dtype {self.kv_cache_dtype} is transformers' QuantizedCache, a dynamic cache: drop "
                 "--cache-implementation static, or the quantized cache")

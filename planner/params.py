@@ -23,7 +23,7 @@ class ParamCounts(BaseModel):
     # Largest single block, for FSDP units and checkpointed recomputation.
     total: int
     embedding_norm: int = 0  # a LayerNorm over the embeddings (Bloom's word_embeddings_layernorm), in the root
-    # [fam-mla] every decoder layer's parameters when the layers differ (DeepSeek's first dense
+    # every decoder layer's parameters when the layers differ (DeepSeek's first dense
     # layers are smaller than `per_layer`, the routed ones'); None: per_layer x layers
     all_blocks: int | None = None
 
@@ -52,7 +52,7 @@ def count_params(arch: ModelArch, stack: Stack | None = None) -> ParamCounts:
     embedding_norm = arch.norm_params if arch.embedding_norm else 0  # Bloom's word_embeddings_layernorm
     total = embedding + embedding_norm + per_layer * arch.layers + arch.norm_params + lm_head
     if arch.mla is not None or arch.dense_layers:
-        # [fam-mla] MLA's latent norms in every layer; DeepSeek's first dense layers hold their dense
+        # MLA's latent norms in every layer; DeepSeek's first dense layers hold their dense
         # MLP in place of the routed one: per_layer stays the routed (largest) layer's
         per_layer += arch.mla.norm_params if arch.mla else 0
         total += arch.layers * (arch.mla.norm_params if arch.mla else 0)
@@ -116,7 +116,7 @@ def buffer_bytes(arch: ModelArch) -> int:
         return 0
     rotary = 2 * (arch.rotary_dim // 2) * 4 * arch.rope_kinds  # Gemma 3: a pair per layer type
     if arch.deepseek_router == "sigmoid_grouped":
-        # [fam-mla] DeepseekV3TopkRouter.e_score_correction_bias: one fp32 value per expert per MoE
+        # DeepseekV3TopkRouter.e_score_correction_bias: one fp32 value per expert per MoE
         # layer (kept fp32: DeepseekV3PreTrainedModel._keep_in_fp32_modules_strict)
         return rotary + arch.moe_layers * arch.experts * 4
     return rotary

@@ -106,7 +106,7 @@ def known_gap(job: Job, family: str) -> str | None:
         return "eager prefill in fp32: the fp32 softmax is its own dtype, no upcast copy (+20%)"
     if job.uses_lora and family in ("deepseek_v2", "deepseek_v3") and (
             job.lora_targets == "all-linear" or "shared_experts" in str(job.lora_targets)):
-        # [fam-mla] peft utils/transformers_weight_conversion.py `_convert_peft_config_moe`
+        # peft utils/transformers_weight_conversion.py `_convert_peft_config_moe`
         return ("LoRA on DeepSeek's shared experts (or all-linear): peft also adapts the fused routed experts "
                 "(ParamWrapper), which is not modelled (-4 to -20%; with lora_dropout peft refuses)")
     return None
