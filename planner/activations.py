@@ -266,6 +266,15 @@ def materialised_bytes(ctx: Ctx) -> int:
     return 4 if ctx.attention is Kernel.math_fp32 else ctx.act_bytes
 
 
+def score_bytes(arch: ModelArch, ctx: Ctx) -> int:
+    """One materialised attention-score tensor (batch x heads x seq x seq), 0 under a fused kernel;
+    eager softmax and the math kernel hold it in fp32."""
+    if ctx.attention is Kernel.fused:
+        return 0
+    score = 4 if ctx.attention in (Kernel.eager, Kernel.math_fp32) else ctx.act_bytes
+    return ctx.tokens * arch.heads * ctx.seq * score
+
+
 def o_proj(ctx: Ctx, arch: ModelArch, name: str, consumed: str, saved: Saved) -> None:
     linear_input(ctx, (name,), arch.q_width, consumed, saved)
 

@@ -321,6 +321,13 @@ class CachingAllocator:
                 self.reserved -= seg.size
                 del self.segments[seg.id]
 
+    def reset_peak(self) -> None:
+        """torch.cuda.reset_peak_memory_stats(): the peaks start again from what is held now."""
+        self.peak_allocated = self.allocated
+        self.peak_reserved = self.reserved
+        self.peak_segments = len(self.segments)
+        self.inactive_at_peak = self._inactive_split()
+
     def mark(self, name: str) -> None:
         self.marks[name] = self.reserved
 
@@ -346,6 +353,7 @@ class CachingAllocator:
 #   ("free", key)                  it is freed (its last reference dropped)
 #   ("mark", name)                 a point to read reserved at (a phase's end)
 #   ("empty_cache",)               torch.cuda.empty_cache()
+#   ("reset_peak",)                torch.cuda.reset_peak_memory_stats()
 Event = tuple
 
 
@@ -364,6 +372,8 @@ def replay(events: Iterable[Event], settings: AllocatorSettings | None = None) -
             a.mark(ev[1])
         elif kind == "empty_cache":
             a.release_cached()
+        elif kind == "reset_peak":
+            a.reset_peak()
         else:
             raise ValueError(f"unknown allocator event {ev!r}")
     return a.stats()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from . import activations as act
 from . import inference as inf
-from . import liger, offload, overhead, prequantized
+from . import alloc_sequence, liger, offload, overhead, prequantized
+from .allocator import AllocatorSettings, replay
 from .attention import Kernel
 from .phases import Moment, PhaseName
 from .architecture import ModelArch
@@ -240,6 +241,8 @@ class _Walk:
     def __init__(self) -> None:
         self._rows: dict[str, dict] = {}
         self.phases: list[Phase] = []
+        # the step's allocation order, for the caching-allocator model (planner/alloc_sequence.py)
+        self.alloc_plan = None
 
     def row(self, name: str, formula: str, pool: str = "torch") -> None:
         self._rows[name] = {"formula": formula, "pool": pool, "phase_bytes": {}, "fixed": None}
@@ -676,6 +679,14 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         notes.append(f"activation offloading: {human(offloaded)} of saved activations in pinned host RAM per GPU "
                      "(autocast weight casts and the recomputed layer stay on the GPU as counted)")
     unified = st.gpu_paged_states
+    if plan.params_div == 1 and plan.grads_div == 1 and plan.states_div == 1 and not job.activation_offloading:
+        walk.alloc_plan = alloc_sequence.plan_training(
+            job, arch, stack, targets, saved0=list(stack.layer_saved(arch, ctx0).values()),
+            saved=list(layer_tensors.values()), checkpointed=ckpt, checkpoint_input=act.checkpoint_saved(arch, ctx),
+            forward_transient=fwd_layer, backward_transient=trans, scores=act.score_bytes(arch, ctx), dequant=dequant,
+            shared=shared, loss=loss,
+            tokens=t, hidden_grad=t * arch.hidden * ctx.stream_bytes,
+            workspaces=[ws // overhead.cublas_handles(job.task)] * overhead.cublas_handles(job.task) if ws else [])
     return walk, params, n_train, notes, unified, st.host + offloaded
 
 
@@ -758,6 +769,10 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     phases = walk.phases
     peak = max(phases, key=lambda p: p.allocated_bytes)
     slack = overhead.allocator_slack(peak.allocated_bytes)
+    if walk.alloc_plan is not None:
+        stats = replay(alloc_sequence.training_events(walk.alloc_plan), AllocatorSettings(
+            expandable_segments=job.expandable_segments))
+        slack = max(stats.peak_reserved_bytes - stats.peak_allocated_bytes, 0)
     reserved = peak.allocated_bytes + slack
     context = overhead.cuda_context(gpu)
     walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak", [peak.name], "reserved")

@@ -102,6 +102,9 @@ class Job(BaseModel):
     # TRL activation_offloading / torchtune enable_activation_offloading: saved activations in pinned
     # host memory (planner/offload.py)
     activation_offloading: bool = False
+    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows one range per
+    # pool and stream instead of a segment per cudaMalloc (planner/allocator.py)
+    expandable_segments: bool = False
     # HF Trainer's bf16=True / fp16=True: the forward runs under torch.autocast in the compute
     # dtype. None: on for mixed precision (fp32 weights, 16-bit compute), off otherwise.
     autocast: bool | None = None

@@ -74,6 +74,33 @@ def trainable_params(job: Job, arch: ModelArch, params: ParamCounts, targets: tu
     return lora_params(arch, targets, job.lora_rank, job.dora)
 
 
+# bitsandbytes optim/optimizer.py `Optimizer2State.init_state`: a tensor under `min_8bit_size`
+# (4096) elements keeps 32-bit states even under an 8-bit optimizer
+BNB_MIN_8BIT_SIZE = 4096
+
+
+def state_tensors(job: Job, numel: int) -> tuple[int, ...]:
+    """Bytes of each optimizer-state tensor one trainable tensor of `numel` elements gets in device
+    memory (the allocator model's view of `optimizer_state_bytes`): torch AdamW's exp_avg and
+    exp_avg_sq in the parameter dtype; bitsandbytes' 8-bit state1/state2 (uint8) and their fp32
+    absmax per 256 values; a paged optimizer's tensors of 1e5 elements and more live in unified
+    memory, outside torch's pool."""
+    pb = trainable_bytes_per_param(job)
+    opt = job.optimizer
+    if opt == "adamw":
+        return (numel * pb, numel * pb)
+    if opt == "sgd_momentum":
+        return (numel * pb,)
+    if opt == "sgd":
+        return ()
+    if is_paged(job) and numel >= BNB_PAGED_MIN_NUMEL:
+        return ()
+    if opt in ("adamw_8bit", "paged_adamw_8bit") and numel >= BNB_MIN_8BIT_SIZE:
+        blocks = -(-numel // BNB_OPTIM_BLOCK)
+        return (numel, numel, 4 * blocks, 4 * blocks)
+    return (numel * 4, numel * 4)
+
+
 def trainable_bytes_per_param(job: Job) -> int:
     """dtype of the trainable parameters, hence of their gradients and torch optimizer states."""
     if job.method == "full":

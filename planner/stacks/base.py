@@ -41,6 +41,12 @@ class LossTerms:
     backward: int
     held: int
     formula: str
+    # The same tensors one by one, in order, for the allocator model (planner/alloc_sequence.py):
+    # forward (name, bytes, life), life "free" (dies as the forward returns), "keep" (saved for the
+    # loss backward) or "step" (held by the loop to the step's end); backward ("alloc", name, bytes)
+    # and ("free", name) steps, a forward tensor freed by name. Empty: cut from the totals.
+    forward_tensors: tuple = ()
+    backward_ops: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,10 @@ class Stack:
     # gradient_checkpointing_enable()'s default: transformers 5.23 modeling_utils.py:3149
     # {"use_reentrant": False}
     default_reentrant: bool = False
+    # peft 0.21 prepare_model_for_kbit_training (utils/other.py:214, `auto_clear_cache=True`):
+    # torch.cuda.empty_cache() after the fp32 upcast, so the freed 16-bit segments go back to the
+    # driver (the allocator model's load sequence, planner/alloc_sequence.py)
+    kbit_prepare_empties_cache: bool = True
 
     def on_cpu(self) -> "Stack":
         """The same stack on the CPU trace's kernels."""
@@ -210,12 +220,23 @@ class Stack:
         v = arch.vocab
         upcast = 4 if logit_bytes != 4 else 0
         parts = f"{logit_bytes} B logits + an fp32 copy + fp32 log-softmax" if upcast else "fp32 logits + fp32 log-softmax"
+        tv = tokens * v
+        # nll_loss's backward makes the log-softmax's output gradient, log_softmax's backward the
+        # input gradient (both fp32); `.float()`'s backward casts that to the logits' dtype
+        fwd = (("logits", tv * logit_bytes, "free"),) + ((("logits.float", tv * 4, "free"),) if upcast else ()) \
+            + (("log_softmax", tv * 4, "keep"),)
+        bwd = (("alloc", "grad log_softmax", tv * 4), ("alloc", "grad logits.float", tv * 4),
+               ("free", "grad log_softmax"), ("free", "log_softmax"))
+        if upcast:
+            bwd += (("alloc", "grad logits", tv * logit_bytes), ("free", "grad logits.float"))
         terms = LossTerms(
             forward=tokens * v * (logit_bytes + upcast + 4),
             backward=tokens * v * 12,
             held=0,
             formula=(f"{tokens:,} tokens x {v:,} vocab x {logit_bytes + upcast + 4} B in forward ({parts}), "
                      "x 12 B in loss backward (fp32 log-softmax + 2 fp32 gradients)"),
+            forward_tensors=fwd,
+            backward_ops=bwd,
         )
         return softcapped_loss(terms, arch, tokens, logit_bytes)
 
@@ -227,5 +248,7 @@ def softcapped_loss(terms: LossTerms, arch: "ModelArch", tokens: int, logit_byte
     if arch.final_softcap is None:
         return terms
     extra = tokens * arch.vocab * logit_bytes
+    tensors = terms.forward_tensors + (("tanh", extra, "keep"),) if terms.forward_tensors else ()
     return dataclasses.replace(terms, forward=terms.forward + extra, backward=terms.backward + extra,
+                               forward_tensors=tensors,
                                formula=terms.formula + f"; + {logit_bytes} B tanh output of the final-logit soft-capping")

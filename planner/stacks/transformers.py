@@ -33,6 +33,8 @@ class Transformers4(Stack):
     # checkpoint function (models/gpt_bigcode/modeling_gpt_bigcode.py:274, 419), so
     # gradient_checkpointing_enable() changes nothing (its 4.57 trace equals the unchecked one)
     never_checkpointed: tuple[str, ...] = ("GPTBigCodeBlock",)
+    # peft 0.17.1 utils/other.py:156 upcasts with no empty_cache after it (auto_clear_cache came later)
+    kbit_prepare_empties_cache: bool = False
 
     def checkpoints(self, arch) -> bool:
         return arch.decoder_layer not in self.never_checkpointed

@@ -1,0 +1,380 @@
+"""The allocation sequence of a job, derived from the estimate's own walk, for the allocator model.
+
+The walk (planner/estimate.py) knows what is live at each moment; the caching allocator
+(planner/allocator.py) needs the order in which tensors are allocated and freed, tensor by tensor,
+because what it reserves depends on which freed block a later request lands in. This module turns
+the walk's quantities into that order, one decoder layer's pattern repeated:
+
+- load: every parameter in module order (a 4/8-bit linear as transformers' bitsandbytes loading
+  makes it: the 16-bit weight on the device, its quantized storage beside it, the 16-bit copy
+  freed); peft's kbit upcast (an fp32 copy of each 16-bit parameter, the original freed); adapters.
+- each step (the GPU harness runs three: one warm-up and two measured, validate/worker.py):
+  forward layer by layer (each layer's saved tensors; a checkpointed layer's internals allocated
+  and freed, its input kept), the head and loss; the loss's backward; each layer's backward in
+  reverse (recomputation, gradients of the activations shaped like the tensors they belong to,
+  the parameters' gradients, the saved tensors freed); the optimizer step (states created in the
+  first step, in parameter order, then the update's temporaries), zero_grad(set_to_none=True).
+
+Pure: numbers in, events out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .allocator import Event
+
+STEPS = 3  # warm-up + two measured steps, as validate/worker.py runs them
+
+
+@dataclass
+class LoadPlan:
+    """Parameter storage in load order: per decoder layer (dense, stored, upcast) for each tensor
+    (dense > stored: a quantized weight, its 16-bit form freed once quantized; upcast > 0: the
+    bytes of its fp32 copy under peft's kbit upcast), then the root tensors, then the adapters."""
+
+    layer: list[tuple[int, int, int]]
+    root: list[tuple[int, int, int]]
+    layers: int
+    empty_cache_after_upcast: bool = False  # Stack.kbit_prepare_empties_cache
+    adapters_per_layer: list[int] = field(default_factory=list)
+    adapters_root: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TrainingPlan:
+    load: LoadPlan
+    layers: int
+    first_saved: list[int]  # the first layer's saved tensors (it may save less: no input gradient)
+    saved: list[int]  # one layer's saved tensors, in the order its forward makes them
+    checkpointed: bool
+    checkpoint_input: int  # a checkpointed layer's kept input
+    forward_transient: int  # what one layer's forward holds briefly (attention scores)
+    backward_transient: int  # one layer's backward: gradients of its activations
+    scores: int  # one materialised attention-score tensor (0: a fused kernel)
+    dequant: int  # one 4/8-bit weight dequantized per linear call (0: none)
+    dequant_calls: int  # linears per layer that dequantize
+    shared: int  # rotary tables, masks, the final norm's saved tensors
+    # LossTerms.forward_tensors / backward_ops (planner/stacks/base.py)
+    loss_forward: tuple
+    loss_backward: tuple
+    head_input_grad: int  # gradient into the final hidden states
+    layer_grads: list[int]  # gradients of one layer's trainable tensors
+    root_grads: list[int]  # embedding / head / final norm gradients
+    # optimizer states of each trainable tensor of one layer, and of the root, in parameter order
+    layer_states: list[tuple[int, ...]]
+    root_states: list[tuple[int, ...]]
+    # the update's temporaries per trainable tensor (foreach: all at once; else one tensor at a time)
+    layer_temps: list[int]
+    root_temps: list[int]
+    temporaries_together: bool = True
+    # cuBLAS workspaces, allocated through torch's pool by the first matmul of each thread: the
+    # forward's, then the autograd engine's in the first backward (planner/overhead.py)
+    workspaces: list[int] = field(default_factory=list)
+
+
+def _load_events(p: LoadPlan, ev: list[Event], keys: "_Keys") -> None:
+    upcasts: list[tuple[int, int]] = []
+
+    def put(dense: int, stored: int, upcast: int) -> None:
+        k = keys.new()
+        if dense > stored:
+            t = keys.new()
+            ev.append(("alloc", t, dense))
+            ev.append(("alloc", k, stored))
+            ev.append(("free", t))
+        else:
+            ev.append(("alloc", k, stored))
+        if upcast:
+            upcasts.append((k, upcast))
+
+    for _ in range(p.layers):
+        for dense, stored, upcast in p.layer:
+            put(dense, stored, upcast)
+    for dense, stored, upcast in p.root:
+        put(dense, stored, upcast)
+    for old, new in upcasts:
+        # peft prepare_model_for_kbit_training: `param.data = param.data.to(torch.float32)`, one
+        # parameter at a time, the 16-bit storage freed as the fp32 copy replaces it
+        ev.append(("alloc", keys.new(), new))
+        ev.append(("free", old))
+    if upcasts and p.empty_cache_after_upcast:
+        ev.append(("empty_cache",))
+    for _ in range(p.layers):
+        for n in p.adapters_per_layer:
+            ev.append(("alloc", keys.new(), n))
+    for n in p.adapters_root:
+        ev.append(("alloc", keys.new(), n))
+
+
+class _Keys:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def new(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def split_like(total: int, shapes: list[int]) -> list[int]:
+    """`total` bytes of gradients cut into tensors the size of `shapes` (the activations they are
+    gradients of, largest first), the rest as one tensor."""
+    out = []
+    left = total
+    for s in sorted(shapes, reverse=True):
+        if s and s <= left:
+            out.append(s)
+            left -= s
+    if left > 0:
+        out.append(left)
+    return out
+
+
+def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
+    keys = _Keys()
+    ev: list[Event] = []
+    _load_events(p.load, ev, keys)
+    ev.append(("mark", "loaded"))
+    # what the job holds from here on is what must fit: a peak while loading that an empty_cache
+    # ended (peft's upcast) is given back to the driver by the free-and-retry path when memory is short
+    ev.append(("reset_peak",))
+    states: list[int] = []
+    # transients are tensors shaped like the layer's own: its saved activations, its scores
+    shapes = p.saved + ([p.scores] if p.scores else [])
+    bwd_pieces = split_like(p.backward_transient, shapes)
+    fwd_pieces = split_like(p.forward_transient, shapes) if p.forward_transient else []
+    for step in range(1, steps + 1):
+        # --- forward
+        if step == 1 and p.workspaces:
+            ev.append(("alloc", keys.new(), p.workspaces[0]))
+        shared = keys.new()
+        ev.append(("alloc", shared, p.shared))
+        layer_keys: list[list[int]] = []
+        for i in range(p.layers):
+            saved = p.first_saved if i == 0 else p.saved
+            if p.dequant:
+                d = keys.new()
+                ev.append(("alloc", d, p.dequant))
+                ev.append(("free", d))
+            if p.checkpointed:
+                k = keys.new()
+                ev.append(("alloc", k, p.checkpoint_input))
+                inner = [keys.new() for _ in saved]
+                ev += [("alloc", x, n) for x, n in zip(inner, saved)]
+                ev += [("free", x) for x in inner]
+                layer_keys.append([k])
+            else:
+                ks = [keys.new() for _ in saved]
+                ev += [("alloc", x, n) for x, n in zip(ks, saved)]
+                layer_keys.append(ks)
+            ts = [keys.new() for _ in fwd_pieces]
+            ev += [("alloc", x, n) for x, n in zip(ts, fwd_pieces)]
+            ev += [("free", x) for x in ts]
+        named: dict[str, int] = {}
+        step_end, fwd_end = [], []
+        for name, n, life in p.loss_forward:
+            k = named[name] = keys.new()
+            ev.append(("alloc", k, n))
+            if life == "free":
+                fwd_end.append(name)
+            elif life == "step":
+                step_end.append(named.pop(name))
+        for name in fwd_end:  # the model's outputs dropped as the forward returns, the loss kept
+            ev.append(("free", named.pop(name)))
+        ev.append(("mark", f"step {step} forward"))
+        # --- loss backward
+        if step == 1:
+            ev += [("alloc", keys.new(), n) for n in p.workspaces[1:]]
+        for op in p.loss_backward:
+            if op[0] == "alloc":
+                k = named[op[1]] = keys.new()
+                ev.append(("alloc", k, op[2]))
+            else:
+                ev.append(("free", named.pop(op[1])))
+        hg = keys.new()
+        ev.append(("alloc", hg, p.head_input_grad))
+        ev += [("free", k) for k in named.values()]
+        grads: list[int] = []
+        for n in p.root_grads[:1]:  # the head's (or tied embedding's) gradient, from the loss backward
+            g = keys.new()
+            ev.append(("alloc", g, n))
+            grads.append(g)
+        # --- layers' backward, last first
+        for i in reversed(range(p.layers)):
+            saved = p.first_saved if i == 0 else p.saved
+            recomputed = []
+            if p.checkpointed:
+                recomputed = [keys.new() for _ in saved]
+                ev += [("alloc", x, n) for x, n in zip(recomputed, saved)]
+            if p.dequant:
+                d = keys.new()
+                ev.append(("alloc", d, p.dequant))
+                ev.append(("free", d))
+            pieces = [keys.new() for _ in bwd_pieces]
+            ev += [("alloc", x, n) for x, n in zip(pieces, bwd_pieces)]
+            for n in p.layer_grads:
+                g = keys.new()
+                ev.append(("alloc", g, n))
+                grads.append(g)
+            out = keys.new()  # the gradient into the layer below
+            ev.append(("alloc", out, p.head_input_grad))
+            ev += [("free", x) for x in recomputed + layer_keys[i]]
+            ev.append(("free", hg))
+            ev += [("free", x) for x in pieces]
+            hg = out
+        ev.append(("free", hg))
+        for n in p.root_grads[1:]:
+            g = keys.new()
+            ev.append(("alloc", g, n))
+            grads.append(g)
+        ev.append(("free", shared))
+        ev.append(("mark", f"step {step} backward"))
+        # --- optimizer step
+        if not states:
+            for per in [x for _ in range(p.layers) for x in p.layer_states] + p.root_states:
+                for n in per:
+                    k = keys.new()
+                    ev.append(("alloc", k, n))
+                    states.append(k)
+        temporaries = [n for _ in range(p.layers) for n in p.layer_temps] + p.root_temps
+        if p.temporaries_together:
+            ts = [keys.new() for _ in temporaries]
+            ev += [("alloc", x, n) for x, n in zip(ts, temporaries)]
+            ev += [("free", x) for x in ts]
+        else:
+            for n in temporaries:
+                a, b = keys.new(), keys.new()
+                ev += [("alloc", a, n), ("alloc", b, n), ("free", a), ("free", b)]
+        ev += [("free", g) for g in grads]
+        ev += [("free", x) for x in step_end]
+        ev.append(("mark", f"step {step} optimizer step"))
+    return ev
+
+
+# --- the plan, from the job and the walk's quantities ------------------------------------------
+
+def _unquantized_bytes(job) -> int:
+    from .dtypes import float_bytes
+
+    w = job.base_weight_dtype
+    return float_bytes(w) if w.is_float else float_bytes(job.compute_dtype)
+
+
+def parameter_tensors(job, arch, stack) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(dense, stored, upcast) of every parameter tensor of one decoder layer, and of the root
+    (embedding, final norm, untied head), as loading leaves them (see LoadPlan)."""
+    from .dtypes import float_bytes, linear_weight_bytes
+
+    eb = _unquantized_bytes(job)
+    up = 4 if job.kbit_upcast and eb != 4 else 0
+
+    def plain(numel: int) -> tuple[int, int, int]:
+        return (0, numel * eb, numel * up)
+
+    layer = []
+    for lin in arch.projections:
+        if job.quantized and stack.bnb_converts(lin):
+            dense = lin.copies * lin.d_in * lin.d_out * float_bytes(job.compute_dtype)
+            stored = lin.copies * linear_weight_bytes(lin.d_out, lin.d_in, job.base_weight_dtype, job.double_quant)
+            layer.append((dense, stored, 0))
+        else:
+            layer.append(plain(lin.copies * lin.d_in * lin.d_out))
+        if lin.bias:
+            layer.append(plain(lin.copies * lin.d_out))
+    layer += [plain(arch.norm_params)] * arch.norms_per_layer
+    root = [plain(arch.vocab * arch.hidden)]
+    if arch.learned_positions:
+        root.append(plain(arch.max_positions * arch.hidden))
+    root.append(plain(arch.norm_params))
+    if not arch.tied_embeddings:
+        root.append(plain(arch.vocab * arch.hidden))
+    return layer, root
+
+
+def trainable_tensors(job, arch, targets) -> tuple[list[int], list[int]]:
+    """Elements of each trainable tensor of one decoder layer and of the root, in parameter order:
+    every parameter for full fine-tuning; lora_A (r x d_in) and lora_B (d_out x r) of each target
+    (peft LoraLayer), with DoRA's magnitude (d_out)."""
+    from .params import HEAD_MODULE, embedding_module
+
+    if job.method == "full":
+        layer = []
+        for lin in arch.projections:
+            layer.append(lin.copies * lin.d_in * lin.d_out)
+            if lin.bias:
+                layer.append(lin.copies * lin.d_out)
+        layer += [arch.norm_params] * arch.norms_per_layer
+        root = [arch.vocab * arch.hidden, arch.norm_params] + ([] if arch.tied_embeddings else [arch.vocab * arch.hidden])
+        return layer, root
+    r = job.lora_rank
+    layer = []
+    for lin in arch.linears:
+        if lin.name in targets:
+            layer += [r * lin.d_in, r * lin.d_out] + ([lin.d_out] if job.dora else [])
+    root = []
+    if embedding_module(arch) in targets:
+        root += [r * arch.vocab, r * arch.hidden]
+    if HEAD_MODULE in targets:
+        root += [r * arch.hidden, r * arch.vocab]
+    return layer, root
+
+
+def loss_sequence(terms, tokens: int, vocab: int) -> tuple[tuple, tuple]:
+    """The loss's tensors one by one: the stack's own (LossTerms.forward_tensors), else its totals
+    cut into fp32 vocab-wide tensors, the last of the forward's saved for the backward."""
+    if terms.forward_tensors:
+        return terms.forward_tensors, terms.backward_ops
+    piece = tokens * vocab * 4
+    fwd = split_like(max(terms.forward - terms.held, 0), [piece])
+    fwd_t = tuple((f"f{i}", n, "keep" if i == len(fwd) - 1 else "free") for i, n in enumerate(fwd))
+    if terms.held:
+        fwd_t += (("held", terms.held, "step"),)
+    bwd = split_like(max(terms.backward - (fwd[-1] if fwd else 0), 0), [piece])
+    ops = tuple(("alloc", f"b{i}", n) for i, n in enumerate(bwd))
+    return fwd_t, ops
+
+
+def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[int], checkpointed: bool,
+                  checkpoint_input: int, forward_transient: int, backward_transient: int, scores: int, dequant: int,
+                  shared: int, loss, tokens: int, hidden_grad: int, workspaces: list[int]) -> TrainingPlan:
+    from .training import state_tensors, trainable_bytes_per_param
+
+    layer_w, root_w = parameter_tensors(job, arch, stack)
+    layer_t, root_t = trainable_tensors(job, arch, targets)
+    pb = trainable_bytes_per_param(job)
+    adapters = job.uses_lora
+    adamw = job.optimizer == "adamw"  # torch AdamW's sqrt(exp_avg_sq) per tensor; SGD and bnb update in place
+    fwd, bwd = loss_sequence(loss, tokens, arch.vocab)
+    # the gradient the loss backward makes first goes first: full fine-tuning's head (tied: the
+    # embedding, which the head is), then the final norm's and an untied embedding's
+    root_grads = [n * pb for n in root_t]
+    if job.method == "full" and not arch.tied_embeddings:
+        root_grads = root_grads[-1:] + root_grads[:-1]
+    return TrainingPlan(
+        load=LoadPlan(layer=layer_w, root=root_w, layers=arch.layers,
+                      empty_cache_after_upcast=stack.kbit_prepare_empties_cache,
+                      adapters_per_layer=[n * pb for n in layer_t] if adapters else [],
+                      adapters_root=[n * pb for n in root_t] if adapters else []),
+        layers=arch.layers,
+        first_saved=saved0,
+        saved=saved,
+        checkpointed=checkpointed,
+        checkpoint_input=checkpoint_input,
+        forward_transient=forward_transient,
+        backward_transient=backward_transient,
+        scores=scores,
+        dequant=dequant,
+        dequant_calls=1,
+        shared=shared,
+        loss_forward=fwd,
+        loss_backward=bwd,
+        head_input_grad=hidden_grad,
+        layer_grads=[n * pb for n in layer_t],
+        root_grads=root_grads,
+        layer_states=[state_tensors(job, n) for n in layer_t],
+        root_states=[state_tensors(job, n) for n in root_t],
+        layer_temps=[n * pb for n in layer_t] if adamw else [],
+        root_temps=[n * pb for n in root_t] if adamw else [],
+        temporaries_together=job.foreach,
+        workspaces=workspaces,
+    )
