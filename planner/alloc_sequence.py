@@ -378,3 +378,98 @@ def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[i
         temporaries_together=job.foreach,
         workspaces=workspaces,
     )
+
+
+# --- inference (generate()) ---------------------------------------------------------------------
+
+# decode steps the replay walks at most: a longer generation is walked in strides of several
+# positions per replayed step (the cache grows by the stride's positions each time), so the
+# replay stays a few thousand events while every 2 MiB segment boundary the cache crosses is crossed
+DECODE_STEPS_REPLAYED = 64
+
+
+@dataclass
+class InferencePlan:
+    load: LoadPlan
+    layers: int
+    prompt_cache: list[int]  # each layer's K + V after the prefill
+    final_cache: list[int]  # each layer's K + V after the last new token
+    grows: bool  # DynamicCache: every decode step concatenates (torch.cat), a new tensor per step
+    prefill_pieces: list[int]  # one layer's no-grad intermediates while its prefill runs
+    head: list[int]  # the prefill's head: final norm output, logits (and their fp32 copy)
+    decode_pieces: list[int]  # one layer's intermediates in one decode step
+    logits: int  # one decode step's logits and their fp32 copy
+    new_tokens: int
+    workspaces: list[int] = field(default_factory=list)
+
+
+def inference_events(p: InferencePlan, steps: int = DECODE_STEPS_REPLAYED) -> list[Event]:
+    keys = _Keys()
+    ev: list[Event] = []
+    _load_events(p.load, ev, keys)
+    ev.append(("mark", "loaded"))
+    ev.append(("reset_peak",))
+    ev += [("alloc", keys.new(), n) for n in p.workspaces]
+    cache: list[tuple[int, int]] = []
+    for i in range(p.layers):
+        ts = [keys.new() for _ in p.prefill_pieces]
+        ev += [("alloc", x, n) for x, n in zip(ts, p.prefill_pieces)]
+        k, v = keys.new(), keys.new()  # the projections' outputs become the cache (DynamicLayer.update)
+        half = p.prompt_cache[i] // 2
+        ev += [("alloc", k, half), ("alloc", v, p.prompt_cache[i] - half)]
+        ev += [("free", x) for x in ts]
+        cache.append((k, v))
+    hs = [keys.new() for _ in p.head]
+    ev += [("alloc", x, n) for x, n in zip(hs, p.head)]
+    ev += [("free", x) for x in hs]
+    ev.append(("mark", "prefill"))
+    if not p.new_tokens:
+        return ev
+    replayed = min(p.new_tokens, steps)
+    for j in range(1, replayed + 1):
+        for i in range(p.layers):
+            ts = [keys.new() for _ in p.decode_pieces]
+            ev += [("alloc", x, n) for x, n in zip(ts, p.decode_pieces)]
+            if p.grows:
+                size = p.prompt_cache[i] + (p.final_cache[i] - p.prompt_cache[i]) * j // replayed
+                half = size // 2
+                k, v = keys.new(), keys.new()
+                # torch.cat([past, new]) makes the longer tensor while the shorter is alive
+                ev += [("alloc", k, half), ("free", cache[i][0]), ("alloc", v, size - half), ("free", cache[i][1])]
+                cache[i] = (k, v)
+            ev += [("free", x) for x in ts]
+        lg = keys.new()
+        ev += [("alloc", lg, p.logits), ("free", lg)]
+    ev.append(("mark", "decode"))
+    return ev
+
+
+def plan_inference(job, arch, stack, *, prompt_cache: list[int], final_cache: list[int], prefill: int,
+                   head: int, logits: int, workspaces: list[int]) -> InferencePlan:
+    from .dtypes import float_bytes
+
+    layer_w, root_w = parameter_tensors(job, arch, stack)
+    ab = float_bytes(job.compute_dtype)
+    t = job.micro_batch * job.seq_len
+    shapes = [t * arch.hidden * ab, t * arch.intermediate * ab]
+    stream = job.micro_batch * arch.hidden * ab
+    return InferencePlan(
+        load=LoadPlan(layer=layer_w, root=root_w, layers=arch.layers),
+        layers=arch.layers,
+        prompt_cache=prompt_cache,
+        final_cache=final_cache,
+        # a static cache is allocated whole at its first update; a quantized one keeps a short
+        # residual and requantizes it in place of growing
+        grows=job.cache_implementation != "static" and job.kv_cache_dtype is None,
+        prefill_pieces=split_like(prefill, shapes),
+        head=split_like(head, [t * arch.hidden * ab]),
+        decode_pieces=[stream, job.micro_batch * arch.intermediate * ab],
+        logits=logits,
+        new_tokens=job.new_tokens,
+        workspaces=workspaces,
+    )
+
+
+def events(plan) -> list[Event]:
+    """The allocation sequence of a training or an inference plan."""
+    return training_events(plan) if isinstance(plan, TrainingPlan) else inference_events(plan)

@@ -762,6 +762,10 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
         notes.append(inf.mla_cache_note(job, arch))
     if job.new_tokens:
         walk.phase(DECODE, *decode_moments)
+    walk.alloc_plan = alloc_sequence.plan_inference(
+        job, arch, stack, prompt_cache=[inf.layer_cache_bytes(job, arch, i, generated=False) for i in range(arch.layers)],
+        final_cache=[inf.layer_cache_bytes(job, arch, i) for i in range(arch.layers)], prefill=pre, head=head,
+        logits=logits, workspaces=[ws] if ws else [])
     return walk, params, 0, notes, 0, 0
 
 
@@ -770,7 +774,7 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
     peak = max(phases, key=lambda p: p.allocated_bytes)
     slack = overhead.allocator_slack(peak.allocated_bytes)
     if walk.alloc_plan is not None:
-        stats = replay(alloc_sequence.training_events(walk.alloc_plan), AllocatorSettings(
+        stats = replay(alloc_sequence.events(walk.alloc_plan), AllocatorSettings(
             expandable_segments=job.expandable_segments))
         slack = max(stats.peak_reserved_bytes - stats.peak_allocated_bytes, 0)
     reserved = peak.allocated_bytes + slack
