@@ -24,6 +24,13 @@ from .job import Job
 MiB = 1024**2
 
 
+# Every name a Term can take, for the estimate's row categories (estimate.ROW_CATEGORY)
+TERM_NAMES = ("CUDA context at init", "kernels and libraries the step loads", "cuDNN attention (library and kernels)",
+              "CUDA context (driver, whole)", "HIP runtime context (driver, whole)",
+              *(f"{lib} buffers ({group} communicator)" for lib in ("NCCL", "RCCL")
+                for group in ("world", "shard", "replicate")))
+
+
 class Term(BaseModel):
     """One block of device memory outside torch's allocator."""
 
@@ -190,9 +197,9 @@ def nccl_buffers(job: Job, gpu: GpuProfile | None) -> list[Term]:
         peers = nccl_connection_peers(nodes)
         algos = "ring" + (" + tree" if peers > RING_PEERS else "")
         terms.append(Term(
-            name=f"{lib} buffers ({name} communicator, {ranks} ranks)", bytes=NCCL_CHANNELS * peers * NCCL_CONNECTION,
+            name=f"{lib} buffers ({name} communicator)", bytes=NCCL_CHANNELS * peers * NCCL_CONNECTION,
             measured=False,
-            source=f"documented, not measured: {NCCL_CHANNELS} channels x {peers} connection(s) ({algos}, "
+            source=f"documented, not measured: {ranks} ranks; {NCCL_CHANNELS} channels x {peers} connection(s) ({algos}, "
                    f"{nodes} node(s)) x {NCCL_CONNECTION / MiB:.2f} MiB (NCCL_BUFFSIZE 4 MiB + LL128 "
                    f"{NCCL_LL128_BUFFER / MiB:.2f} MiB + LL {NCCL_LL_BUFFER / MiB:.2f} MiB)"))
     return terms

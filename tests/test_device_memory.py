@@ -171,3 +171,14 @@ def test_inference_is_not_measured():
     terms = outside_torch(job, load_model(job.model), load_gpu("H100-80GB"))
     assert terms[0].measured  # the init context is the task's alike
     assert not any(t.measured for t in terms[1:])
+
+
+def test_every_term_name_is_a_known_one():
+    from memplan.device_memory import TERM_NAMES
+
+    jobs = [Job(model="llama-2-7b", method="lora"), Job(model="llama-2-7b", task="infer", new_tokens=8),
+            Job(model="llama-2-7b", method="full", num_gpus=16, sharding="fsdp_hybrid")]
+    gpus = [None, *gpu_profiles()]
+    seen = {t.name for job in jobs for gpu in gpus for t in outside_torch(job, load_model(job.model), gpu)}
+    assert seen <= set(TERM_NAMES)
+    assert len(seen) >= 8
