@@ -145,7 +145,8 @@ def uses_cudnn_attention(job: Job, arch: ModelArch, gpu: GpuProfile | None) -> b
     inputs (QLoRA's upcast stream without autocast) take the efficient or math kernel, and Falcon the
     math kernel always (planner/attention.py decides which)."""
     from .activations import make_ctx
-    from .attention import Kernel
+    from .attention import Kernel, attention_kernel
+    from .dtypes import float_bytes
     from .estimate import as_run  # imported here: estimate imports this module
     from .stacks import get
     from .training import resolve_targets
@@ -153,9 +154,12 @@ def uses_cudnn_attention(job: Job, arch: ModelArch, gpu: GpuProfile | None) -> b
     if gpu is None or gpu.architecture != "hopper" or job.attention != "sdpa":
         return False
     stack = get(job.stack)
+    if job.task != "train":
+        # generation's SDPA sees the compute dtype (planner/inference.py picks its kernel the same way)
+        sdpa_bytes = float_bytes(job.compute_dtype)
+        return attention_kernel(job, arch, stack, grad=False, sdpa_bytes=sdpa_bytes) is Kernel.fused and sdpa_bytes == 2
     run = as_run(job)
-    targets = resolve_targets(run, arch) if run.uses_lora else ()
-    ctx = make_ctx(run, arch, targets, stack, grad_in=job.task == "train")
+    ctx = make_ctx(run, arch, resolve_targets(run, arch) if run.uses_lora else (), stack, grad_in=True)
     return ctx.attention is Kernel.fused and ctx.sdpa_bytes == 2
 
 

@@ -182,3 +182,11 @@ def test_every_term_name_is_a_known_one():
     seen = {t.name for job in jobs for gpu in gpus for t in outside_torch(job, load_model(job.model), gpu)}
     assert seen <= set(TERM_NAMES)
     assert len(seen) >= 8
+
+
+def test_generation_picks_its_kernel_without_gradients():
+    # Falcon's SDPA runs the math kernel whatever the task (planner/attention.py); a bf16 Llama
+    # generates through the fused kernel, cuDNN's on Hopper
+    h100 = load_gpu("H100-80GB")
+    assert uses_cudnn_attention(Job(model="llama-2-7b", task="infer", new_tokens=8), load_model("llama-2-7b"), h100)
+    assert not uses_cudnn_attention(Job(model="falcon-7b", task="infer", new_tokens=8), load_model("falcon-7b"), h100)
