@@ -45,7 +45,8 @@ def _paged(row) -> int:
 
 def _id(row) -> str:
     j = row.job
-    return f"{row.environment['gpu'].split()[1]}-{j.model}-{j.method}-b{j.micro_batch}-s{j.seq_len}-{j.optimizer}-{j.lora_targets}-ac{j.autocast}-{j.attention}"
+    return (f"{row.environment['gpu'].split()[1]}-{j.model}-{j.method}-b{j.micro_batch}-s{j.seq_len}-{j.optimizer}"
+            f"-{j.lora_targets}-ac{j.autocast}-{j.attention}")
 
 
 UNPAGED = [row for row in ROWS if not _paged(row)]
