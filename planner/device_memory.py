@@ -174,9 +174,11 @@ def _cudnn_attention(job: Job, arch: ModelArch, gpu: GpuProfile | None) -> Term 
 
 def communicators(job: Job) -> dict[str, tuple[int, int]]:
     """NCCL communicators one rank opens: name -> (ranks, nodes they span). torch's ProcessGroupNCCL
-    opens one per process group at its first collective: DDP, ZeRO and FSDP run on the world group;
-    HSDP over several nodes runs on its mesh's two groups instead (shard: the GPUs of one node,
-    replicate: one rank per node), with the world group opened too by init_process_group's barrier."""
+    opens one per process group at its first collective: DDP, FSDP and ZeRO (DeepSpeed's data-parallel
+    group is the world when there is no model parallelism, as recalled) run on the world group; HSDP
+    over several nodes runs on its mesh's two groups (shard: the GPUs of one node, replicate: one
+    rank per node), and the world group is opened as well by the first barrier (accelerate's
+    wait_for_everyone)."""
     if job.num_gpus <= 1:
         return {}
     nodes = -(-job.num_gpus // job.gpus_per_node)
