@@ -129,11 +129,11 @@ def _context(job: Job, gpu: GpuProfile | None) -> list[Term]:
                     source=f"derived, not measured: the Hopper-measured runtime part ({RUNTIME_BASE / MiB:.1f} MiB) + "
                            f"1 KiB stack x {THREADS_PER_SM[gpu.compute_capability]:,} threads/SM x {gpu.sm_count} SMs "
                            f"({stack / MiB:.0f} MiB; cudaLimitStackSize default, CUDA programming guide)")
-    hopper = gpu.architecture == "hopper"
-    step_measured = hopper and job.task == "train"
+    train = job.task == "train"
+    step_measured = measured and train
     why = ("measured on the H100 and H200 training rows" if step_measured else
-           "taken from the Hopper training rows, not measured " +
-           ("for generation (it loads fewer kernels: an upper bound)" if hopper else f"on {gpu.architecture}"))
+           "taken from the H100 and H200 training rows, not measured " +
+           (f"on {gpu.name}" if train else "for generation (it loads no backward or optimizer kernels: an upper bound)"))
     step = Term(name="kernels and libraries the step loads", bytes=STEP_LOADED, measured=step_measured,
                 source=f"CUDA_MODULE_LOADING=LAZY kernels, cuBLAS/cuBLASLt handles, bitsandbytes: {why}")
     return [init, step]
