@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict
 DEFAULT_SAFETY_MARGIN = 0.05
 
 
+Architecture = Literal["volta", "turing", "ampere", "ada", "hopper", "blackwell", "cdna3", "unknown"]
+
+
 class GpuProfile(BaseModel):
     # built on first use: an estimate without --gpu never validates one
     model_config = ConfigDict(frozen=True, defer_build=True)
@@ -32,6 +35,15 @@ class GpuProfile(BaseModel):
     memory_bytes: int
     memory_source: str
     datasheet: str
+    # GPU generation, which decides the context's make-up (planner/device_memory.py): "unknown" only
+    # for a card named by its memory
+    architecture: Architecture = "unknown"
+    # CUDA compute capability ("9.0"; gfx target on AMD): resident threads per SM follow from it
+    compute_capability: str = ""
+    # streaming multiprocessors (compute units on AMD): the driver reserves each resident thread's
+    # stack for all of them (docs/device-memory.md)
+    sm_count: int = 0
+    sm_source: str = ""
     # Memory the CUDA context (driver, kernels loaded lazily, cuBLAS handles) takes before any
     # tensor: seen by pynvml, invisible to torch.cuda.memory_allocated.
     cuda_context_bytes: int
