@@ -13,6 +13,7 @@ from . import activations as act
 from . import inference as inf
 from . import alloc_sequence, liger, offload, overhead, prequantized
 from .allocator import AllocatorSettings, replay
+from .device_memory import TERM_NAMES, outside_torch
 from .attention import Kernel
 from .phases import Moment, PhaseName
 from .architecture import ModelArch
@@ -222,7 +223,9 @@ ROW_CATEGORY: dict[str, Category] = {
     "DoRA weight-norm transients": _C.transients,
     "embedding LoRA activations": _C.activations, "lm_head LoRA activations": _C.activations,
     "lm_head LoRA output": _C.transients,
-    "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead, "CUDA context": _C.overhead,
+    "cuBLAS workspaces": _C.overhead, "allocator slack": _C.overhead,
+    # memory outside torch's allocator (planner/device_memory.py)
+    **{name: _C.overhead for name in TERM_NAMES},
     # [zero] DeepSpeed ZeRO's own rows (planner/zero.py, docs/deepspeed.md)
     "persistent parameters": _C.weights, "fp32 master weights": _C.optimizer,
     "gradient partition": _C.gradients, "reduce buckets": _C.gradients, "bucket reduction copy": _C.transients,
@@ -778,10 +781,11 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
             expandable_segments=job.expandable_segments))
         slack = max(stats.peak_reserved_bytes - stats.peak_allocated_bytes, 0)
     reserved = peak.allocated_bytes + slack
-    context = overhead.cuda_context(gpu)
     walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak", [peak.name], "reserved")
-    walk.fixed("CUDA context", context, gpu.cuda_context_source if gpu else "default (no GPU chosen)", ["always"], "driver")
-    device = reserved + context + unified
+    outside = outside_torch(job, arch, gpu)
+    for term in outside:
+        walk.fixed(term.name, term.bytes, term.source, ["always"], "driver")
+    device = reserved + sum(term.bytes for term in outside) + unified
     notes = job.notes() + prequantized.notes(job, arch) + notes
     if arch.partial_model:
         notes.append(arch.partial_model)
