@@ -143,6 +143,7 @@ class _Segment:
     mapped: int = 0  # bytes of memory behind it (== size unless expandable)
     last: _Block | None = field(default=None, repr=False)  # its last block: where a range grows
     holes: int = 0  # unmapped blocks inside an expandable range
+    free_bytes: int = 0  # its blocks cached in the pool (kept by _Pool.add/remove)
     pool: "_Pool | None" = field(default=None, repr=False)  # where its free blocks are cached
 
     def page(self) -> int:
@@ -160,12 +161,14 @@ class _Pool:
         k = b.key()
         bisect.insort(self.keys, k)
         self.blocks[k] = b
+        b.segment.free_bytes += b.size
 
     def remove(self, b: _Block) -> None:
         k = b.key()
         i = bisect.bisect_left(self.keys, k)
         del self.keys[i]
         del self.blocks[k]
+        b.segment.free_bytes -= b.size
 
 
 def _link_after(b: _Block, new: _Block) -> None:
@@ -194,6 +197,9 @@ class CachingAllocator:
 
     def __init__(self, settings: AllocatorSettings | None = None) -> None:
         self.s = settings or AllocatorSettings()
+        # read on every malloc: kept as plain attributes (the pydantic model is slower to read)
+        self._limit = self.s.max_split_size
+        self._grows = self.s.expandable_segments
         self.pools: dict[tuple[bool, int], _Pool] = {}
         self.segments: dict[int, _Segment] = {}
         self.live: dict[object, _Block | None] = {}
@@ -224,7 +230,7 @@ class CachingAllocator:
             return True
         size = round_size(nbytes)
         small = is_small(size)
-        pool = self._pool(small, stream)
+        pool = self.pools.get((small, stream)) or self._pool(small, stream)
         block = self._free_block(pool, size)
         if block is None:
             block = self._alloc_block(small, stream, size)
@@ -234,8 +240,11 @@ class CachingAllocator:
                 return False
         else:
             pool.remove(block)
-        if self._should_split(block, size):
-            rest = _Block(block.segment, block.offset + size, block.size - size)
+        remaining = block.size - size
+        # `should_split`
+        if (remaining >= MIN_BLOCK if small or self._grows
+                else size < self._limit and remaining > SMALL_SIZE):
+            rest = _Block(block.segment, block.offset + size, remaining)
             _link_after(block, rest)
             block.size = size
             pool.add(rest)
@@ -269,7 +278,7 @@ class CachingAllocator:
                 if self._expandable_size(nb) >= self._expandable_size(b):
                     break
                 i, b = i + 1, nb
-        limit = self.s.max_split_size
+        limit = self._limit
         if size < limit and b.size >= limit:
             return None
         if size >= limit and b.size >= size + MAX_NON_SPLIT_ROUNDING:
@@ -281,12 +290,6 @@ class CachingAllocator:
         if b.next is None:
             return b.size + _VIRTUAL
         return b.size + (0 if b.next.mapped else b.next.size)
-
-    def _should_split(self, b: _Block, size: int) -> bool:
-        remaining = b.size - size
-        if b.segment.small or self.s.expandable_segments:
-            return remaining >= MIN_BLOCK
-        return size < self.s.max_split_size and remaining > SMALL_SIZE
 
     def _alloc_block(self, small: bool, stream: int, size: int) -> _Block | None:
         """malloc's path when no cached block fits: cudaMalloc (or map pages); when that fails,
@@ -450,7 +453,8 @@ class CachingAllocator:
             self.peak_segments = n
 
     def _inactive_split(self) -> int:
-        return sum(b.size for pool in self.pools.values() for b in pool.blocks.values() if b.segment.live)
+        # per segment, not per block: it is read at every new peak
+        return sum(s.free_bytes for s in self.segments.values() if s.live)
 
     # --- free ---------------------------------------------------------------------------------
     def free(self, key: object) -> None:
@@ -585,6 +589,7 @@ class CachingAllocator:
                 off += b.size
                 prev, b = b, b.next
             assert off == seg.size and live == seg.live and mapped == seg.mapped and seg.last is prev
+            assert seg.free_bytes == sum(b.size for b in pooled.values() if b.segment is seg)
             assert seg.pool is self.pools[(seg.small, seg.stream)]
             if seg.expandable:
                 assert prev is None or prev.mapped  # no hole at the end
