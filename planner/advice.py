@@ -33,6 +33,34 @@ class Saving(BaseModel):
     fits: bool | None  # whether the changed job fits the --gpu (None: no GPU given)
 
 
+class Fragmentation(BaseModel):
+    """What the caching allocator holds beyond the peak allocated, and what expandable segments do."""
+
+    slack_bytes: int  # reserved - peak allocated
+    device_used_bytes: int
+    expandable_slack_bytes: int | None  # the same under expandable_segments:True (None: already on)
+    large: bool  # a tenth or more of the device figure
+
+    @property
+    def saved_bytes(self) -> int:
+        return 0 if self.expandable_slack_bytes is None else self.slack_bytes - self.expandable_slack_bytes
+
+
+# fragmentation worth a sentence of its own: a tenth of what the card holds for the job
+LARGE_FRAGMENTATION = 0.10
+
+
+def fragmentation(job: Job, arch: ModelArch, gpu: GpuProfile | None, est=None) -> Fragmentation:
+    est = est or estimate_memory(job, arch, gpu)
+    slack = est.peak_reserved_bytes - est.peak_allocated_bytes
+    other = None
+    if not job.expandable_segments:
+        alt = estimate_memory(job.model_copy(update={"expandable_segments": True}), arch, gpu)
+        other = alt.peak_reserved_bytes - alt.peak_allocated_bytes
+    return Fragmentation(slack_bytes=slack, device_used_bytes=est.device_used_bytes, expandable_slack_bytes=other,
+                         large=slack >= LARGE_FRAGMENTATION * est.device_used_bytes)
+
+
 class Fix(BaseModel):
     """A change to a recommend search that makes at least one plan fit, and the cheapest such plan."""
 
@@ -68,6 +96,10 @@ def _candidates(job: Job, arch: ModelArch) -> list[tuple[str, dict[str, Any]]]:
         out.append(("paged AdamW (states in unified memory)", {"optimizer": "paged_adamw"}))
     if train and job.optimizer == "adamw" and job.foreach:
         out.append(("AdamW without foreach (no weights-sized step temporary)", {"foreach": False}))
+    if not job.expandable_segments:
+        # the caching allocator's own cost: free memory split over segments a request cannot span
+        out.append(("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (one growing range per pool, "
+                    "no per-segment fragmentation)", {"expandable_segments": True}))
     if job.micro_batch > 1:
         half = job.micro_batch // 2
         what = (f"micro-batch {half} with 2x gradient accumulation (same tokens per step)" if train

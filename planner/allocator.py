@@ -84,6 +84,11 @@ class AllocatorStats(BaseModel):
     # free bytes inside segments that also hold live blocks, at the reserved peak
     # (inactive_split_bytes): what fragmentation costs there
     inactive_split_bytes_at_peak: int
+    # the least the allocator must be able to reserve to run the sequence: at every cudaMalloc, the
+    # segments that hold a live block plus the new one. A card with less memory than the reserved
+    # peak still runs it, since before an OOM the allocator releases every cached segment with no
+    # live block and retries (`release_cached_blocks`); one with less than this does not
+    required_bytes: int = 0
     num_alloc_retries: int  # cudaMalloc failed, cached segments were released and it was retried
     num_ooms: int
     # reserved at each mark the sequence carries ('step 1 forward', ...), in order
@@ -207,6 +212,7 @@ class CachingAllocator:
         self.peak_allocated = self.peak_reserved = 0
         self.peak_segments = 0
         self.inactive_at_peak = 0
+        self.required = 0
         self._at_peak = False  # reserved reached a new peak in the malloc under way
         self.retries = self.ooms = 0
         self.marks: dict[str, int] = {}
@@ -439,6 +445,9 @@ class CachingAllocator:
         return maps
 
     def _cuda_malloc(self, n: int) -> bool:
+        need = self._held() + n
+        if need > self.required:
+            self.required = need
         if self.reserved + n > self.s.capacity:
             return False
         self.reserved += n
@@ -451,6 +460,10 @@ class CachingAllocator:
         n = sum(1 for s in self.segments.values() if s.mapped)
         if n > self.peak_segments:
             self.peak_segments = n
+
+    def _held(self) -> int:
+        """Bytes of the segments a release cannot give back: those with a live block."""
+        return sum(s.mapped for s in self.segments.values() if s.live)
 
     def _inactive_split(self) -> int:
         # per segment, not per block: it is read at every new peak
@@ -543,6 +556,7 @@ class CachingAllocator:
         self.peak_reserved = self.reserved
         self.peak_segments = len(self.segments)
         self.inactive_at_peak = self._inactive_split()
+        self.required = max(self._held(), self.allocated)
 
     def mark(self, name: str) -> None:
         self.marks[name] = self.reserved
@@ -558,6 +572,7 @@ class CachingAllocator:
             small_pool_segments=sum(1 for s in segs if s.small),
             large_pool_segments=sum(1 for s in segs if not s.small),
             inactive_split_bytes_at_peak=self.inactive_at_peak,
+            required_bytes=max(self.required, self.peak_allocated),
             num_alloc_retries=self.retries,
             num_ooms=self.ooms,
             marks=dict(self.marks),

@@ -230,6 +230,9 @@ JOB_OPTIONS: dict[str, _JobOption] = {
     "autocast": _JobOption(Optional[bool], ("--autocast/--no-autocast",),
                            "forward under torch.autocast, as HF Trainer bf16=True/fp16=True",
                            "on for fp32 weights with 16-bit compute"),
+    "expandable_segments": _JobOption(Optional[bool], ("--expandable-segments/--no-expandable-segments",),
+                                      "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows "
+                                      "one range per pool instead of a segment per cudaMalloc (planner/allocator.py)"),
     "gpu": _JobOption(Optional[str], ("--gpu", "-g"), "GPU profile to check the fit against", "none"),
     "num_gpus": _JobOption(Optional[int], ("--num-gpus", "-n"), "data-parallel GPUs"),
     "sharding": _JobOption(Optional[str], ("--sharding",),
@@ -373,6 +376,10 @@ def estimate(
         _print_accelerate_config(accel)
         typer.echo(render(est))
         if savings is not None:
+            from .advice import fragmentation
+            from .report import fragmentation_line
+
+            typer.echo(fragmentation_line(fragmentation(job, arch, g, est)))
             typer.echo(savings_table(savings, est))
     if est.fits is False:
         raise typer.Exit(code=EXIT_DOES_NOT_FIT)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import activations as act
 from . import inference as inf
 from . import alloc_sequence, liger, offload, overhead, prequantized
-from .allocator import AllocatorSettings, replay
+from .allocator import NO_LIMIT, AllocatorSettings, replay
 from .device_memory import TERM_NAMES, outside_torch
 from .attention import Kernel
 from .phases import Moment, PhaseName
@@ -775,17 +775,28 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
 def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, unified, host) -> Estimate:
     phases = walk.phases
     peak = max(phases, key=lambda p: p.allocated_bytes)
-    slack = overhead.allocator_slack(peak.allocated_bytes)
-    if walk.alloc_plan is not None:
-        stats = replay(alloc_sequence.events(walk.alloc_plan), AllocatorSettings(
-            expandable_segments=job.expandable_segments))
-        slack = max(stats.peak_reserved_bytes - stats.peak_allocated_bytes, 0)
-    reserved = peak.allocated_bytes + slack
-    walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak", [peak.name], "reserved")
     outside = outside_torch(job, arch, gpu)
+    beside = sum(term.bytes for term in outside) + unified  # what the card holds outside torch's pool
+    slack, least, stats = overhead.allocator_slack(peak.allocated_bytes), None, None
+    if walk.alloc_plan is not None:
+        # the caching allocator replayed over the step's allocation sequence (planner/allocator.py),
+        # on the card's memory when one is given: past it the allocator releases its cached segments
+        # and retries, so what pynvml shows is capped there while the job still runs
+        events = alloc_sequence.events(walk.alloc_plan)
+        capacity = gpu.memory_bytes - beside if gpu else NO_LIMIT
+        stats = replay(events, AllocatorSettings(expandable_segments=job.expandable_segments, capacity=max(capacity, 0)))
+        slack = max(stats.peak_reserved_bytes - stats.peak_allocated_bytes, 0)
+        least = max(stats.required_bytes - stats.peak_allocated_bytes, 0)
+        walk.fixed("allocator slack", slack, overhead.slack_formula(stats, len(events), job.expandable_segments),
+                   [peak.name], "reserved")
+    else:
+        walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak (no allocation sequence for "
+                   "this job: see docs/allocator.md)", [peak.name], "reserved")
+    reserved = peak.allocated_bytes + slack
+    required = peak.allocated_bytes + (slack if least is None else least) + beside
     for term in outside:
         walk.fixed(term.name, term.bytes, term.source, ["always"], "driver")
-    device = reserved + sum(term.bytes for term in outside) + unified
+    device = reserved + beside
     notes = job.notes() + prequantized.notes(job, arch) + notes
     if arch.partial_model:
         notes.append(arch.partial_model)
@@ -815,7 +826,9 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
         gpu_memory_bytes=gpu.memory_bytes if gpu else None,
         gpu_card=gpu.card if gpu else None,
         weights_label=arch.quantization.label if prequantized.applies(job, arch) else None,
-        fits=(device <= gpu.memory_bytes) if gpu else None,
+        fits=(required <= gpu.memory_bytes) if gpu else None,
+        required_bytes=required,
+        allocator=stats,
         host_bytes=host,
         notes=notes,
     )

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from .gpu import GpuProfile
 
-# Share of the peak that the caching allocator holds beyond it (fragmentation, segment rounding).
-# Calibrated: the median of peak reserved / peak allocated - 1 over the 30 H100 rows in
-# validate/results is 8.2% (range 2.3% to 29%); the 12 H200 holdout rows give 10.4% (3% to 42%).
-# Large, short-lived activation tensors fragment most; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-# is not modelled.
+# Share of the peak the caching allocator holds beyond it, for the jobs with no allocation sequence
+# to replay (sharded training: FSDP and ZeRO hold flat buffers on their own streams, not modelled
+# tensor by tensor yet). The median of peak reserved / peak allocated - 1 over the 30 H100 rows in
+# validate/results is 8.2%; every other job replays its sequence (planner/allocator.py).
 FRAGMENTATION = 0.08
 DEFAULT_CONTEXT_BYTES = 512 * 1024**2
 DEFAULT_WORKSPACE_BYTES = 32 * 1024**2
@@ -22,6 +21,18 @@ DEFAULT_WORKSPACE_BYTES = 32 * 1024**2
 
 def allocator_slack(peak_allocated: int) -> int:
     return int(peak_allocated * FRAGMENTATION)
+
+
+def slack_formula(stats, events: int, expandable: bool) -> str:
+    """The allocator row's 'how': what the replay found."""
+    from .units import human
+
+    how = "expandable segments" if expandable else f"{stats.peak_segments} segments"
+    text = (f"caching allocator replayed over {events:,} allocation events of the step: {how} at the peak, "
+            f"{human(stats.inactive_split_bytes_at_peak)} free inside segments in use")
+    if stats.num_alloc_retries:
+        text += f"; {stats.num_alloc_retries} cudaMalloc retries after releasing cached segments (the card is full)"
+    return text
 
 
 def cublas_handles(task: str) -> int:

@@ -85,10 +85,14 @@ def summary(est: Estimate) -> str:
     lines = [f"Peak torch allocated  {gib(est.peak_allocated_bytes)}  ({est.peak_phase})",
              f"Peak torch reserved   {gib(est.peak_reserved_bytes)}",
              f"Device used (pynvml)  {gib(est.device_used_bytes)}" + (" per GPU" if est.job.num_gpus > 1 else "")]
+    if est.required_bytes and est.required_bytes < est.device_used_bytes - 2**20:
+        # cached segments a smaller card would have the allocator release before an OOM
+        lines.append(f"Needs at least        {gib(est.required_bytes)}  (the allocator gives back cached segments "
+                     "and retries before an out-of-memory error)")
     if est.host_bytes:
         lines.append(f"Host RAM (offload)    {gib(est.host_bytes)} per GPU")
     if est.gpu:
-        head = est.gpu_memory_bytes - est.device_used_bytes
+        head = est.gpu_memory_bytes - (est.required_bytes or est.device_used_bytes)
         verdict = f"fits, headroom {gib(head)}" if est.fits else f"does not fit, short by {gib(-head)}"
         lines.append(f"{est.gpu} ({gib(est.gpu_memory_bytes)}): {verdict}")
     lines += [paragraph(f"note: {note}") for note in est.notes]
@@ -119,6 +123,18 @@ def recommend_table(result, model_name: str, top: int) -> str:
              f"{p.step_seconds:,.2f}", f"{p.usd_per_million_tokens:,.3f}", f"{p.usd_per_hour:,.2f}"]
             for p in result.plans[:top]]
     return table(columns, rows, title=title)
+
+
+def fragmentation_line(frag) -> str:
+    """`estimate --explain`: the allocator's share of the device figure, and what expandable segments change."""
+    share = frag.slack_bytes / frag.device_used_bytes if frag.device_used_bytes else 0
+    text = (f"caching allocator: reserves {gib(frag.slack_bytes)} beyond the peak allocated, {share:.0%} of the "
+            "device figure" + (" (large: freed blocks split over segments that later, larger requests cannot use)"
+                               if frag.large else ""))
+    if frag.expandable_slack_bytes is not None:
+        text += (f"; with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (--expandable-segments) it would be "
+                 f"{gib(frag.expandable_slack_bytes)}, saving {gib(frag.saved_bytes)}")
+    return paragraph(text)
 
 
 def savings_table(savings, est: Estimate) -> str:

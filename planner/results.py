@@ -6,6 +6,7 @@ from enum import Enum
 
 from pydantic import BaseModel
 
+from .allocator import AllocatorStats
 from .job import Job
 from .phases import PhaseName
 from .params import ParamCounts
@@ -65,6 +66,12 @@ class Estimate(BaseModel):
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     device_used_bytes: int
+    # the least device memory the job runs in: torch's allocator releases cached segments and
+    # retries before an OOM, so on a smaller card it reserves less than device_used_bytes shows on
+    # a card with room to spare (planner/allocator.py AllocatorStats.required_bytes). 0: not computed
+    required_bytes: int = 0
+    # the caching-allocator replay behind the reserved figure (None: no allocation sequence)
+    allocator: AllocatorStats | None = None
     gpu: str | None = None
     gpu_memory_bytes: int | None = None
     weights_label: str | None = None  # a pre-quantized checkpoint's storage ('gptq 4-bit (group 128)')
@@ -72,6 +79,11 @@ class Estimate(BaseModel):
     fits: bool | None = None
     host_bytes: int = 0
     notes: list[str] = []
+
+    @property
+    def needed_bytes(self) -> int:
+        """What must fit on the card: the least the job runs in (required_bytes), else device used."""
+        return self.required_bytes or self.device_used_bytes
 
     def component(self, name: str) -> Component:
         for c in self.components:
