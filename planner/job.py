@@ -140,8 +140,6 @@ class Job(BaseModel):
     # generate(cache_implementation=...): "dynamic" = DynamicCache (grows by torch.cat), "static" = StaticCache
     # (StaticLayer preallocates prompt + new tokens for every layer at the first update)
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
-    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one growing segment per pool and stream (planner/allocator.py)
-    expandable_segments: bool = False
 
     def __init__(self, **fields) -> None:
         # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
