@@ -130,8 +130,8 @@ def test_bad_allocator_is_one_line_exit_2(args, says):
 
 @pytest.fixture(scope="module")
 def both_rows(tmp_path_factory):
-    """validate/gpu_session.sh in its dry form: the quick matrix's generation (the cheapest job) under
-    --allocator both; PYTORCH_ALLOC_CONF is the user's own, to be merged."""
+    """validate/gpu_session.sh in its dry form: the quick matrix's mixed-precision full fine-tune (whose
+    estimate depends on the setting) under --allocator both; PYTORCH_ALLOC_CONF is the user's, to be merged."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import os
@@ -140,7 +140,7 @@ def both_rows(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     env |= {"OUT": str(out), "DEVICE": "cpu", "MATRIX": "quick", "PY": sys.executable, "SESSION_S": "400",
             "PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}
-    proc = subprocess.run(["bash", str(RESULTS.parent / "gpu_session.sh"), "4:5"], capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(RESULTS.parent / "gpu_session.sh"), "1:2"], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "gpu_session: validate exit 0" in (out / "session.log").read_text()
@@ -157,6 +157,8 @@ def test_both_runs_each_job_under_each_setting_with_its_own_estimate(both_rows):
         assert r.measured.status == "ok" and r.measured.peak_allocated_bytes > 0, r.measured.error
         assert r.measured.allocator is None  # memory_stats() is read on cuda only
         assert r.predicted == harness.predict(r.job, None, "cpu")  # the estimate of the job as it ran
+    # the job's estimate differs by setting, so the check above tells the two apart
+    assert both_rows[0].predicted.peak_reserved_bytes != both_rows[1].predicted.peak_reserved_bytes
     assert "--allocator both" in both_rows[0].invocation
 
 
