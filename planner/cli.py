@@ -786,9 +786,15 @@ def validate(
     fsdp_version: Optional[int] = job_option("fsdp_version"),
     fsdp_mixed_precision: Optional[str] = job_option("fsdp_mixed_precision"),
     gpus_per_node: Optional[int] = job_option("gpus_per_node"),
+    allocator: Optional[str] = typer.Option(None, help="default | expandable (each worker's PYTORCH_CUDA_ALLOC_CONF "
+                                            "gets expandable_segments:True, merged with the rest of yours) | both "
+                                            "(each job under each, back to back) (default: as your "
+                                            "PYTORCH_CUDA_ALLOC_CONF says)"),
+    expandable_segments: bool = typer.Option(False, "--expandable-segments", help="the same as --allocator expandable"),
 ) -> None:
     """Run real training and inference steps on the local GPU, each job in its own process, and compare with the estimate.
-    With --num-gpus N --sharding fsdp_*, each job is rank 0 of a sharded run, measured on the one device here."""
+    With --num-gpus N --sharding fsdp_*, each job is rank 0 of a sharded run, measured on the one device here.
+    Each row records the allocator setting it ran under, and its estimate is made with that setting."""
     import shlex
     from datetime import date
     from pathlib import Path
@@ -801,6 +807,15 @@ def validate(
         fail(f"timeout must be a positive number of seconds, got {timeout:g}")
     if time_budget is not None and not time_budget > 0:
         fail(f"time-budget must be a positive number of seconds, got {time_budget:g}")
+    from memplan.validate.harness import ALLOCATORS, expandable_in
+
+    if allocator is not None and allocator not in ALLOCATORS:
+        fail(f"invalid allocator {allocator!r}: use {', '.join(ALLOCATORS)}")
+    if expandable_segments and allocator not in (None, "expandable"):
+        fail(f"--expandable-segments means --allocator expandable, not --allocator {allocator}: give one of the two")
+    choice = "expandable" if expandable_segments else allocator
+    # unnamed: the setting the user's own PYTORCH_CUDA_ALLOC_CONF gives, so the rows say what ran
+    settings = ALLOCATORS[choice] if choice else (expandable_in(os.environ),)
     from memplan.validate.quiet import quiet_libraries
 
     quiet_libraries()
@@ -849,17 +864,20 @@ def validate(
 
     console = make_console()
     with Progress(console=console) as progress:
-        task = progress.add_task(f"{len(jobs)} jobs on {env.get('gpu') or 'cpu'}", total=len(jobs))
+        task = progress.add_task(f"{len(jobs) * len(settings)} jobs on {env.get('gpu') or 'cpu'}",
+                                 total=len(jobs) * len(settings))
 
         def report(row):
             progress.console.print(f"{describe_job(row)}: {row.measured.status}")
             progress.advance(task)
 
         rows = run_matrix(jobs, path, device, gpu, env, steps=steps, timeout_s=timeout, on_result=report,
-                          invocation=shlex.join(["memplan", *sys.argv[1:]]), time_budget_s=time_budget)
-    if len(rows) < len(jobs):
-        console.print(f"time budget of {time_budget:.0f} s spent: ran {len(rows)} of {len(jobs)} jobs; "
-                      f"the rest start at --slice {_slice_start(jobs_slice) + len(rows)}:")
+                          invocation=shlex.join(["memplan", *sys.argv[1:]]), time_budget_s=time_budget,
+                          allocators=settings)
+    done = len(rows) // len(settings)  # a job's runs under each setting are never split by the budget
+    if done < len(jobs):
+        console.print(f"time budget of {time_budget:.0f} s spent: ran {done} of {len(jobs)} jobs; "
+                      f"the rest start at --slice {_slice_start(jobs_slice) + done}:")
     console.print(table(rows))
     cal = calibrate(rows)
     console.print(f"results appended to {path}; median |error|: "

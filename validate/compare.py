@@ -25,14 +25,16 @@ def describe_job(row: ResultRow) -> str:
     j = row.job
     name = j.model.rsplit("/", 1)[-1].removesuffix(".json")
     extra = " ckpt" if j.checkpointing else ""
+    # a results file can hold a job under both allocator settings
+    alloc = " expandable-segments" if j.expandable_segments else ""
     dtypes = j.base_weight_dtype.value + ("" if j.base_weight_dtype == j.compute_dtype else f"/{j.compute_dtype.value}")
     if j.task == "infer":
         attention = " eager" if j.attention == "eager" else ""
-        return f"{name} infer {dtypes} b{j.micro_batch} s{j.seq_len} +{j.new_tokens}{attention}"
+        return f"{name} infer {dtypes} b{j.micro_batch} s{j.seq_len} +{j.new_tokens}{attention}{alloc}"
     if j.num_gpus > 1:
         v = f" v{j.fsdp_version}" if j.sharding.startswith("fsdp") else ""
         extra += f" {j.sharding}{v} rank 0 of {j.num_gpus}"
-    return f"{name} {j.method} {dtypes} b{j.micro_batch} s{j.seq_len} {j.optimizer}{extra}"
+    return f"{name} {j.method} {dtypes} b{j.micro_batch} s{j.seq_len} {j.optimizer}{extra}{alloc}"
 
 
 def table(rows: list[ResultRow], recorded: list[Predicted] | None = None):

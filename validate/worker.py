@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from typing import Literal
@@ -23,6 +24,34 @@ from pydantic import BaseModel
 from memplan.phases import PhaseName
 
 from memplan.job import Job
+
+# the variable the harness sets per row; torch also reads PYTORCH_ALLOC_CONF, but only when this one is
+# unset (c10/cuda/CUDAAllocatorConfig.h `instance()`), and the harness folds that one into this one
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+class AllocatorMeasured(BaseModel):
+    """The caching allocator's segment picture from torch.cuda.memory_stats(), in the names of
+    memplan.allocator.AllocatorStats where it has one, to hold that model to. Peaks are over the
+    measured steps (the worker resets peaks at each phase's end, so they are folded over phases);
+    counts and `num_*` are at the end of the measured steps, the counters over the whole process."""
+
+    segments: int | None = None  # segment.all.current
+    peak_segments: int | None = None  # segment.all.peak
+    small_pool_segments: int | None = None  # segment.small_pool.current
+    large_pool_segments: int | None = None  # segment.large_pool.current
+    peak_reserved_small_pool_bytes: int | None = None  # reserved_bytes.small_pool.peak
+    peak_reserved_large_pool_bytes: int | None = None  # reserved_bytes.large_pool.peak
+    # inactive_split_bytes.all.peak: the highest free-inside-split-segments figure at any moment,
+    # not AllocatorStats.inactive_split_bytes_at_peak (the figure at the reserved peak)
+    peak_inactive_split_bytes: int | None = None
+    peak_active_bytes: int | None = None  # active_bytes.all.peak
+    num_alloc_retries: int | None = None  # cudaMalloc failed, cache released, retried
+    num_ooms: int | None = None
+    # what torch says is in force (private APIs, so None where this torch lacks them)
+    settings: str | None = None  # torch._C._accelerator_getAllocatorSettings(): the conf torch parsed
+    backend: str | None = None  # torch.cuda.get_allocator_backend(): "native" or "cudaMallocAsync"
+    current_allocator: str | None = None  # type of torch.cuda.memory._get_current_allocator()'s allocator
 
 
 class Measurement(BaseModel):
@@ -40,6 +69,63 @@ class Measurement(BaseModel):
     step_seconds: float | None = None  # median wall time of a measured step (synchronised)
     seconds: float = 0.0
     error: str | None = None
+    # PYTORCH_CUDA_ALLOC_CONF as this process read it (None: unset); the harness sets it per row
+    # (validate/harness.py worker_env), so a results file can hold both allocator settings
+    alloc_conf: str | None = None
+    allocator: AllocatorMeasured | None = None  # on cuda only; rows written before it have none
+
+
+# memory_stats() keys whose peak the worker folds over the measured phases, and the field each fills
+_PEAK_KEYS = {
+    "segment.all.peak": "peak_segments",
+    "reserved_bytes.small_pool.peak": "peak_reserved_small_pool_bytes",
+    "reserved_bytes.large_pool.peak": "peak_reserved_large_pool_bytes",
+    "inactive_split_bytes.all.peak": "peak_inactive_split_bytes",
+    "active_bytes.all.peak": "peak_active_bytes",
+}
+# read once, at the end of the measured steps
+_END_KEYS = {
+    "segment.all.current": "segments",
+    "segment.small_pool.current": "small_pool_segments",
+    "segment.large_pool.current": "large_pool_segments",
+    "num_alloc_retries": "num_alloc_retries",
+    "num_ooms": "num_ooms",
+}
+
+
+def fold_peaks(acc: dict[str, int], stats: dict) -> dict[str, int]:
+    """`acc` with each peak of `stats` (one torch.cuda.memory_stats() read) folded in by max: the
+    worker reads them before each reset_peak_memory_stats(), which zeroes them all."""
+    for key in _PEAK_KEYS:
+        if key in stats:
+            acc[key] = max(acc.get(key, 0), int(stats[key]))
+    return acc
+
+
+def allocator_measured(peaks: dict[str, int], final: dict, settings: dict[str, str | None]) -> AllocatorMeasured:
+    """The row's allocator figures: `peaks` folded over the measured phases (fold_peaks), `final`
+    the memory_stats() at the end (whose own peaks cover the time since the last reset), `settings`
+    what torch says is in force (`_allocator_in_force`)."""
+    peaks = fold_peaks(dict(peaks), final)
+    fields = {field: peaks[key] for key, field in _PEAK_KEYS.items() if key in peaks}
+    fields |= {field: int(final[key]) for key, field in _END_KEYS.items() if key in final}
+    return AllocatorMeasured(**fields, **settings)
+
+
+def _allocator_in_force() -> dict[str, str | None]:
+    """What torch reports of its allocator. Each call is private or recent API, so each is guarded:
+    a torch without one records None, not a failed row."""
+    import torch
+
+    out: dict[str, str | None] = {"settings": None, "backend": None, "current_allocator": None}
+    with contextlib.suppress(Exception):
+        out["settings"] = torch._C._accelerator_getAllocatorSettings()
+    with contextlib.suppress(Exception):
+        get = getattr(torch.cuda, "get_allocator_backend", None) or torch._C._cuda_getAllocatorBackend
+        out["backend"] = get()
+    with contextlib.suppress(Exception):
+        out["current_allocator"] = type(torch.cuda.memory._get_current_allocator().allocator()).__name__
+    return out
 
 
 class _CpuMeter:
@@ -109,7 +195,7 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
     from .build import build
 
     started = time.perf_counter()
-    result = Measurement(status="ok", device=device, steps=steps)
+    result = Measurement(status="ok", device=device, steps=steps, alloc_conf=os.environ.get(ALLOC_CONF))
     sampler = None
     baseline = 0
     if device == "cuda":
@@ -133,6 +219,7 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         group.enter_context(fake_process_group(job.num_gpus))
     phase_peaks = result.phase_peak_allocated_bytes
     peaks = {"reserved": 0}
+    alloc_peaks: dict[str, int] = {}  # memory_stats() peaks over the measured phases (fold_peaks)
     step_times: list[float] = []
     try:
         if is_sharded(job):
@@ -154,6 +241,7 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
                     # the allocator's peak is kept on the host as it allocates: no synchronisation needed
                     phase_peaks[phase] = max(phase_peaks.get(phase, 0), torch.cuda.max_memory_allocated())
                     peaks["reserved"] = max(peaks["reserved"], torch.cuda.max_memory_reserved())
+                    fold_peaks(alloc_peaks, torch.cuda.memory_stats())
                     torch.cuda.reset_peak_memory_stats()
             if measured and device == "cuda":
                 torch.cuda.synchronize()
@@ -188,6 +276,8 @@ def measure(job: Job, device: str, steps: int = 2, warmup: int = 1, capacity: in
         result.peak_allocated_bytes = max([torch.cuda.max_memory_allocated(), *phase_peaks.values()])
         result.peak_reserved_bytes = max(torch.cuda.max_memory_reserved(), peaks["reserved"])
         result.device_used_bytes = (sampler.stop() if sampler._thread else sampler.used()) - baseline
+        with contextlib.suppress(Exception):  # the figures above stand without these
+            result.allocator = allocator_measured(alloc_peaks, torch.cuda.memory_stats(), _allocator_in_force())
     elif meter:
         result.peak_allocated_bytes = meter.tracker.phase_peak
     result.seconds = time.perf_counter() - started
