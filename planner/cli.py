@@ -741,6 +741,7 @@ def trace(
         for snap in result.timeline:
             e = est_phase[snap.phase]
             typer.echo(f"{snap.phase:16s}{gib(snap.peak_bytes):>14s}{gib(e):>14s}{100 * (e - snap.peak_bytes) / snap.peak_bytes:>+8.2f}%")
+        _echo_replayed(result)
         return
     est_by_trace_phase = est.measured_phases()
     if sharded:
@@ -764,10 +765,22 @@ def trace(
         rest = snap.end_bytes - snap.params_bytes - snap.grads_bytes - snap.optimizer_bytes
         cells = (snap.params_bytes, snap.grads_bytes, snap.optimizer_bytes, rest)
         typer.echo(f"{snap.iteration:>4d} {snap.phase:16s}" + "".join(f"{gib(c):>12s}" for c in cells))
+    _echo_replayed(result)
     if detail:
         from memplan.validate.sharded import describe_live
 
         typer.echo(describe_live(result))
+
+
+def _echo_replayed(result) -> None:
+    """The allocator model (planner/allocator.py) replayed over the sequence the trace recorded."""
+    if result.allocator is None:
+        return
+    from .units import gib
+
+    typer.echo(f"\nallocator model (planner/allocator.py) replayed over the {result.allocations} allocations the trace saw:")
+    for name, stats in (("default", result.allocator), ("expandable_segments", result.allocator_expandable)):
+        typer.echo(f"  {name:20s} peak reserved {gib(stats.peak_reserved_bytes):>10s}, {stats.segments} segments")
 
 
 @app.command()

@@ -3,6 +3,10 @@
 No memory is allocated (fake tensors carry shapes only), so a 7B model traces in seconds. The step
 is the HF Trainer's: forward with labels, loss kept, outputs dropped, backward, optimizer step,
 zero_grad(set_to_none=True); two iterations so optimizer state exists in the second.
+
+The tracker also records the allocation sequence it saw (validate/tracker.py, `record`), and the
+result carries planner/allocator.py's replay of it: the reserved memory torch's caching allocator
+model gives for the true sequence, with default settings and with expandable segments.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 
 from pydantic import BaseModel
 
+from memplan.allocator import AllocatorSettings, AllocatorStats, replay
 from memplan.job import Job
 from memplan.phases import PhaseName
 from memplan.results import Category
@@ -38,6 +43,18 @@ class TraceResult(BaseModel):
     peak_phase: PhaseName
     timeline: list[PhaseSnapshot]
     seconds: float
+    # planner/allocator.py replayed over the trace's allocation sequence (None where no sequence was
+    # recorded: the sharded trace, other stacks' traces)
+    allocator: AllocatorStats | None = None  # default PYTORCH_CUDA_ALLOC_CONF
+    allocator_expandable: AllocatorStats | None = None  # expandable_segments:True
+    events: int | None = None  # events in the sequence
+    allocations: int | None = None  # of them, allocations
+
+
+def replayed(events: list[tuple]) -> dict:
+    """The TraceResult fields of the allocator model replayed over `events`, both settings."""
+    return dict(allocator=replay(events), allocator_expandable=replay(events, AllocatorSettings(expandable_segments=True)),
+                events=len(events), allocations=sum(1 for e in events if e[0] == "alloc"))
 
 
 @contextlib.contextmanager
@@ -107,7 +124,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     started = time.perf_counter()
     arch = load_model(job.model)
     model = training_meta_model(job, arch)
-    tracker = LiveBytes()
+    tracker = LiveBytes(record=True)
     timeline: list[PhaseSnapshot] = []
     with FakeTensorMode(allow_non_fake_inputs=True), _unmaterialised_causal_mask():
         model = model.to_empty(device="cpu")
@@ -128,6 +145,8 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
                     with forward_context(job, "cpu") if phase == "forward" else contextlib.nullcontext():
                         run_phase(phase, model, opt, ids, state)
                     timeline.append(_snapshot(tracker, it, phase, tracker.phase_peak, model, opt))
+        # the step's sequence: what dies after this (the model, the optimizer) is no part of it
+        events = list(tracker.events)
     steady = [s for s in timeline if s.iteration == iterations - 1]
     top = max(steady, key=lambda s: s.peak_bytes)
     return TraceResult(
@@ -136,6 +155,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
         peak_phase=top.phase,
         timeline=timeline,
         seconds=time.perf_counter() - started,
+        **replayed(events),
     )
 
 
@@ -172,7 +192,7 @@ def trace_inference(job: Job) -> TraceResult:
     cfg = hf_config(job.model, job.attention)
     cfg.use_cache = True
     model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
-    tracker = LiveBytes()
+    tracker = LiveBytes(record=True)
     timeline: list[PhaseSnapshot] = []
     with FakeTensorMode(allow_non_fake_inputs=True), _unmaterialised_causal_mask(), torch.no_grad():
         model = model.to_empty(device="cpu")
@@ -186,9 +206,10 @@ def trace_inference(job: Job) -> TraceResult:
             for phase in generation(model, ids, job.new_tokens, make_cache(job, model.config)):
                 timeline.append(_inference_snapshot(tracker, phase))
                 tracker.start_phase("decode")  # the phase after the prefill, if there is one
+        events = list(tracker.events)
     top = max(timeline, key=lambda s: s.peak_bytes)
     return TraceResult(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, **replayed(events))
 
 
 def _inference_snapshot(tracker, phase: str) -> PhaseSnapshot:
