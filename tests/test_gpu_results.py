@@ -66,12 +66,50 @@ def test_each_phase_within_3_percent(row):
         assert abs(err) <= ALLOCATED_TOLERANCE, f"{phase}: {err:+.1%}"
 
 
+# The estimate's reserved figure replays the caching-allocator model (planner/allocator.py) over the
+# allocation sequence derived from its own walk (planner/alloc_sequence.py). Over the 42 rows:
+# median |error| 2.3%, worst 5.7% (reserved); 2.2% and 6.1% (device used). The constant 8% slack it
+# replaces gave 4.5% / 24% and 4.4% / 24%. The issue's target is 1.5% / 6%: the replay of the *traced*
+# sequence reaches it (test_replayed_trace_reserved), the derived sequence not yet (docs/allocator.md).
+RESERVED_MEDIAN, RESERVED_WORST = 0.025, 0.06
+DEVICE_MEDIAN, DEVICE_WORST = 0.025, 0.065
+
+
+def test_reserved_error():
+    errs = [_err(_estimate(r).peak_reserved_bytes, r.measured.peak_reserved_bytes) for r in ROWS]
+    assert statistics.median(abs(e) for e in errs) <= RESERVED_MEDIAN
+    assert max(abs(e) for e in errs) <= RESERVED_WORST
+
+
 def test_device_used_error():
-    """pynvml's figure carries the allocator's fragmentation, which varies from 2% to 42% of the
-    peak between jobs; the estimate applies the calibrated median."""
+    """pynvml's figure: reserved plus what lives outside torch's pool (planner/device_memory.py)."""
     errs = [_err(_estimate(r).device_used_bytes, r.measured.device_used_bytes) for r in ROWS]
-    assert statistics.median(abs(e) for e in errs) <= 0.07
-    assert max(abs(e) for e in errs) <= 0.25
+    assert statistics.median(abs(e) for e in errs) <= DEVICE_MEDIAN
+    assert max(abs(e) for e in errs) <= DEVICE_WORST
+
+
+def test_gemma_2b_fragmentation_is_reproduced():
+    """Gemma-2B full fine-tuning with checkpointing held 42% beyond its peak on the H200: its 256k
+    vocabulary makes 2-4 GiB logits tensors, and AdamW's states, created lazily in the first
+    optimizer step, land in the freed logits segments, so the second step's logits need new ones.
+    The derived sequence gives 35% (the constant gave 8%)."""
+    row = next(r for r in ROWS if r.job.model == "gemma-2b" and r.job.checkpointing and r.job.micro_batch == 4)
+    est = _estimate(row)
+    assert est.peak_reserved_bytes / est.peak_allocated_bytes - 1 >= 0.30
+    assert abs(_err(est.peak_reserved_bytes, row.measured.peak_reserved_bytes)) <= RESERVED_WORST
+
+
+TRACE_REPLAYS = [json.loads(line) for line in (RESULTS / "trace-reserved-cpu.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_replayed_trace_reserved():
+    """The allocator model fed the CPU trace's own allocation sequence (validate/trace_reserved.py,
+    committed rows) against the GPU's measured reserved: the model itself, apart from how the
+    estimate derives a sequence."""
+    errs = [abs(r["replayed_reserved_error"]) for r in TRACE_REPLAYS]
+    assert len(errs) >= 17
+    assert statistics.median(errs) <= 0.015
+    assert max(errs) <= 0.07
 
 
 def test_two_cublas_workspaces_are_allocated_after_a_training_step():
