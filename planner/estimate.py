@@ -826,7 +826,7 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
         gpu_memory_bytes=gpu.memory_bytes if gpu else None,
         gpu_card=gpu.card if gpu else None,
         weights_label=arch.quantization.label if prequantized.applies(job, arch) else None,
-        fits=(required <= gpu.memory_bytes) if gpu else None,
+        fits=(device <= gpu.memory_bytes and not (stats and stats.num_ooms)) if gpu else None,
         required_bytes=required,
         allocator=stats,
         host_bytes=host,

@@ -41,7 +41,7 @@ class FitAnswer(BaseModel):
 
 def _fits(job: Job, arch: ModelArch, gpu: GpuProfile, margin: float) -> tuple[bool, int]:
     est = estimate_memory(job, arch, gpu)
-    return fits_with_margin(est.needed_bytes, gpu, margin), est.needed_bytes
+    return fits_with_margin(est.device_used_bytes, gpu, margin), est.device_used_bytes
 
 
 def largest(job: Job, arch: ModelArch, gpu: GpuProfile, field: str, margin: float = DEFAULT_SAFETY_MARGIN) -> FitAnswer:

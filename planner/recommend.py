@@ -101,7 +101,7 @@ def recommend(
                             compute_dtype=compute, gpu=gpu.name, **version))
                         searched += 1
                         est = estimate_memory(job, arch, gpu)
-                        if not fits_with_margin(est.needed_bytes, gpu, safety_margin):
+                        if not fits_with_margin(est.device_used_bytes, gpu, safety_margin):
                             break
                         best = (job, est)
                     if best is None:

@@ -92,7 +92,7 @@ def summary(est: Estimate) -> str:
     if est.host_bytes:
         lines.append(f"Host RAM (offload)    {gib(est.host_bytes)} per GPU")
     if est.gpu:
-        head = est.gpu_memory_bytes - (est.required_bytes or est.device_used_bytes)
+        head = est.gpu_memory_bytes - est.device_used_bytes
         verdict = f"fits, headroom {gib(head)}" if est.fits else f"does not fit, short by {gib(-head)}"
         lines.append(f"{est.gpu} ({gib(est.gpu_memory_bytes)}): {verdict}")
     lines += [paragraph(f"note: {note}") for note in est.notes]
