@@ -60,6 +60,7 @@ def _by_hand(job: Job, arch) -> dict[str, Job]:
         "--optimizer adamw_8bit": up(optimizer="adamw_8bit"),
         "--optimizer paged_adamw": up(optimizer="paged_adamw"),
         "--no-foreach": up(foreach=False),
+        "--expandable-segments": up(expandable_segments=True),
         f"--micro-batch {job.micro_batch // 2}": up(micro_batch=job.micro_batch // 2),
         f"--seq-len {job.seq_len // 2}": up(seq_len=job.seq_len // 2),
         "--attention sdpa": up(attention="sdpa"),
