@@ -53,9 +53,13 @@ def check_job(job: Job, arch: ModelArch) -> None:
         raise MemplanInputError(f"{what} {total} exceeds {arch.name}'s maximum of {arch.max_positions} positions")
 
 
-def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, stack: Stack | None = None) -> Estimate:
+def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, stack: Stack | None = None,
+                    replay_allocator: bool = True) -> Estimate:
     """Estimate one job's per-GPU memory under `stack` (default: the job's, on CUDA; the CPU trace
-    compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels)."""
+    compares against `memplan.stacks.get(job.stack).on_cpu()`, the CPU's kernels).
+
+    `replay_allocator=False` skips the caching-allocator replay (tens of milliseconds per job) and
+    takes the constant slack instead: recommend's search over hundreds of candidates does."""
     job = prequantized.effective_job(job, arch)  # a bitsandbytes checkpoint: its own 4/8-bit dtype
     prequantized.check_job(job, arch)
     inf.check_cache(job, arch)
@@ -66,8 +70,12 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     stack.check(job, arch)
     ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
     if job.task == "infer":
-        return _finish(job, arch, gpu, stack, *_inference(job, arch, stack, ws))
-    return _finish(job, arch, gpu, stack, *_training(job, arch, stack, ws))
+        parts = _inference(job, arch, stack, ws)
+    else:
+        parts = _training(job, arch, stack, ws)
+    if not replay_allocator:
+        parts[0].alloc_plan = None
+    return _finish(job, arch, gpu, stack, *parts)
 
 
 def _sum(saved: dict[str, int]) -> int:

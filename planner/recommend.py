@@ -100,7 +100,8 @@ def recommend(
                             num_gpus=n, sharding=sharding, micro_batch=mb, gradient_checkpointing=ckpt,
                             compute_dtype=compute, gpu=gpu.name, **version))
                         searched += 1
-                        est = estimate_memory(job, arch, gpu)
+                        # screened with the constant allocator slack: the replay per candidate is too slow
+                        est = estimate_memory(job, arch, gpu, replay_allocator=False)
                         if not fits_with_margin(est.device_used_bytes, gpu, safety_margin):
                             break
                         best = (job, est)
