@@ -20,6 +20,7 @@ Pure: numbers in, events out.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from .allocator import Event
@@ -53,7 +54,6 @@ class TrainingPlan:
     backward_transient: int  # one layer's backward: gradients of its activations
     scores: int  # one materialised attention-score tensor (0: a fused kernel)
     dequant: int  # one 4/8-bit weight dequantized per linear call (0: none)
-    dequant_calls: int  # linears per layer that dequantize
     shared: int  # rotary tables, masks, the final norm's saved tensors
     # LossTerms.forward_tensors / backward_ops (planner/stacks/base.py)
     loss_forward: tuple
@@ -73,13 +73,13 @@ class TrainingPlan:
     workspaces: list[int] = field(default_factory=list)
 
 
-def _load_events(p: LoadPlan, ev: list[Event], keys: "_Keys") -> None:
+def _load_events(p: LoadPlan, ev: list[Event], keys: itertools.count) -> None:
     upcasts: list[tuple[int, int]] = []
 
     def put(dense: int, stored: int, upcast: int) -> None:
-        k = keys.new()
+        k = next(keys)
         if dense > stored:
-            t = keys.new()
+            t = next(keys)
             ev.append(("alloc", t, dense))
             ev.append(("alloc", k, stored))
             ev.append(("free", t))
@@ -96,24 +96,27 @@ def _load_events(p: LoadPlan, ev: list[Event], keys: "_Keys") -> None:
     for old, new in upcasts:
         # peft prepare_model_for_kbit_training: `param.data = param.data.to(torch.float32)`, one
         # parameter at a time, the 16-bit storage freed as the fp32 copy replaces it
-        ev.append(("alloc", keys.new(), new))
+        ev.append(("alloc", next(keys), new))
         ev.append(("free", old))
     if upcasts and p.empty_cache_after_upcast:
         ev.append(("empty_cache",))
     for _ in range(p.layers):
         for n in p.adapters_per_layer:
-            ev.append(("alloc", keys.new(), n))
+            ev.append(("alloc", next(keys), n))
     for n in p.adapters_root:
-        ev.append(("alloc", keys.new(), n))
+        ev.append(("alloc", next(keys), n))
 
 
-class _Keys:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def new(self) -> int:
-        self.n += 1
-        return self.n
+def _start(load: LoadPlan) -> tuple[itertools.count, list[Event]]:
+    """Fresh keys and the load's events; the peaks start after it, as what the job holds from
+    there on is what must fit: a peak while loading that an empty_cache ended (peft's upcast) is
+    given back to the driver by the free-and-retry path when memory is short."""
+    keys = itertools.count(1)
+    ev: list[Event] = []
+    _load_events(load, ev, keys)
+    ev.append(("mark", "loaded"))
+    ev.append(("reset_peak",))
+    return keys, ev
 
 
 def split_like(total: int, shapes: list[int]) -> list[int]:
@@ -131,13 +134,7 @@ def split_like(total: int, shapes: list[int]) -> list[int]:
 
 
 def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
-    keys = _Keys()
-    ev: list[Event] = []
-    _load_events(p.load, ev, keys)
-    ev.append(("mark", "loaded"))
-    # what the job holds from here on is what must fit: a peak while loading that an empty_cache
-    # ended (peft's upcast) is given back to the driver by the free-and-retry path when memory is short
-    ev.append(("reset_peak",))
+    keys, ev = _start(p.load)
     states: list[int] = []
     # transients are tensors shaped like the layer's own: its saved activations, its scores
     shapes = p.saved + ([p.scores] if p.scores else [])
@@ -146,34 +143,34 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
     for step in range(1, steps + 1):
         # --- forward
         if step == 1 and p.workspaces:
-            ev.append(("alloc", keys.new(), p.workspaces[0]))
-        shared = keys.new()
+            ev.append(("alloc", next(keys), p.workspaces[0]))
+        shared = next(keys)
         ev.append(("alloc", shared, p.shared))
         layer_keys: list[list[int]] = []
         for i in range(p.layers):
             saved = p.first_saved if i == 0 else p.saved
             if p.dequant:
-                d = keys.new()
+                d = next(keys)
                 ev.append(("alloc", d, p.dequant))
                 ev.append(("free", d))
             if p.checkpointed:
-                k = keys.new()
+                k = next(keys)
                 ev.append(("alloc", k, p.checkpoint_input))
-                inner = [keys.new() for _ in saved]
+                inner = [next(keys) for _ in saved]
                 ev += [("alloc", x, n) for x, n in zip(inner, saved)]
                 ev += [("free", x) for x in inner]
                 layer_keys.append([k])
             else:
-                ks = [keys.new() for _ in saved]
+                ks = [next(keys) for _ in saved]
                 ev += [("alloc", x, n) for x, n in zip(ks, saved)]
                 layer_keys.append(ks)
-            ts = [keys.new() for _ in fwd_pieces]
+            ts = [next(keys) for _ in fwd_pieces]
             ev += [("alloc", x, n) for x, n in zip(ts, fwd_pieces)]
             ev += [("free", x) for x in ts]
         named: dict[str, int] = {}
         step_end, fwd_end = [], []
         for name, n, life in p.loss_forward:
-            k = named[name] = keys.new()
+            k = named[name] = next(keys)
             ev.append(("alloc", k, n))
             if life == "free":
                 fwd_end.append(name)
@@ -184,19 +181,19 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
         ev.append(("mark", f"step {step} forward"))
         # --- loss backward
         if step == 1:
-            ev += [("alloc", keys.new(), n) for n in p.workspaces[1:]]
+            ev += [("alloc", next(keys), n) for n in p.workspaces[1:]]
         for op in p.loss_backward:
             if op[0] == "alloc":
-                k = named[op[1]] = keys.new()
+                k = named[op[1]] = next(keys)
                 ev.append(("alloc", k, op[2]))
             else:
                 ev.append(("free", named.pop(op[1])))
-        hg = keys.new()
+        hg = next(keys)
         ev.append(("alloc", hg, p.head_input_grad))
         ev += [("free", k) for k in named.values()]
         grads: list[int] = []
         for n in p.root_grads[:1]:  # the head's (or tied embedding's) gradient, from the loss backward
-            g = keys.new()
+            g = next(keys)
             ev.append(("alloc", g, n))
             grads.append(g)
         # --- layers' backward, last first
@@ -204,19 +201,19 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
             saved = p.first_saved if i == 0 else p.saved
             recomputed = []
             if p.checkpointed:
-                recomputed = [keys.new() for _ in saved]
+                recomputed = [next(keys) for _ in saved]
                 ev += [("alloc", x, n) for x, n in zip(recomputed, saved)]
             if p.dequant:
-                d = keys.new()
+                d = next(keys)
                 ev.append(("alloc", d, p.dequant))
                 ev.append(("free", d))
-            pieces = [keys.new() for _ in bwd_pieces]
+            pieces = [next(keys) for _ in bwd_pieces]
             ev += [("alloc", x, n) for x, n in zip(pieces, bwd_pieces)]
             for n in p.layer_grads:
-                g = keys.new()
+                g = next(keys)
                 ev.append(("alloc", g, n))
                 grads.append(g)
-            out = keys.new()  # the gradient into the layer below
+            out = next(keys)  # the gradient into the layer below
             ev.append(("alloc", out, p.head_input_grad))
             ev += [("free", x) for x in recomputed + layer_keys[i]]
             ev.append(("free", hg))
@@ -224,7 +221,7 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
             hg = out
         ev.append(("free", hg))
         for n in p.root_grads[1:]:
-            g = keys.new()
+            g = next(keys)
             ev.append(("alloc", g, n))
             grads.append(g)
         ev.append(("free", shared))
@@ -233,17 +230,17 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
         if not states:
             for per in [x for _ in range(p.layers) for x in p.layer_states] + p.root_states:
                 for n in per:
-                    k = keys.new()
+                    k = next(keys)
                     ev.append(("alloc", k, n))
                     states.append(k)
         temporaries = [n for _ in range(p.layers) for n in p.layer_temps] + p.root_temps
         if p.temporaries_together:
-            ts = [keys.new() for _ in temporaries]
+            ts = [next(keys) for _ in temporaries]
             ev += [("alloc", x, n) for x, n in zip(ts, temporaries)]
             ev += [("free", x) for x in ts]
         else:
             for n in temporaries:
-                a, b = keys.new(), keys.new()
+                a, b = next(keys), next(keys)
                 ev += [("alloc", a, n), ("alloc", b, n), ("free", a), ("free", b)]
         ev += [("free", g) for g in grads]
         ev += [("free", x) for x in step_end]
@@ -364,7 +361,6 @@ def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[i
         backward_transient=backward_transient,
         scores=scores,
         dequant=dequant,
-        dequant_calls=1,
         shared=shared,
         loss_forward=fwd,
         loss_backward=bwd,
@@ -404,22 +400,18 @@ class InferencePlan:
 
 
 def inference_events(p: InferencePlan, steps: int = DECODE_STEPS_REPLAYED) -> list[Event]:
-    keys = _Keys()
-    ev: list[Event] = []
-    _load_events(p.load, ev, keys)
-    ev.append(("mark", "loaded"))
-    ev.append(("reset_peak",))
-    ev += [("alloc", keys.new(), n) for n in p.workspaces]
+    keys, ev = _start(p.load)
+    ev += [("alloc", next(keys), n) for n in p.workspaces]
     cache: list[tuple[int, int]] = []
     for i in range(p.layers):
-        ts = [keys.new() for _ in p.prefill_pieces]
+        ts = [next(keys) for _ in p.prefill_pieces]
         ev += [("alloc", x, n) for x, n in zip(ts, p.prefill_pieces)]
-        k, v = keys.new(), keys.new()  # the projections' outputs become the cache (DynamicLayer.update)
+        k, v = next(keys), next(keys)  # the projections' outputs become the cache (DynamicLayer.update)
         half = p.prompt_cache[i] // 2
         ev += [("alloc", k, half), ("alloc", v, p.prompt_cache[i] - half)]
         ev += [("free", x) for x in ts]
         cache.append((k, v))
-    hs = [keys.new() for _ in p.head]
+    hs = [next(keys) for _ in p.head]
     ev += [("alloc", x, n) for x, n in zip(hs, p.head)]
     ev += [("free", x) for x in hs]
     ev.append(("mark", "prefill"))
@@ -428,17 +420,17 @@ def inference_events(p: InferencePlan, steps: int = DECODE_STEPS_REPLAYED) -> li
     replayed = min(p.new_tokens, steps)
     for j in range(1, replayed + 1):
         for i in range(p.layers):
-            ts = [keys.new() for _ in p.decode_pieces]
+            ts = [next(keys) for _ in p.decode_pieces]
             ev += [("alloc", x, n) for x, n in zip(ts, p.decode_pieces)]
             if p.grows:
                 size = p.prompt_cache[i] + (p.final_cache[i] - p.prompt_cache[i]) * j // replayed
                 half = size // 2
-                k, v = keys.new(), keys.new()
+                k, v = next(keys), next(keys)
                 # torch.cat([past, new]) makes the longer tensor while the shorter is alive
                 ev += [("alloc", k, half), ("free", cache[i][0]), ("alloc", v, size - half), ("free", cache[i][1])]
                 cache[i] = (k, v)
             ev += [("free", x) for x in ts]
-        lg = keys.new()
+        lg = next(keys)
         ev += [("alloc", lg, p.logits), ("free", lg)]
     ev.append(("mark", "decode"))
     return ev

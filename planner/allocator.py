@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Iterable
 
 from pydantic import BaseModel, field_validator
 
@@ -183,6 +183,17 @@ def _link_after(b: _Block, new: _Block) -> None:
     else:
         b.segment.last = new
     b.next = new
+
+
+def _absorb(b: _Block, nb: _Block) -> _Block:
+    """Merge neighbour `nb` into `b` (either side); the block that remains."""
+    if nb is b.prev:
+        nb.size += b.size
+        _unlink(b)
+        return nb
+    b.size += nb.size
+    _unlink(nb)
+    return b
 
 
 def _unlink(b: _Block) -> None:
@@ -482,13 +493,7 @@ class CachingAllocator:
         for nb in (b.prev, b.next):
             if nb is not None and nb.free:
                 pool.remove(nb)
-                if nb is b.prev:
-                    nb.size += b.size
-                    _unlink(b)
-                    b = nb
-                else:
-                    b.size += nb.size
-                    _unlink(nb)
+                b = _absorb(b, nb)
         pool.add(b)
 
     def release_cached(self) -> None:
@@ -528,13 +533,7 @@ class CachingAllocator:
                     seg.mapped -= b.size
                     for nb in (b.prev, b.next):  # holes merge with holes
                         if nb is not None and not nb.mapped:
-                            if nb is b.prev:
-                                nb.size += b.size
-                                _unlink(b)
-                                b = nb
-                            else:
-                                b.size += nb.size
-                                _unlink(nb)
+                            b = _absorb(b, nb)
                     nxt = b.next
             b = nxt
         last = seg.last
@@ -657,5 +656,3 @@ def replay(events: Iterable[Event], settings: AllocatorSettings | None = None) -
             raise ValueError(f"unknown allocator event {ev!r}")
     return a.stats()
 
-
-Mode = Literal["default", "expandable"]

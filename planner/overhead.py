@@ -46,6 +46,3 @@ def cublas_workspaces(gpu: GpuProfile | None, task: str) -> int:
     from the first matmul on: 64 MiB after one training step on the H100 (validate/results)."""
     return cublas_handles(task) * (gpu.workspace_bytes if gpu else DEFAULT_WORKSPACE_BYTES)
 
-
-def cuda_context(gpu: GpuProfile | None) -> int:
-    return gpu.cuda_context_bytes if gpu else DEFAULT_CONTEXT_BYTES

@@ -80,11 +80,6 @@ class Estimate(BaseModel):
     host_bytes: int = 0
     notes: list[str] = []
 
-    @property
-    def needed_bytes(self) -> int:
-        """What must fit on the card: the least the job runs in (required_bytes), else device used."""
-        return self.required_bytes or self.device_used_bytes
-
     def component(self, name: str) -> Component:
         for c in self.components:
             if c.name == name:
