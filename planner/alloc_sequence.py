@@ -20,6 +20,7 @@ Pure: numbers in, events out.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -460,6 +461,23 @@ def plan_inference(job, arch, stack, *, prompt_cache: list[int], final_cache: li
         new_tokens=job.new_tokens,
         workspaces=workspaces,
     )
+
+
+# decoder layers the replay walks at most. Every shipped model has fewer (Llama-3.1-405B: 126); a
+# config with more (any number up to ConfigReader's 10,000 is read) replays this many and scales
+# the allocator's slack by layers / MAX_REPLAYED_LAYERS, so one estimate stays well under a second
+MAX_REPLAYED_LAYERS = 128
+
+
+def bounded(plan) -> tuple[object, float]:
+    """`plan` cut to MAX_REPLAYED_LAYERS decoder layers, and the factor its slack is scaled by."""
+    if plan.layers <= MAX_REPLAYED_LAYERS:
+        return plan, 1.0
+    n = MAX_REPLAYED_LAYERS
+    cut = {"layers": n, "load": dataclasses.replace(plan.load, layers=n)}
+    if isinstance(plan, InferencePlan):
+        cut |= {"prompt_cache": plan.prompt_cache[:n], "final_cache": plan.final_cache[:n]}
+    return dataclasses.replace(plan, **cut), plan.layers / n
 
 
 def events(plan) -> list[Event]:

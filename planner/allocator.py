@@ -156,9 +156,19 @@ class _Segment:
 
 
 @dataclass
+class _Totals:
+    """Sums over the segments that hold a live block, kept as blocks move, so that reading them at
+    every new peak and every cudaMalloc costs nothing however many segments there are."""
+
+    inactive: int = 0  # their cached free bytes (inactive_split_bytes)
+    held: int = 0  # their mapped bytes: what a release cannot give back
+
+
+@dataclass
 class _Pool:
     """The free blocks of one (pool, stream), ordered by (size, segment, offset): best fit."""
 
+    totals: _Totals
     keys: list = field(default_factory=list)
     blocks: dict = field(default_factory=dict)
 
@@ -167,6 +177,8 @@ class _Pool:
         bisect.insort(self.keys, k)
         self.blocks[k] = b
         b.segment.free_bytes += b.size
+        if b.segment.live:
+            self.totals.inactive += b.size
 
     def remove(self, b: _Block) -> None:
         k = b.key()
@@ -174,6 +186,8 @@ class _Pool:
         del self.keys[i]
         del self.blocks[k]
         b.segment.free_bytes -= b.size
+        if b.segment.live:
+            self.totals.inactive -= b.size
 
 
 def _link_after(b: _Block, new: _Block) -> None:
@@ -216,6 +230,7 @@ class CachingAllocator:
         # read on every malloc: kept as plain attributes (the pydantic model is slower to read)
         self._limit = self.s.max_split_size
         self._grows = self.s.expandable_segments
+        self._totals = _Totals()
         self.pools: dict[tuple[bool, int], _Pool] = {}
         self.segments: dict[int, _Segment] = {}
         self.live: dict[object, _Block | None] = {}
@@ -234,7 +249,7 @@ class CachingAllocator:
     def _pool(self, small: bool, stream: int) -> _Pool:
         pool = self.pools.get((small, stream))
         if pool is None:
-            pool = self.pools[(small, stream)] = _Pool()
+            pool = self.pools[(small, stream)] = _Pool(self._totals)
         return pool
 
     # --- malloc ------------------------------------------------------------------------------
@@ -266,7 +281,11 @@ class CachingAllocator:
             block.size = size
             pool.add(rest)
         block.free = False
-        block.segment.live += 1
+        seg = block.segment
+        seg.live += 1
+        if seg.live == 1:  # the segment joins those holding a live block
+            self._totals.inactive += seg.free_bytes
+            self._totals.held += seg.mapped
         self.live[key] = block
         self.allocated += block.size
         if self.allocated > self.peak_allocated:
@@ -420,7 +439,10 @@ class CachingAllocator:
                 seg.holes -= 1
             hole.mapped, hole.free = True, True
             fresh.add(hole)
-        seg.mapped += sum(take for _, take in maps)
+        grown = sum(take for _, take in maps)
+        seg.mapped += grown
+        if seg.live:
+            self._totals.held += grown
         pool = seg.pool
         m = start
         if m not in fresh:
@@ -474,11 +496,11 @@ class CachingAllocator:
 
     def _held(self) -> int:
         """Bytes of the segments a release cannot give back: those with a live block."""
-        return sum(s.mapped for s in self.segments.values() if s.live)
+        return self._totals.held
 
     def _inactive_split(self) -> int:
         # per segment, not per block: it is read at every new peak
-        return sum(s.free_bytes for s in self.segments.values() if s.live)
+        return self._totals.inactive
 
     # --- free ---------------------------------------------------------------------------------
     def free(self, key: object) -> None:
@@ -487,7 +509,11 @@ class CachingAllocator:
             return
         self.allocated -= b.size
         b.free = True
-        b.segment.live -= 1
+        seg = b.segment
+        seg.live -= 1
+        if seg.live == 0:
+            self._totals.inactive -= seg.free_bytes
+            self._totals.held -= seg.mapped
         pool = b.segment.pool
         # `try_merge_blocks`: only free (so mapped) neighbours in the same segment
         for nb in (b.prev, b.next):
@@ -531,6 +557,8 @@ class CachingAllocator:
                     b.size, b.free, b.mapped = hi - lo, False, False
                     self.reserved -= b.size
                     seg.mapped -= b.size
+                    if seg.live:
+                        self._totals.held -= b.size
                     for nb in (b.prev, b.next):  # holes merge with holes
                         if nb is not None and not nb.mapped:
                             b = _absorb(b, nb)
@@ -620,6 +648,9 @@ class CachingAllocator:
                 assert seg.mapped == seg.size
             mapped_total += seg.mapped
         assert free_seen == set(pooled)
+        live_segs = [g for g in self.segments.values() if g.live]
+        assert self._totals.inactive == sum(g.free_bytes for g in live_segs)
+        assert self._totals.held == sum(g.mapped for g in live_segs)
         assert self.reserved == mapped_total <= self.s.capacity
         assert self.allocated == sum(b.size for b in self.live.values() if b is not None)
         assert all(b is None or not b.free for b in self.live.values())

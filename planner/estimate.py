@@ -790,13 +790,17 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
         # the caching allocator replayed over the step's allocation sequence (planner/allocator.py),
         # on the card's memory when one is given: past it the allocator releases its cached segments
         # and retries, so what pynvml shows is capped there while the job still runs
-        events = alloc_sequence.events(walk.alloc_plan)
+        plan, scale = alloc_sequence.bounded(walk.alloc_plan)
+        events = alloc_sequence.events(plan)
         capacity = gpu.memory_bytes - beside if gpu else NO_LIMIT
         stats = replay(events, AllocatorSettings(expandable_segments=job.expandable_segments, capacity=max(capacity, 0)))
-        slack = max(stats.peak_reserved_bytes - stats.peak_allocated_bytes, 0)
-        least = max(stats.required_bytes - stats.peak_allocated_bytes, 0)
-        walk.fixed("allocator slack", slack, overhead.slack_formula(stats, len(events), job.expandable_segments),
-                   [peak.name], "reserved")
+        slack = int(max(stats.peak_reserved_bytes - stats.peak_allocated_bytes, 0) * scale)
+        least = int(max(stats.required_bytes - stats.peak_allocated_bytes, 0) * scale)
+        formula = overhead.slack_formula(stats, len(events), job.expandable_segments)
+        if scale != 1.0:
+            formula += (f"; {alloc_sequence.MAX_REPLAYED_LAYERS} of {arch.layers} layers replayed, the slack "
+                        "scaled by their ratio")
+        walk.fixed("allocator slack", slack, formula, [peak.name], "reserved")
     else:
         walk.fixed("allocator slack", slack, f"{overhead.FRAGMENTATION:.0%} of peak (no allocation sequence for "
                    "this job: see docs/allocator.md)", [peak.name], "reserved")
