@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import activations as act
 from . import inference as inf
 from . import alloc_sequence, liger, offload, overhead, prequantized
-from .allocator import NO_LIMIT, AllocatorSettings, replay
+from .allocator import NO_LIMIT, AllocatorSettings
 from .device_memory import TERM_NAMES, outside_torch
 from .attention import Kernel
 from .phases import Moment, PhaseName
@@ -791,12 +791,12 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
         # on the card's memory when one is given: past it the allocator releases its cached segments
         # and retries, so what pynvml shows is capped there while the job still runs
         plan, scale = alloc_sequence.bounded(walk.alloc_plan)
-        events = alloc_sequence.events(plan)
         capacity = gpu.memory_bytes - beside if gpu else NO_LIMIT
-        stats = replay(events, AllocatorSettings(expandable_segments=job.expandable_segments, capacity=max(capacity, 0)))
+        stats, n_events = alloc_sequence.replayed(plan, AllocatorSettings(
+            expandable_segments=job.expandable_segments, capacity=max(capacity, 0)))
         slack = int(max(stats.peak_reserved_bytes - stats.peak_allocated_bytes, 0) * scale)
         least = int(max(stats.required_bytes - stats.peak_allocated_bytes, 0) * scale)
-        formula = overhead.slack_formula(stats, len(events), job.expandable_segments)
+        formula = overhead.slack_formula(stats, n_events, job.expandable_segments)
         if scale != 1.0:
             formula += (f"; {alloc_sequence.MAX_REPLAYED_LAYERS} of {arch.layers} layers replayed, the slack "
                         "scaled by their ratio")
