@@ -723,7 +723,7 @@ def trace(
 
             result = trace_sharded(job, detail=detail)
         else:
-            result = trace_inference(job) if job.task == "infer" else trace_training(job)
+            result = trace_inference(job, allocator=True) if job.task == "infer" else trace_training(job, allocator=True)
     except ValueError as exc:
         fail(str(exc))
     if as_json and from_config is None:

@@ -79,7 +79,7 @@ JOBS = [
 
 @pytest.mark.parametrize("fields", JOBS, ids=lambda f: f"{Path(f['model']).stem}-{f['method']}-{f['seq_len']}")
 def test_training_sequence_balances_and_replays(fields, trackers):
-    r = trace_training(Job(**fields))
+    r = trace_training(Job(**fields), allocator=True)
     tr = trackers[0]
     events = tr.events[: r.events]  # what the trace replayed; frees after it are the model dying
     live, peak = live_after(events)
@@ -122,7 +122,7 @@ def test_training_sequence_balances_and_replays(fields, trackers):
 
 
 def test_inference_sequence_balances(trackers):
-    r = trace_inference(Job(model=tiny("llama"), task="infer", micro_batch=2, seq_len=128, new_tokens=3))
+    r = trace_inference(Job(model=tiny("llama"), task="infer", micro_batch=2, seq_len=128, new_tokens=3), allocator=True)
     tr = trackers[0]
     events = tr.events[: r.events]
     # generate() frees its last step's temporaries after the last phase ends, so the live set is

@@ -51,8 +51,11 @@ class TraceResult(BaseModel):
     allocations: int | None = None  # of them, allocations
 
 
-def replayed(events: list[tuple]) -> dict:
-    """The TraceResult fields of the allocator model replayed over `events`, both settings."""
+def replayed(events: list[tuple] | None) -> dict:
+    """The TraceResult fields of the allocator model replayed over `events`, both settings (none
+    when the trace did not record its sequence)."""
+    if events is None:
+        return {}
     return dict(allocator=replay(events), allocator_expandable=replay(events, AllocatorSettings(expandable_segments=True)),
                 events=len(events), allocations=sum(1 for e in events if e[0] == "alloc"))
 
@@ -110,7 +113,7 @@ def _refuse(job: Job) -> None:
         raise ValueError(why)
 
 
-def trace_training(job: Job, iterations: int = 2) -> TraceResult:
+def trace_training(job: Job, iterations: int = 2, allocator: bool = False) -> TraceResult:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -124,7 +127,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
     started = time.perf_counter()
     arch = load_model(job.model)
     model = training_meta_model(job, arch)
-    tracker = LiveBytes(record=True)
+    tracker = LiveBytes(record=allocator)  # `allocator`: record the sequence and replay it
     timeline: list[PhaseSnapshot] = []
     with FakeTensorMode(allow_non_fake_inputs=True), _unmaterialised_causal_mask():
         model = model.to_empty(device="cpu")
@@ -146,7 +149,7 @@ def trace_training(job: Job, iterations: int = 2) -> TraceResult:
                         run_phase(phase, model, opt, ids, state)
                     timeline.append(_snapshot(tracker, it, phase, tracker.phase_peak, model, opt))
         # the step's sequence: what dies after this (the model, the optimizer) is no part of it
-        events = list(tracker.events)
+        events = list(tracker.events) if allocator else None
     steady = [s for s in timeline if s.iteration == iterations - 1]
     top = max(steady, key=lambda s: s.peak_bytes)
     return TraceResult(
@@ -174,7 +177,7 @@ def _snapshot(tracker, iteration, phase, phase_peak, model, opt) -> PhaseSnapsho
     )
 
 
-def trace_inference(job: Job) -> TraceResult:
+def trace_inference(job: Job, allocator: bool = False) -> TraceResult:
     """Prefill of the prompt and `new_tokens` decode steps as generate() runs them (KV cache on,
     logits for the last position only), under no_grad."""
     import torch
@@ -192,7 +195,7 @@ def trace_inference(job: Job) -> TraceResult:
     cfg = hf_config(job.model, job.attention)
     cfg.use_cache = True
     model = meta_model(cfg, DTYPES[job.base_weight_dtype.value])
-    tracker = LiveBytes(record=True)
+    tracker = LiveBytes(record=allocator)  # `allocator`: record the sequence and replay it
     timeline: list[PhaseSnapshot] = []
     with FakeTensorMode(allow_non_fake_inputs=True), _unmaterialised_causal_mask(), torch.no_grad():
         model = model.to_empty(device="cpu")
@@ -206,7 +209,7 @@ def trace_inference(job: Job) -> TraceResult:
             for phase in generation(model, ids, job.new_tokens, make_cache(job, model.config)):
                 timeline.append(_inference_snapshot(tracker, phase))
                 tracker.start_phase("decode")  # the phase after the prefill, if there is one
-        events = list(tracker.events)
+        events = list(tracker.events) if allocator else None
     top = max(timeline, key=lambda s: s.peak_bytes)
     return TraceResult(job=job, peak_allocated_bytes=top.peak_bytes, peak_phase=top.phase, timeline=timeline,
                        seconds=time.perf_counter() - started, **replayed(events))

@@ -64,7 +64,7 @@ def trace_row(job_json: dict, iterations: int = GPU_STEPS) -> dict:
 
     from .trace import trace_training
 
-    r = trace_training(Job.model_validate(job_json), iterations=iterations)
+    r = trace_training(Job.model_validate(job_json), iterations=iterations, allocator=True)
     return {
         "trace_peak_allocated_bytes": r.peak_allocated_bytes,
         "replayed_peak_allocated_bytes": r.allocator.peak_allocated_bytes,
