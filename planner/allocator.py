@@ -490,7 +490,9 @@ class CachingAllocator:
         return True
 
     def _track_segments(self) -> None:
-        n = sum(1 for s in self.segments.values() if s.mapped)
+        # every cudaMalloc'd segment is mapped; of the few expandable ranges (one per pool and
+        # stream) only those with pages: counted without a scan of every segment
+        n = len(self.segments) - sum(1 for s in self._expandable.values() if not s.mapped)
         if n > self.peak_segments:
             self.peak_segments = n
 

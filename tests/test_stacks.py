@@ -95,7 +95,7 @@ def test_every_component_has_a_category():
     est = memplan.estimate("llama-2-7b", method="qlora", gpu="A10G", stack="transformers-5")
     cats = {c.name: c.category for c in est.components}
     assert cats["weights"] is Category.weights and cats["optimizer states"] is Category.optimizer
-    assert cats["CUDA context"] is Category.overhead and cats["activations"] is Category.activations
+    assert cats["CUDA context at init"] is Category.overhead and cats["activations"] is Category.activations
     inf = memplan.estimate("llama-2-7b", task="infer", new_tokens=8, stack="transformers-5")
     assert {c.name: c.category for c in inf.components}["KV cache"] is Category.kv_cache
 
