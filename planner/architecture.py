@@ -38,6 +38,12 @@ class LinearSpec(BaseModel):
     copies: int = 1
     # Which half of the block it belongs to: the backward runs the MLP's before the attention's
     part: Literal["attention", "mlp"] = "mlp"
+    # How tensor parallelism splits it (Megatron-LM, Shoeybi et al. 2019, section 3; vLLM's
+    # ColumnParallelLinear / RowParallelLinear, transformers' tp_plan "colwise" / "rowwise"): a
+    # linear that reads the residual stream is column-parallel (its outputs split), the one that
+    # writes back into it row-parallel (its inputs split, the partial sums all-reduced); a tiny
+    # gate stays whole on every rank
+    tp_style: Literal["colwise", "rowwise", "replicated"] = "colwise"
 
     @property
     def params(self) -> int:
@@ -398,7 +404,8 @@ def attention_linears(h: int, q: int, kv: int, bias: bool, o_bias: bool | None =
         LinearSpec(name="q_proj", d_in=h, d_out=q, bias=bias, part="attention"),
         LinearSpec(name="k_proj", d_in=h, d_out=kv, bias=bias, part="attention"),
         LinearSpec(name="v_proj", d_in=h, d_out=kv, bias=bias, part="attention"),
-        LinearSpec(name="o_proj", d_in=q, d_out=h, bias=bias if o_bias is None else o_bias, part="attention"),
+        LinearSpec(name="o_proj", d_in=q, d_out=h, bias=bias if o_bias is None else o_bias, part="attention",
+                   tp_style="rowwise"),
     ]
 
 

@@ -234,9 +234,17 @@ JOB_OPTIONS: dict[str, _JobOption] = {
                                       "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows "
                                       "one range per pool instead of a segment per cudaMalloc (planner/allocator.py)"),
     "gpu": _JobOption(Optional[str], ("--gpu", "-g"), "GPU profile to check the fit against", "none"),
-    "num_gpus": _JobOption(Optional[int], ("--num-gpus", "-n"), "data-parallel GPUs"),
+    "num_gpus": _JobOption(Optional[int], ("--num-gpus", "-n"), "GPUs: data-parallel ranks in training; in "
+                           "inference the GPUs --sharding tp or device_map splits the model over"),
     "sharding": _JobOption(Optional[str], ("--sharding",),
-                           "none | ddp | zero1 | zero2 | zero3 | fsdp_full | fsdp_grad_op | fsdp_hybrid"),
+                           "training: none | ddp | zero1 | zero2 | zero3 | fsdp_full | fsdp_grad_op | fsdp_hybrid; "
+                           "inference: tp (tensor parallel) | device_map (accelerate's layer split)"),
+    "engine": _JobOption(Optional[str], ("--engine",), "inference: transformers (generate()) | vllm (vLLM 0.33's "
+                         "engine: paged KV cache, planner/serving.py)"),
+    "device_map": _JobOption(Optional[str], ("--device-map",), "--sharding device_map: auto | balanced | "
+                             "balanced_low_0 | sequential (from_pretrained device_map=)", "auto"),
+    "max_memory": _JobOption(Optional[str], ("--max-memory",), "--sharding device_map: accelerate's max_memory, one "
+                             "figure per GPU (40GiB,80GiB; GiB = 2^30 B, GB = 10^9 B)", "each card's memory"),
     "cpu_offload": _JobOption(Optional[bool], ("--cpu-offload/--no-cpu-offload",),
                               "offload sharded parameters, gradients and optimizer states to host RAM"),
     "gpus_per_node": _JobOption(Optional[int], ("--gpus-per-node",), "GPUs per node (fsdp_hybrid shards within a node)"),

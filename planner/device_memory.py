@@ -28,7 +28,7 @@ MiB = 1024**2
 TERM_NAMES = ("CUDA context at init", "kernels and libraries the step loads", "cuDNN attention (library and kernels)",
               "CUDA context (driver, whole)", "HIP runtime context (driver, whole)",
               *(f"{lib} buffers ({group} communicator)" for lib in ("NCCL", "RCCL")
-                for group in ("world", "shard", "replicate")))
+                for group in ("world", "shard", "replicate", "tensor-parallel")))
 
 
 class Term(BaseModel):
@@ -179,9 +179,11 @@ def communicators(job: Job) -> dict[str, tuple[int, int]]:
     over several nodes runs on its mesh's two groups (shard: the GPUs of one node, replicate: one
     rank per node), and the world group is opened as well by the first barrier (accelerate's
     wait_for_everyone)."""
-    if job.num_gpus <= 1:
-        return {}
+    if job.num_gpus <= 1 or job.sharding == "device_map":
+        return {}  # accelerate's layer split moves activations with .to(): no collective, no communicator
     nodes = -(-job.num_gpus // job.gpus_per_node)
+    if job.sharding == "tp":
+        return {"tensor-parallel": (job.num_gpus, nodes)}
     world = {"world": (job.num_gpus, nodes)}
     if job.sharding == "fsdp_hybrid" and nodes > 1:
         return world | {"shard": (job.gpus_per_node, 1), "replicate": (nodes, nodes)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import activations as act
 from . import inference as inf
-from . import alloc_sequence, liger, offload, overhead, prequantized
+from . import alloc_sequence, liger, offload, overhead, prequantized, tensor_parallel
 from .allocator import NO_LIMIT, AllocatorSettings
 from .device_memory import TERM_NAMES, outside_torch
 from .attention import Kernel
@@ -70,7 +70,12 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     stack.check(job, arch)
     ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
     if job.task == "infer":
-        parts = _inference(job, arch, stack, ws)
+        lay = None
+        if job.sharding == "tp":
+            # one rank's model: split heads and MLP widths (planner/tensor_parallel.py)
+            lay = tensor_parallel.layout(arch, job.num_gpus, job.engine)
+            arch = tensor_parallel.rank_arch(arch, lay)
+        parts = _inference(job, arch, stack, ws, lay)
     else:
         parts = _training(job, arch, stack, ws)
     if not replay_allocator:
@@ -227,7 +232,8 @@ ROW_CATEGORY: dict[str, Category] = {
     "logits and loss": _C.transients, "logits held by the loop": _C.transients, "autocast lm_head copy": _C.transients,
     "layer forward transients": _C.transients, "backward transients": _C.transients,
     "dequantized weight": _C.transients, "decode dequantized weight": _C.transients,
-    "embedding input gradient": _C.transients, "logits": _C.transients,
+    "embedding input gradient": _C.transients, "logits": _C.transients, "logits shard": _C.transients,
+    "all-reduce output": _C.transients,
     "DoRA weight-norm transients": _C.transients,
     "embedding LoRA activations": _C.activations, "lm_head LoRA activations": _C.activations,
     "lm_head LoRA output": _C.transients,
@@ -721,10 +727,13 @@ def _unconverted_notes(job: Job, arch: ModelArch, stack: Stack) -> list[str]:
     return [note]
 
 
-def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
+def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_parallel.Layout | None = None):
     params = count_params(arch, stack)
     walk = _Walk()
     notes: list[str] = _unconverted_notes(job, arch, stack)
+    if lay is not None:
+        params = tensor_parallel.rank_params(params, arch, lay)
+        notes.append(lay.describe + "; figures are per GPU (rank 0, which holds the largest shares)")
     w, w_formula = weight_bytes(job, arch, params, stack)
     walk.row("weights", w_formula)
     walk.row("buffers", stack.buffers_formula(job, arch))
@@ -755,11 +764,21 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int):
     walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
     base = {"weights": w, "buffers": stack.buffer_bytes(job, arch), "cuBLAS workspaces": ws}
     walk.phase(LOAD, ("weights", {"weights": w, "buffers": stack.buffer_bytes(job, arch)}))
+    # tensor parallel: a row-parallel linear's partial sums and their all-reduced copy are alive
+    # together (torch functional all_reduce and vLLM's custom all-reduce write a new tensor); the
+    # head's logits shard beside the gathered logits (colwise_gather_output)
+    reduced = job.micro_batch * job.seq_len * arch.hidden * float_bytes(job.compute_dtype) if lay else 0
+    walk.row("all-reduce output", "tensor parallel: the all-reduced sum of one row-parallel linear beside its "
+                                  "partial sums (micro-batch x prompt x hidden)" if lay else "")
+    head_shard = head * lay.head_rows // arch.vocab if lay and job.engine == "transformers" else 0
+    walk.row("logits shard", "tensor parallel: this rank's slice of the logits before they are gathered"
+             if head_shard else "")
     walk.phase(PREFILL,
                ("weights + the prompt's KV cache + one layer's intermediates",
-                {**base, "KV cache": kv_prompt, "activations": pre - pre_dequant, "dequantized weight": pre_dequant}),
+                {**base, "KV cache": kv_prompt, "activations": pre - pre_dequant, "dequantized weight": pre_dequant,
+                 "all-reduce output": reduced}),
                ("weights + the prompt's KV cache + the head",
-                {**base, "KV cache": kv_prompt, "logits": head}))
+                {**base, "KV cache": kv_prompt, "logits": head, "logits shard": head_shard}))
     decode_moments = [("weights + full KV cache + one step's logits",
                        {**base, "KV cache": kv, "KV cache append": append,
                         "decode dequantized weight": decode_dequant, "logits": logits})]

@@ -26,14 +26,19 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 # Fields that only a training step reads: given with task="infer" they would be silently ignored.
 TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
-    "kbit_prepare", "gradient_checkpointing", "autocast", "num_gpus", "sharding", "cpu_offload", "gpus_per_node",
+    "kbit_prepare", "gradient_checkpointing", "autocast", "cpu_offload",
     "packing", "liger", "activation_offloading", "checkpoint_reentrant", "optimizer_in_backward", "chunked_loss",
     "dora", "fsdp_version", "fsdp_mixed_precision", "deepspeed",
 )
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
 # Fields that only inference reads.
-INFERENCE_ONLY: tuple[str, ...] = ("new_tokens", "kv_cache_dtype", "cache_implementation")
+INFERENCE_ONLY: tuple[str, ...] = ("new_tokens", "kv_cache_dtype", "cache_implementation", "engine", "device_map",
+                                   "max_memory")
+# How inference spreads over several GPUs (--sharding): tensor parallelism (planner/tensor_parallel.py)
+# or accelerate's layer split (planner/device_map.py); "none" is one GPU
+INFERENCE_SHARDINGS: tuple[str, ...] = ("none", "tp", "device_map")
+DeviceMapStrategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 
 
 def _flag(field: str, value) -> str:
@@ -140,6 +145,13 @@ class Job(BaseModel):
     # generate(cache_implementation=...): "dynamic" = DynamicCache (grows by torch.cat), "static" = StaticCache
     # (StaticLayer preallocates prompt + new tokens for every layer at the first update)
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    # what runs the model (inference): "transformers" = generate(); "vllm" = vLLM 0.33's engine, whose
+    # tensor-parallel split replicates KV heads when the GPUs outnumber them (planner/tensor_parallel.py)
+    engine: Literal["transformers", "vllm"] = "transformers"
+    # --sharding device_map: from_pretrained(device_map=...)'s strategy (None: auto) and accelerate's
+    # max_memory per GPU in bytes (None: derived from each card's memory, planner/device_map.py)
+    device_map: DeviceMapStrategy | None = None
+    max_memory: tuple[int, ...] | None = None
 
     def __init__(self, **fields) -> None:
         # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
@@ -155,6 +167,19 @@ class Job(BaseModel):
         if v <= 0:
             raise MemplanInputError(f"{info.field_name.replace('_', '-')} must be a positive integer, got {v}")
         return v
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _sizes(cls, v):
+        """--max-memory '40GiB,80GiB' (one figure per GPU) or a sequence of byte counts."""
+        if not isinstance(v, str):
+            return v
+        from .units import parse_size
+
+        try:
+            return tuple(parse_size(part) for part in v.split(","))
+        except ValueError as exc:
+            raise MemplanInputError(f"--max-memory {v!r}: {exc}; one figure per GPU, comma-separated") from None
 
     @field_validator("new_tokens", "chunked_loss")
     @classmethod
@@ -182,11 +207,12 @@ class Job(BaseModel):
                 )
             if self.method == "lora" and w.is_4bit:
                 raise MemplanInputError(f"lora over {w.value} weights is qlora: use --method qlora")
-        if self.task == "infer" and (self.num_gpus > 1 or self.sharding != "none"):
+        if self.task == "infer":
+            self._check_inference_sharding()
+        elif self.sharding in ("tp", "device_map"):
             raise MemplanInputError(
-                f"inference over {self.num_gpus} GPUs needs tensor or pipeline parallelism, which memplan does not model; "
-                "use --num-gpus 1 and --sharding none"
-            )
+                f"--sharding {self.sharding} is modelled for inference (--task infer); for training use none, ddp, "
+                "zero1, zero2, zero3, fsdp_full, fsdp_grad_op or fsdp_hybrid")
         if self.cpu_offload and self.sharding not in ("zero1", "zero2", "zero3", "fsdp_full", "fsdp_hybrid"):
             raise MemplanInputError(
                 f"cpu offload needs a sharded strategy (zero1, zero2, zero3, fsdp_full, fsdp_hybrid), got {self.sharding}"
@@ -232,6 +258,34 @@ class Job(BaseModel):
                                         f"--sharding {self.sharding}: drop them")
             self.deepspeed.check(int(self.sharding[-1]), self.cpu_offload)
         return self
+
+    def _check_inference_sharding(self) -> None:
+        if self.sharding not in INFERENCE_SHARDINGS:
+            raise MemplanInputError(
+                f"--sharding {self.sharding} shards training state; inference takes --sharding tp (tensor parallel) "
+                "or device_map (accelerate's layer split)")
+        if self.num_gpus > 1 and self.sharding == "none":
+            raise MemplanInputError(
+                f"inference over {self.num_gpus} GPUs: say how the model is split, --sharding tp (tensor parallel) or "
+                "--sharding device_map (accelerate's layer split)")
+        if self.sharding == "tp" and self.num_gpus == 1:
+            raise MemplanInputError("--sharding tp over 1 GPU splits nothing: give --num-gpus 2 or more")
+        if (self.device_map is not None or self.max_memory is not None) and self.sharding != "device_map":
+            raise MemplanInputError("--device-map and --max-memory apply to --sharding device_map: add it, or drop them")
+        if self.max_memory is not None:
+            if len(self.max_memory) != self.num_gpus:
+                raise MemplanInputError(f"--max-memory gives {len(self.max_memory)} GPU(s), --num-gpus {self.num_gpus}: "
+                                        "give one figure per GPU")
+            if any(m <= 0 for m in self.max_memory):
+                raise MemplanInputError(f"--max-memory figures must be positive, got {list(self.max_memory)}")
+        if self.sharding == "device_map" and self.engine == "vllm":
+            raise MemplanInputError("--sharding device_map is accelerate's (transformers); vLLM splits a model with "
+                                    "--sharding tp")
+        if self.engine == "vllm" and self.kv_cache_dtype not in (None, "fp8"):
+            raise MemplanInputError(f"--kv-cache-dtype {self.kv_cache_dtype} is transformers' QuantizedCache; vLLM "
+                                    "takes fp8 (or none: the model's dtype)")
+        if self.engine == "vllm" and self.cache_implementation != "dynamic":
+            raise MemplanInputError("--cache-implementation is generate()'s; vLLM pages its cache in blocks: drop it")
 
     @model_validator(mode="after")
     def _nothing_ignored(self) -> "Job":

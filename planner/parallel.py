@@ -13,7 +13,9 @@ from typing import Literal
 
 from dataclasses import dataclass
 
-Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp_full", "fsdp_grad_op", "fsdp_hybrid"]
+# tp and device_map split inference (planner/tensor_parallel.py, planner/device_map.py); the rest training
+Sharding = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp_full", "fsdp_grad_op", "fsdp_hybrid", "tp",
+                   "device_map"]
 SHARDINGS: tuple[str, ...] = Sharding.__args__  # type: ignore[attr-defined]
 
 

@@ -22,9 +22,9 @@ def _parse(r, name, mt) -> ModelArch:
         r.fail("apply_residual_connection_post_layernorm must be false (the residual taken after the norm is not modelled)")
     linears = (
         LinearSpec(name="query_key_value", d_in=h, d_out=3 * h, bias=True, part="attention"),
-        LinearSpec(name="dense", d_in=h, d_out=h, bias=True, part="attention"),
+        LinearSpec(name="dense", d_in=h, d_out=h, bias=True, part="attention", tp_style="rowwise"),
         LinearSpec(name="dense_h_to_4h", d_in=h, d_out=4 * h, bias=True),  # BloomMLP: always 4h
-        LinearSpec(name="dense_4h_to_h", d_in=4 * h, d_out=h, bias=True),
+        LinearSpec(name="dense_4h_to_h", d_in=4 * h, d_out=h, bias=True, tp_style="rowwise"),
     )
     return ModelArch(
         name=name,

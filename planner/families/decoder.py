@@ -33,21 +33,21 @@ def llama_like(r: ConfigReader, name: str, family: str, *, decoder_layer: str, d
         n_experts, per_tok = experts
         linears += [
             LinearSpec(name="experts.gate_up_proj", d_in=h, d_out=2 * inter, module="fused experts", copies=n_experts),
-            LinearSpec(name="experts.down_proj", d_in=inter, d_out=h, module="fused experts", copies=n_experts),
+            LinearSpec(name="experts.down_proj", d_in=inter, d_out=h, module="fused experts", copies=n_experts, tp_style="rowwise"),
         ]
         router = LinearSpec(name="gate", d_in=h, d_out=n_experts, module="router")
         if shared_expert:  # Qwen2MoeSparseMoeBlock: shared_expert (Qwen2MoeMLP) and shared_expert_gate
             linears += [
                 LinearSpec(name="shared_expert.gate_proj", d_in=h, d_out=shared_expert),
                 LinearSpec(name="shared_expert.up_proj", d_in=h, d_out=shared_expert),
-                LinearSpec(name="shared_expert.down_proj", d_in=shared_expert, d_out=h),
-                LinearSpec(name="shared_expert_gate", d_in=h, d_out=1),
+                LinearSpec(name="shared_expert.down_proj", d_in=shared_expert, d_out=h, tp_style="rowwise"),
+                LinearSpec(name="shared_expert_gate", d_in=h, d_out=1, tp_style="replicated"),
             ]
     else:
         linears += [
             LinearSpec(name="gate_proj", d_in=h, d_out=inter, bias=mlp_bias),
             LinearSpec(name="up_proj", d_in=h, d_out=inter, bias=mlp_bias),
-            LinearSpec(name="down_proj", d_in=inter, d_out=h, bias=mlp_bias),
+            LinearSpec(name="down_proj", d_in=inter, d_out=h, bias=mlp_bias, tp_style="rowwise"),
         ]
     return ModelArch(
         name=name,

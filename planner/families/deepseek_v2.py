@@ -50,7 +50,7 @@ def mla_linears(h: int, heads: int, m: MLADims, bias: bool) -> list[LinearSpec]:
         LinearSpec(name="kv_a_proj_with_mqa", d_in=h, d_out=m.latent_width, bias=bias, part="attention"),
         LinearSpec(name="kv_b_proj", d_in=m.kv_lora_rank, d_out=heads * (m.qk_nope_head_dim + m.v_head_dim),
                    part="attention"),
-        LinearSpec(name="o_proj", d_in=heads * m.v_head_dim, d_out=h, bias=bias, part="attention"),
+        LinearSpec(name="o_proj", d_in=heads * m.v_head_dim, d_out=h, bias=bias, part="attention", tp_style="rowwise"),
     ]
 
 
@@ -77,7 +77,7 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
     bias = r.bool("mlp_bias", False) if mlp_bias else False
     dense_mlp = (LinearSpec(name="gate_proj", d_in=h, d_out=inter, bias=bias),
                  LinearSpec(name="up_proj", d_in=h, d_out=inter, bias=bias),
-                 LinearSpec(name="down_proj", d_in=inter, d_out=h, bias=bias))
+                 LinearSpec(name="down_proj", d_in=inter, d_out=h, bias=bias, tp_style="rowwise"))
     linears = mla_linears(h, heads, m, r.bool("attention_bias", False))
     per_tok = moe_inter = shared = 0
     router_spec = None
@@ -99,12 +99,12 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
             r.fail(f"topk_method must be greedy or group_limited_greedy, got {r.cfg['topk_method']!r}")
         linears += [
             LinearSpec(name="experts.gate_up_proj", d_in=h, d_out=2 * moe_inter, module="fused experts", copies=n_experts),
-            LinearSpec(name="experts.down_proj", d_in=moe_inter, d_out=h, module="fused experts", copies=n_experts),
+            LinearSpec(name="experts.down_proj", d_in=moe_inter, d_out=h, module="fused experts", copies=n_experts, tp_style="rowwise"),
         ]
         if shared:
             linears += [LinearSpec(name="shared_experts.gate_proj", d_in=h, d_out=shared, bias=bias),
                         LinearSpec(name="shared_experts.up_proj", d_in=h, d_out=shared, bias=bias),
-                        LinearSpec(name="shared_experts.down_proj", d_in=shared, d_out=h, bias=bias)]
+                        LinearSpec(name="shared_experts.down_proj", d_in=shared, d_out=h, bias=bias, tp_style="rowwise")]
         router_spec = LinearSpec(name="gate", d_in=h, d_out=n_experts, module="router")
     else:
         linears += dense_mlp

@@ -39,9 +39,9 @@ def _parse(r, name, mt) -> ModelArch:
     sub = "Linear subclass"  # FalconLinear
     linears = (
         LinearSpec(name="query_key_value", d_in=h, d_out=qkv_width, bias=bias, module=sub, part="attention"),
-        LinearSpec(name="dense", d_in=h, d_out=h, bias=bias, module=sub, part="attention"),
+        LinearSpec(name="dense", d_in=h, d_out=h, bias=bias, module=sub, part="attention", tp_style="rowwise"),
         LinearSpec(name="dense_h_to_4h", d_in=h, d_out=ffn, bias=bias, module=sub),
-        LinearSpec(name="dense_4h_to_h", d_in=ffn, d_out=h, bias=bias, module=sub),
+        LinearSpec(name="dense_4h_to_h", d_in=ffn, d_out=h, bias=bias, module=sub, tp_style="rowwise"),
     )
     if new_arch:
         # _split_heads broadcasts each group's key and value to its query heads and flattens them

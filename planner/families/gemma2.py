@@ -64,7 +64,7 @@ def gemma_sandwich_arch(r: ConfigReader, name: str, mt: str, *, decoder_layer: s
     linears = attention_linears(h, heads * hd, kv * hd, bias) + [
         LinearSpec(name="gate_proj", d_in=h, d_out=inter),
         LinearSpec(name="up_proj", d_in=h, d_out=inter),
-        LinearSpec(name="down_proj", d_in=inter, d_out=h),
+        LinearSpec(name="down_proj", d_in=inter, d_out=h, tp_style="rowwise"),
     ]
     window = r.int("sliding_window", default=4096)
     return ModelArch(

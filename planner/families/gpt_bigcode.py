@@ -15,9 +15,9 @@ def _parse(r, name, mt) -> ModelArch:
     inter = r.int("n_inner", default=4 * h)
     linears = (
         LinearSpec(name="c_attn", d_in=h, d_out=h + 2 * kv * hd, bias=True, part="attention"),
-        LinearSpec(name="attn.c_proj", d_in=h, d_out=h, bias=True, part="attention"),
+        LinearSpec(name="attn.c_proj", d_in=h, d_out=h, bias=True, part="attention", tp_style="rowwise"),
         LinearSpec(name="c_fc", d_in=h, d_out=inter, bias=True),
-        LinearSpec(name="mlp.c_proj", d_in=inter, d_out=h, bias=True),
+        LinearSpec(name="mlp.c_proj", d_in=inter, d_out=h, bias=True, tp_style="rowwise"),
     )
     return ModelArch(
         name=name,

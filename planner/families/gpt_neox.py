@@ -31,9 +31,9 @@ def _parse(r, name, mt) -> ModelArch:
     bias = r.bool("attention_bias", True)
     linears = (
         LinearSpec(name="query_key_value", d_in=h, d_out=3 * h, bias=bias, part="attention"),
-        LinearSpec(name="dense", d_in=h, d_out=h, bias=bias, part="attention"),
+        LinearSpec(name="dense", d_in=h, d_out=h, bias=bias, part="attention", tp_style="rowwise"),
         LinearSpec(name="dense_h_to_4h", d_in=h, d_out=inter, bias=True),  # GPTNeoXMLP: nn.Linear, biased
-        LinearSpec(name="dense_4h_to_h", d_in=inter, d_out=h, bias=True),
+        LinearSpec(name="dense_4h_to_h", d_in=inter, d_out=h, bias=True, tp_style="rowwise"),
     )
     return ModelArch(
         name=name,

@@ -46,7 +46,7 @@ def _parse(r, name, mt) -> ModelArch:
     linears = attention_linears(h, heads * hd, kv * hd, r.bool("attention_bias", True))
     linears += [
         LinearSpec(name="experts.gate_up_proj", d_in=h, d_out=2 * inter, bias=True, module="fused experts", copies=experts),
-        LinearSpec(name="experts.down_proj", d_in=inter, d_out=h, bias=True, module="fused experts", copies=experts),
+        LinearSpec(name="experts.down_proj", d_in=inter, d_out=h, bias=True, module="fused experts", copies=experts, tp_style="rowwise"),
     ]
     return ModelArch(
         name=name,

@@ -26,7 +26,7 @@ def _parse(r: ConfigReader, name: str, mt: str) -> ModelArch:
     linears = attention_linears(h, heads * hd, kv * hd, r.bool("attention_bias", False)) + [
         LinearSpec(name="gate_proj", d_in=h, d_out=inter),
         LinearSpec(name="up_proj", d_in=h, d_out=inter),
-        LinearSpec(name="down_proj", d_in=inter, d_out=h),
+        LinearSpec(name="down_proj", d_in=inter, d_out=h, tp_style="rowwise"),
     ]
     return ModelArch(
         name=name,

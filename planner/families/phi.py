@@ -14,10 +14,10 @@ def _parse(r, name, mt) -> ModelArch:
     kv = r.kv_heads(heads)
     inter = r.int("intermediate_size")
     linears = attention_linears(h, heads * hd, kv * hd, True)
-    linears[3] = LinearSpec(name="dense", d_in=heads * hd, d_out=h, bias=True, part="attention")
+    linears[3] = LinearSpec(name="dense", d_in=heads * hd, d_out=h, bias=True, part="attention", tp_style="rowwise")
     linears += [
         LinearSpec(name="fc1", d_in=h, d_out=inter, bias=True),
-        LinearSpec(name="fc2", d_in=inter, d_out=h, bias=True),
+        LinearSpec(name="fc2", d_in=inter, d_out=h, bias=True, tp_style="rowwise"),
     ]
     return ModelArch(
         name=name,

@@ -31,9 +31,9 @@ def _parse(r: ConfigReader, name: str, mt: str) -> ModelArch:
     q, k = heads * hd, kv * hd
     linears = (
         LinearSpec(name="qkv_proj", d_in=h, d_out=q + 2 * k, part="attention"),
-        LinearSpec(name="o_proj", d_in=q, d_out=h, part="attention"),
+        LinearSpec(name="o_proj", d_in=q, d_out=h, part="attention", tp_style="rowwise"),
         LinearSpec(name="gate_up_proj", d_in=h, d_out=2 * inter),
-        LinearSpec(name="down_proj", d_in=inter, d_out=h),
+        LinearSpec(name="down_proj", d_in=inter, d_out=h, tp_style="rowwise"),
     )
     scaling = r.cfg.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):

@@ -1,0 +1,114 @@
+"""Tensor-parallel inference (planner/tensor_parallel.py): per-GPU figures derived by hand.
+
+Each expected figure is written out from the config: per layer q and o (hidden x heads x head_dim
+/ N each), k and v (hidden x kv_heads x head_dim / N each), gate, up and down (hidden x intermediate
+/ N each), two norms whole; the embedding whole and the head split by vocabulary (transformers'
+tp_plan), or both split by the padded vocabulary (vLLM). KV cache: 2 (K and V) x layers x KV heads
+per GPU x head_dim x positions x batch x 2 B."""
+
+from __future__ import annotations
+
+import pytest
+
+from memplan.errors import MemplanInputError
+from memplan.estimate import estimate_memory
+from memplan.job import Job
+from memplan.profiles import load_gpu, load_model
+
+PROMPT, NEW = 2048, 256
+
+
+def _tp(model: str, n: int, engine: str = "transformers", **kw):
+    job = Job(model=model, task="infer", seq_len=PROMPT, new_tokens=NEW, num_gpus=n, sharding="tp", engine=engine, **kw)
+    return estimate_memory(job, load_model(model))
+
+
+def _layer(n: int, hidden: int = 8192, q: int = 8192, kv: int = 1024, inter: int = 28672) -> int:
+    return 2 * hidden * (q // n) + 2 * hidden * (kv // n) + 3 * hidden * (inter // n) + 2 * hidden
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_llama_2_70b_per_gpu(n):
+    est = _tp("llama-2-70b", n)
+    vocab = 32000
+    params = 80 * _layer(n) + vocab * 8192 + (vocab // n) * 8192 + 8192
+    assert est.bytes_of("weights") == params * 2
+    assert est.bytes_of("KV cache") == 2 * 80 * (8 // n) * 128 * (PROMPT + NEW) * 1 * 2
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_llama_3_70b_per_gpu(n):
+    est = _tp("llama-3-70b", n)
+    vocab = 128256
+    params = 80 * _layer(n) + vocab * 8192 + (vocab // n) * 8192 + 8192
+    assert est.bytes_of("weights") == params * 2
+    assert est.bytes_of("KV cache") == 2 * 80 * (8 // n) * 128 * (PROMPT + NEW) * 2
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_llama_3_70b_vllm_splits_the_embedding_too(n):
+    est = _tp("llama-3-70b", n, "vllm")
+    padded = 128256  # already a multiple of vLLM's 64-row vocabulary padding
+    params = 80 * _layer(n) + 2 * (padded // n) * 8192 + 8192
+    assert est.bytes_of("weights") == params * 2
+
+
+def test_fewer_kv_heads_than_gpus_are_replicated_by_vllm():
+    """Qwen3-30B-A3B: 32 query heads, 4 KV heads, over 8 GPUs: 4 query heads per GPU and each KV head
+    on 2 GPUs, so each GPU caches one KV head (vLLM QKVParallelLinear num_kv_head_replicas = 8 / 4)."""
+    est = _tp("qwen3-30b-a3b", 8, "vllm")
+    assert est.bytes_of("KV cache") == 2 * 48 * 1 * 128 * (PROMPT + NEW) * 2
+    assert any("each on 2 GPUs" in note for note in est.notes)
+    # transformers' tp_plan splits k_proj's rows and cannot: refused in one line naming vLLM
+    with pytest.raises(MemplanInputError, match="4 KV heads are not divisible by --num-gpus 8.*--engine vllm"):
+        _tp("qwen3-30b-a3b", 8)
+
+
+def test_qwen2_5_7b_over_8_gpus_is_refused_as_vllm_refuses_it():
+    """28 attention heads do not divide over 8 GPUs (vllm/config/model.py verify_with_parallel_config),
+    though its 4 KV heads would be replicated twice; over 4 GPUs each GPU holds 7 heads and 1 KV head."""
+    with pytest.raises(MemplanInputError, match="28 attention heads are not divisible by --num-gpus 8"):
+        _tp("qwen2.5-7b", 8, "vllm")
+    est = _tp("qwen2.5-7b", 4, "vllm")
+    assert est.bytes_of("KV cache") == 2 * 28 * 1 * 128 * (PROMPT + NEW) * 2
+    # weights: q/k/v carry biases (Qwen2Attention), split with their outputs; o_proj none
+    h, n = 3584, 4
+    layer = (h * 7 * 128 + 7 * 128) + 2 * (h * 128 + 128) + 7 * 128 * h + 3 * h * (18944 // n) + 2 * h
+    vocab_rows = -(-152064 // 64) * 64 // n
+    assert est.bytes_of("weights") == (28 * layer + 2 * vocab_rows * h + h) * 2
+
+
+def test_nccl_buffers_of_the_tensor_parallel_communicator():
+    g = load_gpu("A100-80GB")
+    job = Job(model="llama-2-70b", task="infer", num_gpus=4, sharding="tp", gpu="A100-80GB")
+    est = estimate_memory(job, load_model("llama-2-70b"), g)
+    assert est.bytes_of("NCCL buffers (tensor-parallel communicator)") > 0
+
+
+def test_per_gpu_shares_add_up_to_the_model():
+    """Over N GPUs the split parts sum to the whole; what is replicated (norms, the transformers
+    embedding) is counted on each GPU."""
+    whole = estimate_memory(Job(model="llama-3-70b", task="infer", seq_len=PROMPT, new_tokens=NEW),
+                            load_model("llama-3-70b"))
+    for n in (2, 4, 8):
+        est = _tp("llama-3-70b", n)
+        replicated = (128256 * 8192 + 80 * 2 * 8192 + 8192) * 2
+        assert n * (est.bytes_of("weights") - replicated) == whole.bytes_of("weights") - replicated
+        assert n * est.bytes_of("KV cache") == whole.bytes_of("KV cache")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(num_gpus=4), "say how the model is split"),
+    (dict(num_gpus=1, sharding="tp"), "splits nothing"),
+    (dict(num_gpus=2, sharding="zero3"), "inference takes --sharding tp"),
+])
+def test_bad_inference_sharding(fields, message):
+    with pytest.raises(MemplanInputError, match=message):
+        Job(model="llama-2-7b", task="infer", **fields)
+
+
+def test_tp_is_refused_for_training_and_unsupported_families():
+    with pytest.raises(MemplanInputError, match="modelled for inference"):
+        Job(model="llama-2-7b", num_gpus=2, sharding="tp")
+    with pytest.raises(MemplanInputError, match="no plain tp_plan"):
+        estimate_memory(Job(model="falcon-7b", task="infer", num_gpus=2, sharding="tp"), load_model("falcon-7b"))
