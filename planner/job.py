@@ -26,7 +26,7 @@ OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
 # Fields that only a training step reads: given with task="infer" they would be silently ignored.
 TRAINING_ONLY: tuple[str, ...] = (
     "optimizer", "foreach", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype",
-    "kbit_prepare", "gradient_checkpointing", "autocast", "cpu_offload",
+    "kbit_prepare", "gradient_checkpointing", "autocast", "cpu_offload", "gpus_per_node",
     "packing", "liger", "activation_offloading", "checkpoint_reentrant", "optimizer_in_backward", "chunked_loss",
     "dora", "fsdp_version", "fsdp_mixed_precision", "deepspeed",
 )

@@ -12,6 +12,12 @@ settings.register_profile("ci", max_examples=150, deadline=None, derandomize=Tru
 settings.register_profile("stress", max_examples=5000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The CLI's tables wrap at the terminal's width, COLUMNS first (planner/textable.py). pytest-xdist's
+# workers export the width of the terminal pytest runs in, which the `memplan` subprocesses the tests
+# start would inherit: they render at the piped width instead, whatever pytest runs under.
+for _var in ("COLUMNS", "LINES"):
+    os.environ.pop(_var, None)
+
 # the tiny configs ship in the package (memplan validate --matrix quick reads them from a wheel too)
 DATA = TINY_DIR
 

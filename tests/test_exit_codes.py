@@ -143,7 +143,7 @@ def test_compare_re_estimates_by_default_with_the_recorded_column():
         (["--task", "infer", "--no-kbit-prepare"], "--no-kbit-prepare applies to training"),
         (["--task", "infer", "--autocast"], "--autocast applies to training"),
         (["--task", "infer", "--gpus-per-node", "4"], "--gpus-per-node 4 applies to training"),
-        (["--task", "infer", "-n", "2"], "tensor or pipeline parallelism"),
+        (["--task", "infer", "-n", "2"], "say how the model is split"),
         (["--new-tokens", "16"], "--new-tokens 16 applies to inference"),
         (["--lora-alpha", "64"], "--lora-alpha 64 applies to lora and qlora, not to --method full"),
     ],

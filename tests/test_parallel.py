@@ -76,7 +76,7 @@ def test_ddp_replicas_hold_everything_plus_buckets():
 def test_bad_parallel_input():
     with pytest.raises((MemplanInputError, ValidationError), match="offload"):
         estimate("phi-2", cpu_offload=True)
-    with pytest.raises((MemplanInputError, ValidationError), match="tensor or pipeline"):
+    with pytest.raises((MemplanInputError, ValidationError), match="say how the model is split"):
         estimate("phi-2", task="infer", num_gpus=2)
 
 
