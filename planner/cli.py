@@ -449,13 +449,29 @@ def recommend(
     emit_path: str = typer.Option("accelerate_config.yaml", help="where --emit writes"),
     fsdp_version: int = typer.Option(2, "--fsdp-version", help="FSDP plans: 2 (fully_shard) or 1 "
                                      "(FullyShardedDataParallel), as accelerate's fsdp_version"),
+    task: str = job_option("task", "train"),
+    new_tokens: Optional[int] = job_option("new_tokens", help="--task infer: tokens generated per sequence"),
+    sequences: int = typer.Option(1, help="--task infer: sequences decoded together (the batch; the concurrency)"),
+    engine: Optional[str] = job_option("engine"),
+    kv_cache_dtype: Optional[str] = job_option("kv_cache_dtype"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """GPU kinds, counts, micro-batch, accumulation, checkpointing and sharding that fit, ranked by cost per million tokens."""
+    """GPU kinds, counts, micro-batch, accumulation, checkpointing and sharding that fit, ranked by cost per million
+    tokens; with --task infer, GPU kinds x tensor-parallel counts ranked by cost per million generated tokens."""
     from memplan.profiles import gpu_names, load_gpu
 
     from .fit import check_safety_margin
     from .recommend import recommend as search
+
+    if task == "infer":
+        return _recommend_inference(model, revision, stack, seq_len, new_tokens, sequences, engine, kv_cache_dtype,
+                                    weight_dtype, gpus, max_gpus, budget, price, safety_margin, mfu, top, emit,
+                                    emit_path, as_json)
+    if task != "train":
+        fail(f"unknown --task {task!r}: allowed: train, infer")
+    for name in ("new_tokens", "sequences", "engine", "kv_cache_dtype"):
+        if name in _typed_options():
+            fail(f"--{name.replace('_', '-')} applies to --task infer: drop it, or add --task infer")
 
     if global_batch <= 0:
         fail(f"global-batch must be a positive integer, got {global_batch}")
@@ -519,6 +535,58 @@ def recommend(
             if emit:
                 typer.echo(f"nothing to emit: no plan fits, so {emit_path} was not written")
     if advice is not None:
+        raise typer.Exit(code=EXIT_DOES_NOT_FIT)
+
+
+def _recommend_inference(model, revision, stack, seq_len, new_tokens, sequences, engine, kv_cache_dtype, weight_dtype,
+                         gpus, max_gpus, budget, price, safety_margin, mfu, top, emit, emit_path, as_json) -> None:
+    from memplan.profiles import gpu_names, load_gpu
+
+    from .fit import check_safety_margin
+    from .recommend_inference import recommend_inference
+
+    training = {"method", "optimizer", "lora_rank", "lora_targets", "autocast", "global_batch", "fsdp_version",
+                "from_file"}
+    for name in sorted(training & _typed_options()):
+        fail(f"--{name.replace('_', '-').replace('from-file', 'from')} applies to training, not to --task infer: drop it")
+    if model is None:
+        fail("recommend --task infer needs --model")
+    if sequences <= 0:
+        fail(f"sequences must be a positive integer, got {sequences}")
+    if max_gpus <= 0:
+        fail(f"max-gpus must be a positive integer, got {max_gpus}")
+    check_safety_margin(safety_margin)
+    if mfu is not None and not 0 < mfu <= 1:
+        fail(f"mfu must be in (0, 1], got {mfu}")
+    if emit not in (None, "vllm"):
+        fail(f"unknown --emit target {emit!r} for --task infer: allowed: vllm")
+    _check_top_and_emit_path(top, emit, emit_path)
+    fields = {k: v for k, v in dict(model=model, stack=stack, seq_len=seq_len, new_tokens=new_tokens,
+                                    micro_batch=sequences, engine=engine, kv_cache_dtype=kv_cache_dtype,
+                                    weight_dtype=weight_dtype).items() if v is not None}
+    base = _job(task="infer", **fields)
+    arch = _load_model(base.model, revision)
+    kinds = [load_gpu(g.strip()) for g in gpus.split(",")] if gpus else [load_gpu(g) for g in gpu_names()]
+    result = recommend_inference(base, arch, kinds, max_gpus, safety_margin, mfu, _parse_prices(price), budget)
+    if emit and result.plans:
+        from pathlib import Path
+
+        from .emit import vllm_serve_command
+
+        text = vllm_serve_command(result.plans[0].job, arch, safety_margin)
+        if emit_path == "accelerate_config.yaml":  # recommend's default path is the training one's: print
+            emit_path = ""
+        if emit_path:
+            Path(emit_path).write_text(text + "\n")
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        from .report import inference_plans_table
+
+        typer.echo(inference_plans_table(result, arch.name, top))
+        if emit and result.plans:
+            typer.echo(f"vllm serve command for the first plan written to {emit_path}" if emit_path else text)
+    if not result.plans:
         raise typer.Exit(code=EXIT_DOES_NOT_FIT)
 
 

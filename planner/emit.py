@@ -258,3 +258,16 @@ def accelerate_config(job: Job, arch: ModelArch, grad_accum: int, deepspeed_conf
     if cfg["num_machines"] > 1:
         header += "# multi-node: on each node set machine_rank (0..num_machines-1) and main_process_ip/port\n"
     return header + ds_comment + _yaml(dict(sorted(cfg.items()))) + "\n"
+
+
+def vllm_serve_command(job, arch, safety_margin: float) -> str:
+    """The `vllm serve` command line an inference plan assumes (vLLM 0.33 engine arguments,
+    vllm/engine/arg_utils.py): the model, the tensor-parallel size, the context it must hold and the
+    sequences it decodes together, the memory share it may take (the card less the margin kept)."""
+    parts = ["vllm serve", arch.name, f"--tensor-parallel-size {job.num_gpus}",
+             f"--max-model-len {job.seq_len + job.new_tokens}", f"--max-num-seqs {job.micro_batch}",
+             f"--gpu-memory-utilization {1 - safety_margin:.2f}",
+             f"--dtype {'bfloat16' if job.compute_dtype.value == 'bf16' else 'float16' if job.compute_dtype.value == 'fp16' else 'float32'}"]
+    if job.kv_cache_dtype == "fp8":
+        parts.append("--kv-cache-dtype fp8")
+    return " ".join(parts)

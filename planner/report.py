@@ -125,6 +125,25 @@ def recommend_table(result, model_name: str, top: int) -> str:
     return table(columns, rows, title=title)
 
 
+def inference_plans_table(result, model_name: str, top: int) -> str:
+    """recommend --task infer (planner/recommend_inference.py)."""
+    title = (f"{model_name}: inference plans that fit with {result.safety_margin:.0%} headroom, {result.sequences} "
+             f"sequence(s) x ({result.prompt} prompt + {result.new_tokens} new tokens), ranked by cost per 1M generated "
+             f"tokens (decode bandwidth-bound, prefill at {result.utilisation:.0%} of peak; all-reduce not modelled)")
+    if not result.plans:
+        why = "".join(f"\n  {k}: {v}" for k, v in list(result.refused.items())[:5])
+        return f"{title}\nnothing fits{why}"
+    names = ("GPU", "GPUs", "split", "dtype", "device used / GPU", "KV / GPU", "prefill s", "step ms", "tok/s",
+             "USD / 1M tok", "USD / h")
+    columns = [Column(n, right=n not in ("GPU", "split", "dtype")) for n in names]
+    rows = [[p.gpu, str(p.num_gpus), "tensor parallel" if p.sharding == "tp" else "one GPU", p.compute_dtype,
+             f"{gib(p.device_used_bytes)} of {gib(p.gpu_memory_bytes).removesuffix(' GiB')}", gib(p.kv_cache_bytes),
+             f"{p.prefill_seconds:,.2f}", f"{p.decode_step_seconds * 1e3:,.1f}", f"{p.tokens_per_second:,.0f}",
+             f"{p.usd_per_million_tokens:,.3f}", f"{p.usd_per_hour:,.2f}"]
+            for p in result.plans[:top]]
+    return table(columns, rows, title=title)
+
+
 def fragmentation_line(frag) -> str:
     """`estimate --explain`: the allocator's share of the device figure, and what expandable segments change."""
     share = frag.slack_bytes / frag.device_used_bytes if frag.device_used_bytes else 0
