@@ -241,6 +241,18 @@ JOB_OPTIONS: dict[str, _JobOption] = {
                            "inference: tp (tensor parallel) | device_map (accelerate's layer split)"),
     "engine": _JobOption(Optional[str], ("--engine",), "inference: transformers (generate()) | vllm (vLLM 0.33's "
                          "engine: paged KV cache, planner/serving.py)"),
+    "gpu_memory_utilization": _JobOption(Optional[float], ("--gpu-memory-utilization",),
+                                         "--engine vllm: the share of the card vLLM may take", "0.92, vLLM's"),
+    "max_model_len": _JobOption(Optional[int], ("--max-model-len",), "--engine vllm: longest request (prompt + "
+                                "output)", "the model's maximum positions"),
+    "max_num_seqs": _JobOption(Optional[int], ("--max-num-seqs",), "--engine vllm: sequences scheduled together",
+                               "vLLM's for the card"),
+    "max_num_batched_tokens": _JobOption(Optional[int], ("--max-num-batched-tokens",),
+                                         "--engine vllm: tokens per scheduler step (the profiled forward's)",
+                                         "vLLM's for the card"),
+    "block_size": _JobOption(Optional[int], ("--block-size",), "--engine vllm: tokens per KV-cache block", "16"),
+    "enforce_eager": _JobOption(Optional[bool], ("--enforce-eager/--no-enforce-eager",),
+                                "--engine vllm: no CUDA graphs"),
     "device_map": _JobOption(Optional[str], ("--device-map",), "--sharding device_map: auto | balanced | "
                              "balanced_low_0 | sequential (from_pretrained device_map=)", "auto"),
     "max_memory": _JobOption(Optional[str], ("--max-memory",), "--sharding device_map: accelerate's max_memory, one "
@@ -362,6 +374,8 @@ def estimate(
     job = _job(**fields)
     arch = _load_model(job.model, revision)
     g = load_gpu(job.gpu) if job.gpu else None
+    if job.engine == "vllm":
+        return _serve(job, arch, g, as_json, explain)
     est = estimate_memory(job, arch, g)
     extra = {"from_config": from_config} if from_config else {}
     if accel is not None:
@@ -390,6 +404,24 @@ def estimate(
             typer.echo(fragmentation_line(fragmentation(job, arch, g, est)))
             typer.echo(savings_table(savings, est))
     if est.fits is False:
+        raise typer.Exit(code=EXIT_DOES_NOT_FIT)
+
+
+def _serve(job, arch, gpu, as_json: bool, explain: bool) -> None:
+    """estimate --engine vllm: vLLM's KV-cache budget in place of generate()'s breakdown."""
+    from .serve import serve
+
+    if explain:
+        fail("--explain re-estimates generate()'s options; with --engine vllm change --gpu-memory-utilization, "
+             "--max-model-len, --max-num-seqs or --kv-cache-dtype fp8")
+    sv = serve(job, arch, gpu)
+    if as_json:
+        typer.echo(sv.model_dump_json(indent=2))
+    else:
+        from .report import serving_text
+
+        typer.echo(serving_text(sv, arch.name, gpu.name, job.seq_len + job.new_tokens))
+    if not sv.fits:
         raise typer.Exit(code=EXIT_DOES_NOT_FIT)
 
 
@@ -590,6 +622,41 @@ def _recommend_inference(model, revision, stack, seq_len, new_tokens, sequences,
         raise typer.Exit(code=EXIT_DOES_NOT_FIT)
 
 
+def _fit_serving(model, revision, gpu_name, seq_len, fields, as_json) -> None:
+    from memplan.profiles import load_gpu
+
+    from .serve import longest_model_len, serve
+
+    if model is None:
+        fail("fit --engine vllm needs --model")
+    arch = _load_model(model, revision)
+    g = load_gpu(gpu_name)
+    job = _job(model=model, task="infer", engine="vllm", gpu=g.name, seq_len=seq_len, **fields)
+    sv = serve(job, arch, g)
+    length = job.seq_len + job.new_tokens
+    together = sv.concurrent_sequences(min(length, sv.config.max_model_len)) if sv.fits else 0
+    longest = longest_model_len(job, arch, g)
+    if as_json:
+        typer.echo(json.dumps({"sequences": together, "sequence_tokens": length, "longest_max_model_len": longest,
+                               "serving": sv.model_dump(mode="json")}, indent=2))
+    else:
+        c = sv.config
+        tp = f" x {job.num_gpus} (tensor parallel)" if job.num_gpus > 1 else ""
+        typer.echo(f"{arch.name} served by vLLM 0.33 on {g.name}{tp}, gpu-memory-utilization {c.gpu_memory_utilization}:")
+        typer.echo(f"  KV cache: {sv.num_blocks:,} blocks x {c.block_size} = {sv.kv_capacity_tokens:,} tokens per GPU")
+        if sv.fits:
+            typer.echo(f"  sequences of {length:,} tokens at once: {together:,} (max-num-seqs {c.max_num_seqs})")
+        else:
+            typer.echo(f"  at max-model-len {c.max_model_len:,}: vLLM would refuse to start: {sv.error}")
+        if longest:
+            capped = " (the model's maximum)" if longest == arch.max_positions else ""
+            typer.echo(f"  longest max-model-len vLLM starts with: {longest:,} tokens{capped}")
+        else:
+            typer.echo("  no max-model-len fits: the weights and the profiled activations leave no KV cache")
+    if not sv.fits and not longest:
+        raise typer.Exit(code=EXIT_DOES_NOT_FIT)
+
+
 @app.command()
 def fit(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (required without --from)"),
@@ -612,9 +679,20 @@ def fit(
     lora_rank: Optional[int] = job_option("lora_rank"),
     autocast: Optional[bool] = job_option("autocast"),
     safety_margin: float = typer.Option(DEFAULT_SAFETY_MARGIN, help="share of the GPU's memory kept free"),
+    num_gpus: Optional[int] = job_option("num_gpus"),
+    sharding: Optional[str] = job_option("sharding"),
+    engine: Optional[str] = job_option("engine"),
+    gpu_memory_utilization: Optional[float] = job_option("gpu_memory_utilization"),
+    max_model_len: Optional[int] = job_option("max_model_len"),
+    max_num_seqs: Optional[int] = job_option("max_num_seqs"),
+    max_num_batched_tokens: Optional[int] = job_option("max_num_batched_tokens"),
+    block_size: Optional[int] = job_option("block_size"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The largest micro-batch (batch) and the longest sequence (context) that fit one GPU with --safety-margin free.
+
+    With --engine vllm (--task infer): how many sequences of --seq-len + --new-tokens tokens vLLM's KV cache holds
+    at once, and the longest --max-model-len it starts with; --gpu-memory-utilization is then the budget.
 
     Exit code 0 when something fits, 1 when not even micro-batch 1 at --seq-len or not even 1 token fits."""
     from memplan.profiles import load_gpu
@@ -622,10 +700,23 @@ def fit(
     from .fit import check_safety_margin, largest
     from .units import gib
 
+    if engine == "vllm":
+        if "safety_margin" in _typed_options():
+            fail("--safety-margin does not apply beside --engine vllm: vLLM's --gpu-memory-utilization is the budget")
+        if task != "infer":
+            fail("--engine vllm serves a model: add --task infer")
+        vllm = {k: v for k, v in dict(gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                      max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      block_size=block_size, num_gpus=num_gpus, sharding=sharding,
+                                      kv_cache_dtype=kv_cache_dtype, stack=stack, weight_dtype=weight_dtype,
+                                      compute_dtype=compute_dtype, new_tokens=new_tokens).items() if v is not None}
+        return _fit_serving(model, revision, gpu, seq_len, vllm, as_json)
     check_safety_margin(safety_margin)
     fields = dict(task=task, method=method, stack=stack, optimizer=optimizer, weight_dtype=weight_dtype,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
-                  new_tokens=new_tokens, autocast=autocast)
+                  new_tokens=new_tokens, autocast=autocast, num_gpus=num_gpus, sharding=sharding,
+                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size)
     fields.update(kv_cache_dtype=kv_cache_dtype, cache_implementation=cache_implementation)
     from_config = None
     if from_file is not None:  # the file's values, unless an option is typed (fit's own defaults do not override)

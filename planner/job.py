@@ -34,7 +34,9 @@ TRAINING_ONLY: tuple[str, ...] = (
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
 # Fields that only inference reads.
 INFERENCE_ONLY: tuple[str, ...] = ("new_tokens", "kv_cache_dtype", "cache_implementation", "engine", "device_map",
-                                   "max_memory")
+                                   "max_memory", *(VLLM_ONLY := ("gpu_memory_utilization", "max_model_len",
+                                                                 "max_num_seqs", "max_num_batched_tokens",
+                                                                 "block_size", "enforce_eager")))
 # How inference spreads over several GPUs (--sharding): tensor parallelism (planner/tensor_parallel.py)
 # or accelerate's layer split (planner/device_map.py); "none" is one GPU
 INFERENCE_SHARDINGS: tuple[str, ...] = ("none", "tp", "device_map")
@@ -152,6 +154,14 @@ class Job(BaseModel):
     # max_memory per GPU in bytes (None: derived from each card's memory, planner/device_map.py)
     device_map: DeviceMapStrategy | None = None
     max_memory: tuple[int, ...] | None = None
+    # --engine vllm: the `vllm serve` arguments that size its KV cache (planner/serving.py ServingConfig;
+    # None: vLLM 0.33's default for the model and card)
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    enforce_eager: bool = False
 
     def __init__(self, **fields) -> None:
         # One exception type for bad input in the library (MemplanInputError, a ValueError), with the
@@ -284,6 +294,11 @@ class Job(BaseModel):
         if self.engine == "vllm" and self.kv_cache_dtype not in (None, "fp8"):
             raise MemplanInputError(f"--kv-cache-dtype {self.kv_cache_dtype} is transformers' QuantizedCache; vLLM "
                                     "takes fp8 (or none: the model's dtype)")
+        if self.engine != "vllm":
+            for field in VLLM_ONLY:
+                if getattr(self, field) not in (None, False):
+                    raise MemplanInputError(f"{_flag(field, getattr(self, field))} is a vLLM setting: add --engine vllm, "
+                                            "or drop it")
         if self.engine == "vllm" and self.cache_implementation != "dynamic":
             raise MemplanInputError("--cache-implementation is generate()'s; vLLM pages its cache in blocks: drop it")
 

@@ -125,6 +125,40 @@ def recommend_table(result, model_name: str, top: int) -> str:
     return table(columns, rows, title=title)
 
 
+def serving_text(sv, model_name: str, gpu_name: str, seq_len: int) -> str:
+    """estimate --engine vllm (planner/serve.py): vLLM's start-up accounting for one GPU, then its KV cache."""
+    c = sv.config
+    tp = f", tensor parallel {c.tensor_parallel_size}" if c.tensor_parallel_size > 1 else ""
+    title = (f"{model_name} served by vLLM 0.33 on {gpu_name}{tp}: max-model-len {c.max_model_len:,}, max-num-seqs "
+             f"{c.max_num_seqs}, max-num-batched-tokens {c.max_num_batched_tokens:,}, block {c.block_size}, KV "
+             f"{c.kv_element_bytes} B/element (per GPU)")
+    graphs = ("not captured (--enforce-eager)" if not c.cudagraphs else
+              f"{len(c.capture_sizes)} sizes up to {max(c.capture_sizes)} tokens: approximated, not measured"
+              + ("" if c.estimate_cudagraphs else "; not taken off the budget"))
+    rows = [
+        ["card memory", gib(sv.total_bytes), "torch.cuda.mem_get_info total"],
+        ["requested", gib(sv.requested_bytes), f"ceil(total x gpu-memory-utilization {c.gpu_memory_utilization})"],
+        ["weights", "- " + gib(sv.weights_bytes), "this GPU's parameters and buffers"],
+        ["activation peak", "- " + gib(sv.activation_peak_bytes),
+         f"profile run: forward over {c.max_num_batched_tokens:,} tokens {gib(sv.forward_peak_bytes)}, sampler "
+         f"{gib(sv.sampler_peak_bytes)} (derived{'' if sv.activation_derived else ', dense formula'})"],
+        ["CUDA graphs", "- " + gib(sv.cudagraph_applied_bytes), graphs],
+        ["non-torch memory", "- " + gib(sv.non_torch_bytes), "kernels and libraries loaded after the start-up snapshot"],
+        ["KV cache budget", gib(max(sv.kv_budget_bytes, 0)), "what is left for blocks"],
+    ]
+    out = [table([Column("term"), Column("bytes", right=True), Column("how", wrap=True)], rows, title=title)]
+    out.append(f"KV cache: {sv.num_blocks:,} blocks x {c.block_size} tokens = {sv.kv_capacity_tokens:,} tokens "
+               f"({human(sv.bytes_per_block)} per block: {human(sv.page_bytes_per_layer)} per layer)")
+    if sv.fits:
+        out.append(f"maximum concurrency for {c.max_model_len:,}-token requests: {sv.max_concurrency:.2f}x; sequences of "
+                   f"{seq_len:,} tokens at once: {sv.concurrent_sequences(min(seq_len, c.max_model_len)):,}"
+                   f" (max-num-seqs {c.max_num_seqs})")
+    else:
+        out.append(paragraph(f"vLLM would refuse to start: {sv.error}"))
+    out += [paragraph("note: " + n) for n in sv.notes]
+    return "\n".join(out)
+
+
 def inference_plans_table(result, model_name: str, top: int) -> str:
     """recommend --task infer (planner/recommend_inference.py)."""
     title = (f"{model_name}: inference plans that fit with {result.safety_margin:.0%} headroom, {result.sequences} "
