@@ -112,3 +112,14 @@ def test_tp_is_refused_for_training_and_unsupported_families():
         Job(model="llama-2-7b", num_gpus=2, sharding="tp")
     with pytest.raises(MemplanInputError, match="no plain tp_plan"):
         estimate_memory(Job(model="falcon-7b", task="infer", num_gpus=2, sharding="tp"), load_model("falcon-7b"))
+
+
+def test_prequantized_weights_split_with_their_metadata():
+    """A GPTQ checkpoint over 2 GPUs: each linear's packed weight, scales and zeros split with it;
+    what each GPU keeps whole beyond the embedding and final norm: the layers' two norms (2 x 4096 x
+    2 B) and the g_idx of the five column-parallel linears (4096 int32 each: its input is not split)."""
+    one = estimate_memory(Job(model="llama-2-7b-gptq", task="infer"), load_model("llama-2-7b-gptq"))
+    two = _tp("llama-2-7b-gptq", 2)
+    whole = 32000 * 4096 * 2 + 4096 * 2  # embedding and final norm, fp16
+    kept = 32 * (2 * 4096 * 2 + 5 * 4096 * 4)
+    assert 2 * (two.bytes_of("weights") - whole) - (one.bytes_of("weights") - whole) == kept
