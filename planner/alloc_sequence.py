@@ -441,10 +441,14 @@ def inference_events(p: InferencePlan, steps: int = DECODE_STEPS_REPLAYED) -> li
 
 
 def plan_inference(job, arch, stack, *, prompt_cache: list[int], final_cache: list[int], prefill: int,
-                   head: int, logits: int, workspaces: list[int]) -> InferencePlan:
+                   head: int, logits: int, workspaces: list[int], weights: int | None = None) -> InferencePlan:
+    """`weights`: what this GPU holds in all when it is not the whole model (accelerate's layer split):
+    its layers' tensors as usual, the rest as one tensor."""
     from .dtypes import float_bytes
 
     layer_w, root_w = parameter_tensors(job, arch, stack)
+    if weights is not None:
+        root_w = [(0, max(weights - arch.layers * sum(t[1] for t in layer_w), 0), 0)]
     ab = float_bytes(job.compute_dtype)
     t = job.micro_batch * job.seq_len
     shapes = [t * arch.hidden * ab, t * arch.intermediate * ab]

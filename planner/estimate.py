@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import activations as act
 from . import inference as inf
-from . import alloc_sequence, liger, offload, overhead, prequantized, tensor_parallel
+from . import alloc_sequence, layer_split, liger, offload, overhead, prequantized, tensor_parallel
 from .allocator import NO_LIMIT, AllocatorSettings
 from .device_memory import TERM_NAMES, outside_torch
 from .attention import Kernel
@@ -69,6 +69,8 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     stack.check_features(job, arch)
     stack.check(job, arch)
     ws = 0 if stack.cpu else overhead.cublas_workspaces(gpu, job.task)
+    if job.task == "infer" and job.sharding == "device_map":
+        return _device_map(job, arch, gpu, stack, ws, replay_allocator)
     if job.task == "infer":
         lay = None
         if job.sharding == "tp":
@@ -81,6 +83,60 @@ def estimate_memory(job: Job, arch: ModelArch, gpu: GpuProfile | None = None, st
     if not replay_allocator:
         parts[0].alloc_plan = None
     return _finish(job, arch, gpu, stack, *parts)
+
+
+def _device_map(job: Job, arch: ModelArch, gpu: GpuProfile | None, stack: Stack, ws: int,
+                replay_allocator: bool) -> Estimate:
+    """accelerate's layer split: every GPU's own estimate (planner/layer_split.py); the busiest one's is
+    returned, with the placement of all of them."""
+    context = sum(t.bytes for t in outside_torch(job.model_copy(update={"num_gpus": 1, "sharding": "none"}), arch, gpu)
+                  if "context" in t.name.lower())
+    plan, derived = layer_split.placement_plan(job, arch, gpu, context)
+    per_gpu: dict[int, Estimate] = {}
+    for device, share in layer_split.shares(plan, arch, job.num_gpus):
+        parts = _inference(job, layer_split.share_arch(arch, share), stack, ws, share=share)
+        if not replay_allocator:
+            parts[0].alloc_plan = None
+        per_gpu[device] = _finish(job, arch, gpu, stack, *parts)
+    if not per_gpu:
+        raise MemplanInputError(f"--sharding device_map: nothing of {arch.name} lands on a GPU with these --max-memory "
+                                "figures; give the GPUs more memory")
+    busiest = max(per_gpu, key=lambda d: (per_gpu[d].device_used_bytes, -d))
+    rows = []
+    for p in plan.devices:
+        est = per_gpu.get(p.device) if isinstance(p.device, int) else None
+        rows.append(layer_split.GpuShare(
+            device=str(p.device), layers=p.layers, modules=tuple(m for m in p.modules if not m.startswith(
+                plan_layers_prefix(plan) + ".")), weights_bytes=p.weight_bytes, budget_bytes=p.budget_bytes,
+            kv_cache_bytes=est.bytes_of("KV cache") if est else 0,
+            peak_allocated_bytes=est.peak_allocated_bytes if est else 0,
+            device_used_bytes=est.device_used_bytes if est else 0, fits=est.fits if est else None))
+    offloaded = sum(p.weight_bytes for p in plan.devices if not isinstance(p.device, int))
+    placement = layer_split.Placement(
+        strategy=plan.strategy, device_map={k: v for k, v in plan.device_map.items()}, shares=rows,
+        busiest=str(busiest), reserve_bytes=plan.reserve_bytes, offloaded_bytes=offloaded, refusal=plan.refusal,
+        max_memory_derived=derived)
+    main = per_gpu[busiest]
+    notes = list(main.notes) + [
+        f"accelerate device_map={plan.strategy} over {job.num_gpus} GPUs: the figures above are GPU {busiest}'s, the "
+        "busiest; one GPU computes at a time (the placement table lists each)"]
+    fits = main.fits
+    if offloaded:
+        notes.append(f"{human(offloaded)} of weights land on the cpu or disk: accelerate streams them to the GPU layer by "
+                     "layer, which memplan does not model; counted as not fitting the GPUs")
+        fits = False if gpu is not None else None
+    if plan.refusal:
+        notes.append(plan.refusal)
+        fits = False
+    if gpu is not None and any(e.fits is False for e in per_gpu.values()):
+        fits = False
+    return main.model_copy(update={"placement": placement, "notes": notes, "fits": fits})
+
+
+def plan_layers_prefix(plan) -> str:
+    """The decoder layers' ModuleList name in a device map ('model.layers', 'transformer.h')."""
+    keys = [k for k in plan.device_map if k.rsplit(".", 1)[-1].isdigit()]
+    return keys[0].rsplit(".", 1)[0] if keys else "model.layers"
 
 
 def _sum(saved: dict[str, int]) -> int:
@@ -727,7 +783,10 @@ def _unconverted_notes(job: Job, arch: ModelArch, stack: Stack) -> list[str]:
     return [note]
 
 
-def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_parallel.Layout | None = None):
+def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_parallel.Layout | None = None,
+               share: layer_split.Share | None = None):
+    """`lay`: one tensor-parallel rank; `share`: one GPU of accelerate's layer split (`arch` cut to
+    its layers, its weights the placement's bytes, parameters and buffers together)."""
     params = count_params(arch, stack)
     walk = _Walk()
     notes: list[str] = _unconverted_notes(job, arch, stack)
@@ -735,8 +794,13 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_par
         params = tensor_parallel.rank_params(params, arch, lay)
         notes.append(lay.describe + "; figures are per GPU (rank 0, which holds the largest shares)")
     w, w_formula = weight_bytes(job, arch, params, stack)
+    buffers = stack.buffer_bytes(job, arch)
+    if share is not None:
+        w, buffers = share.weights_bytes, 0
+        w_formula = (f"the parameters and buffers accelerate's device_map puts on this GPU ({share.layers} decoder "
+                     "layers and the modules beside them)")
     walk.row("weights", w_formula)
-    walk.row("buffers", stack.buffers_formula(job, arch))
+    walk.row("buffers", stack.buffers_formula(job, arch) if buffers else "")
     kv = inf.kv_cache_bytes(job, arch)
     kv_prompt = inf.kv_cache_bytes(job, arch, generated=False)
     walk.row("KV cache", inf.kv_cache_formula(job, arch))
@@ -751,8 +815,8 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_par
     walk.row("dequantized weight", prequantized.dequant_row(arch) or
              "bitsandbytes dequantizes the largest 4-bit weight to the compute dtype "
              f"for more than {inf.BNB_FUSED_MAX_ROWS} rows")
-    head = inf.head_bytes(job, arch)
-    logits = inf.logits_bytes(job, arch)
+    head = inf.head_bytes(job, arch) if share is None or share.holds_head else 0
+    logits = inf.logits_bytes(job, arch) if share is None or share.holds_head else 0
     walk.row("logits", ("final norm output + last position's logits and their fp32 copy (generate); "
                         "in decode, one step's logits" if job.new_tokens
                         else "final norm output + logits for every position (plain forward)"))
@@ -762,8 +826,8 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_par
                                           f"rows (> {inf.BNB_FUSED_MAX_ROWS}: no fused kernel guaranteed)")
     walk.row("KV cache append", inf.cache_append_formula(job))
     walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
-    base = {"weights": w, "buffers": stack.buffer_bytes(job, arch), "cuBLAS workspaces": ws}
-    walk.phase(LOAD, ("weights", {"weights": w, "buffers": stack.buffer_bytes(job, arch)}))
+    base = {"weights": w, "buffers": buffers, "cuBLAS workspaces": ws}
+    walk.phase(LOAD, ("weights", {"weights": w, "buffers": buffers}))
     # tensor parallel: a row-parallel linear's partial sums and their all-reduced copy are alive
     # together (torch functional all_reduce and vLLM's custom all-reduce write a new tensor); the
     # head's logits shard beside the gathered logits (colwise_gather_output)
@@ -795,7 +859,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_par
     walk.alloc_plan = alloc_sequence.plan_inference(
         job, arch, stack, prompt_cache=[inf.layer_cache_bytes(job, arch, i, generated=False) for i in range(arch.layers)],
         final_cache=[inf.layer_cache_bytes(job, arch, i) for i in range(arch.layers)], prefill=pre, head=head,
-        logits=logits, workspaces=[ws] if ws else [])
+        logits=logits, workspaces=[ws] if ws else [], weights=w if share is not None else None)
     return walk, params, 0, notes, 0, 0
 
 

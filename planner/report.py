@@ -100,7 +100,32 @@ def summary(est: Estimate) -> str:
 
 
 def render(est: Estimate) -> str:
-    return "\n".join((breakdown_table(est), phase_table(est), summary(est)))
+    parts = [breakdown_table(est), phase_table(est), summary(est)]
+    if est.placement is not None:
+        parts.append(placement_table(est.placement))
+    return "\n".join(parts)
+
+
+def placement_table(pl) -> str:
+    """--sharding device_map: where accelerate puts the model, and every GPU's own figures."""
+    from .layer_split import layer_runs
+
+    how = "max_memory from each card's memory less its CUDA context" if pl.max_memory_derived else "--max-memory"
+    title = (f"device_map={pl.strategy} placement ({how}; {gib(pl.reserve_bytes)} kept on GPU 0 for the largest "
+             f"layer while placing); busiest GPU {pl.busiest}")
+    names = ("device", "decoder layers", "other modules", "weights", "KV cache", "peak allocated", "device used",
+             "max_memory", "fits")
+    columns = [Column(n, right=n in ("weights", "KV cache", "peak allocated", "device used", "max_memory"),
+                      wrap=n == "other modules") for n in names]
+    rows = []
+    for sh in pl.shares:
+        gpu = sh.device.isdigit()
+        rows.append([("GPU " + sh.device) if gpu else sh.device, layer_runs(sh.layers), ", ".join(sh.modules) or "-",
+                     gib(sh.weights_bytes), gib(sh.kv_cache_bytes) if gpu else "-",
+                     gib(sh.peak_allocated_bytes) if gpu else "-", gib(sh.device_used_bytes) if gpu else "-",
+                     gib(sh.budget_bytes) if sh.budget_bytes is not None else "-",
+                     {True: "yes", False: "no", None: "-"}[sh.fits]])
+    return table(columns, rows, title=title)
 
 
 def console():

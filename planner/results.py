@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from .allocator import AllocatorStats
 from .job import Job
+from .layer_split import Placement
 from .phases import PhaseName
 from .params import ParamCounts
 
@@ -79,6 +80,8 @@ class Estimate(BaseModel):
     fits: bool | None = None
     host_bytes: int = 0
     notes: list[str] = []
+    # --sharding device_map: where accelerate puts each module and every GPU's figures (this estimate is the busiest's)
+    placement: Placement | None = None
 
     def component(self, name: str) -> Component:
         for c in self.components:
