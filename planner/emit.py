@@ -266,7 +266,7 @@ def vllm_serve_command(job, arch, safety_margin: float) -> str:
     sequences it decodes together, the memory share it may take (the card less the margin kept)."""
     parts = ["vllm serve", arch.name, f"--tensor-parallel-size {job.num_gpus}",
              f"--max-model-len {job.seq_len + job.new_tokens}", f"--max-num-seqs {job.micro_batch}",
-             f"--gpu-memory-utilization {1 - safety_margin:.2f}",
+             f"--gpu-memory-utilization {job.gpu_memory_utilization or (0.92 if job.engine == 'vllm' else 1 - safety_margin):.2f}",
              f"--dtype {'bfloat16' if job.compute_dtype.value == 'bf16' else 'float16' if job.compute_dtype.value == 'fp16' else 'float32'}"]
     if job.kv_cache_dtype == "fp8":
         parts.append("--kv-cache-dtype fp8")

@@ -13,6 +13,7 @@ from .fit import DEFAULT_SAFETY_MARGIN, check_safety_margin, fits_with_margin
 from .gpu import GpuProfile
 from .inference_cost import decode_step_seconds, prefill_seconds, usd_per_million_generated
 from .job import Job
+from .serve import serve
 from .throughput import MEASURED_MFU
 
 TP_SIZES = (1, 2, 4, 8, 16)
@@ -29,7 +30,7 @@ class InferencePlan(BaseModel):
     sequences: int
     device_used_bytes: int
     gpu_memory_bytes: int
-    kv_cache_bytes: int  # per GPU, at the end of generation
+    kv_cache_bytes: int  # per GPU, at the end of generation (vLLM: the blocks it allocates)
     prefill_seconds: float
     decode_step_seconds: float
     tokens_per_second: float  # generated, all sequences together
@@ -43,6 +44,7 @@ class InferenceSearch(BaseModel):
     searched: int
     refused: dict[str, str]  # "GPU x N" -> why the split is impossible (heads, KV heads, family)
     safety_margin: float
+    engine: str = "transformers"
     utilisation: float
     prompt: int
     new_tokens: int
@@ -75,17 +77,29 @@ def recommend_inference(base: Job, arch: ModelArch, gpus: list[GpuProfile], max_
                                               compute_dtype=compute, **({"weight_dtype": compute} if base.weight_dtype
                                                                         and base.weight_dtype.is_float else {})))
             searched += 1
+            context = job.seq_len + job.new_tokens
+            if job.engine == "vllm":  # vLLM must start with this context and hold every sequence's blocks
+                job = job.model_copy(update={"max_model_len": base.max_model_len or context,
+                                             "max_num_seqs": base.max_num_seqs or job.micro_batch})
             try:
                 job = Job(**job.model_dump(exclude_defaults=True))
                 est = estimate_memory(job, arch, gpu, replay_allocator=False)
+                sv = serve(job, arch, gpu) if job.engine == "vllm" else None
             except MemplanInputError as exc:
                 refused[f"{gpu.name} x {n}"] = str(exc)
-                continue
-            if not fits_with_margin(est.device_used_bytes, gpu, safety_margin):
                 continue
             kv = next((c for c in est.components if c.name == "KV cache"), None)
             kv_end = kv.bytes if kv else 0
             kv_mean = (min(kv.phase_bytes.values()) + kv_end) // 2 if kv else 0
+            if sv is not None:
+                if not sv.fits or sv.concurrent_sequences(min(context, sv.config.max_model_len)) < job.micro_batch:
+                    continue
+                # vLLM takes its share of the card whatever the load; the blocks are what it caches in
+                used, kv_end = sv.requested_bytes, sv.num_blocks * sv.bytes_per_block
+            elif not fits_with_margin(est.device_used_bytes, gpu, safety_margin):
+                continue
+            else:
+                used = est.device_used_bytes
             pre = prefill_seconds(arch, gpu, prompt=job.seq_len, sequences=job.micro_batch, num_gpus=n, utilisation=u)
             step = decode_step_seconds(arch, gpu, weight_bytes_per_gpu=est.bytes_of("weights"), kv_bytes_per_gpu=kv_mean,
                                        sequences=job.micro_batch, num_gpus=n, utilisation=u)
@@ -93,10 +107,11 @@ def recommend_inference(base: Job, arch: ModelArch, gpus: list[GpuProfile], max_
             total = pre + job.new_tokens * step
             plans.append(InferencePlan(
                 gpu=gpu.name, num_gpus=n, sharding=job.sharding, compute_dtype=compute.value, sequences=job.micro_batch,
-                device_used_bytes=est.device_used_bytes, gpu_memory_bytes=gpu.memory_bytes, kv_cache_bytes=kv_end,
+                device_used_bytes=used, gpu_memory_bytes=gpu.memory_bytes, kv_cache_bytes=kv_end,
                 prefill_seconds=pre, decode_step_seconds=step,
                 tokens_per_second=job.micro_batch * job.new_tokens / total, usd_per_million_tokens=usd,
                 usd_per_hour=price * n, job=job))
     plans.sort(key=lambda p: (round(p.usd_per_million_tokens, 6), p.num_gpus, -p.tokens_per_second))
-    return InferenceSearch(plans=plans, searched=searched, refused=refused, safety_margin=safety_margin, utilisation=u,
+    return InferenceSearch(plans=plans, searched=searched, refused=refused, safety_margin=safety_margin,
+                           engine=base.engine, utilisation=u,
                            prompt=base.seq_len, new_tokens=base.new_tokens, sequences=base.micro_batch)

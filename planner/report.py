@@ -186,7 +186,9 @@ def serving_text(sv, model_name: str, gpu_name: str, seq_len: int) -> str:
 
 def inference_plans_table(result, model_name: str, top: int) -> str:
     """recommend --task infer (planner/recommend_inference.py)."""
-    title = (f"{model_name}: inference plans that fit with {result.safety_margin:.0%} headroom, {result.sequences} "
+    fit = ("vLLM starts with and whose KV blocks hold every sequence" if result.engine == "vllm" else
+           f"fit with {result.safety_margin:.0%} headroom")
+    title = (f"{model_name}: inference plans that {fit}, {result.sequences} "
              f"sequence(s) x ({result.prompt} prompt + {result.new_tokens} new tokens), ranked by cost per 1M generated "
              f"tokens (decode bandwidth-bound, prefill at {result.utilisation:.0%} of peak; all-reduce not modelled)")
     if not result.plans:

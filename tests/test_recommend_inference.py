@@ -77,3 +77,17 @@ def test_cli_emits_the_vllm_command(tmp_path):
     js = subprocess.run([sys.executable, "-m", "memplan", "recommend", "-m", "llama-3-8b", "--task", "infer",
                          "--new-tokens", "8", "--gpus", "L4", "--json"], capture_output=True, text=True)
     assert json.loads(js.stdout)["plans"][0]["gpu"] == "L4"
+
+
+def test_vllm_plans_must_hold_every_sequences_blocks():
+    """Under --engine vllm a plan fits when vLLM starts with max-model-len = prompt + new tokens and its
+    blocks hold all the sequences at once (planner/serve.py), the card's utilisation share taken whole."""
+    from memplan.serve import serve
+
+    base = Job(model="llama-3-70b", task="infer", seq_len=2048, new_tokens=512, micro_batch=64, engine="vllm")
+    result = recommend_inference(base, load_model("llama-3-70b"), [load_gpu("H100-80GB")], max_gpus=8)
+    assert [p.num_gpus for p in result.plans] == [4, 8]  # 2 x H100: 65 GiB of weights each leave too few blocks for 64 x 2,560 tokens
+    for p in result.plans:
+        sv = serve(p.job, load_model("llama-3-70b"), load_gpu("H100-80GB"))
+        assert sv.concurrent_sequences(2560) >= 64 and p.kv_cache_bytes == sv.num_blocks * sv.bytes_per_block
+        assert p.device_used_bytes == sv.requested_bytes
