@@ -76,3 +76,12 @@ def test_bad_serving_input_is_one_line(args, message):
 def test_serve_needs_the_vllm_engine():
     with pytest.raises(MemplanInputError, match="--engine vllm"):
         serve(Job(model="llama-3-8b", task="infer"), load_model("llama-3-8b"), load_gpu("L4"))
+
+
+def test_library_serving_entry_point():
+    import memplan
+
+    sv = memplan.serving("llama-3-8b", gpu="H100-80GB", max_model_len=8192, gpu_memory_utilization=0.9)
+    assert sv.num_blocks == 28_469
+    with pytest.raises(MemplanInputError, match="a model name or a Job"):
+        memplan.serving()
