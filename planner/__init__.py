@@ -4,7 +4,7 @@
 `memplan.validate` when a trace or a GPU run needs them.
 """
 
-from .api import estimate, serving
+from .api import estimate, kv_budget
 from .architecture import ModelArch
 from .dtypes import DType
 from .errors import MemplanInputError
@@ -27,6 +27,6 @@ __all__ = [
     "count_params",
     "estimate",
     "estimate_memory",
-    "serving",
+    "kv_budget",
 ]
 __version__ = "0.1.0"

@@ -40,8 +40,8 @@ def estimate(model: str | None = None, *, job: Job | None = None, **fields: Any)
     return estimate_memory(job, arch, gpu)
 
 
-def serving(model: str | None = None, *, job: Job | None = None, **fields: Any):
-    """vLLM's KV-cache budget for a serving job: `memplan.serving("llama-3-8b", gpu="H100-80GB",
+def kv_budget(model: str | None = None, *, job: Job | None = None, **fields: Any):
+    """vLLM's KV-cache budget for a serving job: `memplan.kv_budget("llama-3-8b", gpu="H100-80GB",
     max_model_len=8192)` (task infer and engine vllm are implied) -> ServingEstimate
     (planner/serving.py): blocks, tokens, concurrency."""
     from memplan.profiles import load_gpu, load_model
@@ -50,8 +50,8 @@ def serving(model: str | None = None, *, job: Job | None = None, **fields: Any):
 
     if job is None:
         if model is None:
-            raise MemplanInputError("serving() needs a model name or a Job (job=memplan.Job(model=..., engine='vllm'))")
+            raise MemplanInputError("kv_budget() needs a model name or a Job (job=memplan.Job(model=..., engine='vllm'))")
         job = Job(model=model, **{"task": "infer", "engine": "vllm", **fields})
     elif model is not None or fields:
-        raise MemplanInputError("serving() takes a Job or a model with fields, not both: put them in the Job")
+        raise MemplanInputError("kv_budget() takes a Job or a model with fields, not both: put them in the Job")
     return serve(job, load_model(job.model), load_gpu(job.gpu) if job.gpu else None)

@@ -81,7 +81,7 @@ def test_serve_needs_the_vllm_engine():
 def test_library_serving_entry_point():
     import memplan
 
-    sv = memplan.serving("llama-3-8b", gpu="H100-80GB", max_model_len=8192, gpu_memory_utilization=0.9)
+    sv = memplan.kv_budget("llama-3-8b", gpu="H100-80GB", max_model_len=8192, gpu_memory_utilization=0.9)
     assert sv.num_blocks == 28_469
     with pytest.raises(MemplanInputError, match="a model name or a Job"):
-        memplan.serving()
+        memplan.kv_budget()
