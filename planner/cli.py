@@ -440,6 +440,21 @@ def _parse_prices(values: list[str] | None) -> dict[str, float]:
     return prices
 
 
+def _check_search(max_gpus: int, safety_margin: float, mfu: float | None, top: int, emit: str | None, target: str,
+                  emit_path: str) -> None:
+    """recommend's options, training or inference (`target`: what --emit writes for this task)."""
+    from .fit import check_safety_margin
+
+    if max_gpus <= 0:
+        fail(f"max-gpus must be a positive integer, got {max_gpus}")
+    check_safety_margin(safety_margin)
+    if mfu is not None and not 0 < mfu <= 1:
+        fail(f"mfu must be in (0, 1], got {mfu}")
+    if emit not in (None, target):
+        fail(f"unknown --emit target {emit!r}: allowed: {target}" + (" (with --task infer)" if target == "vllm" else ""))
+    _check_top_and_emit_path(top, emit, emit_path)
+
+
 def _check_top_and_emit_path(top: int, emit: str | None, emit_path: str) -> None:
     from pathlib import Path
 
@@ -492,7 +507,6 @@ def recommend(
     tokens; with --task infer, GPU kinds x tensor-parallel counts ranked by cost per million generated tokens."""
     from memplan.profiles import gpu_names, load_gpu
 
-    from .fit import check_safety_margin
     from .recommend import recommend as search
 
     if task == "infer":
@@ -507,14 +521,7 @@ def recommend(
 
     if global_batch <= 0:
         fail(f"global-batch must be a positive integer, got {global_batch}")
-    if max_gpus <= 0:
-        fail(f"max-gpus must be a positive integer, got {max_gpus}")
-    check_safety_margin(safety_margin)
-    if mfu is not None and not 0 < mfu <= 1:
-        fail(f"mfu must be in (0, 1], got {mfu}")
-    if emit not in (None, "accelerate"):
-        fail(f"unknown --emit target {emit!r}: allowed: accelerate")
-    _check_top_and_emit_path(top, emit, emit_path)
+    _check_search(max_gpus, safety_margin, mfu, top, emit, "accelerate", emit_path)
     given = dict(method=method, stack=stack, seq_len=seq_len, optimizer=optimizer, weight_dtype=weight_dtype,
                  lora_rank=lora_rank, lora_targets=lora_targets, autocast=autocast)
     if from_file is not None:  # the file's seq_len unless --seq-len is typed
@@ -574,7 +581,6 @@ def _recommend_inference(model, revision, stack, seq_len, new_tokens, sequences,
                          gpus, max_gpus, budget, price, safety_margin, mfu, top, emit, emit_path, as_json) -> None:
     from memplan.profiles import gpu_names, load_gpu
 
-    from .fit import check_safety_margin
     from .recommend_inference import recommend_inference
 
     training = {"method", "optimizer", "lora_rank", "lora_targets", "autocast", "global_batch", "fsdp_version",
@@ -585,14 +591,7 @@ def _recommend_inference(model, revision, stack, seq_len, new_tokens, sequences,
         fail("recommend --task infer needs --model")
     if sequences <= 0:
         fail(f"sequences must be a positive integer, got {sequences}")
-    if max_gpus <= 0:
-        fail(f"max-gpus must be a positive integer, got {max_gpus}")
-    check_safety_margin(safety_margin)
-    if mfu is not None and not 0 < mfu <= 1:
-        fail(f"mfu must be in (0, 1], got {mfu}")
-    if emit not in (None, "vllm"):
-        fail(f"unknown --emit target {emit!r} for --task infer: allowed: vllm")
-    _check_top_and_emit_path(top, emit, emit_path)
+    _check_search(max_gpus, safety_margin, mfu, top, emit, "vllm", emit_path)
     fields = {k: v for k, v in dict(model=model, stack=stack, seq_len=seq_len, new_tokens=new_tokens,
                                     micro_batch=sequences, engine=engine, kv_cache_dtype=kv_cache_dtype,
                                     weight_dtype=weight_dtype).items() if v is not None}

@@ -71,21 +71,13 @@ def recommend(
 
         raise MemplanInputError(f"fsdp-version must be 1 or 2, got {fsdp_version}")
     check_safety_margin(safety_margin)
-    for gpu in gpus:
-        if gpu.by_memory:
-            from .errors import MemplanInputError
-
-            raise MemplanInputError(f"recommend ranks GPU kinds by cost and speed, and {gpu.name!r} is named by its memory "
-                                    "alone (no price, no throughput): use memplan fit or estimate --gpu for it, "
-                                    "or name a profile (memplan gpus)")
+    check_rankable(gpus)
     mfu = default_mfu(base) if mfu is None else mfu
     plans: list[Plan] = []
     searched = 0
     for gpu in gpus:
         price = (prices or {}).get(gpu.name, gpu.price_per_hour_usd)
-        compute = base.compute_dtype
-        if compute is DType.bf16 and not gpu.supports_bf16:
-            compute = DType.fp16
+        compute = compute_dtype_on(gpu, base.compute_dtype)
         for n in _counts(max_gpus):
             if global_batch % n or (budget_usd_per_hour is not None and price * n > budget_usd_per_hour):
                 continue
@@ -121,6 +113,22 @@ def recommend(
     plans.sort(key=lambda p: (round(p.usd_per_million_tokens, 6), p.step_seconds, SIMPLICITY[p.sharding]))
     return Search(plans=plans, searched=searched, safety_margin=safety_margin, mfu=mfu,
                   global_batch=global_batch, seq_len=base.seq_len)
+
+
+def check_rankable(gpus: list[GpuProfile]) -> None:
+    """A search ranks by price and speed: a card named by its memory alone has neither."""
+    for gpu in gpus:
+        if gpu.by_memory:
+            from .errors import MemplanInputError
+
+            raise MemplanInputError(f"recommend ranks GPU kinds by cost and speed, and {gpu.name!r} is named by its memory "
+                                    "alone (no price, no throughput): use memplan fit or estimate --gpu for it, "
+                                    "or name a profile (memplan gpus)")
+
+
+def compute_dtype_on(gpu: GpuProfile, dtype: DType) -> DType:
+    """bf16 on a card without bf16 (T4, V100) runs in fp16, as the Trainer's --fp16 would."""
+    return DType.fp16 if dtype is DType.bf16 and not gpu.supports_bf16 else dtype
 
 
 def _best_per_gpu_count(plans: list[Plan]) -> list[Plan]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from .architecture import ModelArch
-from .dtypes import DType
 from .errors import MemplanInputError
 from .estimate import estimate_memory
 from .fit import DEFAULT_SAFETY_MARGIN, check_safety_margin, fits_with_margin
 from .gpu import GpuProfile
 from .inference_cost import decode_step_seconds, prefill_seconds, usd_per_million_generated
 from .job import Job
+from .recommend import check_rankable, compute_dtype_on
 from .serve import serve
 from .throughput import MEASURED_MFU
 
@@ -61,15 +61,14 @@ def recommend_inference(base: Job, arch: ModelArch, gpus: list[GpuProfile], max_
     if base.task != "infer" or base.new_tokens <= 0:
         raise MemplanInputError("recommend --task infer ranks by generated tokens: give --new-tokens 1 or more")
     check_safety_margin(safety_margin)
+    check_rankable(gpus)
     u = DEFAULT_UTILISATION if utilisation is None else utilisation
     plans: list[InferencePlan] = []
     refused: dict[str, str] = {}
     searched = 0
     for gpu in gpus:
         price = (prices or {}).get(gpu.name, gpu.price_per_hour_usd)
-        compute = base.compute_dtype
-        if compute is DType.bf16 and not gpu.supports_bf16:
-            compute = DType.fp16
+        compute = compute_dtype_on(gpu, base.compute_dtype)
         for n in (t for t in TP_SIZES if t <= max_gpus):
             if budget_usd_per_hour is not None and price * n > budget_usd_per_hour:
                 continue
