@@ -40,7 +40,18 @@ def python_of(stack: str) -> Path:
 
 
 def ensure(stack: str) -> Path:
-    """The stack's venv python, built (or rebuilt, if its pins changed) first."""
+    """The stack's venv python, built (or rebuilt, if its pins changed) first. One build at a time across
+    processes (pytest-xdist's workers build the stacks' venvs side by side, and two editable installs of
+    this repository race on its build files): an exclusive lock on `env_root()/.lock`."""
+    import fcntl
+
+    env_root().mkdir(parents=True, exist_ok=True)
+    with open(env_root() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure(stack)
+
+
+def _ensure(stack: str) -> Path:
     pins = pins_file(stack)
     stamp_value = hashlib.sha256(pins.read_bytes() + TORCH.encode()).hexdigest()
     venv = env_root() / stack
