@@ -71,8 +71,8 @@ class Layout:
 def check(arch: ModelArch, tp: int, engine: str) -> None:
     """One line naming what keeps `arch` from being split over `tp` GPUs by `engine`."""
     if arch.mla is not None:
-        raise MemplanInputError(f"{arch.name}: tensor parallelism over multi-head latent attention is not modelled "
-                                "(use --sharding device_map)")
+        raise MemplanInputError(f"{arch.name}: tensor parallelism over multi-head latent attention (DeepSeek) is not "
+                                "modelled; estimate it on one GPU (--num-gpus 1)")
     if engine == "transformers" and arch.family not in TRANSFORMERS_TP_PLANS:
         raise MemplanInputError(
             f"{arch.name} ({arch.family}): transformers 5.23 has no plain tp_plan for this family (its config "
