@@ -749,7 +749,10 @@ def fit(
         return (f"{gib(ans.device_used_bytes)} device used, headroom {gib(ans.headroom_bytes)} = "
                 f"{ans.headroom_bytes / ans.gpu_memory_bytes:.1%} of the card")
 
-    typer.echo(f"{arch.name} {what_job} on {g.name} ({gib(g.memory_bytes)}), keeping {safety_margin:.0%} free:")
+    split = ""
+    if (num_gpus or 1) > 1:
+        split = f" x {num_gpus} ({'tensor parallel' if sharding == 'tp' else sharding}; figures per GPU)"
+    typer.echo(f"{arch.name} {what_job} on {g.name} ({gib(g.memory_bytes)}){split}, keeping {safety_margin:.0%} free:")
     if by_batch.largest:
         typer.echo(f"  largest {what} at {min(seq_len, arch.max_positions)} tokens: {by_batch.largest} ({used(by_batch)})")
     else:
