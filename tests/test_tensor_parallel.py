@@ -123,3 +123,19 @@ def test_prequantized_weights_split_with_their_metadata():
     whole = 32000 * 4096 * 2 + 4096 * 2  # embedding and final norm, fp16
     kept = 32 * (2 * 4096 * 2 + 5 * 4096 * 4)
     assert 2 * (two.bytes_of("weights") - whole) - (one.bytes_of("weights") - whole) == kept
+
+
+def test_fit_searches_the_per_gpu_share():
+    """fit over a tensor-parallel job: the largest batch fits each GPU with the margin, one more does not."""
+    from memplan.fit import DEFAULT_SAFETY_MARGIN, fits_with_margin, largest
+
+    g, arch = load_gpu("A100-80GB"), load_model("llama-2-70b")
+    job = Job(model="llama-2-70b", task="infer", seq_len=2048, new_tokens=256, num_gpus=4, sharding="tp", gpu=g.name)
+    ans = largest(job, arch, g, "micro_batch", margin=DEFAULT_SAFETY_MARGIN)
+    assert ans.largest > 1
+
+    def used(b):
+        return estimate_memory(job.model_copy(update={"micro_batch": b}), arch, g).device_used_bytes
+
+    assert fits_with_margin(used(ans.largest), g, DEFAULT_SAFETY_MARGIN)
+    assert not fits_with_margin(used(ans.largest + 1), g, DEFAULT_SAFETY_MARGIN)
