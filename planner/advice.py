@@ -123,6 +123,15 @@ def _candidates(job: Job, arch: ModelArch) -> list[tuple[str, dict[str, Any]]]:
         for n in SHARD_COUNTS:
             if n > job.num_gpus:
                 out.append((f"{sharding} over {n} GPUs (per GPU)", {"num_gpus": n, "sharding": sharding}))
+    if not train and job.sharding in ("none", "tp"):
+        # inference: split the model over more GPUs (planner/tensor_parallel.py refuses a split its
+        # heads do not allow; a refused change is skipped)
+        for n in SHARD_COUNTS:
+            if n > job.num_gpus:
+                out.append((f"tensor parallel over {n} GPUs (per GPU)", {"num_gpus": n, "sharding": "tp"}))
+    if not train and job.kv_cache_dtype is None and job.new_tokens:
+        out.append(("KV cache in int8 (transformers QuantizedCache)" if job.engine == "transformers" else
+                    "KV cache in fp8", {"kv_cache_dtype": "int8" if job.engine == "transformers" else "fp8"}))
     if job.attention == "eager":
         out.append(("SDPA attention instead of eager", {"attention": "sdpa"}))
     return out

@@ -217,3 +217,18 @@ def test_emit_with_nothing_to_emit_writes_nothing(tmp_path):
               "--emit-path", str(path))
     assert out.returncode == 1 and not path.exists()
     assert "nothing to emit" in out.stdout
+
+
+def test_inference_that_fits_no_card_is_told_to_split():
+    """A 70B model in bf16 on one A100-80GB: tensor parallel over 2, 4 and 8 GPUs, each re-estimated per
+    GPU (planner/tensor_parallel.py); the 2-GPU share is what tests/test_tensor_parallel.py derives by hand."""
+    from memplan.advice import what_if
+    from memplan.profiles import load_gpu, load_model
+
+    job = Job(model="llama-2-70b", task="infer", gpu="A100-80GB")
+    got = {s.flags: s for s in what_if(job, load_model("llama-2-70b"), load_gpu("A100-80GB"))}
+    assert {"--num-gpus 2 --sharding tp", "--num-gpus 4 --sharding tp", "--num-gpus 8 --sharding tp"} <= set(got)
+    two = estimate_memory(job.model_copy(update={"num_gpus": 2, "sharding": "tp"}), load_model("llama-2-70b"),
+                          load_gpu("A100-80GB"))
+    assert got["--num-gpus 2 --sharding tp"].device_used_bytes == two.device_used_bytes and got[
+        "--num-gpus 2 --sharding tp"].fits
