@@ -12,8 +12,11 @@ The split is Megatron-LM's (Shoeybi et al. 2019, section 3), as both engines mem
 - transformers 5.23 `tp_plan="auto"` (distributed/tensor_parallel.py): the config's
   `base_model_tp_plan` ("colwise" q/k/v, gate/up: `Shard(0)` of the weight; "rowwise" o/down:
   `Shard(-1)`, bias replicated) and the model's `_tp_plan = {"lm_head": "colwise_gather_output"}` (the
-  head split by vocabulary, the logits gathered whole on every rank); the embedding is not in the plan
-  and stays whole. DTensor's `Shard` cuts like `torch.chunk`: rank 0 holds the ceiling. KV heads are
+  head split by vocabulary, the logits gathered whole on every rank); `init_parallel_plans`
+  (distributed/mixin.py) adds "embedding_rowwise" for an `embed_tokens` embedding (split by vocabulary;
+  a tied head is the same, split, matrix). DTensor's `Shard` cuts like `torch.chunk`: rank 0 holds the
+  ceiling. tests/test_tensor_parallel.py holds rank 0's parameters to transformers' own
+  `apply_tensor_parallelism` on the meta model under a fake process group. KV heads are
   not replicated: `get_kv_heads_per_rank` gives up when N does not divide them, and the attention's
   head reshape needs whole heads, so such a job is refused (vLLM replicates instead).
 
@@ -98,7 +101,11 @@ def layout(arch: ModelArch, tp: int, engine: str) -> Layout:
         padded = ceil_div(arch.vocab, VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
         rows = ceil_div(padded, tp)
         return Layout(tp, engine, arch.heads // tp, kv, replicas, rows, rows)
-    return Layout(tp, engine, ceil_div(arch.heads, tp), arch.kv_heads // tp, 1, arch.vocab, ceil_div(arch.vocab, tp))
+    # transformers (distributed/mixin.py init_parallel_plans): "Shard the input embeddings on the
+    # vocabulary unless the plan already names them" when the base model has an `embed_tokens`
+    # nn.Embedding ("embedding_rowwise", EmbeddingParallel(shard_dim=0)); GPT-NeoX's embed_in stays whole
+    embedding = ceil_div(arch.vocab, tp) if arch.embedding_module == "embed_tokens" else arch.vocab
+    return Layout(tp, engine, ceil_div(arch.heads, tp), arch.kv_heads // tp, 1, embedding, ceil_div(arch.vocab, tp))
 
 
 def _attention_width(lin: LinearSpec, arch: ModelArch, lay: Layout) -> int:

@@ -2,11 +2,16 @@
 
 Each expected figure is written out from the config: per layer q and o (hidden x heads x head_dim
 / N each), k and v (hidden x kv_heads x head_dim / N each), gate, up and down (hidden x intermediate
-/ N each), two norms whole; the embedding whole and the head split by vocabulary (transformers'
-tp_plan), or both split by the padded vocabulary (vLLM). KV cache: 2 (K and V) x layers x KV heads
-per GPU x head_dim x positions x batch x 2 B."""
+/ N each), two norms whole; the embedding and the head split by vocabulary (transformers: an
+`embed_tokens` embedding, "embedding_rowwise"), by the padded vocabulary (vLLM). KV cache: 2 (K and
+V) x layers x KV heads per GPU x head_dim x positions x batch x 2 B. And rank 0's parameters against
+transformers' own `apply_tensor_parallelism` on the meta model (validate/tp_shards.py)."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -31,7 +36,7 @@ def _layer(n: int, hidden: int = 8192, q: int = 8192, kv: int = 1024, inter: int
 def test_llama_2_70b_per_gpu(n):
     est = _tp("llama-2-70b", n)
     vocab = 32000
-    params = 80 * _layer(n) + vocab * 8192 + (vocab // n) * 8192 + 8192
+    params = 80 * _layer(n) + 2 * (vocab // n) * 8192 + 8192
     assert est.bytes_of("weights") == params * 2
     assert est.bytes_of("KV cache") == 2 * 80 * (8 // n) * 128 * (PROMPT + NEW) * 1 * 2
 
@@ -40,13 +45,13 @@ def test_llama_2_70b_per_gpu(n):
 def test_llama_3_70b_per_gpu(n):
     est = _tp("llama-3-70b", n)
     vocab = 128256
-    params = 80 * _layer(n) + vocab * 8192 + (vocab // n) * 8192 + 8192
+    params = 80 * _layer(n) + 2 * (vocab // n) * 8192 + 8192
     assert est.bytes_of("weights") == params * 2
     assert est.bytes_of("KV cache") == 2 * 80 * (8 // n) * 128 * (PROMPT + NEW) * 2
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_llama_3_70b_vllm_splits_the_embedding_too(n):
+def test_llama_3_70b_vllm_splits_the_padded_vocabulary(n):
     est = _tp("llama-3-70b", n, "vllm")
     padded = 128256  # already a multiple of vLLM's 64-row vocabulary padding
     params = 80 * _layer(n) + 2 * (padded // n) * 8192 + 8192
@@ -86,13 +91,12 @@ def test_nccl_buffers_of_the_tensor_parallel_communicator():
 
 
 def test_per_gpu_shares_add_up_to_the_model():
-    """Over N GPUs the split parts sum to the whole; what is replicated (norms, the transformers
-    embedding) is counted on each GPU."""
+    """Over N GPUs the split parts sum to the whole; what is replicated (the norms) is counted on each GPU."""
     whole = estimate_memory(Job(model="llama-3-70b", task="infer", seq_len=PROMPT, new_tokens=NEW),
                             load_model("llama-3-70b"))
     for n in (2, 4, 8):
         est = _tp("llama-3-70b", n)
-        replicated = (128256 * 8192 + 80 * 2 * 8192 + 8192) * 2
+        replicated = (80 * 2 * 8192 + 8192) * 2
         assert n * (est.bytes_of("weights") - replicated) == whole.bytes_of("weights") - replicated
         assert n * est.bytes_of("KV cache") == whole.bytes_of("KV cache")
 
@@ -115,12 +119,13 @@ def test_tp_is_refused_for_training_and_unsupported_families():
 
 
 def test_prequantized_weights_split_with_their_metadata():
-    """A GPTQ checkpoint over 2 GPUs: each linear's packed weight, scales and zeros split with it;
-    what each GPU keeps whole beyond the embedding and final norm: the layers' two norms (2 x 4096 x
-    2 B) and the g_idx of the five column-parallel linears (4096 int32 each: its input is not split)."""
+    """A GPTQ checkpoint over 2 GPUs: each linear's packed weight, scales and zeros split with it, the
+    embedding and head by vocabulary; what each GPU keeps whole beyond the final norm: the layers' two
+    norms (2 x 4096 x 2 B) and the g_idx of the five column-parallel linears (4096 int32 each: its
+    input is not split)."""
     one = estimate_memory(Job(model="llama-2-7b-gptq", task="infer"), load_model("llama-2-7b-gptq"))
     two = _tp("llama-2-7b-gptq", 2)
-    whole = 32000 * 4096 * 2 + 4096 * 2  # embedding and final norm, fp16
+    whole = 4096 * 2  # the final norm, fp16
     kept = 32 * (2 * 4096 * 2 + 5 * 4096 * 4)
     assert 2 * (two.bytes_of("weights") - whole) - (one.bytes_of("weights") - whole) == kept
 
@@ -139,3 +144,25 @@ def test_fit_searches_the_per_gpu_share():
 
     assert fits_with_margin(used(ans.largest), g, DEFAULT_SAFETY_MARGIN)
     assert not fits_with_margin(used(ans.largest + 1), g, DEFAULT_SAFETY_MARGIN)
+
+
+
+# rank 0 under transformers' own sharding (validate/tp_shards.py, one process per GPU count): a tied
+# model (Gemma), GPT-NeoX (embed_in, not split), a fused-expert MoE, biased q/k/v (Qwen2)
+EXACT = {2: ["llama-2-7b", "qwen2.5-7b", "qwen3-8b", "gemma-7b", "gemma-2-9b", "phi-2", "pythia-1.4b", "mixtral-8x7b",
+             "qwen3-30b-a3b"],
+         4: ["llama-2-70b", "llama-3-70b", "qwen2.5-7b"],
+         8: ["llama-3-70b"]}
+
+
+@pytest.mark.parametrize("n", sorted(EXACT))
+def test_rank_0_holds_what_transformers_shards(n):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, "-m", "memplan.validate.tp_shards", str(n), *EXACT[n]], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    real = json.loads(out.stdout.strip().splitlines()[-1])
+    for model in EXACT[n]:
+        est = estimate_memory(Job(model=model, task="infer", num_gpus=n, sharding="tp"), load_model(model))
+        assert est.bytes_of("weights") == real[model], model
