@@ -828,12 +828,12 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_par
     walk.row("cuBLAS workspaces", _workspace_formula(ws, job.task) if ws else "")
     base = {"weights": w, "buffers": buffers, "cuBLAS workspaces": ws}
     walk.phase(LOAD, ("weights", {"weights": w, "buffers": buffers}))
-    # tensor parallel: a row-parallel linear's partial sums and their all-reduced copy are alive
-    # together (torch functional all_reduce and vLLM's custom all-reduce write a new tensor); the
-    # head's logits shard beside the gathered logits (colwise_gather_output)
-    reduced = job.micro_batch * job.seq_len * arch.hidden * float_bytes(job.compute_dtype) if lay else 0
-    walk.row("all-reduce output", "tensor parallel: the all-reduced sum of one row-parallel linear beside its "
-                                  "partial sums (micro-batch x prompt x hidden)" if lay else "")
+    # tensor parallel: o_proj's partial sums and their all-reduced copy are alive together, which can
+    # top the layer's other moments (planner/inference.py all_reduce_bytes); the head's logits shard
+    # beside the gathered logits (colwise_gather_output)
+    reduced = inf.all_reduce_bytes(job, arch, stack) if lay else 0
+    walk.row("all-reduce output", "tensor parallel: o_proj's partial sums and their all-reduced copy beside the "
+                                  "attention's stream and norm tensors, above the layer's other moments" if lay else "")
     head_shard = head * lay.head_rows // arch.vocab if lay and job.engine == "transformers" else 0
     walk.row("logits shard", "tensor parallel: this rank's slice of the logits before they are gathered"
              if head_shard else "")

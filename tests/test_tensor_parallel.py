@@ -5,7 +5,7 @@ Each expected figure is written out from the config: per layer q and o (hidden x
 / N each), two norms whole; the embedding and the head split by vocabulary (transformers: an
 `embed_tokens` embedding, "embedding_rowwise"), by the padded vocabulary (vLLM). KV cache: 2 (K and
 V) x layers x KV heads per GPU x head_dim x positions x batch x 2 B. And rank 0's parameters against
-transformers' own `apply_tensor_parallelism` on the meta model (validate/tp_shards.py)."""
+transformers' own `apply_tensor_parallelism` on the meta model (validate/tensor_parallel.py)."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_fit_searches_the_per_gpu_share():
 
 
 
-# rank 0 under transformers' own sharding (validate/tp_shards.py, one process per GPU count): a tied
+# rank 0 under transformers' own sharding (validate/tensor_parallel.py, one process per GPU count): a tied
 # model (Gemma), GPT-NeoX (embed_in, not split), a fused-expert MoE, biased q/k/v (Qwen2)
 EXACT = {2: ["llama-2-7b", "qwen2.5-7b", "qwen3-8b", "gemma-7b", "gemma-2-9b", "phi-2", "pythia-1.4b", "mixtral-8x7b",
              "qwen3-30b-a3b"],
@@ -155,14 +155,70 @@ EXACT = {2: ["llama-2-7b", "qwen2.5-7b", "qwen3-8b", "gemma-7b", "gemma-2-9b", "
          8: ["llama-3-70b"]}
 
 
+def _rank0(n: int, *args: str):
+    """validate/tensor_parallel.py in its own process (a fake process group of n ranks)."""
+    out = subprocess.run([sys.executable, "-m", "memplan.validate.tensor_parallel", str(n), *args], capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("n", sorted(EXACT))
 def test_rank_0_holds_what_transformers_shards(n):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    out = subprocess.run([sys.executable, "-m", "memplan.validate.tp_shards", str(n), *EXACT[n]], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    real = json.loads(out.stdout.strip().splitlines()[-1])
+    real = _rank0(n, "--weights", *EXACT[n])
     for model in EXACT[n]:
         est = estimate_memory(Job(model=model, task="infer", num_gpus=n, sharding="tp"), load_model(model))
         assert est.bytes_of("weights") == real[model], model
+
+
+
+# generate() on rank 0 under transformers' tensor parallelism, traced (validate/tensor_parallel.py
+# --generate): named cases where the all-reduce moment does and does not decide the prefill, a tied
+# model, MoE, partial rotary, and a seeded draw over the families transformers splits
+NAMED = {2: [("llama-2-7b", 4, 1024, 2), ("gemma-7b", 2, 512, 2), ("mixtral-8x7b", 2, 512, 2), ("phi-2", 4, 512, 2)],
+         4: [("llama-2-7b", 4, 1024, 2), ("qwen2.5-7b", 4, 1024, 2)],
+         8: [("llama-2-7b", 4, 1024, 2), ("qwen3-8b", 2, 1024, 2)]}
+DRAW_MODELS = ["llama-2-7b", "mistral-7b", "qwen2.5-7b", "qwen3-8b", "gemma-7b", "gemma-2-9b", "phi-2", "pythia-1.4b",
+               "llama-3.2-1b", "qwen3-30b-a3b"]
+
+
+def _drawn(seed: int = 20261202, count: int = 6) -> dict[int, list[tuple]]:
+    import random
+
+    rng = random.Random(seed)
+    out: dict[int, list[tuple]] = {}
+    while sum(map(len, out.values())) < count:
+        model = rng.choice(DRAW_MODELS)
+        arch = load_model(model)
+        n = rng.choice([t for t in (2, 4, 8) if arch.kv_heads % t == 0 and arch.heads % t == 0] or [0])
+        if n:
+            out.setdefault(n, []).append((model, rng.choice([1, 2, 4]), rng.choice([128, 256, 512, 1024]),
+                                          rng.choice([1, 2, 5])))
+    return out
+
+
+def _cases() -> list[tuple[int, list[tuple]]]:
+    merged: dict[int, list[tuple]] = {n: list(v) for n, v in NAMED.items()}
+    for n, v in _drawn().items():
+        merged.setdefault(n, []).extend(v)
+    return sorted(merged.items())
+
+
+@pytest.mark.parametrize("n, cases", _cases(), ids=lambda v: str(v) if isinstance(v, int) else f"{len(v)} jobs")
+def test_generation_per_gpu_matches_transformers_tp_trace(n, cases):
+    """Prefill and decode peaks of rank 0 within 0.5% of the trace of transformers' own split (the CPU's
+    kernels: the estimate under the stack's on_cpu())."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from memplan.stacks import get
+
+    jobs = [Job(model=m, task="infer", micro_batch=b, seq_len=s, new_tokens=k, num_gpus=n, sharding="tp")
+            for m, b, s, k in cases]
+    traced = _rank0(n, "--generate", *[j.model_dump_json() for j in jobs])
+    for job, phases in zip(jobs, traced):
+        est = estimate_memory(job, load_model(job.model), None, get(job.stack).on_cpu()).measured_phases()
+        for phase, measured in phases.items():
+            assert abs(est[phase] - measured) / measured <= 0.005, (job.model, job.micro_batch, job.seq_len, phase,
+                                                                     est[phase], measured)
