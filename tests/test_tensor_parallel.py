@@ -222,3 +222,14 @@ def test_generation_per_gpu_matches_transformers_tp_trace(n, cases):
         for phase, measured in phases.items():
             assert abs(est[phase] - measured) / measured <= 0.005, (job.model, job.micro_batch, job.seq_len, phase,
                                                                      est[phase], measured)
+
+
+def test_the_plain_trace_refuses_multi_gpu_and_vllm_inference_in_one_line():
+    from memplan.validate.trace import refusal
+
+    arch = load_model("llama-2-7b")
+    tp = Job(model="llama-2-7b", task="infer", num_gpus=2, sharding="tp")
+    assert "memplan.validate.tensor_parallel 2 --generate" in refusal(tp, arch)
+    assert "vLLM cannot be traced" in refusal(Job(model="llama-2-7b", task="infer", engine="vllm"), arch)
+    split = Job(model="llama-2-7b", task="infer", num_gpus=2, sharding="device_map", max_memory=(2**34, 2**34))
+    assert "layer split cannot be traced" in refusal(split, arch)

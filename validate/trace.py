@@ -100,6 +100,14 @@ def refusal(job: Job, arch) -> str | None:
         return "activation offloading cannot be traced: it needs CUDA streams (derived instead, docs/offload.md)"
     if job.packing:
         return "packed rows are not traced: the trace runs one unpacked sequence per row"
+    if job.task == "infer" and job.engine == "vllm":
+        return ("vLLM cannot be traced: it does not install here; its KV budget is derived from its source "
+                "(memplan estimate --engine vllm, docs/serving.md)")
+    if job.task == "infer" and job.sharding == "tp":
+        return (f"tensor-parallel generation is traced by its own harness: python -m memplan.validate.tensor_parallel "
+                f"{job.num_gpus} --generate '<Job JSON>' (a fake process group; docs/tensor-parallel.md)")
+    if job.task == "infer" and job.sharding == "device_map":
+        return "accelerate's layer split cannot be traced on one CPU device (its placement is checked exactly: docs/device-map.md)"
     if job.task == "train" and job.optimizer not in ("adamw", "sgd", "sgd_momentum"):
         return f"optimizer {job.optimizer!r} cannot be traced: bitsandbytes optimizers need real tensors"
     return None
