@@ -618,6 +618,7 @@ class DeviceMapPlan(BaseModel):
     devices: tuple[DevicePlacement, ...]  # GPUs in order, then cpu, then disk; only devices holding modules
     # the device of each decoder layer, by layer index (where the lead adds KV cache and activations)
     layer_devices: tuple[Device, ...]
+    layers_prefix: str = "model.layers"  # the decoder layers' ModuleList (ModuleTree.layers_prefix)
     # the GPU holding the most weight bytes (the lowest index on a tie), None when no GPU holds any
     busiest_gpu: int | None
     # the room kept on GPU 0 (and the cpu) for the largest layer when the walk started (max_layer_size)
@@ -706,7 +707,7 @@ def place(arch: ModelArch, max_memory: MaxMemory | list[int], strategy: Strategy
     return DeviceMapPlan(
         refusal=refusal,
         model_name=arch.name, strategy=strategy, dtype=d, quantization=quantization, device_map=device_map,
-        devices=tuple(plan_devices), layer_devices=layer_devs, busiest_gpu=busiest, reserve_bytes=_bytes(walk.first_reserve),
+        devices=tuple(plan_devices), layer_devices=layer_devs, layers_prefix=tree.layers_prefix, busiest_gpu=busiest, reserve_bytes=_bytes(walk.first_reserve),
         offloaded_buffer_bytes=_bytes(walk.offloaded_buffers), offloaded_buffers_fit=fits,
         max_memory={str(k): _floor(v) for k, v in mm.items()}, total_weight_bytes=_bytes(sizes[""]))
 

@@ -31,6 +31,15 @@ TERM_NAMES = ("CUDA context at init", "kernels and libraries the step loads", "c
                 for group in ("world", "shard", "replicate", "tensor-parallel")))
 
 
+# The terms that are the driver's context (whichever form the GPU profile gives it in): what exists once
+# the process has touched the device, before any library or kernel loads
+CONTEXT_TERMS = ("CUDA context at init", "CUDA context (driver, whole)", "HIP runtime context (driver, whole)")
+
+
+def context_bytes(terms: list["Term"]) -> int:
+    return sum(t.bytes for t in terms if t.name in CONTEXT_TERMS)
+
+
 class Term(BaseModel):
     """One block of device memory outside torch's allocator."""
 

@@ -13,7 +13,7 @@ from . import activations as act
 from . import inference as inf
 from . import alloc_sequence, layer_split, liger, offload, overhead, prequantized, tensor_parallel
 from .allocator import NO_LIMIT, AllocatorSettings
-from .device_memory import TERM_NAMES, outside_torch
+from .device_memory import TERM_NAMES, context_bytes, outside_torch
 from .attention import Kernel
 from .phases import Moment, PhaseName
 from .architecture import ModelArch
@@ -89,11 +89,9 @@ def _device_map(job: Job, arch: ModelArch, gpu: GpuProfile | None, stack: Stack,
                 replay_allocator: bool) -> Estimate:
     """accelerate's layer split: every GPU's own estimate (planner/layer_split.py); the busiest one's is
     returned, with the placement of all of them."""
-    context = sum(t.bytes for t in outside_torch(job.model_copy(update={"num_gpus": 1, "sharding": "none"}), arch, gpu)
-                  if "context" in t.name.lower())
-    plan, derived = layer_split.placement_plan(job, arch, gpu, context)
+    plan, derived = layer_split.placement_plan(job, arch, gpu, context_bytes(outside_torch(job, arch, gpu)))
     per_gpu: dict[int, Estimate] = {}
-    for device, share in layer_split.shares(plan, arch, job.num_gpus):
+    for device, share in layer_split.shares(plan):
         parts = _inference(job, layer_split.share_arch(arch, share), stack, ws, share=share)
         if not replay_allocator:
             parts[0].alloc_plan = None
@@ -101,21 +99,8 @@ def _device_map(job: Job, arch: ModelArch, gpu: GpuProfile | None, stack: Stack,
     if not per_gpu:
         raise MemplanInputError(f"--sharding device_map: nothing of {arch.name} lands on a GPU with these --max-memory "
                                 "figures; give the GPUs more memory")
-    busiest = max(per_gpu, key=lambda d: (per_gpu[d].device_used_bytes, -d))
-    rows = []
-    for p in plan.devices:
-        est = per_gpu.get(p.device) if isinstance(p.device, int) else None
-        rows.append(layer_split.GpuShare(
-            device=str(p.device), layers=p.layers, modules=tuple(m for m in p.modules if not m.startswith(
-                plan_layers_prefix(plan) + ".")), weights_bytes=p.weight_bytes, budget_bytes=p.budget_bytes,
-            kv_cache_bytes=est.bytes_of("KV cache") if est else 0,
-            peak_allocated_bytes=est.peak_allocated_bytes if est else 0,
-            device_used_bytes=est.device_used_bytes if est else 0, fits=est.fits if est else None))
-    offloaded = sum(p.weight_bytes for p in plan.devices if not isinstance(p.device, int))
-    placement = layer_split.Placement(
-        strategy=plan.strategy, device_map={k: v for k, v in plan.device_map.items()}, shares=rows,
-        busiest=str(busiest), reserve_bytes=plan.reserve_bytes, offloaded_bytes=offloaded, refusal=plan.refusal,
-        max_memory_derived=derived)
+    placement = layer_split.placement(plan, per_gpu, derived)
+    busiest, offloaded = int(placement.busiest), placement.offloaded_bytes
     main = per_gpu[busiest]
     notes = list(main.notes) + [
         f"accelerate device_map={plan.strategy} over {job.num_gpus} GPUs: the figures above are GPU {busiest}'s, the "
@@ -131,12 +116,6 @@ def _device_map(job: Job, arch: ModelArch, gpu: GpuProfile | None, stack: Stack,
     if gpu is not None and any(e.fits is False for e in per_gpu.values()):
         fits = False
     return main.model_copy(update={"placement": placement, "notes": notes, "fits": fits})
-
-
-def plan_layers_prefix(plan) -> str:
-    """The decoder layers' ModuleList name in a device map ('model.layers', 'transformer.h')."""
-    keys = [k for k in plan.device_map if k.rsplit(".", 1)[-1].isdigit()]
-    return keys[0].rsplit(".", 1)[0] if keys else "model.layers"
 
 
 def _sum(saved: dict[str, int]) -> int:
@@ -831,7 +810,7 @@ def _inference(job: Job, arch: ModelArch, stack: Stack, ws: int, lay: tensor_par
     # tensor parallel: o_proj's partial sums and their all-reduced copy are alive together, which can
     # top the layer's other moments (planner/inference.py all_reduce_bytes); the head's logits shard
     # beside the gathered logits (colwise_gather_output)
-    reduced = inf.all_reduce_bytes(job, arch, stack) if lay else 0
+    reduced = inf.all_reduce_bytes(job, arch, pre - pre_dequant) if lay else 0
     walk.row("all-reduce output", "tensor parallel: o_proj's partial sums and their all-reduced copy beside the "
                                   "attention's stream and norm tensors, above the layer's other moments" if lay else "")
     head_shard = head * lay.head_rows // arch.vocab if lay and job.engine == "transformers" else 0

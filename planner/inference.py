@@ -300,17 +300,17 @@ def prefill_transient_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
     return max(attention, mlp) + unused_mask + dequant_bytes(job, arch, stack, t)
 
 
-def all_reduce_bytes(job: Job, arch: ModelArch, stack: Stack) -> int:
+def all_reduce_bytes(job: Job, arch: ModelArch, layer_high: int) -> int:
     """Tensor parallel (`arch` one rank's): what o_proj's all-reduce adds to the prefill's high point.
     RowwiseParallel's output is a Partial DTensor that `redistribute` all-reduces into a new tensor, so
     the partial sums and their reduced copy are alive together beside the attention's stream and norm
     tensors (3 hidden-wide in the compute dtype and one in fp32), q, k and v gone: read off the CPU trace
     of transformers' own tensor parallelism under a fake process group (tests/test_tensor_parallel.py).
-    It decides where the split heads and MLP width make the layer's other moments smaller."""
+    It decides where the split heads and MLP width make the layer's other moments smaller. `layer_high`:
+    the prefill's high point without the dequantized weight (prefill_transient_bytes less it)."""
     t, ab, h = job.micro_batch * job.seq_len, float_bytes(job.compute_dtype), arch.hidden
     moment = t * (3 * h * ab + 4 * h) + 2 * t * h * ab
-    rest = prefill_transient_bytes(job, arch, stack) - dequant_bytes(job, arch, stack, t)
-    return max(moment - rest, 0)
+    return max(moment - layer_high, 0)
 
 
 # bitsandbytes backends/cuda/ops.py: at most this many rows always take the fused 4-bit kernel

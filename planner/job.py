@@ -33,10 +33,11 @@ TRAINING_ONLY: tuple[str, ...] = (
 # Fields that only LoRA and QLoRA read: given with method="full" they would be silently ignored.
 LORA_ONLY: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_dtype", "dora")
 # Fields that only inference reads.
+# Fields only `--engine vllm` reads (planner/serve.py).
+VLLM_ONLY: tuple[str, ...] = ("gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                              "block_size", "enforce_eager")
 INFERENCE_ONLY: tuple[str, ...] = ("new_tokens", "kv_cache_dtype", "cache_implementation", "engine", "device_map",
-                                   "max_memory", *(VLLM_ONLY := ("gpu_memory_utilization", "max_model_len",
-                                                                 "max_num_seqs", "max_num_batched_tokens",
-                                                                 "block_size", "enforce_eager")))
+                                   "max_memory", *VLLM_ONLY)
 # How inference spreads over several GPUs (--sharding): tensor parallelism (planner/tensor_parallel.py)
 # or accelerate's layer split (planner/device_map.py); "none" is one GPU
 INFERENCE_SHARDINGS: tuple[str, ...] = ("none", "tp", "device_map")

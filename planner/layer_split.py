@@ -83,7 +83,7 @@ def placement_plan(job: Job, arch: ModelArch, gpu: GpuProfile | None, context_by
     return place(arch, mm, job.device_map or "auto", job.compute_dtype if quant else w, quant), job.max_memory is None
 
 
-def shares(plan, arch: ModelArch, num_gpus: int) -> list[tuple[int, Share]]:
+def shares(plan) -> list[tuple[int, Share]]:
     """Each GPU's share for the walk (a GPU that holds nothing is left out)."""
     head = plan.device_of("lm_head")
     out = []
@@ -93,6 +93,25 @@ def shares(plan, arch: ModelArch, num_gpus: int) -> list[tuple[int, Share]]:
         out.append((p.device, Share(weights_bytes=p.weight_bytes, layers=len(p.layers), holds_head=head == p.device,
                                     first_layer=p.layers[0] if p.layers else 0)))
     return out
+
+
+def placement(plan, per_gpu: dict, derived: bool) -> Placement:
+    """The plan and every GPU's own estimate (`per_gpu`: device -> Estimate) as the placement table's rows."""
+    layer_keys = plan.layers_prefix + "."
+    rows = []
+    for p in plan.devices:
+        est = per_gpu.get(p.device) if isinstance(p.device, int) else None
+        rows.append(GpuShare(
+            device=str(p.device), layers=p.layers, modules=tuple(m for m in p.modules if not m.startswith(layer_keys)),
+            weights_bytes=p.weight_bytes, budget_bytes=p.budget_bytes,
+            kv_cache_bytes=est.bytes_of("KV cache") if est else 0,
+            peak_allocated_bytes=est.peak_allocated_bytes if est else 0,
+            device_used_bytes=est.device_used_bytes if est else 0, fits=est.fits if est else None))
+    busiest = max(per_gpu, key=lambda d: (per_gpu[d].device_used_bytes, -d))
+    return Placement(strategy=plan.strategy, device_map=dict(plan.device_map), shares=rows, busiest=str(busiest),
+                     reserve_bytes=plan.reserve_bytes,
+                     offloaded_bytes=sum(p.weight_bytes for p in plan.devices if not isinstance(p.device, int)),
+                     refusal=plan.refusal, max_memory_derived=derived)
 
 
 def share_arch(arch: ModelArch, share: Share) -> ModelArch:

@@ -83,7 +83,7 @@ def recommend_inference(base: Job, arch: ModelArch, gpus: list[GpuProfile], max_
             try:
                 job = Job(**job.model_dump(exclude_defaults=True))
                 est = estimate_memory(job, arch, gpu, replay_allocator=False)
-                sv = serve(job, arch, gpu) if job.engine == "vllm" else None
+                sv = serve(job, arch, gpu, est) if job.engine == "vllm" else None
             except MemplanInputError as exc:
                 refused[f"{gpu.name} x {n}"] = str(exc)
                 continue

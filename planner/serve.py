@@ -10,14 +10,12 @@ share free; kernels and libraries loaded later come off the KV budget. Pure.
 from __future__ import annotations
 
 from .architecture import ModelArch
-from .device_memory import outside_torch
+from .device_memory import context_bytes, outside_torch
 from .errors import MemplanInputError
 from .gpu import GpuProfile
 from .job import Job
 from .serving import ServingConfig, ServingEstimate, estimate_serving
 
-# what exists before vLLM's memory snapshot (planner/device_memory.py Term names)
-_BEFORE_SNAPSHOT = ("CUDA context at init", "CUDA context (driver, whole)", "HIP runtime context (driver, whole)")
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -29,8 +27,9 @@ def serving_config(job: Job) -> ServingConfig:
                                enforce_eager=job.enforce_eager)
 
 
-def serve(job: Job, arch: ModelArch, gpu: GpuProfile | None) -> ServingEstimate:
-    """vLLM 0.33's KV-cache sizing for one GPU of `job` (engine vllm)."""
+def serve(job: Job, arch: ModelArch, gpu: GpuProfile | None, est=None) -> ServingEstimate:
+    """vLLM 0.33's KV-cache sizing for one GPU of `job` (engine vllm). `est`: the job's estimate when
+    the caller has it (its weights row is what serving reads; vLLM's own settings do not change it)."""
     from .estimate import estimate_memory  # (estimate imports the planner; keep this module light)
     from .tensor_parallel import layout
 
@@ -39,10 +38,10 @@ def serve(job: Job, arch: ModelArch, gpu: GpuProfile | None) -> ServingEstimate:
     if gpu is None:
         raise MemplanInputError("--engine vllm sizes its KV cache from the card's memory: give --gpu")
     config = serving_config(job)
-    est = estimate_memory(job, arch, gpu, replay_allocator=False)
+    est = est or estimate_memory(job, arch, gpu, replay_allocator=False)
     kv_heads = layout(arch, job.num_gpus, "vllm").kv_heads if job.sharding == "tp" else arch.kv_heads
     terms = outside_torch(job, arch, gpu)
-    before = sum(t.bytes for t in terms if t.name in _BEFORE_SNAPSHOT or t.name.endswith("communicator)"))
+    before = context_bytes(terms) + sum(t.bytes for t in terms if t.name.endswith("communicator)"))
     after = sum(t.bytes for t in terms if t.name == "kernels and libraries the step loads")
     return estimate_serving(arch, config, total_bytes=gpu.memory_bytes,
                             weight_bytes=est.bytes_of("weights") + est.bytes_of("buffers"),
@@ -53,8 +52,12 @@ def serve(job: Job, arch: ModelArch, gpu: GpuProfile | None) -> ServingEstimate:
 def longest_model_len(job: Job, arch: ModelArch, gpu: GpuProfile) -> int:
     """The longest --max-model-len vLLM starts with (0: none): a binary search over 1 to the model's
     maximum positions, each step vLLM's own start-up check (the budget and one max-length request)."""
+    from .estimate import estimate_memory
+
+    est = estimate_memory(job, arch, gpu, replay_allocator=False)  # the weights, whatever the length
+
     def starts(n: int) -> bool:
-        return serve(job.model_copy(update={"max_model_len": n}), arch, gpu).fits
+        return serve(job.model_copy(update={"max_model_len": n}), arch, gpu, est).fits
 
     if not starts(1):
         return 0

@@ -33,21 +33,13 @@ def _layer(n: int, hidden: int = 8192, q: int = 8192, kv: int = 1024, inter: int
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_llama_2_70b_per_gpu(n):
-    est = _tp("llama-2-70b", n)
-    vocab = 32000
+@pytest.mark.parametrize("model, vocab", [("llama-2-70b", 32000), ("llama-3-70b", 128256)])
+def test_70b_per_gpu(model, vocab, n):
+    """Llama-2-70B and Llama-3-70B share every shape but the vocabulary."""
+    est = _tp(model, n)
     params = 80 * _layer(n) + 2 * (vocab // n) * 8192 + 8192
     assert est.bytes_of("weights") == params * 2
     assert est.bytes_of("KV cache") == 2 * 80 * (8 // n) * 128 * (PROMPT + NEW) * 1 * 2
-
-
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_llama_3_70b_per_gpu(n):
-    est = _tp("llama-3-70b", n)
-    vocab = 128256
-    params = 80 * _layer(n) + 2 * (vocab // n) * 8192 + 8192
-    assert est.bytes_of("weights") == params * 2
-    assert est.bytes_of("KV cache") == 2 * 80 * (8 // n) * 128 * (PROMPT + NEW) * 2
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
