@@ -87,7 +87,7 @@ def lora_inputs(ctx: Ctx, name: str, d_in: int, shared_input: str, saved: Saved)
     saved[f"{name}.lora_A_out"] = t * ctx.rank * ctx.adapter_bytes
 
 
-def _lora_out_bytes(ctx: Ctx) -> int:
+def lora_out_bytes(ctx: Ctx) -> int:
     """dtype of lora_B's output: the adapters', or the compute dtype under autocast."""
     return ctx.sdpa_bytes if ctx.lora_autocast else ctx.adapter_bytes
 
@@ -105,7 +105,7 @@ def dora_saved(ctx: Ctx, name: str, d_in: int, saved: Saved) -> None:
     if d_out is None:
         return
     t = ctx.tokens
-    ob = _lora_out_bytes(ctx)
+    ob = lora_out_bytes(ctx)
     saved[f"{name}.dora_scales"] = 3 * d_out * ctx.adapter_bytes
     saved[f"{name}.dora_lora_out"] = t * d_out * ob
     if ctx.lora_dropout > 0:
@@ -148,7 +148,7 @@ def dora_recompute_transient(ctx: Ctx) -> int:
     computed after the norm (dora.py:155), are not there yet."""
     def one(d_in: int, d_out: int) -> int:
         shared = ctx.lora_dropout == 0 and ctx.adapter_bytes == ctx.act_bytes and not ctx.lora_autocast
-        later = ctx.tokens * (ctx.rank + d_out) * _lora_out_bytes(ctx)
+        later = ctx.tokens * (ctx.rank + d_out) * lora_out_bytes(ctx)
         return dora_forward_transient(ctx, d_in, d_out) + (0 if shared else ctx.tokens * d_in * ctx.act_bytes) - later
 
     return max((one(d_in, d_out) for (_, d_out), d_in in zip(ctx.dora, ctx.dora_d_in)), default=0)

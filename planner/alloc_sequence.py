@@ -9,11 +9,13 @@ the walk's quantities into that order, one decoder layer's pattern repeated:
   makes it: the 16-bit weight on the device, its quantized storage beside it, the 16-bit copy
   freed); peft's kbit upcast (an fp32 copy of each 16-bit parameter, the original freed); adapters.
 - each step (two are replayed, STEPS below):
-  forward layer by layer (each layer's saved tensors; a checkpointed layer's internals allocated
-  and freed, its input kept), the head and loss; the loss's backward; each layer's backward in
-  reverse (recomputation, gradients of the activations shaped like the tensors they belong to,
-  the parameters' gradients, the saved tensors freed); the optimizer step (states created in the
-  first step, in parameter order, then the update's temporaries), zero_grad(set_to_none=True).
+  forward layer by layer (each layer's saved tensors with its linear calls' temporaries among them,
+  LinearCall; a checkpointed layer's tensors freed as they are consumed, its input kept), the head
+  and loss; the loss's backward; each layer's backward in reverse (recomputation, gradients of the
+  activations shaped like the tensors they belong to, each 4/8-bit weight dequantized again, the
+  parameters' gradients, the saved tensors freed); a tied embedding's gradient summed out of
+  place; the optimizer step (states created in the first step, in parameter order, then the
+  update's temporaries), zero_grad(set_to_none=True).
 
 Pure: numbers in, events out.
 """
@@ -44,6 +46,61 @@ class LoadPlan:
     empty_cache_after_upcast: bool = False  # Stack.kbit_prepare_empties_cache
     adapters_per_layer: list[int] = field(default_factory=list)
     adapters_root: list[int] = field(default_factory=list)
+    root_leading: int = 0  # root tensors before the layers in module order (the embeddings)
+    adapters_leading: int = 0  # root adapters before the layers (an embedding's LoRA)
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """What one linear call of a layer allocates and frees beyond the tensors the layer saves. Zero
+    bytes: no such tensor.
+    - A 4/8-bit base (bitsandbytes Linear4bit.forward: `x.to(compute_dtype)`, then MatMul4Bit.forward
+      `F.linear(A, dequantize_4bit(B).to(A.dtype).t())`, then `.to(inp_dtype)`; MatMul4Bit.backward:
+      `grad_output @ dequantize_4bit(B).t()`): the input cast (none when it is already in the compute
+      dtype), the dequantized weight (none where the fused kernel runs), the matmul's output.
+    - A LoRA target (peft tuners/lora/layer.py `Linear.forward`: `result = result +
+      lora_B(lora_A(dropout(x))) * scaling`, then `result.to(torch_result_dtype)`): lora_B's output,
+      its scaled copy, the sum (promoted to the wider of the two dtypes) and the sum cast back."""
+
+    cast: int = 0  # the input in the compute dtype
+    dequant: int = 0  # the weight dequantized
+    # double quantization: the fp32 absmax of every block, dequantized first (bitsandbytes
+    # functional.py `dequantize_4bit`: `absmax = dequantize_blockwise(quant_state.absmax, ...)`)
+    absmax: int = 0
+    out: int = 0  # the matmul's output in the compute dtype
+    out_cast: int = 0  # ... cast back to the input's dtype (0: it was in the compute dtype)
+    grad_in: int = 0  # backward: the input gradient in the compute dtype
+    lora_out: int = 0  # lora_B's output (and its scaled copy)
+    lora_sum: int = 0  # result + the scaled lora output, in the promoted dtype
+    lora_cast: int = 0  # the sum cast back to the result's dtype (0: same dtype, no copy)
+
+    def forward(self, ev: list[Event], keys: itertools.count) -> None:
+        c, d, o = next(keys), next(keys), next(keys)
+        ev.append(("alloc", c, self.cast))
+        self._dequantize(ev, d, keys)
+        ev += [("alloc", o, self.out), ("free", d), ("free", c)]
+        if self.out_cast:
+            r = next(keys)
+            ev += [("alloc", r, self.out_cast), ("free", o)]
+            o = r
+        if self.lora_out:
+            b, sc, sm, ca = next(keys), next(keys), next(keys), next(keys)
+            ev += [("alloc", b, self.lora_out), ("alloc", sc, self.lora_out), ("free", b), ("alloc", sm, self.lora_sum),
+                   ("free", sc), ("free", o), ("alloc", ca, self.lora_cast), ("free", sm), ("free", ca)]
+        else:
+            ev.append(("free", o))
+
+    def _dequantize(self, ev: list[Event], key: int, keys: itertools.count) -> None:
+        if self.dequant and self.absmax:
+            a = next(keys)
+            ev += [("alloc", a, self.absmax), ("alloc", key, self.dequant), ("free", a)]
+        else:
+            ev.append(("alloc", key, self.dequant))
+
+    def backward(self, ev: list[Event], keys: itertools.count) -> None:
+        d, g = next(keys), next(keys)
+        self._dequantize(ev, d, keys)
+        ev += [("alloc", g, self.grad_in), ("free", d), ("free", g)]
 
 
 @dataclass
@@ -57,7 +114,9 @@ class TrainingPlan:
     forward_transient: int  # what one layer's forward holds briefly (attention scores)
     backward_transient: int  # one layer's backward: gradients of its activations
     scores: int  # one materialised attention-score tensor (0: a fused kernel)
-    dequant: int  # one 4/8-bit weight dequantized per linear call (0: none)
+    # one layer's linear calls that allocate beyond what it saves (4/8-bit bases, LoRA targets), in
+    # module order, each as a short tape (LinearCall)
+    linear_calls: list["LinearCall"]
     shared: int  # rotary tables, masks, the final norm's saved tensors
     # LossTerms.forward_tensors / backward_ops (planner/stacks/base.py)
     loss_forward: tuple
@@ -71,10 +130,22 @@ class TrainingPlan:
     # the update's temporaries per trainable tensor (foreach: all at once; else one tensor at a time)
     layer_temps: list[int]
     root_temps: list[int]
+    # trainable root tensors before the layers in model.parameters() order (the embedding, or its
+    # LoRA): the optimizer creates states and runs its update in that order
+    root_leading: int = 0
     temporaries_together: bool = True
+    # a tied embedding that trains: its gradient as the embedding's backward makes it, while the
+    # head's (the first root gradient) is held; AccumulateGrad adds the two out of place
+    tied_grad: int = 0
     # cuBLAS workspaces, allocated through torch's pool by the first matmul of each thread: the
     # forward's, then the autograd engine's in the first backward (planner/overhead.py)
     workspaces: list[int] = field(default_factory=list)
+
+
+def in_module_order(per_layer: list, layers: int, root: list, leading: int) -> list:
+    """Every layer's items and the root's, as model.parameters() walks them: the root's first
+    `leading` (the embeddings) before the decoder layers, the rest (final norm, head) after."""
+    return root[:leading] + [x for _ in range(layers) for x in per_layer] + root[leading:]
 
 
 def _load_events(p: LoadPlan, ev: list[Event], keys: itertools.count) -> None:
@@ -92,10 +163,7 @@ def _load_events(p: LoadPlan, ev: list[Event], keys: itertools.count) -> None:
         if upcast:
             upcasts.append((k, upcast))
 
-    for _ in range(p.layers):
-        for dense, stored, upcast in p.layer:
-            put(dense, stored, upcast)
-    for dense, stored, upcast in p.root:
+    for dense, stored, upcast in in_module_order(p.layer, p.layers, p.root, p.root_leading):
         put(dense, stored, upcast)
     for old, new in upcasts:
         # peft prepare_model_for_kbit_training: `param.data = param.data.to(torch.float32)`, one
@@ -104,10 +172,7 @@ def _load_events(p: LoadPlan, ev: list[Event], keys: itertools.count) -> None:
         ev.append(("free", old))
     if upcasts and p.empty_cache_after_upcast:
         ev.append(("empty_cache",))
-    for _ in range(p.layers):
-        for n in p.adapters_per_layer:
-            ev.append(("alloc", next(keys), n))
-    for n in p.adapters_root:
+    for n in in_module_order(p.adapters_per_layer, p.layers, p.adapters_root, p.adapters_leading):
         ev.append(("alloc", next(keys), n))
 
 
@@ -137,6 +202,36 @@ def split_like(total: int, shapes: list[int]) -> list[int]:
     return out
 
 
+# A checkpointed layer's first forward runs without saving (torch.utils.checkpoint): each
+# intermediate is freed once the op consuming it has run, so at most the latest two of the layer's
+# tensors (an op's input and its output) are alive together, not the whole layer's saved set
+NO_GRAD_WINDOW = 2
+
+
+def _layer_forward(ev: list[Event], keys: itertools.count, saved: list[int], calls: list[LinearCall],
+                   window: int = 0) -> list[int]:
+    """One layer's forward: its tensors in the order it makes them, each 4/8-bit linear call's
+    temporaries (LinearCall) among them, spread over the layer in module order as the linears run. `window`: free each tensor that many
+    allocations later (a forward under no_grad); 0 keeps them all (saved for backward). Returns
+    the keys still alive."""
+    ks = [next(keys) for _ in saved]
+    at = [len(saved) * j // len(calls) for j in range(len(calls))]
+    d = 0
+    for j, (x, n) in enumerate(zip(ks, saved)):
+        while d < len(calls) and at[d] <= j:
+            calls[d].forward(ev, keys)
+            d += 1
+        ev.append(("alloc", x, n))
+        if window and j >= window:
+            ev.append(("free", ks[j - window]))
+    for call in calls[d:]:
+        call.forward(ev, keys)
+    if window:
+        ev += [("free", x) for x in ks[-window:]]
+        return []
+    return ks
+
+
 def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
     keys, ev = _start(p.load)
     states: list[int] = []
@@ -153,21 +248,13 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
         layer_keys: list[list[int]] = []
         for i in range(p.layers):
             saved = p.first_saved if i == 0 else p.saved
-            if p.dequant:
-                d = next(keys)
-                ev.append(("alloc", d, p.dequant))
-                ev.append(("free", d))
             if p.checkpointed:
                 k = next(keys)
                 ev.append(("alloc", k, p.checkpoint_input))
-                inner = [next(keys) for _ in saved]
-                ev += [("alloc", x, n) for x, n in zip(inner, saved)]
-                ev += [("free", x) for x in inner]
+                _layer_forward(ev, keys, saved, p.linear_calls, window=NO_GRAD_WINDOW)
                 layer_keys.append([k])
             else:
-                ks = [next(keys) for _ in saved]
-                ev += [("alloc", x, n) for x, n in zip(ks, saved)]
-                layer_keys.append(ks)
+                layer_keys.append(_layer_forward(ev, keys, saved, p.linear_calls))
             ts = [next(keys) for _ in fwd_pieces]
             ev += [("alloc", x, n) for x, n in zip(ts, fwd_pieces)]
             ev += [("free", x) for x in ts]
@@ -205,12 +292,9 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
             saved = p.first_saved if i == 0 else p.saved
             recomputed = []
             if p.checkpointed:
-                recomputed = [next(keys) for _ in saved]
-                ev += [("alloc", x, n) for x, n in zip(recomputed, saved)]
-            if p.dequant:
-                d = next(keys)
-                ev.append(("alloc", d, p.dequant))
-                ev.append(("free", d))
+                recomputed = _layer_forward(ev, keys, saved, p.linear_calls)
+            for call in reversed(p.linear_calls):  # each weight dequantized again for the input gradient
+                call.backward(ev, keys)
             pieces = [next(keys) for _ in bwd_pieces]
             ev += [("alloc", x, n) for x, n in zip(pieces, bwd_pieces)]
             for n in p.layer_grads:
@@ -224,6 +308,10 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
             ev += [("free", x) for x in pieces]
             hg = out
         ev.append(("free", hg))
+        if p.tied_grad and grads:
+            e, total = next(keys), next(keys)
+            ev += [("alloc", e, p.tied_grad), ("alloc", total, p.tied_grad), ("free", grads[0]), ("free", e)]
+            grads[0] = total
         for n in p.root_grads[1:]:
             g = next(keys)
             ev.append(("alloc", g, n))
@@ -232,12 +320,12 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
         ev.append(("mark", f"step {step} backward"))
         # --- optimizer step
         if not states:
-            for per in [x for _ in range(p.layers) for x in p.layer_states] + p.root_states:
+            for per in in_module_order(p.layer_states, p.layers, p.root_states, p.root_leading):
                 for n in per:
                     k = next(keys)
                     ev.append(("alloc", k, n))
                     states.append(k)
-        temporaries = [n for _ in range(p.layers) for n in p.layer_temps] + p.root_temps
+        temporaries = in_module_order(p.layer_temps, p.layers, p.root_temps, p.root_leading)
         if p.temporaries_together:
             ts = [next(keys) for _ in temporaries]
             ev += [("alloc", x, n) for x, n in zip(ts, temporaries)]
@@ -292,6 +380,12 @@ def parameter_tensors(job, arch, stack) -> tuple[list[tuple[int, int, int]], lis
     return layer, root
 
 
+def embedding_tensors(arch) -> int:
+    """The root parameters before the decoder layers in module order: the token embedding, and
+    learned position embeddings beside it."""
+    return 2 if arch.learned_positions else 1
+
+
 def trainable_tensors(job, arch, targets) -> tuple[list[int], list[int]]:
     """Elements of each trainable tensor of one decoder layer and of the root, in parameter order:
     every parameter for full fine-tuning; lora_A (r x d_in) and lora_B (d_out x r) of each target
@@ -320,6 +414,45 @@ def trainable_tensors(job, arch, targets) -> tuple[list[int], list[int]]:
     return layer, root
 
 
+def linear_calls(job, arch, stack, ctx, largest: int) -> list[LinearCall]:
+    """One layer's linear calls in module order that allocate more than the layer saves
+    (LinearCall): 4/8-bit bases and LoRA targets. `largest` is the walk's dequantized weight
+    (inference.dequant_bytes: 0 where the fused kernel runs), which gives the dtype every converted
+    weight is dequantized into; a 4/8-bit linear's input and output are in the residual stream's
+    dtype (fp32 under peft's kbit upcast), cast to and from the compute dtype around the matmul. A
+    pre-quantized checkpoint's kernel (planner/prequantized.py) is the one dequantized figure the
+    walk gives."""
+    from .activations import lora_out_bytes
+    from .dtypes import BNB_4BIT_BLOCK, float_bytes
+
+    t, cb = ctx.tokens, float_bytes(job.compute_dtype)
+    if not job.quantized:
+        calls = [LinearCall(dequant=largest)] if largest else []
+        per, cast = 0, False
+    else:
+        calls = []
+        converted = stack.quantized_linears(arch)
+        per = largest // max(d_in * d_out for d_in, d_out, _ in converted) if largest and converted else 0
+        cast = ctx.stream_bytes != cb
+    nested = job.double_quant and job.base_weight_dtype.is_4bit
+    lb = lora_out_bytes(ctx)
+    for lin in arch.projections:
+        call = LinearCall()
+        if job.quantized and stack.bnb_converts(lin):
+            blocks = -(-lin.d_in * lin.d_out // BNB_4BIT_BLOCK) if nested else 0
+            call = LinearCall(cast=t * lin.d_in * cb if cast else 0, dequant=lin.d_in * lin.d_out * per, absmax=4 * blocks,
+                              out=t * lin.d_out * cb, out_cast=t * lin.d_out * ctx.stream_bytes if cast else 0,
+                              grad_in=t * lin.d_in * cb)
+        if lin.name in ctx.targets:
+            result = ctx.stream_bytes if call.out else ctx.act_bytes  # the base output, cast back by bitsandbytes
+            wide = max(result, lb)
+            call = dataclasses.replace(call, lora_out=t * lin.d_out * lb, lora_sum=t * lin.d_out * wide,
+                                       lora_cast=t * lin.d_out * result if wide != result else 0)
+        if call != LinearCall():
+            calls.append(call)
+    return calls
+
+
 def loss_sequence(terms, tokens: int, vocab: int) -> tuple[tuple, tuple]:
     """The loss's tensors one by one: the stack's own (LossTerms.forward_tensors), else its totals
     cut into fp32 vocab-wide tensors, the last of the forward's saved for the backward."""
@@ -336,8 +469,10 @@ def loss_sequence(terms, tokens: int, vocab: int) -> tuple[tuple, tuple]:
 
 
 def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[int], checkpointed: bool,
-                  checkpoint_input: int, forward_transient: int, backward_transient: int, scores: int, dequant: int,
-                  shared: int, loss, tokens: int, hidden_grad: int, workspaces: list[int]) -> TrainingPlan:
+                  checkpoint_input: int, forward_transient: int, backward_transient: int, scores: int,
+                  shared: int, loss, tokens: int, hidden_grad: int, workspaces: list[int],
+                  calls: list[LinearCall]) -> TrainingPlan:
+    from .params import embedding_module
     from .training import state_tensors, trainable_bytes_per_param
 
     layer_w, root_w = parameter_tensors(job, arch, stack)
@@ -346,6 +481,8 @@ def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[i
     adapters = job.uses_lora
     adamw = job.optimizer == "adamw"  # torch AdamW's sqrt(exp_avg_sq) per tensor; SGD and bnb update in place
     fwd, bwd = loss_sequence(loss, tokens, arch.vocab)
+    # the trainable root tensors before the layers: full fine-tuning's embedding, an embedding's LoRA
+    leading = 1 if job.method == "full" else (2 if embedding_module(arch) in targets else 0)
     # the gradient the loss backward makes first goes first: full fine-tuning's head (tied: the
     # embedding, which the head is), then the final norm's and an untied embedding's
     root_grads = [n * pb for n in root_t]
@@ -355,7 +492,8 @@ def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[i
         load=LoadPlan(layer=layer_w, root=root_w, layers=arch.layers,
                       empty_cache_after_upcast=stack.kbit_prepare_empties_cache,
                       adapters_per_layer=[n * pb for n in layer_t] if adapters else [],
-                      adapters_root=[n * pb for n in root_t] if adapters else []),
+                      adapters_root=[n * pb for n in root_t] if adapters else [],
+                      root_leading=embedding_tensors(arch), adapters_leading=leading if adapters else 0),
         layers=arch.layers,
         first_saved=saved0,
         saved=saved,
@@ -364,7 +502,7 @@ def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[i
         forward_transient=forward_transient,
         backward_transient=backward_transient,
         scores=scores,
-        dequant=dequant,
+        linear_calls=calls,
         shared=shared,
         loss_forward=fwd,
         loss_backward=bwd,
@@ -376,6 +514,8 @@ def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[i
         layer_temps=[n * pb for n in layer_t] if adamw else [],
         root_temps=[n * pb for n in root_t] if adamw else [],
         temporaries_together=job.foreach,
+        root_leading=leading,
+        tied_grad=root_grads[0] if job.method == "full" and arch.tied_embeddings and root_grads else 0,
         workspaces=workspaces,
     )
 
@@ -454,7 +594,8 @@ def plan_inference(job, arch, stack, *, prompt_cache: list[int], final_cache: li
     shapes = [t * arch.hidden * ab, t * arch.intermediate * ab]
     stream = job.micro_batch * arch.hidden * ab
     return InferencePlan(
-        load=LoadPlan(layer=layer_w, root=root_w, layers=arch.layers),
+        load=LoadPlan(layer=layer_w, root=root_w, layers=arch.layers,
+                      root_leading=embedding_tensors(arch) if weights is None else 0),
         layers=arch.layers,
         prompt_cache=prompt_cache,
         final_cache=final_cache,

@@ -735,9 +735,10 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
         walk.alloc_plan = alloc_sequence.plan_training(
             job, arch, stack, targets, saved0=list(stack.layer_saved(arch, ctx0).values()),
             saved=list(layer_tensors.values()), checkpointed=ckpt, checkpoint_input=act.checkpoint_saved(arch, ctx),
-            forward_transient=fwd_layer, backward_transient=trans, scores=act.score_bytes(arch, ctx), dequant=dequant,
+            forward_transient=fwd_layer, backward_transient=trans, scores=act.score_bytes(arch, ctx),
             shared=shared, loss=loss,
             tokens=t, hidden_grad=t * arch.hidden * ctx.stream_bytes,
+            calls=alloc_sequence.linear_calls(job, arch, stack, ctx, dequant),
             workspaces=[ws // overhead.cublas_handles(job.task)] * overhead.cublas_handles(job.task) if ws else [])
     return walk, params, n_train, notes, unified, st.host + offloaded
 
@@ -902,6 +903,7 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
         weights_label=arch.quantization.label if prequantized.applies(job, arch) else None,
         fits=(device <= gpu.memory_bytes and not (stats and stats.num_ooms)) if gpu else None,
         required_bytes=required,
+        allocator_replayed=stats is not None,
         allocator=stats,
         host_bytes=host,
         notes=notes,

@@ -211,7 +211,9 @@ def fragmentation_line(frag) -> str:
     text = (f"caching allocator: reserves {gib(frag.slack_bytes)} beyond the peak allocated, {share:.0%} of the "
             "device figure" + (" (large: freed blocks split over segments that later, larger requests cannot use)"
                                if frag.large else ""))
-    if frag.expandable_slack_bytes is not None:
+    if frag.expandable_slack_bytes is None and not frag.replayed:
+        text += " (a constant share of the peak: no allocation sequence is derived for this job, docs/allocator.md)"
+    elif frag.expandable_slack_bytes is not None:
         text += (f"; with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (--expandable-segments) it would be "
                  f"{gib(frag.expandable_slack_bytes)}, saving {gib(frag.saved_bytes)}")
     return paragraph(text)

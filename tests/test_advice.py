@@ -232,3 +232,38 @@ def test_inference_that_fits_no_card_is_told_to_split():
                           load_gpu("A100-80GB"))
     assert got["--num-gpus 2 --sharding tp"].device_used_bytes == two.device_used_bytes and got[
         "--num-gpus 2 --sharding tp"].fits
+
+
+# --- estimate --explain: the allocator's share --------------------------------------------------
+
+def test_explain_gives_the_allocator_share_and_what_expandable_segments_change():
+    """Gemma-2B full fine-tuning with checkpointing: its replayed slack is a quarter of the device
+    figure, and expandable segments (re-estimated here) would give back part of it."""
+    from memplan.advice import fragmentation
+
+    job = Job(model="gemma-2b", method="full", micro_batch=4, seq_len=1024, gradient_checkpointing=True)
+    arch = load_model("gemma-2b")
+    est = estimate_memory(job, arch, None)
+    alt = estimate_memory(job.model_copy(update={"expandable_segments": True}), arch, None)
+    frag = fragmentation(job, arch, None, est)
+    assert est.allocator_replayed and frag.large
+    assert frag.slack_bytes == est.peak_reserved_bytes - est.peak_allocated_bytes
+    assert frag.expandable_slack_bytes == alt.peak_reserved_bytes - alt.peak_allocated_bytes < frag.slack_bytes
+    out = run("estimate", "-m", "gemma-2b", "--method", "full", "-b", "4", "-s", "1024", "--gradient-checkpointing",
+              "--explain").stdout
+    assert f"saving {gib(frag.saved_bytes)}" in " ".join(out.split())
+
+
+def test_explain_says_when_the_slack_is_a_constant_share():
+    """ZeRO-3 has no derived allocation sequence (docs/allocator.md): no expandable figure is
+    claimed for it, and the line says the slack is a constant share."""
+    from memplan.advice import fragmentation
+
+    job = Job(model="starcoder", method="full", weight_dtype=DType.fp32, num_gpus=3, sharding="zero3")
+    arch = load_model("starcoder")
+    est = estimate_memory(job, arch, load_gpu("A100-80GB"))
+    frag = fragmentation(job, arch, load_gpu("A100-80GB"), est)
+    assert not est.allocator_replayed and frag.expandable_slack_bytes is None
+    out = " ".join(run("estimate", "-m", "starcoder", "--method", "full", "--weight-dtype", "fp32", "-n", "3",
+                       "--sharding", "zero3", "-g", "A100-80GB").stdout.split())
+    assert "a constant share of the peak" in out and "expandable_segments:True" not in out.split("caching allocator:")[1][:200]
