@@ -41,7 +41,7 @@ class Fragmentation(BaseModel):
     # the same under expandable_segments:True (None: already on, or no allocation sequence to replay)
     expandable_slack_bytes: int | None
     large: bool  # a tenth or more of the device figure
-    replayed: bool = True  # the slack comes from the allocator model's replay (else a constant share)
+    replayed: bool  # the slack comes from the allocator model's replay (else a constant share)
 
     @property
     def saved_bytes(self) -> int:
@@ -56,12 +56,13 @@ def fragmentation(job: Job, arch: ModelArch, gpu: GpuProfile | None, est=None) -
     est = est or estimate_memory(job, arch, gpu)
     slack = est.peak_reserved_bytes - est.peak_allocated_bytes
     other = None
-    # a job the allocator is not replayed for keeps a constant slack: no sequence to re-run
-    if not job.expandable_segments and est.allocator_replayed:
+    # a job with no allocation sequence (est.allocator None) keeps a constant slack: nothing to re-run
+    replayed = est.allocator is not None
+    if not job.expandable_segments and replayed:
         alt = estimate_memory(job.model_copy(update={"expandable_segments": True}), arch, gpu)
         other = alt.peak_reserved_bytes - alt.peak_allocated_bytes
     return Fragmentation(slack_bytes=slack, device_used_bytes=est.device_used_bytes, expandable_slack_bytes=other,
-                         large=slack >= LARGE_FRAGMENTATION * est.device_used_bytes, replayed=est.allocator_replayed)
+                         large=slack >= LARGE_FRAGMENTATION * est.device_used_bytes, replayed=replayed)
 
 
 class Fix(BaseModel):

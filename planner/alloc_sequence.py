@@ -210,10 +210,10 @@ NO_GRAD_WINDOW = 2
 
 def _layer_forward(ev: list[Event], keys: itertools.count, saved: list[int], calls: list[LinearCall],
                    window: int = 0) -> list[int]:
-    """One layer's forward: its tensors in the order it makes them, each 4/8-bit linear call's
-    temporaries (LinearCall) among them, spread over the layer in module order as the linears run. `window`: free each tensor that many
-    allocations later (a forward under no_grad); 0 keeps them all (saved for backward). Returns
-    the keys still alive."""
+    """One layer's forward: its tensors in the order it makes them, with each linear call's
+    temporaries (LinearCall) spread over the layer in module order, as the linears run. `window`:
+    free each tensor that many allocations later (a forward under no_grad); 0 keeps them all (saved
+    for backward). Returns the keys still alive."""
     ks = [next(keys) for _ in saved]
     at = [len(saved) * j // len(calls) for j in range(len(calls))]
     d = 0

@@ -903,7 +903,6 @@ def _finish(job, arch, gpu, stack: Stack, walk: _Walk, params, n_train, notes, u
         weights_label=arch.quantization.label if prequantized.applies(job, arch) else None,
         fits=(device <= gpu.memory_bytes and not (stats and stats.num_ooms)) if gpu else None,
         required_bytes=required,
-        allocator_replayed=stats is not None,
         allocator=stats,
         host_bytes=host,
         notes=notes,

@@ -71,9 +71,6 @@ class Estimate(BaseModel):
     # retries before an OOM, so on a smaller card it reserves less than device_used_bytes shows on
     # a card with room to spare (planner/allocator.py AllocatorStats.required_bytes). 0: not computed
     required_bytes: int = 0
-    # the reserved figure replays the caching-allocator model over the step's allocation sequence
-    # (False: the constant slack of a job with no sequence, planner/overhead.py FRAGMENTATION)
-    allocator_replayed: bool = False
     # the caching-allocator replay behind the reserved figure (None: no allocation sequence)
     allocator: AllocatorStats | None = None
     gpu: str | None = None
