@@ -18,7 +18,51 @@ from .dtypes import float_bytes
 from .job import Job
 from .stacks import Stack
 
-Saved = dict[str, int]
+class Saved(dict):
+    """What a layer's forward saves for backward: name -> bytes, in the order the forward makes
+    them. Beside the dict (which every sum reads) it keeps the forward's tape for the allocator
+    model (planner/alloc_sequence.py `tape_forward`): the same tensors in order, with what the
+    forward makes and frees between them. A block that knows its ops records them; a family whose
+    blocks record none leaves a tape of its saved tensors alone. A plain dict copy keeps no tape.
+
+    Tape ops: ("save", name) a saved tensor made here; ("temp", name, bytes) a tensor made here and
+    not saved (freed by a later ("drop", names...), else when the layer returns); ("alias", name,
+    tensor) the saved `name` is the earlier `tensor` itself (no new allocation; "input" is the
+    layer's input); ("linear", name) the linear `name` runs here (its call's temporaries, its own
+    saved tensors named `name.*`, and its output, the temp `name.out`); ("output", name) the tensor
+    the layer returns, alive until the next layer has returned."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tape: list[tuple] = [("save", k) for k in self]
+
+    def __setitem__(self, name: str, n: int) -> None:
+        if name not in self:
+            self.tape.append(("save", name))
+        super().__setitem__(name, n)
+
+    def update(self, other=(), **kwargs) -> None:
+        if isinstance(other, Saved):
+            self.tape += [op for op in other.tape if op[0] != "save" or op[1] not in self]
+        for k, v in dict(other, **kwargs).items():
+            super().__setitem__(k, v)
+
+    def temp(self, name: str, n: int) -> None:
+        self.tape.append(("temp", name, n))
+
+    def drop(self, *names: str) -> None:
+        self.tape.append(("drop", *names))
+
+    def alias(self, name: str, n: int, tensor: str) -> None:
+        """The saved `name` (n bytes) is the tensor the tape made as `tensor`."""
+        super().__setitem__(name, n)
+        self.tape.append(("alias", name, tensor))
+
+    def linear(self, name: str) -> None:
+        self.tape.append(("linear", name))
+
+    def output(self, name: str) -> None:
+        self.tape.append(("output", name))
 
 
 @dataclass(frozen=True)
@@ -174,7 +218,8 @@ def linear_input(ctx: Ctx, names: tuple[str, ...], d_in: int, tensor: str, saved
         lora_inputs(ctx, n, d_in, tensor, saved)
 
 
-def rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
+def rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved,
+             source: str | None = None) -> None:
     t, h = ctx.tokens, arch.hidden
     if ctx.grad_in and ctx.liger:
         # LigerRMSNormFunction saves X as it comes (the stream itself, no fp32 copy) and one fp32
@@ -188,7 +233,64 @@ def rms_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...],
             # weight * x_normed: Llama saves the cast-back copy, Gemma the fp32 product before (1 + w)
             # (with an fp32 stream the cast back is a no-op: the fp32 product is kept)
             saved[f"{prefix}.normed"] = t * h * (4 if arch.norm in ("rms_gemma", "rms_fp32") else ctx.stream_bytes)
+    if not ctx.liger and isinstance(saved, Saved):
+        rms_norm_tape(ctx, arch, prefix, source, saved)
     linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
+
+
+def rms_norm_tape(ctx: Ctx, arch: ModelArch, prefix: str, source: str | None, saved: Saved) -> None:
+    """The order of an RMSNorm's ops for the allocator model, around what `rms_norm` saves (which
+    this rewrites into the tape in place). LlamaRMSNorm.forward: `x = x.to(float32)` (a copy unless
+    the stream is fp32; then, with `source` naming the stream tensor, the saved input is that
+    tensor), `variance = x.pow(2).mean(-1)`, `x = x * rsqrt(variance + eps)`, `weight *
+    x.to(input_dtype)`; GemmaRMSNorm (and the fp32 variants): `x.float()`, the same normalisation,
+    `* (1 + weight.float())` in fp32, then `.type_as(x)`. The output is the temp `prefix.out`
+    (saved instead where a linear keeps it), alive until its consumer's block drops it."""
+    t, h, sb = ctx.tokens, arch.hidden, ctx.stream_bytes
+    names = (f"{prefix}.fp32_input", f"{prefix}.rsqrt", f"{prefix}.normed")
+    saved.tape = [op for op in saved.tape if not (op[0] == "save" and op[1] in names)]
+    fp32_in, rsqrt, normed = (n in saved for n in names)
+    if sb == 4 and source is not None:
+        if fp32_in:
+            saved.alias(names[0], saved[names[0]], source)
+    elif fp32_in:
+        saved.tape.append(("save", names[0]))
+    else:
+        saved.temp(names[0], 4 * t * h)
+    gemma = arch.norm == "rms_gemma"
+    saved.temp(f"{prefix}.pow", 4 * t * h)
+    saved.temp(f"{prefix}.variance", 4 * t)
+    saved.drop(f"{prefix}.pow")
+    saved.temp(f"{prefix}.eps", 4 * t)
+    if gemma:  # one expression in `_norm`: the mean is a temporary, not a local
+        saved.drop(f"{prefix}.variance")
+    saved.tape.append(("save", names[1])) if rsqrt else saved.temp(names[1], 4 * t)
+    saved.drop(f"{prefix}.eps")
+    scaled = f"{prefix}.scaled"
+    if arch.norm in ("rms_gemma", "rms_fp32"):
+        # the fp32 normalised input is what `* (1 + weight)` (Olmo2: `weight *`) saves
+        saved.tape.append(("save", names[2])) if normed else saved.temp(names[2], 4 * t * h)
+        saved.drop(names[0])
+        if gemma:  # `1.0 + self.weight.float()`: the weight's fp32 copy, then the sum
+            saved.drop(names[1])
+            saved.temp(f"{prefix}.weight_fp32", 4 * h)
+            saved.temp(f"{prefix}.weight_plus_one", 4 * h)
+            saved.drop(f"{prefix}.weight_fp32")
+        saved.temp(f"{prefix}.product", 4 * t * h)
+        if gemma:  # the sum is saved by the product (a few KiB the walk leaves out): held to the layer's end
+            saved.drop(names[2])
+        saved.temp(f"{prefix}.out", t * h * sb)
+        saved.drop(f"{prefix}.product", names[2], names[1])
+    else:
+        saved.temp(scaled, 4 * t * h)
+        saved.drop(names[0])
+        if normed:
+            saved.tape.append(("save", names[2]))
+        elif sb != 4:
+            saved.temp(names[2], t * h * sb)
+        saved.temp(f"{prefix}.out", t * h * (4 if sb == 4 else ctx.act_bytes))
+        saved.drop(names[2], scaled, names[1])
+    saved.drop(f"{prefix}.variance")
 
 
 def head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
@@ -218,9 +320,11 @@ def layer_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...
     linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
 
 
-def attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -> str:
+def attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved,
+                   projections: tuple[str, str, str] = ()) -> str:
     """Scaled dot-product attention for one layer: what it saves, and the name of the tensor the
-    output projection consumes (saved only if that projection trains or LoRA keeps it)."""
+    output projection consumes (saved only if that projection trains or LoRA keeps it).
+    `projections`: the q, k and v linears whose outputs (temps `name.out` on the tape) it reads."""
     t, s, a, ab = ctx.tokens, ctx.seq, arch.heads, ctx.act_bytes
     q, kv = arch.q_width, arch.kv_width
     if ctx.attention is Kernel.fused:
@@ -231,14 +335,22 @@ def attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -
         # every head; SDPA turns the bool mask into an additive one per call
         # (attention.cpp `convert_boolean_attn_mask`), which the memory-efficient kernel saves
         kv_saved = q if ctx.packed_mask else kv
-        saved["attn.q"] = t * q * ab
-        saved["attn.k"] = t * kv_saved * ab
-        saved["attn.v"] = t * kv_saved * ab
+        if projections and isinstance(saved, Saved):
+            _fused_inputs_tape(ctx, arch, projections, kv_saved, ab, saved)
+        else:
+            saved["attn.q"] = t * q * ab
+            saved["attn.k"] = t * kv_saved * ab
+            saved["attn.v"] = t * kv_saved * ab
         if ctx.packed_mask:
             saved["attn.packed_mask"] = ctx.batch * ctx.seq * ctx.seq * ab
         saved["attn.out"] = t * q * ab
         saved["attn.logsumexp"] = 4 * t * a
         return "attn.out_contiguous" if rope_copies else "attn.out"
+    rotated = ()
+    if projections and isinstance(saved, Saved) and _rotary(arch, ab, ctx):
+        # q and k rotated (temps): what the materialised path reads; the projections' outputs go
+        rotated = tuple(_rotary_tape(ctx, f"attn.{x}_rotated", w, ab, saved) for x, w in (("q", q), ("k", kv)))
+        saved.drop(f"{projections[0]}.out", f"{projections[1]}.out")
     if ctx.attention is Kernel.eager:
         # LlamaAttention eager: repeat_kv copies, fp32 softmax and its cast back
         saved["attn.softmax_fp32"] = 4 * t * a * s
@@ -258,7 +370,58 @@ def attention_core(ctx: Ctx, arch: ModelArch, rope_copies: bool, saved: Saved) -
     saved["attn.q_scaled"] = t * q * md
     saved["attn.k_expanded"] = t * expanded * md
     saved["attn.v_expanded"] = t * expanded * md
+    if rotated:
+        saved.drop(*rotated)
     return "attn.out_contiguous"
+
+
+def _rotary(arch: ModelArch, ab: int, ctx: Ctx) -> bool:
+    """Whether the tape follows the layer's rotary ops: full-width rotary positions in the
+    activations' dtype (partial rotary slices and concatenates more; learned positions and ALiBi
+    have none)."""
+    return not (arch.learned_positions or arch.alibi) and arch.rotary_fraction == 1 and ab == ctx.act_bytes
+
+
+def _rotary_tape(ctx: Ctx, name: str, width: int, ab: int, saved: Saved, kept: bool = False) -> str:
+    """transformers `apply_rotary_pos_emb` on one of q, k: `x * cos + rotate_half(x) * sin`, where
+    rotate_half is `cat((-x2, x1))`: x * cos, -x2 (half the width), the cat, its product with sin,
+    then the sum, `name` (saved when `kept`, else a temp)."""
+    n = ctx.tokens * width * ab
+    saved.temp(f"{name}.cos", n)
+    saved.temp(f"{name}.half", n // 2)
+    saved.temp(f"{name}.cat", n)
+    saved.drop(f"{name}.half")
+    saved.temp(f"{name}.sin", n)
+    saved.drop(f"{name}.cat")
+    if kept:
+        saved[name] = n
+    else:
+        saved.temp(name, n)
+    saved.drop(f"{name}.cos", f"{name}.sin")
+    return name
+
+
+def _fused_inputs_tape(ctx: Ctx, arch: ModelArch, projections: tuple[str, str, str], kv_saved: int, ab: int,
+                       saved: Saved) -> None:
+    """q, k and v as the fused kernel gets them, on the tape. Rotary positions (transformers
+    `apply_rotary_pos_emb`: `q * cos + rotate_half(q) * sin`, rotate_half `cat((-x2, x1))`) make q
+    and k anew: q * cos, -x2 (half the width), the cat, its product with sin, the sum (saved); the
+    projections' outputs are released once both are rotated. v is the projection's output itself
+    unless keys and values are repeated to every head (a copy)."""
+    t = ctx.tokens
+    qn, kn, vn = projections
+    rope = _rotary(arch, ab, ctx)
+    for name, width, proj in (("attn.q", arch.q_width, qn), ("attn.k", kv_saved, kn)):
+        if rope:
+            _rotary_tape(ctx, name, width, ab, saved, kept=True)
+        else:
+            saved.alias(name, t * width * ab, f"{proj}.out")
+    if rope:
+        saved.drop(f"{qn}.out", f"{kn}.out")
+    if kv_saved == arch.kv_width:
+        saved.alias("attn.v", t * kv_saved * ab, f"{vn}.out")
+    else:
+        saved["attn.v"] = t * kv_saved * ab
 
 
 def materialised_bytes(ctx: Ctx) -> int:
@@ -279,13 +442,28 @@ def o_proj(ctx: Ctx, arch: ModelArch, name: str, consumed: str, saved: Saved) ->
     linear_input(ctx, (name,), arch.q_width, consumed, saved)
 
 
-def gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
+def gated_mlp(ctx: Ctx, arch: ModelArch, saved: Saved, linears: bool = False) -> None:
+    """`down_proj(act(gate_proj(x)) * up_proj(x))`. `linears`: record the projections' calls on the
+    tape (Saved), in the order Python evaluates them."""
     t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
-    saved["mlp.gate_out"] = t * i * ab  # saved by the activation function
+
+    def projection(name: str, kept: str) -> None:
+        if linears:
+            saved.linear(name)
+            saved.alias(kept, t * i * ab, f"{name}.out")
+        else:
+            saved[kept] = t * i * ab
+
+    projection("gate_proj", "mlp.gate_out")  # saved by the activation function
     if not ctx.liger:  # LigerSiLUMulFunction / LigerGELUMulFunction save only gate and up (swiglu.py:272)
         saved["mlp.act_out"] = t * i * ab  # saved by act * up
-    saved["mlp.up_out"] = t * i * ab
+    projection("up_proj", "mlp.up_out")
+    if linears:
+        saved.temp("mlp.product", t * i * ab)
     linear_input(ctx, ("down_proj",), i, "mlp.product", saved)
+    if linears:
+        saved.linear("down_proj")
+        saved.drop("mlp.product")
 
 
 def moe_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
@@ -446,7 +624,7 @@ def rotary_tables(arch: ModelArch, ctx: Ctx) -> int:
 
 
 def final_norm_saved(arch: ModelArch, ctx: Ctx) -> Saved:
-    saved: Saved = {}
+    saved = Saved()
     if arch.norm == "layer":
         layer_norm(ctx, arch, "final_norm", (), saved)
     else:
@@ -570,7 +748,7 @@ def routed_layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     """A Llama-like layer (input RMSNorm, attention with q/k norms where the arch has them,
     post-attention RMSNorm) whose MLP is the grouped_mm routed block: the post-attention norm's
     output feeds the router (and the shared expert and its gate), the experts gather their own copy."""
-    saved: Saved = {}
+    saved = Saved()
     rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
     if arch.qk_norm:
         head_norms(ctx, arch, saved)
@@ -672,7 +850,7 @@ def sink_layer_saved(arch: ModelArch, ctx: Ctx) -> Saved:
     the fp32 normalised input, which that product keeps when the weight trains), biased q/k/v/o,
     the sink attention, RMSNorm, the router (with bias) and the grouped_mm experts with biases and
     the clamped SwiGLU."""
-    saved: Saved = {}
+    saved = Saved()
     t, h = ctx.tokens, arch.hidden
     rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
     o_proj(ctx, arch, "o_proj", sink_attention(ctx, arch, saved), saved)
@@ -759,7 +937,7 @@ def post_norm_saved(ctx: Ctx, arch: ModelArch, prefix: str, saved: Saved) -> Non
     """An RMSNorm whose output only joins the residual sum (Gemma 2/3 post_attention_layernorm and
     post_feedforward_layernorm, OLMo 2's post-norms): what `rms_norm` saves for the norm itself
     (fp32 input, rsqrt, and with a trainable weight the product `weight *` keeps), no linear input."""
-    scratch: Saved = {}
+    scratch = Saved()
     rms_norm(ctx, arch, prefix, (), scratch)
     scratch.pop(f"{prefix}.out", None)  # no projection reads it
     saved.update(scratch)

@@ -9,13 +9,17 @@ the walk's quantities into that order, one decoder layer's pattern repeated:
   makes it: the 16-bit weight on the device, its quantized storage beside it, the 16-bit copy
   freed); peft's kbit upcast (an fp32 copy of each 16-bit parameter, the original freed); adapters.
 - each step (two are replayed, STEPS below):
-  forward layer by layer (each layer's saved tensors with its linear calls' temporaries among them,
-  LinearCall; a checkpointed layer's tensors freed as they are consumed, its input kept), the head
-  and loss; the loss's backward; each layer's backward in reverse (recomputation, gradients of the
-  activations shaped like the tensors they belong to, each 4/8-bit weight dequantized again, the
-  parameters' gradients, the saved tensors freed); a tied embedding's gradient summed out of
-  place; the optimizer step (states created in the first step, in parameter order, then the
-  update's temporaries), zero_grad(set_to_none=True).
+  forward layer by layer: where the family records its layer's ops (activations.Saved.tape: the
+  norms', the rotary positions', each linear's call, the residual sums, in the order the modeling
+  file runs them) the layer runs op by op (_tape_forward), else its saved tensors with its linear
+  calls' temporaries spread among them (LinearCall); a checkpointed layer's first forward frees its
+  tensors as they are consumed, its input kept. The head and loss; the loss's backward; each
+  layer's backward in reverse (recomputation; on a taped layer with fused attention the forward's
+  ops in reverse, _tape_backward, else gradients of the activations shaped like the tensors they
+  belong to then the parameters' gradients; each 4/8-bit weight dequantized again; the saved
+  tensors freed); a tied embedding's gradient summed out of place; the optimizer step (states
+  created in the first step, in parameter order, then the update's temporaries),
+  zero_grad(set_to_none=True).
 
 Pure: numbers in, events out.
 """
@@ -73,6 +77,40 @@ class LinearCall:
     lora_out: int = 0  # lora_B's output (and its scaled copy)
     lora_sum: int = 0  # result + the scaled lora output, in the promoted dtype
     lora_cast: int = 0  # the sum cast back to the result's dtype (0: same dtype, no copy)
+    name: str = ""  # the projection (empty: one call standing for the layer's, e.g. a kernel's dequantized weight)
+    result: int = 0  # the output as the base layer returns it (the output's own tensor, on the tape)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the call allocates anything beyond its output."""
+        return dataclasses.replace(self, name="", result=0) != LinearCall()
+
+    def run(self, ev: list[Event], keys: itertools.count, own: list[int]) -> tuple[int, list[int]]:
+        """The call on a layer's tape: the base layer's temporaries and its output, the linear's own
+        saved tensors (`own`: LoRA's input cast and lora_A's output, made between the base matmul
+        and lora_B), LoRA's sum. Returns the key of the output, which the layer goes on with, and
+        the own tensors' keys."""
+        c, d, o = next(keys), next(keys), next(keys)
+        if self.cast:
+            ev.append(("alloc", c, self.cast))
+        self._dequantize(ev, d, keys)
+        ev += [("alloc", o, self.out or self.result), ("free", d), ("free", c)]
+        if self.out_cast:
+            r = next(keys)
+            ev += [("alloc", r, self.out_cast), ("free", o)]
+            o = r
+        mine = [next(keys) for _ in own]
+        ev += [("alloc", k, n) for k, n in zip(mine, own)]
+        if self.lora_out:
+            b, sc, sm = next(keys), next(keys), next(keys)
+            ev += [("alloc", b, self.lora_out), ("alloc", sc, self.lora_out), ("free", b), ("alloc", sm, self.lora_sum),
+                   ("free", sc), ("free", o)]
+            o = sm
+            if self.lora_cast:
+                ca = next(keys)
+                ev += [("alloc", ca, self.lora_cast), ("free", sm)]
+                o = ca
+        return o, mine
 
     def forward(self, ev: list[Event], keys: itertools.count) -> None:
         c, d, o = next(keys), next(keys), next(keys)
@@ -140,6 +178,14 @@ class TrainingPlan:
     # cuBLAS workspaces, allocated through torch's pool by the first matmul of each thread: the
     # forward's, then the autograd engine's in the first backward (planner/overhead.py)
     workspaces: list[int] = field(default_factory=list)
+    # one layer's forward op by op (layer_tape), the first layer's, where the family records one:
+    # then a forward with gradients runs the tape, and the saved lists only give the checkpointed
+    # layer's no-grad forward
+    tape: tuple = ()
+    first_tape: tuple = ()
+    # the layer's parameter gradients by the linear whose backward makes them ("": the norms', made
+    # last); empty: the tape's backward is not followed
+    grads_by_linear: dict = field(default_factory=dict)
 
 
 def in_module_order(per_layer: list, layers: int, root: list, leading: int) -> list:
@@ -232,12 +278,144 @@ def _layer_forward(ev: list[Event], keys: itertools.count, saved: list[int], cal
     return ks
 
 
+def layer_tape(saved) -> tuple:
+    """A layer's tape (activations.Saved.tape) with every size resolved, or () when its family
+    records no linear call (then the saved list stands for the forward). Ops: ("alloc", name, n,
+    kept) a tensor made (kept: saved for backward); ("keep", name) an earlier tensor saved (the
+    layer's input is "input"); ("free", name); ("linear", name, [n of its own saved tensors]);
+    ("output", name). A saved tensor the tape never made is made at the layer's end."""
+    tape = getattr(saved, "tape", None)
+    if not tape or not any(op[0] == "linear" for op in tape):
+        return ()
+    placed = {op[1] for op in tape if op[0] == "linear"}
+    own = {n: [] for n in placed}
+    moved = set()
+    for op in tape:
+        if op[0] == "save" and op[1] in saved:
+            lin = next((n for n in placed if op[1].startswith(n + ".")), None)
+            if lin is not None:
+                own[lin].append(saved[op[1]])
+                moved.add(op[1])
+    out: list[tuple] = []
+    made: set[str] = set()
+    for op in tape:
+        kind, name = op[0], op[1] if len(op) > 1 else None
+        if kind == "save":
+            if name in saved and name not in moved:
+                out.append(("keep", name) if name in made else ("alloc", name, saved[name], True))
+                made.add(name)
+        elif kind == "temp":
+            if name not in made:
+                kept = name in saved
+                out.append(("alloc", name, saved[name] if kept else op[2], kept))
+                made.add(name)
+        elif kind == "alias":
+            out.append(("keep", op[2]) if op[2] in made or op[2] == "input" else ("alloc", op[2], saved[name], True))
+            made.add(op[2])
+            made.add(name)
+        elif kind == "drop":
+            out += [("free", n) for n in op[1:]]
+        elif kind == "linear":
+            out.append(("linear", name, tuple(own[name])))
+            made.add(f"{name}.out")
+        elif kind == "output":
+            out.append(("output", name))
+    aliased = {op[1] for op in tape if op[0] == "alias"}
+    out += [("alloc", n, v, True) for n, v in saved.items() if n not in made and n not in moved and n not in aliased]
+    return tuple(out)
+
+
+def _tape_forward(ev: list[Event], keys: itertools.count, tape: tuple, calls: list[LinearCall],
+                  inp: int | None, keep_output: bool = True, trail: list | None = None) -> tuple[list[int], int | None]:
+    """One layer's forward with gradients, op by op (layer_tape). `inp`: the key of the layer's
+    input, freed when the layer returns unless the layer saves it (None: not in the sequence, or
+    held by someone else: the checkpoint). Returns the keys of what the layer saves and of its
+    output (None where `keep_output` is off: a recomputation's output is dropped)."""
+    by_name = {c.name: c for c in calls if c.name}
+    placed = {op[1] for op in tape if op[0] == "linear"}
+    for call in calls:  # a call the tape does not place runs first
+        if call.busy and call.name not in placed:
+            call.forward(ev, keys)
+    live: dict[str, int] = {} if inp is None else {"input": inp}
+    kept: set[str] = set()
+    own: list[int] = []  # the linears' own saved tensors
+    output = None
+    for op in tape:
+        kind, name = op[0], op[1]
+        if kind == "alloc":
+            k = live[name] = next(keys)
+            ev.append(("alloc", k, op[2]))
+            if op[3]:
+                kept.add(name)
+            if trail is not None:
+                trail.append(("tensor", k, op[2]))
+        elif kind == "keep":
+            if name in live:
+                kept.add(name)
+        elif kind == "free":
+            if name in live and name not in kept:
+                ev.append(("free", live.pop(name)))
+        elif kind == "linear":
+            call = by_name.get(name, LinearCall(name=name))
+            live[f"{name}.out"], mine = call.run(ev, keys, list(op[2]))
+            own += mine
+            if trail is not None:
+                trail.append(("linear", name, mine, call.result))
+        elif kind == "output":
+            output = name
+    saved_keys = [live[n] for n in kept if n in live] + own
+    out_key = live.get(output) if output is not None and keep_output else None
+    for n, k in list(live.items()):
+        if n not in kept and k != out_key:
+            ev.append(("free", k))
+    return saved_keys, out_key
+
+
+def _tape_backward(ev: list[Event], keys: itertools.count, trail: list, calls: list[LinearCall],
+                   grads: dict[str, list[int]], hg: int, out_bytes: int, kept: list[int]) -> tuple[int, list[int]]:
+    """One layer's backward as autograd runs it, the forward's ops in reverse (`trail`, what
+    _tape_forward made): each tensor's gradient is made when its consumer's backward runs and
+    released once its producer's has (so the latest two are alive, as along a chain), each linear
+    makes its parameters' gradients (`grads`, by linear) where its backward runs, and what the
+    forward saved is released by the backward of the op that saved it. `hg`: the gradient coming
+    in. Returns the gradient into the layer below and the parameters' gradients."""
+    by_name = {c.name: c for c in calls if c.name}
+    saved = set(kept)
+    made: list[int] = []
+    prev = hg
+    for entry in reversed(trail):
+        if entry[0] == "linear":
+            call = by_name.get(entry[1])
+            if call is not None and call.busy:
+                call.backward(ev, keys)
+            for n in grads.get(entry[1], []):
+                g = next(keys)
+                ev.append(("alloc", g, n))
+                made.append(g)
+            ev += [("free", k) for k in entry[2]]
+            continue
+        _, key, n = entry
+        g = next(keys)
+        ev += [("alloc", g, n), ("free", prev)]
+        prev = g
+        if key in saved:
+            ev.append(("free", key))
+    out = next(keys)
+    ev += [("alloc", out, out_bytes), ("free", prev)]
+    for n in grads.get("", []):
+        g = next(keys)
+        ev.append(("alloc", g, n))
+        made.append(g)
+    return out, made
+
+
 def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
     keys, ev = _start(p.load)
     states: list[int] = []
     # transients are tensors shaped like the layer's own: its saved activations, its scores
     shapes = p.saved + ([p.scores] if p.scores else [])
     bwd_pieces = split_like(p.backward_transient, shapes)
+    busy = [c for c in p.linear_calls if c.busy]
     fwd_pieces = split_like(p.forward_transient, shapes) if p.forward_transient else []
     for step in range(1, steps + 1):
         # --- forward
@@ -246,15 +424,23 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
         shared = next(keys)
         ev.append(("alloc", shared, p.shared))
         layer_keys: list[list[int]] = []
+        trails: list[list] = []  # each taped layer's forward, for its backward
+        stream = None  # the last layer's output, on a taped forward
         for i in range(p.layers):
             saved = p.first_saved if i == 0 else p.saved
+            tape = p.first_tape if i == 0 else p.tape
             if p.checkpointed:
                 k = next(keys)
                 ev.append(("alloc", k, p.checkpoint_input))
-                _layer_forward(ev, keys, saved, p.linear_calls, window=NO_GRAD_WINDOW)
+                _layer_forward(ev, keys, saved, busy, window=NO_GRAD_WINDOW)
                 layer_keys.append([k])
+            elif tape:
+                trail: list = []
+                kept, stream = _tape_forward(ev, keys, tape, p.linear_calls, stream, trail=trail)
+                layer_keys.append(kept)
+                trails.append(trail)
             else:
-                layer_keys.append(_layer_forward(ev, keys, saved, p.linear_calls))
+                layer_keys.append(_layer_forward(ev, keys, saved, busy))
             ts = [next(keys) for _ in fwd_pieces]
             ev += [("alloc", x, n) for x, n in zip(ts, fwd_pieces)]
             ev += [("free", x) for x in ts]
@@ -269,6 +455,8 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
                 step_end.append(named.pop(name))
         for name in fwd_end:  # the model's outputs dropped as the forward returns, the loss kept
             ev.append(("free", named.pop(name)))
+        if stream is not None:  # the last layer's output, read by the final norm
+            ev.append(("free", stream))
         ev.append(("mark", f"step {step} forward"))
         # --- loss backward
         if step == 1:
@@ -290,10 +478,26 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
         # --- layers' backward, last first
         for i in reversed(range(p.layers)):
             saved = p.first_saved if i == 0 else p.saved
+            tape = p.first_tape if i == 0 else p.tape
             recomputed = []
-            if p.checkpointed:
-                recomputed = _layer_forward(ev, keys, saved, p.linear_calls)
-            for call in reversed(p.linear_calls):  # each weight dequantized again for the input gradient
+            # materialised attention's backward holds several score-sized gradients at once
+            # (layer_backward_transient), which the chain of _tape_backward does not follow
+            if tape and p.grads_by_linear and not p.scores:
+                trail = trails[i] if not p.checkpointed else []
+                if p.checkpointed:
+                    recomputed, _ = _tape_forward(ev, keys, tape, p.linear_calls, None, keep_output=False, trail=trail)
+                kept = recomputed + layer_keys[i]
+                out, made = _tape_backward(ev, keys, trail, p.linear_calls, p.grads_by_linear, hg, p.head_input_grad, kept)
+                grads += made
+                ev += [("free", x) for x in kept]
+                ev.append(("free", hg))
+                hg = out
+                continue
+            if p.checkpointed and tape:
+                recomputed, _ = _tape_forward(ev, keys, tape, p.linear_calls, None, keep_output=False)
+            elif p.checkpointed:
+                recomputed = _layer_forward(ev, keys, saved, busy)
+            for call in reversed(busy):  # each weight dequantized again for the input gradient
                 call.backward(ev, keys)
             pieces = [next(keys) for _ in bwd_pieces]
             ev += [("alloc", x, n) for x, n in zip(pieces, bwd_pieces)]
@@ -414,9 +618,26 @@ def trainable_tensors(job, arch, targets) -> tuple[list[int], list[int]]:
     return layer, root
 
 
+def grads_by_linear(job, arch, targets, pb: int) -> dict[str, list[int]]:
+    """The gradients of one layer's trainable tensors (trainable_tensors, in bytes) by the linear
+    whose backward makes them: full fine-tuning's weight and bias (the norms' weights under ""),
+    LoRA's lora_B then lora_A (autograd reaches lora_B first), DoRA's magnitude with them."""
+    out: dict[str, list[int]] = {}
+    if job.method == "full":
+        for lin in arch.projections:
+            out[lin.name] = [lin.copies * lin.d_in * lin.d_out * pb] + ([lin.copies * lin.d_out * pb] if lin.bias else [])
+        out[""] = [arch.norm_params * pb] * arch.norms_per_layer
+        return out
+    r = job.lora_rank
+    for lin in arch.linears:
+        if lin.name in targets:
+            out[lin.name] = [r * lin.d_out * pb, r * lin.d_in * pb] + ([lin.d_out * pb] if job.dora else [])
+    return out
+
+
 def linear_calls(job, arch, stack, ctx, largest: int) -> list[LinearCall]:
-    """One layer's linear calls in module order that allocate more than the layer saves
-    (LinearCall): 4/8-bit bases and LoRA targets. `largest` is the walk's dequantized weight
+    """One layer's linear calls in module order (LinearCall), every projection named, with its
+    output: the busy ones (4/8-bit bases, LoRA targets) allocate more than the layer saves. `largest` is the walk's dequantized weight
     (inference.dequant_bytes: 0 where the fused kernel runs), which gives the dtype every converted
     weight is dequantized into; a 4/8-bit linear's input and output are in the residual stream's
     dtype (fp32 under peft's kbit upcast), cast to and from the compute dtype around the matmul. A
@@ -437,19 +658,19 @@ def linear_calls(job, arch, stack, ctx, largest: int) -> list[LinearCall]:
     nested = job.double_quant and job.base_weight_dtype.is_4bit
     lb = lora_out_bytes(ctx)
     for lin in arch.projections:
-        call = LinearCall()
+        call = LinearCall(name=lin.name, result=lin.copies * t * lin.d_out * ctx.act_bytes)
         if job.quantized and stack.bnb_converts(lin):
             blocks = -(-lin.d_in * lin.d_out // BNB_4BIT_BLOCK) if nested else 0
-            call = LinearCall(cast=t * lin.d_in * cb if cast else 0, dequant=lin.d_in * lin.d_out * per, absmax=4 * blocks,
-                              out=t * lin.d_out * cb, out_cast=t * lin.d_out * ctx.stream_bytes if cast else 0,
-                              grad_in=t * lin.d_in * cb)
+            call = dataclasses.replace(
+                call, cast=t * lin.d_in * cb if cast else 0, dequant=lin.d_in * lin.d_out * per, absmax=4 * blocks,
+                out=t * lin.d_out * cb, out_cast=t * lin.d_out * ctx.stream_bytes if cast else 0,
+                grad_in=t * lin.d_in * cb)
         if lin.name in ctx.targets:
             result = ctx.stream_bytes if call.out else ctx.act_bytes  # the base output, cast back by bitsandbytes
             wide = max(result, lb)
             call = dataclasses.replace(call, lora_out=t * lin.d_out * lb, lora_sum=t * lin.d_out * wide,
                                        lora_cast=t * lin.d_out * result if wide != result else 0)
-        if call != LinearCall():
-            calls.append(call)
+        calls.append(call)
     return calls
 
 
@@ -468,7 +689,7 @@ def loss_sequence(terms, tokens: int, vocab: int) -> tuple[tuple, tuple]:
     return fwd_t, ops
 
 
-def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[int], checkpointed: bool,
+def plan_training(job, arch, stack, targets, *, saved0: dict[str, int], saved: dict[str, int], checkpointed: bool,
                   checkpoint_input: int, forward_transient: int, backward_transient: int, scores: int,
                   shared: int, loss, tokens: int, hidden_grad: int, workspaces: list[int],
                   calls: list[LinearCall]) -> TrainingPlan:
@@ -495,8 +716,10 @@ def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[i
                       adapters_root=[n * pb for n in root_t] if adapters else [],
                       root_leading=embedding_tensors(arch), adapters_leading=leading if adapters else 0),
         layers=arch.layers,
-        first_saved=saved0,
-        saved=saved,
+        first_saved=list(saved0.values()),
+        saved=list(saved.values()),
+        first_tape=layer_tape(saved0),
+        tape=layer_tape(saved),
         checkpointed=checkpointed,
         checkpoint_input=checkpoint_input,
         forward_transient=forward_transient,
@@ -516,6 +739,7 @@ def plan_training(job, arch, stack, targets, *, saved0: list[int], saved: list[i
         temporaries_together=job.foreach,
         root_leading=leading,
         tied_grad=root_grads[0] if job.method == "full" and arch.tied_embeddings and root_grads else 0,
+        grads_by_linear=grads_by_linear(job, arch, targets, pb),
         workspaces=workspaces,
     )
 

@@ -733,8 +733,8 @@ def _training(job: Job, arch: ModelArch, stack: Stack, ws: int):
     unified = st.gpu_paged_states
     if plan.params_div == 1 and plan.grads_div == 1 and plan.states_div == 1 and not job.activation_offloading:
         walk.alloc_plan = alloc_sequence.plan_training(
-            job, arch, stack, targets, saved0=list(stack.layer_saved(arch, ctx0).values()),
-            saved=list(layer_tensors.values()), checkpointed=ckpt, checkpoint_input=act.checkpoint_saved(arch, ctx),
+            job, arch, stack, targets, saved0=stack.layer_saved(arch, ctx0),
+            saved=layer_tensors, checkpointed=ckpt, checkpoint_input=act.checkpoint_saved(arch, ctx),
             forward_transient=fwd_layer, backward_transient=trans, scores=act.score_bytes(arch, ctx),
             shared=shared, loss=loss,
             tokens=t, hidden_grad=t * arch.hidden * ctx.stream_bytes,

@@ -1,6 +1,8 @@
 """The allocation sequence the estimate derives (planner/alloc_sequence.py), checked event by event
 against what the libraries do: bitsandbytes' per-call dequantization, the parameters' module order."""
 
+import itertools
+
 import pytest
 
 from memplan import alloc_sequence as S
@@ -87,3 +89,87 @@ def test_a_tied_embedding_gradient_is_summed_out_of_place():
     assert [e[2] for e in bwd if e[0] == "alloc"].count(g) == 3  # the head's, the embedding's, the sum
     untied = _plan(Job(model="llama-2-7b", method="full", micro_batch=1, seq_len=256))
     assert untied.tied_grad == 0
+
+
+# --- a layer op by op (activations.Saved.tape) --------------------------------------------------
+
+def _live_bytes_at_marks(events) -> dict[str, int]:
+    """Bytes of live tensors (as requested) at each mark of a sequence."""
+    size, live, out = {}, set(), {}
+    for e in events:
+        if e[0] == "alloc":
+            size[e[1]] = e[2]
+            live.add(e[1])
+        elif e[0] == "free":
+            live.discard(e[1])
+        elif e[0] == "mark":
+            out[e[1]] = sum(size[k] for k in live)
+    return out
+
+
+@pytest.mark.parametrize("job", [
+    Job(model="llama-2-7b", method="lora", micro_batch=4, seq_len=1024, gradient_checkpointing=False),
+    Job(model="mistral-7b", method="qlora", micro_batch=2, seq_len=1024),
+    Job(model="gemma-2b", method="full", micro_batch=2, seq_len=1024, gradient_checkpointing=True),
+], ids=["llama-lora", "mistral-qlora-ck", "gemma-full-ck"])
+def test_a_taped_layer_saves_what_the_walk_counts_and_its_step_leaks_nothing(job):
+    """The tape makes every tensor the walk counts as saved exactly once (the saved bytes a layer
+    keeps through the forward are the walk's), and its forward and backward free the rest: the
+    second step ends with what the first ended with."""
+    plan = _plan(job)
+    assert plan.tape and plan.grads_by_linear
+    ev = [("alloc", 0, plan.head_input_grad)]  # the layer's input (an fp32 stream's RMSNorm saves it as is)
+    kept, out = S._tape_forward(ev, itertools.count(1), plan.tape, plan.linear_calls, 0)
+    size = {e[1]: e[2] for e in ev if e[0] == "alloc"}
+    assert sum(size[k] for k in kept) == sum(plan.saved)
+    assert out is not None and size[out] == plan.head_input_grad  # the residual stream leaves the layer
+    marks = _live_bytes_at_marks(S.events(plan))
+    assert marks["step 1 optimizer step"] == marks["step 2 optimizer step"]
+    assert marks["step 1 forward"] < marks["step 2 forward"]  # the optimizer states, made in step 1's update
+
+
+def _traced_layer_matches(job) -> bool:
+    """Whether one layer of the derived tape, allocations and frees with their sizes, appears as is
+    in the CPU trace's second forward (a middle layer, the first saving less)."""
+    import memplan.validate.trace as T
+
+    plan = _plan(job)
+    ev: list = []
+    S._tape_forward(ev, itertools.count(1), plan.tape, plan.linear_calls, None)
+    sizes = {e[1]: e[2] for e in ev if e[0] == "alloc"}
+
+    def signature(events, size):
+        return [("A", e[2]) if e[0] == "alloc" else ("F", size[e[1]]) for e in events
+                if (e[0] == "alloc" and e[2] > 0) or (e[0] == "free" and size.get(e[1], 0) > 0)]
+
+    derived = signature(ev, sizes)
+    derived = derived[:max(i for i, x in enumerate(derived) if x[0] == "A") + 1]  # up to the layer's last allocation
+    seen = {}
+    real = T.replayed
+    T.replayed = lambda events: seen.setdefault("events", events) and real(events)
+    try:
+        T.trace_training(job, iterations=2, allocator=True)
+    finally:
+        T.replayed = real
+    traced = seen["events"]
+    second = traced[[i for i, e in enumerate(traced) if e == ("mark", "forward")][1]:]
+    tsig = signature(second, {e[1]: e[2] for e in traced if e[0] == "alloc"})
+    n = len(derived)
+    return any(tsig[i:i + n] == derived for i in range(len(tsig) - n + 1))
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("llama", {"method": "lora"}),
+    ("mistral", {"method": "lora", "lora_targets": "all-linear"}),
+    ("gemma", {"method": "full"}),
+    ("gemma", {"method": "lora", "lora_targets": "all-linear"}),
+], ids=["llama-lora", "mistral-all-linear", "gemma-full", "gemma-all-linear"])
+def test_a_taped_layer_is_the_traced_layer_op_by_op(family, extra):
+    """The tape of a Llama-style layer (RMSNorm's fp32 pieces, each linear with LoRA's path, the
+    rotary products, the residual sums) against the fake-tensor trace of the real step: one layer's
+    every allocation and free, with its size, in the trace's order."""
+    pytest.importorskip("transformers")
+    from memplan.validate.differential import tiny_path
+
+    job = Job(model=tiny_path(family), compute_dtype="bf16", micro_batch=2, seq_len=64, gradient_checkpointing=False, **extra)
+    assert _traced_layer_matches(job)

@@ -68,13 +68,12 @@ def test_each_phase_within_3_percent(row):
 
 
 # The estimate's reserved figure replays the caching-allocator model (planner/allocator.py) over the
-# allocation sequence derived from its own walk (planner/alloc_sequence.py). Over the 42 rows:
-# median |error| 1.93%, worst 6.96% (reserved); 1.63% and 7.05% (device used). The constant 8% slack
-# it replaces gave 4.5% / 24% and 4.4% / 24%; the first derived sequence 2.3% / 5.7% and 2.2% / 6.1%.
-# The target is 1.5% / 6%: the replay of the *traced* sequence reaches it
-# (test_replayed_trace_reserved), the derived sequence not yet (docs/allocator.md).
-RESERVED_MEDIAN, RESERVED_WORST = 0.02, 0.07
-DEVICE_MEDIAN, DEVICE_WORST = 0.0175, 0.075
+# allocation sequence derived from its own walk (planner/alloc_sequence.py), each Llama-style layer
+# op by op (activations.Saved.tape). Over the 42 rows: median |error| 1.10%, worst 5.27% (reserved);
+# 1.06% and 5.71% (device used): the target, 1.5% / 6%. The constant 8% slack it replaced
+# gave 4.5% / 24% and 4.4% / 24%; the sequence before the tape 1.93% / 6.96% and 1.63% / 7.05%.
+RESERVED_MEDIAN, RESERVED_WORST = 0.015, 0.06
+DEVICE_MEDIAN, DEVICE_WORST = 0.015, 0.06
 
 
 def test_reserved_error():
@@ -125,7 +124,7 @@ def test_derived_slack_against_the_traced_sequence():
         traced = r["replayed_peak_reserved_bytes"] - r["replayed_peak_allocated_bytes"]
         derived = est.peak_reserved_bytes - est.peak_allocated_bytes
         errs.append((derived - traced) / r["replayed_peak_reserved_bytes"])
-    assert statistics.median(abs(e) for e in errs) <= 0.0125
+    assert statistics.median(abs(e) for e in errs) <= 0.01  # 0.85% (1.20% before the layer tape)
     assert max(abs(e) for e in errs) <= 0.055
 
 

@@ -59,7 +59,7 @@ def _parse(r, name, mt) -> ModelArch:
 def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
     """BloomBlock.forward: input_layernorm -> attention (baddbmm scores, fp32 softmax) -> dense +
     residual -> post_attention_layernorm -> dense_h_to_4h -> bloom_gelu -> dense_4h_to_h + residual."""
-    saved: act.Saved = {}
+    saved = act.Saved()
     act.layer_norm(ctx, arch, "input_norm", ("query_key_value",), saved)
     act.o_proj(ctx, arch, "dense", act.attention_core(ctx, arch, False, saved), saved)
     if ctx.attention is act.Kernel.eager and ctx.act_bytes == 4:

@@ -83,17 +83,32 @@ def llama_like(r: ConfigReader, name: str, family: str, *, decoder_layer: str, d
 def llama_layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
     """LlamaDecoderLayer: input RMSNorm, attention (q/k norms for Qwen3), post-attention RMSNorm,
     gated MLP or routed experts."""
-    saved: act.Saved = {}
-    act.rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
+    saved = act.Saved()
+    qkv = ("q_proj", "k_proj", "v_proj")
+    stream = ctx.tokens * arch.hidden * ctx.stream_bytes
+    act.rms_norm(ctx, arch, "input_norm", qkv, saved, source="input")
+    for name in qkv:
+        saved.linear(name)
     if arch.qk_norm:
         act.head_norms(ctx, arch, saved)
-    act.o_proj(ctx, arch, "o_proj", act.attention_core(ctx, arch, False, saved), saved)
+    consumed = act.attention_core(ctx, arch, False, saved, projections=() if arch.qk_norm else qkv)
+    saved.drop(*(f"{n}.out" for n in qkv))
+    act.o_proj(ctx, arch, "o_proj", consumed, saved)
+    saved.linear("o_proj")
+    # the attention block returns (its input, the norm's output, released), then the residual sum
+    saved.drop(consumed, "input_norm.out")
+    saved.temp("residual", stream)
+    saved.drop("o_proj.out")
     routed = bool(arch.experts)
-    act.rms_norm(ctx, arch, "post_attn_norm", () if routed else ("gate_proj", "up_proj"), saved)
+    act.rms_norm(ctx, arch, "post_attn_norm", () if routed else ("gate_proj", "up_proj"), saved, source="residual")
     if routed:
         act.moe_mlp(ctx, arch, saved)
     else:
-        act.gated_mlp(ctx, arch, saved)
+        act.gated_mlp(ctx, arch, saved, linears=True)
+    saved.drop("post_attn_norm.out")
+    saved.temp("layer.out", stream)
+    saved.drop("down_proj.out", "residual")
+    saved.output("layer.out")
     return saved
 
 

@@ -161,7 +161,7 @@ def parse_deepseek(r: ConfigReader, name: str, mt: str, *, decoder_layer: str, e
 def layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
     """DeepseekV2DecoderLayer: input RMSNorm, latent attention, post-attention RMSNorm, the dense
     MLP or the routed experts beside the shared MLP."""
-    saved: act.Saved = {}
+    saved = act.Saved()
     m = arch.mla
     consumers = ("q_proj", "kv_a_proj_with_mqa") if m.q_lora_rank is None else ("q_a_proj", "kv_a_proj_with_mqa")
     act.rms_norm(ctx, arch, "input_norm", consumers, saved)

@@ -82,7 +82,7 @@ def _parse(r, name, mt) -> ModelArch:
 
 
 def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
-    saved: act.Saved = {}
+    saved = act.Saved()
     if arch.norms_per_layer == 2:
         # the new architecture's ln_attn and ln_mlp, both over the layer input (FalconDecoderLayer.forward)
         act.layer_norm(ctx, arch, "ln_attn", ("query_key_value",), saved)

@@ -110,7 +110,7 @@ def sandwich_layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
     """Gemma2DecoderLayer.forward / Gemma3DecoderLayer.forward: input_layernorm -> attention (q/k
     norms on Gemma 3) -> post_attention_layernorm -> residual add -> pre_feedforward_layernorm -> MLP
     -> post_feedforward_layernorm -> residual add."""
-    saved: act.Saved = {}
+    saved = act.Saved()
     act.rms_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj"), saved)
     if arch.qk_norm:
         act.gemma_head_norms(ctx, arch, saved)

@@ -49,7 +49,7 @@ def _parse(r, name, mt) -> ModelArch:
 
 
 def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
-    saved: act.Saved = {}
+    saved = act.Saved()
     act.layer_norm(ctx, arch, "ln_1", ("c_attn",), saved)
     act.o_proj(ctx, arch, "attn.c_proj", act.attention_core(ctx, arch, False, saved), saved)
     if ctx.batch == 1 and ctx.attention is not act.Kernel.eager and ctx.attention is not act.Kernel.fused:

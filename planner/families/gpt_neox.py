@@ -68,7 +68,7 @@ def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
     """GPTNeoXLayer.forward: input_layernorm -> attention (fused qkv, partial rotary rebuilt by
     torch.cat as Phi's) -> dense; post_attention_layernorm over the layer input (parallel) or over
     attention output + input (sequential) -> dense_h_to_4h -> gelu -> dense_4h_to_h."""
-    saved: act.Saved = {}
+    saved = act.Saved()
     act.layer_norm(ctx, arch, "input_norm", ("query_key_value",), saved)
     act.o_proj(ctx, arch, "dense", act.attention_core(ctx, arch, True, saved), saved)
     act.fused_qkv_value_view(ctx, arch, saved)

@@ -58,7 +58,7 @@ def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
     """attention (q_norm, k_norm) -> post_attention_layernorm -> residual add -> MLP ->
     post_feedforward_layernorm -> residual add. With no pre-norm q, k, v and gate, up read the
     stream itself: the layer input (saved once, in the stream's dtype) and the residual sum."""
-    saved: act.Saved = {}
+    saved = act.Saved()
     t, h = ctx.tokens, arch.hidden
     act.linear_input(ctx, ("q_proj", "k_proj", "v_proj"), h, "input", saved, fp32_source=True)
     act.full_width_qk_norms(ctx, arch, saved)

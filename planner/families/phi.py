@@ -48,7 +48,7 @@ def _parse(r, name, mt) -> ModelArch:
 
 
 def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
-    saved: act.Saved = {}
+    saved = act.Saved()
     act.layer_norm(ctx, arch, "input_norm", ("q_proj", "k_proj", "v_proj", "fc1"), saved)
     # partial rotary: q and k are rebuilt by torch.cat, so the sdpa output is not in (b, s, h, d)
     # layout on the CPU and dense consumes a contiguous copy

@@ -67,7 +67,7 @@ def _parse(r: ConfigReader, name: str, mt: str) -> ModelArch:
 
 
 def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
-    saved: act.Saved = {}
+    saved = act.Saved()
     act.rms_norm(ctx, arch, "input_norm", ("qkv_proj",), saved)
     # q and k are rebuilt by torch.cat (apply_rotary_pos_emb), so on the CPU the SDPA output is
     # not in (b, s, h, d) layout and o_proj reads a contiguous copy, as Phi-2's
