@@ -21,13 +21,14 @@ from .stacks import Stack
 class Saved(dict):
     """What a layer's forward saves for backward: name -> bytes, in the order the forward makes
     them. Beside the dict (which every sum reads) it keeps the forward's tape for the allocator
-    model (planner/alloc_sequence.py `tape_forward`): the same tensors in order, with what the
-    forward makes and frees between them. A block that knows its ops records them; a family whose
-    blocks record none leaves a tape of its saved tensors alone. A plain dict copy keeps no tape.
+    model (planner/alloc_sequence.py `layer_tape`, `_tape_forward`): the same tensors in order,
+    with what the forward makes and frees between them. A block that knows its ops records them; a
+    family whose blocks record none leaves a tape of its saved tensors alone. A plain dict copy
+    keeps no tape.
 
     Tape ops: ("save", name) a saved tensor made here; ("temp", name, bytes) a tensor made here and
     not saved (freed by a later ("drop", names...), else when the layer returns); ("alias", name,
-    tensor) the saved `name` is the earlier `tensor` itself (no new allocation; "input" is the
+    tensors...) the saved `name` is the earlier tensor(s) (no new allocation; "input" is the
     layer's input); ("linear", name) the linear `name` runs here (its call's temporaries, its own
     saved tensors named `name.*`, and its output, the temp `name.out`); ("output", name) the tensor
     the layer returns, alive until the next layer has returned."""
@@ -53,10 +54,10 @@ class Saved(dict):
     def drop(self, *names: str) -> None:
         self.tape.append(("drop", *names))
 
-    def alias(self, name: str, n: int, tensor: str) -> None:
-        """The saved `name` (n bytes) is the tensor the tape made as `tensor`."""
+    def alias(self, name: str, n: int, *tensors: str) -> None:
+        """The saved `name` (n bytes) is the tensor(s) the tape made as `tensors`."""
         super().__setitem__(name, n)
-        self.tape.append(("alias", name, tensor))
+        self.tape.append(("alias", name, *tensors))
 
     def linear(self, name: str) -> None:
         self.tape.append(("linear", name))
@@ -311,10 +312,21 @@ def head_norms(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
             saved[f"{name}_norm.normed"] = t * width * ctx.act_bytes
 
 
-def layer_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved) -> None:
-    """aten native_layer_norm saves input, mean and rstd (fp32 on CUDA)."""
+def layer_norm(ctx: Ctx, arch: ModelArch, prefix: str, consumers: tuple[str, ...], saved: Saved,
+               source: str | None = None) -> None:
+    """aten native_layer_norm saves input, mean and rstd (fp32 on CUDA). On the tape (`source`
+    naming the input tensor): the op makes its output (the input's dtype), then mean and rstd
+    (layer_norm_kernel.cu / layer_norm.cpp `at::empty` in that order); the saved input is the input."""
     t, h = ctx.tokens, arch.hidden
-    if ctx.grad_in:
+    taped = source is not None and isinstance(saved, Saved)
+    if taped:
+        saved.temp(f"{prefix}.out", t * h * ctx.stream_bytes)
+    if ctx.grad_in and taped:
+        saved.alias(f"{prefix}.input", t * h * ctx.stream_bytes, source)
+        saved.temp(f"{prefix}.mean", t * ctx.stats_bytes)
+        saved.temp(f"{prefix}.rstd", t * ctx.stats_bytes)
+        saved.alias(f"{prefix}.mean_rstd", 2 * t * ctx.stats_bytes, f"{prefix}.mean", f"{prefix}.rstd")
+    elif ctx.grad_in:
         saved[f"{prefix}.input"] = t * h * ctx.stream_bytes
         saved[f"{prefix}.mean_rstd"] = 2 * t * ctx.stats_bytes
     linear_input(ctx, consumers, h, f"{prefix}.out", saved, fp32_source=True)
@@ -479,21 +491,39 @@ def moe_mlp(ctx: Ctx, arch: ModelArch, saved: Saved) -> None:
     saved["moe.expert_out"] = t * k * h * ab
 
 
-def plain_mlp(ctx: Ctx, arch: ModelArch, fc1: str, fc2: str, saved: Saved) -> None:
+def plain_mlp(ctx: Ctx, arch: ModelArch, fc1: str, fc2: str, saved: Saved, linears: bool = False) -> None:
+    """`fc2(act(fc1(x)))`. `linears`: record the two projections' calls on the tape (Saved)."""
     t, i, ab = ctx.tokens, arch.intermediate, ctx.act_bytes
+    if linears:
+        saved.linear(fc1)
     # In a parallel block the MLP reads the layer input directly: where no gradient flows into it
     # (layer 0 of frozen-embedding LoRA) and fc1 is frozen, the activation has nothing to save.
     if not (ctx.grad_in or ctx.base_trains or fc1 in ctx.targets or not arch.parallel_attn):
+        if linears:
+            saved.temp("mlp.act_out", t * i * ab)
         lora_inputs(ctx, fc2, i, "mlp.act_out", saved)
+        _fc2_tape(fc1, fc2, linears, saved)
         return
-    saved["mlp.fc1_out"] = t * i * ab
+    if linears:
+        saved.alias("mlp.fc1_out", t * i * ab, f"{fc1}.out")
+    else:
+        saved["mlp.fc1_out"] = t * i * ab
     if arch.activation == "gelu_new":
         # NewGELUActivation in Python: 0.5*x, tanh(...), 1+tanh and the product are kept. CUDA
         # autocast runs pow in fp32 (its fp32 op list; the CPU's does not), so under autocast on
         # the GPU the rest of the GELU is fp32 too (allocator trace of Phi-2, H200)
         parts = 4 if ctx.autocast and not ctx.cpu else ab
         saved["mlp.gelu_parts"] = 3 * t * i * parts
+    if linears:
+        saved.temp("mlp.act_out", t * i * ab)
     linear_input(ctx, (fc2,), i, "mlp.act_out", saved)
+    _fc2_tape(fc1, fc2, linears, saved)
+
+
+def _fc2_tape(fc1: str, fc2: str, linears: bool, saved: Saved) -> None:
+    if linears:
+        saved.linear(fc2)
+        saved.drop("mlp.act_out", f"{fc1}.out")
 
 
 def dropout_masks(ctx: Ctx, arch: ModelArch, p: float, sites: int, saved: Saved) -> None:

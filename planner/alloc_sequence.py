@@ -94,7 +94,7 @@ class LinearCall:
         if self.cast:
             ev.append(("alloc", c, self.cast))
         self._dequantize(ev, d, keys)
-        ev += [("alloc", o, self.out or self.result), ("free", d), ("free", c)]
+        ev += [("alloc", o, self.out or self.result), ("free", d)] + ([("free", c)] if self.cast else [])
         if self.out_cast:
             r = next(keys)
             ev += [("alloc", r, self.out_cast), ("free", o)]
@@ -310,8 +310,10 @@ def layer_tape(saved) -> tuple:
                 out.append(("alloc", name, saved[name] if kept else op[2], kept))
                 made.add(name)
         elif kind == "alias":
-            out.append(("keep", op[2]) if op[2] in made or op[2] == "input" else ("alloc", op[2], saved[name], True))
-            made.add(op[2])
+            for tensor in op[2:]:
+                made_here = tensor in made or tensor == "input"
+                out.append(("keep", tensor) if made_here else ("alloc", tensor, saved[name] // len(op[2:]), True))
+                made.add(tensor)
             made.add(name)
         elif kind == "drop":
             out += [("free", n) for n in op[1:]]
@@ -378,7 +380,8 @@ def _tape_backward(ev: list[Event], keys: itertools.count, trail: list, calls: l
     released once its producer's has (so the latest two are alive, as along a chain), each linear
     makes its parameters' gradients (`grads`, by linear) where its backward runs, and what the
     forward saved is released by the backward of the op that saved it. `hg`: the gradient coming
-    in. Returns the gradient into the layer below and the parameters' gradients."""
+    in. Returns the gradient into the layer below and the parameters' gradients; releases every
+    key of `kept` (the saved tensors the trail did not make, a checkpoint's input, at the end)."""
     by_name = {c.name: c for c in calls if c.name}
     saved = set(kept)
     made: list[int] = []
@@ -393,6 +396,7 @@ def _tape_backward(ev: list[Event], keys: itertools.count, trail: list, calls: l
                 ev.append(("alloc", g, n))
                 made.append(g)
             ev += [("free", k) for k in entry[2]]
+            saved.difference_update(entry[2])
             continue
         _, key, n = entry
         g = next(keys)
@@ -400,8 +404,10 @@ def _tape_backward(ev: list[Event], keys: itertools.count, trail: list, calls: l
         prev = g
         if key in saved:
             ev.append(("free", key))
+            saved.discard(key)
     out = next(keys)
     ev += [("alloc", out, out_bytes), ("free", prev)]
+    ev += [("free", k) for k in kept if k in saved]
     for n in grads.get("", []):
         g = next(keys)
         ev.append(("alloc", g, n))
@@ -489,8 +495,6 @@ def training_events(p: TrainingPlan, steps: int = STEPS) -> list[Event]:
                 kept = recomputed + layer_keys[i]
                 out, made = _tape_backward(ev, keys, trail, p.linear_calls, p.grads_by_linear, hg, p.head_input_grad, kept)
                 grads += made
-                ev += [("free", x) for x in kept]
-                ev.append(("free", hg))
                 hg = out
                 continue
             if p.checkpointed and tape:

@@ -4,16 +4,19 @@ against what the libraries do: bitsandbytes' per-call dequantization, the parame
 import itertools
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from memplan import alloc_sequence as S
+from memplan.errors import MemplanInputError
 from memplan.estimate import estimate_memory
 from memplan.job import Job
 from memplan.profiles import load_model
 from memplan.stacks import get
 
 
-def _plan(job: Job):
-    """The plan the estimate replays for `job`."""
+def _plan(job: Job, cpu: bool = False):
+    """The plan the estimate replays for `job` (`cpu`: on the CPU trace's kernels)."""
     seen = {}
     real = S.replayed
 
@@ -24,7 +27,7 @@ def _plan(job: Job):
     S._REPLAYS.clear()
     S.replayed = keep
     try:
-        estimate_memory(job, load_model(job.model), None)
+        estimate_memory(job, load_model(job.model), None, get(job.stack).on_cpu() if cpu else None)
     finally:
         S.replayed = real
     return seen["plan"]
@@ -133,7 +136,7 @@ def _traced_layer_matches(job) -> bool:
     in the CPU trace's second forward (a middle layer, the first saving less)."""
     import memplan.validate.trace as T
 
-    plan = _plan(job)
+    plan = _plan(job, cpu=True)
     ev: list = []
     S._tape_forward(ev, itertools.count(1), plan.tape, plan.linear_calls, None)
     sizes = {e[1]: e[2] for e in ev if e[0] == "alloc"}
@@ -173,3 +176,58 @@ def test_a_taped_layer_is_the_traced_layer_op_by_op(family, extra):
 
     job = Job(model=tiny_path(family), compute_dtype="bf16", micro_batch=2, seq_len=64, gradient_checkpointing=False, **extra)
     assert _traced_layer_matches(job)
+
+
+def _clean(events) -> str | None:
+    """What is wrong with a sequence: a free of a key not alive (never made, or freed already)."""
+    live = set()
+    for e in events:
+        if e[0] == "alloc":
+            live.add(e[1])
+        elif e[0] == "free":
+            if e[1] not in live:
+                return f"free of {e[1]} not alive"
+            live.discard(e[1])
+    return None
+
+
+jobs = st.fixed_dictionaries({
+    "model": st.sampled_from(["llama-2-7b", "mistral-7b", "gemma-2b", "llama-3-8b", "qwen3-8b", "mixtral-8x7b",
+                              "falcon-7b", "phi-2", "starcoder", "gemma-2-2b", "olmo-2-7b"]),
+    "method": st.sampled_from(["full", "lora", "qlora"]),
+    "micro_batch": st.integers(1, 4),
+    "seq_len": st.sampled_from([64, 512, 1000, 2048]),
+    "gradient_checkpointing": st.booleans(),
+    "attention": st.sampled_from(["sdpa", "eager"]),
+    "compute_dtype": st.sampled_from(["bf16", "fp16", "fp32"]),
+    "lora_targets": st.sampled_from(["default", "all-linear"]),
+    "lora_dropout": st.sampled_from([0.0, 0.1]),
+    "autocast": st.booleans(),
+    "liger": st.booleans(),
+})
+
+
+@given(jobs)
+def test_random_sequences_are_whole(fields):
+    """Any training job's derived sequence: every free releases a live tensor, a taped layer makes
+    exactly what the walk counts as saved, and the second step ends where the first did (nothing
+    leaks from step to step)."""
+    if fields["method"] == "full":
+        fields = {k: v for k, v in fields.items() if not k.startswith("lora")}
+    try:
+        job = Job(**fields)
+        plan = _plan(job)
+    except MemplanInputError:
+        assume(False)
+    if not isinstance(plan, S.TrainingPlan):
+        assume(False)
+    ev = S.events(plan)
+    assert _clean(ev) is None, _clean(ev)
+    for tape, saved in ((plan.tape, plan.saved), (plan.first_tape, plan.first_saved)):
+        if tape:
+            made = [("alloc", 0, plan.head_input_grad)]
+            kept, _ = S._tape_forward(made, itertools.count(1), tape, plan.linear_calls, 0)
+            size = {e[1]: e[2] for e in made if e[0] == "alloc"}
+            assert sum(size[k] for k in kept) == sum(saved)
+    marks = _live_bytes_at_marks(ev)
+    assert marks["step 1 optimizer step"] == marks["step 2 optimizer step"]

@@ -69,8 +69,8 @@ def test_each_phase_within_3_percent(row):
 
 # The estimate's reserved figure replays the caching-allocator model (planner/allocator.py) over the
 # allocation sequence derived from its own walk (planner/alloc_sequence.py), each Llama-style layer
-# op by op (activations.Saved.tape). Over the 42 rows: median |error| 1.10%, worst 5.27% (reserved);
-# 1.06% and 5.71% (device used): the target, 1.5% / 6%. The constant 8% slack it replaced
+# op by op (activations.Saved.tape). Over the 42 rows: median |error| 1.10%, worst 5.23% (reserved);
+# 1.06% and 5.13% (device used): the target, 1.5% / 6%. The constant 8% slack it replaced
 # gave 4.5% / 24% and 4.4% / 24%; the sequence before the tape 1.93% / 6.96% and 1.63% / 7.05%.
 RESERVED_MEDIAN, RESERVED_WORST = 0.015, 0.06
 DEVICE_MEDIAN, DEVICE_WORST = 0.015, 0.06

@@ -82,17 +82,37 @@ def _parse(r, name, mt) -> ModelArch:
 
 
 def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
+    """FalconDecoderLayer.forward. With one LayerNorm (Falcon-7B) the layer's ops go on its tape:
+    the norm, query_key_value, the attention over its views, dense, the MLP over the same norm
+    output (held to the layer's end), `mlp_output += attention_output` in place, then the residual
+    sum; the new architecture's two norms keep the saved list."""
     saved = act.Saved()
-    if arch.norms_per_layer == 2:
+    two_norms = arch.norms_per_layer == 2
+    if two_norms:
         # the new architecture's ln_attn and ln_mlp, both over the layer input (FalconDecoderLayer.forward)
         act.layer_norm(ctx, arch, "ln_attn", ("query_key_value",), saved)
         act.second_layer_norm_same_input(ctx, arch, "ln_mlp", ("dense_h_to_4h",), saved)
     else:
-        act.layer_norm(ctx, arch, "input_norm", ("query_key_value", "dense_h_to_4h"), saved)
-    act.o_proj(ctx, arch, "dense", act.attention_core(ctx, arch, False, saved), saved)
+        act.layer_norm(ctx, arch, "input_norm", ("query_key_value", "dense_h_to_4h"), saved, source="input")
+        saved.linear("query_key_value")
+        if arch.kv_heads < arch.heads:
+            # multi-query `_split_heads`: `fused_qkv[..., [-2], :]` and `[..., [-1], :]` index with a
+            # list, copying the key and the value out of the fused output (held through the attention)
+            for part in ("key", "value"):
+                saved.temp(f"query_key_value.{part}", ctx.tokens * arch.kv_width * ctx.act_bytes)
+    consumed = act.attention_core(ctx, arch, False, saved, projections=() if two_norms else ("query_key_value",) * 3)
+    act.o_proj(ctx, arch, "dense", consumed, saved)
     act.explicit_mask_saved(ctx, arch, saved)
-    act.plain_mlp(ctx, arch, "dense_h_to_4h", "dense_4h_to_h", saved)
+    if not two_norms:
+        saved.drop("query_key_value.out", "query_key_value.key", "query_key_value.value")
+        saved.linear("dense")
+        saved.drop(consumed)
+    act.plain_mlp(ctx, arch, "dense_h_to_4h", "dense_4h_to_h", saved, linears=not two_norms)
     act.dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
+    if not two_norms:
+        saved.temp("layer.out", ctx.tokens * arch.hidden * ctx.stream_bytes)
+        saved.drop("dense_4h_to_h.out", "dense.out", "input_norm.out")
+        saved.output("layer.out")
     return saved
 
 

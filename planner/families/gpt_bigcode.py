@@ -49,9 +49,13 @@ def _parse(r, name, mt) -> ModelArch:
 
 
 def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
+    """GPTBigCodeBlock.forward: ln_1, attention over the fused c_attn's q/k/v views, c_proj, the
+    residual sum, ln_2, c_fc, the activation, mlp.c_proj, the residual sum (on the layer's tape)."""
     saved = act.Saved()
-    act.layer_norm(ctx, arch, "ln_1", ("c_attn",), saved)
-    act.o_proj(ctx, arch, "attn.c_proj", act.attention_core(ctx, arch, False, saved), saved)
+    stream = ctx.tokens * arch.hidden * ctx.stream_bytes
+    act.layer_norm(ctx, arch, "ln_1", ("c_attn",), saved, source="input")
+    saved.linear("c_attn")
+    consumed = act.attention_core(ctx, arch, False, saved, projections=("c_attn",) * 3)
     if ctx.batch == 1 and ctx.attention is not act.Kernel.eager and ctx.attention is not act.Kernel.fused:
         # GPTBigCodeAttention hands SDPA an expanded key: scaling it materialises every head, and
         # with a batch of one the query is kept twice, as its contiguous copy and scaled (seen in
@@ -59,13 +63,19 @@ def _layer_saved(arch: ModelArch, ctx: act.Ctx) -> act.Saved:
         t, q, md = ctx.tokens, arch.q_width, act.materialised_bytes(ctx)
         saved["attn.k_expanded"] = t * q * md
         saved["attn.q_contiguous"] = t * q * md
-    t, h = ctx.tokens, arch.hidden
-    if ctx.grad_in:
-        saved["post_attn_norm.input"] = t * h * ctx.stream_bytes
-        saved["post_attn_norm.mean_rstd"] = 2 * t * ctx.stats_bytes
-    act.linear_input(ctx, ("c_fc",), h, "post_attn_norm.out", saved, fp32_source=True)
-    act.plain_mlp(ctx, arch, "c_fc", "mlp.c_proj", saved)
+    saved.drop("c_attn.out")
+    act.o_proj(ctx, arch, "attn.c_proj", consumed, saved)
+    saved.linear("attn.c_proj")
+    saved.drop(consumed, "ln_1.out")
+    saved.temp("residual", stream)
+    saved.drop("attn.c_proj.out")
+    act.layer_norm(ctx, arch, "post_attn_norm", ("c_fc",), saved, source="residual")
+    act.plain_mlp(ctx, arch, "c_fc", "mlp.c_proj", saved, linears=True)
     act.dropout_masks(ctx, arch, arch.resid_dropout, 2, saved)
+    saved.drop("post_attn_norm.out")
+    saved.temp("layer.out", stream)
+    saved.drop("mlp.c_proj.out", "residual")
+    saved.output("layer.out")
     return saved
 
 
