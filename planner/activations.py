@@ -415,11 +415,10 @@ def _rotary_tape(ctx: Ctx, name: str, width: int, ab: int, saved: Saved, kept: b
 
 def _fused_inputs_tape(ctx: Ctx, arch: ModelArch, projections: tuple[str, str, str], kv_saved: int, ab: int,
                        saved: Saved) -> None:
-    """q, k and v as the fused kernel gets them, on the tape. Rotary positions (transformers
-    `apply_rotary_pos_emb`: `q * cos + rotate_half(q) * sin`, rotate_half `cat((-x2, x1))`) make q
-    and k anew: q * cos, -x2 (half the width), the cat, its product with sin, the sum (saved); the
-    projections' outputs are released once both are rotated. v is the projection's output itself
-    unless keys and values are repeated to every head (a copy)."""
+    """q, k and v as the fused kernel gets them, on the tape: rotary positions make q and k anew
+    (_rotary_tape, saved), the projections' outputs released once both are rotated; without them
+    q and k are the projections' outputs. v is the projection's output itself unless keys and
+    values are repeated to every head (a copy)."""
     t = ctx.tokens
     qn, kn, vn = projections
     rope = _rotary(arch, ab, ctx)

@@ -113,20 +113,10 @@ class LinearCall:
         return o, mine
 
     def forward(self, ev: list[Event], keys: itertools.count) -> None:
-        c, d, o = next(keys), next(keys), next(keys)
-        ev.append(("alloc", c, self.cast))
-        self._dequantize(ev, d, keys)
-        ev += [("alloc", o, self.out), ("free", d), ("free", c)]
-        if self.out_cast:
-            r = next(keys)
-            ev += [("alloc", r, self.out_cast), ("free", o)]
-            o = r
-        if self.lora_out:
-            b, sc, sm, ca = next(keys), next(keys), next(keys), next(keys)
-            ev += [("alloc", b, self.lora_out), ("alloc", sc, self.lora_out), ("free", b), ("alloc", sm, self.lora_sum),
-                   ("free", sc), ("free", o), ("alloc", ca, self.lora_cast), ("free", sm), ("free", ca)]
-        else:
-            ev.append(("free", o))
+        """The call spread among a layer's saved tensors (an untaped layer): its temporaries only,
+        the output counted among the saved tensors, so freed here."""
+        o, _ = dataclasses.replace(self, result=0).run(ev, keys, [])
+        ev.append(("free", o))
 
     def _dequantize(self, ev: list[Event], key: int, keys: itertools.count) -> None:
         if self.dequant and self.absmax:
@@ -183,8 +173,8 @@ class TrainingPlan:
     # layer's no-grad forward
     tape: tuple = ()
     first_tape: tuple = ()
-    # the layer's parameter gradients by the linear whose backward makes them ("": the norms', made
-    # last); empty: the tape's backward is not followed
+    # the layer's parameter gradients by the linear whose backward makes them, in parameter order
+    # (trainable_by_linear; "": the norms', made last); empty: the tape's backward is not followed
     grads_by_linear: dict = field(default_factory=dict)
 
 
@@ -299,7 +289,7 @@ def layer_tape(saved) -> tuple:
     out: list[tuple] = []
     made: set[str] = set()
     for op in tape:
-        kind, name = op[0], op[1] if len(op) > 1 else None
+        kind, name = op[0], op[1]
         if kind == "save":
             if name in saved and name not in moved:
                 out.append(("keep", name) if name in made else ("alloc", name, saved[name], True))
@@ -391,7 +381,7 @@ def _tape_backward(ev: list[Event], keys: itertools.count, trail: list, calls: l
             call = by_name.get(entry[1])
             if call is not None and call.busy:
                 call.backward(ev, keys)
-            for n in grads.get(entry[1], []):
+            for n in reversed(grads.get(entry[1], [])):  # autograd reaches lora_B before lora_A
                 g = next(keys)
                 ev.append(("alloc", g, n))
                 made.append(g)
@@ -594,49 +584,40 @@ def embedding_tensors(arch) -> int:
     return 2 if arch.learned_positions else 1
 
 
+def trainable_by_linear(job, arch, targets) -> dict[str, list[int]]:
+    """Elements of each trainable tensor of one decoder layer, in parameter order, by the linear
+    they belong to: every projection's weight and bias for full fine-tuning, the norms' weights
+    under ""; lora_A (r x d_in) and lora_B (d_out x r) of each target (peft LoraLayer), with DoRA's
+    magnitude (d_out)."""
+    out: dict[str, list[int]] = {}
+    if job.method == "full":
+        for lin in arch.projections:
+            out[lin.name] = [lin.copies * lin.d_in * lin.d_out] + ([lin.copies * lin.d_out] if lin.bias else [])
+        out[""] = [arch.norm_params] * arch.norms_per_layer
+        return out
+    r = job.lora_rank
+    for lin in arch.linears:
+        if lin.name in targets:
+            out[lin.name] = [r * lin.d_in, r * lin.d_out] + ([lin.d_out] if job.dora else [])
+    return out
+
+
 def trainable_tensors(job, arch, targets) -> tuple[list[int], list[int]]:
-    """Elements of each trainable tensor of one decoder layer and of the root, in parameter order:
-    every parameter for full fine-tuning; lora_A (r x d_in) and lora_B (d_out x r) of each target
-    (peft LoraLayer), with DoRA's magnitude (d_out)."""
+    """Elements of each trainable tensor of one decoder layer (trainable_by_linear) and of the
+    root, in parameter order."""
     from .params import HEAD_MODULE, embedding_module
 
+    layer = [n for per in trainable_by_linear(job, arch, targets).values() for n in per]
     if job.method == "full":
-        layer = []
-        for lin in arch.projections:
-            layer.append(lin.copies * lin.d_in * lin.d_out)
-            if lin.bias:
-                layer.append(lin.copies * lin.d_out)
-        layer += [arch.norm_params] * arch.norms_per_layer
         root = [arch.vocab * arch.hidden, arch.norm_params] + ([] if arch.tied_embeddings else [arch.vocab * arch.hidden])
         return layer, root
     r = job.lora_rank
-    layer = []
-    for lin in arch.linears:
-        if lin.name in targets:
-            layer += [r * lin.d_in, r * lin.d_out] + ([lin.d_out] if job.dora else [])
     root = []
     if embedding_module(arch) in targets:
         root += [r * arch.vocab, r * arch.hidden]
     if HEAD_MODULE in targets:
         root += [r * arch.hidden, r * arch.vocab]
     return layer, root
-
-
-def grads_by_linear(job, arch, targets, pb: int) -> dict[str, list[int]]:
-    """The gradients of one layer's trainable tensors (trainable_tensors, in bytes) by the linear
-    whose backward makes them: full fine-tuning's weight and bias (the norms' weights under ""),
-    LoRA's lora_B then lora_A (autograd reaches lora_B first), DoRA's magnitude with them."""
-    out: dict[str, list[int]] = {}
-    if job.method == "full":
-        for lin in arch.projections:
-            out[lin.name] = [lin.copies * lin.d_in * lin.d_out * pb] + ([lin.copies * lin.d_out * pb] if lin.bias else [])
-        out[""] = [arch.norm_params * pb] * arch.norms_per_layer
-        return out
-    r = job.lora_rank
-    for lin in arch.linears:
-        if lin.name in targets:
-            out[lin.name] = [r * lin.d_out * pb, r * lin.d_in * pb] + ([lin.d_out * pb] if job.dora else [])
-    return out
 
 
 def linear_calls(job, arch, stack, ctx, largest: int) -> list[LinearCall]:
@@ -743,7 +724,7 @@ def plan_training(job, arch, stack, targets, *, saved0: dict[str, int], saved: d
         temporaries_together=job.foreach,
         root_leading=leading,
         tied_grad=root_grads[0] if job.method == "full" and arch.tied_embeddings and root_grads else 0,
-        grads_by_linear=grads_by_linear(job, arch, targets, pb),
+        grads_by_linear={k: [n * pb for n in per] for k, per in trainable_by_linear(job, arch, targets).items()},
         workspaces=workspaces,
     )
 
